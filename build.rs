@@ -1,0 +1,28 @@
+//! Compiles the protos with `protox` (pure Rust, no `protoc` needed) and writes the encoded
+//! descriptor set to `OUT_DIR` for server reflection.
+
+use std::path::PathBuf;
+
+use protox::prost::Message;
+
+const PROTOS: &[&str] = &[
+    "proto/stats/v1/common.proto",
+    "proto/stats/v1/stats.proto",
+    "proto/stats/v1/rollout.proto",
+    "proto/stats/v1/migration.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("stats_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        // Services whose issues have not landed yet answer UNIMPLEMENTED by default.
+        .generate_default_stubs(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The command line: `serve` (the default) and `migrate`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::server::{ServerConfig, launch};
+use crate::storage::{Backend, EventStore, PoolOptions, PostgresStore, SqliteStore};
+use crate::telemetry::{self, LogFormat};
+
+/// Records campaign events and serves their statistics over gRPC.
+#[derive(Debug, Parser)]
+#[command(
+    name = "campaign-stats",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `serve`, which runs when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API (the default).
+    Serve(ServeArgs),
+    /// Bring the database schema up to date and exit (for a deploy hook).
+    Migrate(MigrateArgs),
+}
+
+/// Where the database is and how to reach it.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// `sqlite://FILE` (created if missing) or `postgres://USER@HOST:PORT/DB`.
+    #[arg(
+        long,
+        env = "STATS_DATABASE_URL",
+        default_value = "sqlite://campaign-stats.db"
+    )]
+    pub database_url: String,
+    /// Most connections in the database pool.
+    #[arg(long, env = "STATS_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Seconds a call waits for a database connection before failing with UNAVAILABLE.
+    #[arg(long, env = "STATS_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
+    pub db_acquire_timeout_secs: u64,
+}
+
+impl DatabaseArgs {
+    fn pool_options(&self) -> PoolOptions {
+        PoolOptions {
+            max_connections: self.db_max_connections,
+            acquire_timeout: Duration::from_secs(self.db_acquire_timeout_secs),
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// `text` for people, `json` for log collectors. The level comes from RUST_LOG.
+    #[arg(long, env = "STATS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "STATS_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
+    pub listen_addr: SocketAddr,
+    /// Milliseconds between database health checks.
+    #[arg(long, env = "STATS_HEALTH_CHECK_INTERVAL_MS", default_value_t = 2_000)]
+    pub health_check_interval_ms: u64,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Runs the command the user asked for.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => migrate(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log.log_format);
+    let listener = TcpListener::bind(args.listen_addr)
+        .await
+        .with_context(|| format!("could not listen on {}", args.listen_addr))?;
+    let config = ServerConfig {
+        health_check_interval: Duration::from_millis(args.health_check_interval_ms.max(10)),
+    };
+    let url = &args.database.database_url;
+    let options = args.database.pool_options();
+    tracing::info!(database = %telemetry::redact_url(url), "connecting to the database");
+    // The one place a backend is chosen; everything below is generic over `EventStore`.
+    match Backend::from_url(url)? {
+        Backend::Sqlite => {
+            let store = SqliteStore::connect(url, &options).await?;
+            launch(listener, store, config, shutdown_signal()).await?
+        }
+        Backend::Postgres => {
+            let store = PostgresStore::connect(url, &options).await?;
+            launch(listener, store, config, shutdown_signal()).await?
+        }
+    }
+    Ok(())
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log.log_format);
+    let url = &args.database.database_url;
+    let options = args.database.pool_options();
+    match Backend::from_url(url)? {
+        Backend::Sqlite => migrate_store(SqliteStore::connect(url, &options).await?).await?,
+        Backend::Postgres => migrate_store(PostgresStore::connect(url, &options).await?).await?,
+    }
+    tracing::info!(database = %telemetry::redact_url(url), "schema is up to date");
+    Ok(())
+}
+
+async fn migrate_store<S: EventStore>(store: S) -> anyhow::Result<()> {
+    let migrated = store.migrate().await;
+    store.close().await;
+    Ok(migrated?)
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested: finishing in-flight calls");
+}

@@ -1,0 +1,262 @@
+use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
+
+use super::{CampaignId, FieldViolation, UserId, ValidationError, validate_id};
+
+/// Largest `count` one event may carry.
+pub const MAX_EVENT_COUNT: u32 = 1_000_000;
+
+/// The kinds of campaign events. The numbers are stored in the database: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EventType {
+    Sent = 1,
+    Opened = 2,
+    Clicked = 3,
+    Replied = 4,
+    PositiveReply = 5,
+    Bounced = 6,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::Sent,
+        EventType::Opened,
+        EventType::Clicked,
+        EventType::Replied,
+        EventType::PositiveReply,
+        EventType::Bounced,
+    ];
+
+    /// The stable code stored in the database.
+    pub fn code(self) -> i16 {
+        self as i16
+    }
+
+    /// The type stored under `code`, if any.
+    pub fn from_code(code: i16) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.code() == code)
+    }
+}
+
+/// The window of accepted `occurred_at` values: from 2000-01-01 to one day after `now`.
+pub fn event_time_window(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let earliest = Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).single();
+    (
+        earliest.expect("2000-01-01 is a valid UTC time"),
+        now + Duration::days(1),
+    )
+}
+
+/// An event as a client sent it, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct RawEvent {
+    pub user_id: String,
+    pub campaign_id: String,
+    /// `None` when the client left the type unspecified or sent an unknown value.
+    pub event_type: Option<EventType>,
+    /// 0 means 1.
+    pub count: u32,
+    /// `None` means now.
+    pub occurred_at: Option<DateTime<Utc>>,
+    /// Empty means none.
+    pub email_account_id: String,
+    /// Empty means none.
+    pub idempotency_key: String,
+}
+
+/// A validated event, ready to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub user_id: UserId,
+    pub campaign_id: CampaignId,
+    pub event_type: EventType,
+    /// At least 1, at most [`MAX_EVENT_COUNT`].
+    pub count: u32,
+    pub occurred_at: DateTime<Utc>,
+    pub email_account_id: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+impl Event {
+    /// Validates `raw` against every rule, naming each broken one; `now` fills a missing
+    /// `occurred_at` and bounds it.
+    pub fn validate(raw: RawEvent, now: DateTime<Utc>) -> Result<Self, ValidationError> {
+        let user_id = UserId::parse("user_id", raw.user_id);
+        let campaign_id = CampaignId::parse("campaign_id", raw.campaign_id);
+        let event_type = raw
+            .event_type
+            .ok_or_else(|| FieldViolation::new("event_type", "must be specified"));
+        let count = match raw.count {
+            0 => Ok(1),
+            n if n > MAX_EVENT_COUNT => Err(FieldViolation::new(
+                "count",
+                format!("must be at most {MAX_EVENT_COUNT}, got {n}"),
+            )),
+            n => Ok(n),
+        };
+        let occurred_at = check_occurred_at(raw.occurred_at, now);
+        let email_account_id = optional_id("email_account_id", raw.email_account_id);
+        let idempotency_key = optional_id("idempotency_key", raw.idempotency_key);
+        match (
+            user_id,
+            campaign_id,
+            event_type,
+            count,
+            occurred_at,
+            email_account_id,
+            idempotency_key,
+        ) {
+            (
+                Ok(user_id),
+                Ok(campaign_id),
+                Ok(event_type),
+                Ok(count),
+                Ok(occurred_at),
+                Ok(email_account_id),
+                Ok(idempotency_key),
+            ) => Ok(Event {
+                user_id,
+                campaign_id,
+                event_type,
+                count,
+                occurred_at,
+                email_account_id,
+                idempotency_key,
+            }),
+            (a, b, c, d, e, f, g) => Err(ValidationError::from_failures([
+                a.err(),
+                b.err(),
+                c.err(),
+                d.err(),
+                e.err(),
+                f.err(),
+                g.err(),
+            ])),
+        }
+    }
+
+    /// The UTC calendar day the event counts on.
+    pub fn day(&self) -> NaiveDate {
+        self.occurred_at.date_naive()
+    }
+}
+
+fn check_occurred_at(
+    occurred_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, FieldViolation> {
+    let at = occurred_at.unwrap_or(now);
+    let (earliest, latest) = event_time_window(now);
+    if at < earliest || at > latest {
+        return Err(FieldViolation::new(
+            "occurred_at",
+            format!(
+                "must lie between {} and {}, got {}",
+                earliest.to_rfc3339(),
+                latest.to_rfc3339(),
+                at.to_rfc3339()
+            ),
+        ));
+    }
+    Ok(at)
+}
+
+fn optional_id(field: &str, value: String) -> Result<Option<String>, FieldViolation> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    validate_id(field, &value)?;
+    Ok(Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawEvent {
+        RawEvent {
+            user_id: "u1".into(),
+            campaign_id: "c1".into(),
+            event_type: Some(EventType::Sent),
+            ..RawEvent::default()
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn defaults_count_to_one_and_time_to_now() {
+        let event = Event::validate(raw(), now()).unwrap();
+        assert_eq!(event.count, 1);
+        assert_eq!(event.occurred_at, now());
+        assert_eq!(event.email_account_id, None);
+        assert_eq!(event.idempotency_key, None);
+    }
+
+    #[test]
+    fn names_every_bad_field_at_once() {
+        let bad = RawEvent {
+            user_id: String::new(),
+            campaign_id: "c\u{0}".into(),
+            event_type: None,
+            count: MAX_EVENT_COUNT + 1,
+            occurred_at: Some(now() + Duration::days(2)),
+            email_account_id: "e".repeat(129),
+            idempotency_key: "k\t".into(),
+        };
+        let fields: Vec<_> = Event::validate(bad, now())
+            .unwrap_err()
+            .violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "user_id",
+                "campaign_id",
+                "event_type",
+                "count",
+                "occurred_at",
+                "email_account_id",
+                "idempotency_key"
+            ]
+        );
+    }
+
+    #[test]
+    fn time_window_edges() {
+        let (earliest, latest) = event_time_window(now());
+        for (at, ok) in [
+            (earliest, true),
+            (earliest - Duration::seconds(1), false),
+            (latest, true),
+            (latest + Duration::seconds(1), false),
+        ] {
+            let event = RawEvent {
+                occurred_at: Some(at),
+                ..raw()
+            };
+            assert_eq!(Event::validate(event, now()).is_ok(), ok, "{at}");
+        }
+    }
+
+    #[test]
+    fn day_is_the_utc_calendar_day() {
+        let event = RawEvent {
+            occurred_at: Some(Utc.with_ymd_and_hms(2025, 12, 31, 23, 59, 59).unwrap()),
+            ..raw()
+        };
+        let event = Event::validate(event, now()).unwrap();
+        assert_eq!(event.day(), NaiveDate::from_ymd_opt(2025, 12, 31).unwrap());
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for t in EventType::ALL {
+            assert_eq!(EventType::from_code(t.code()), Some(t));
+        }
+        assert_eq!(EventType::from_code(0), None);
+    }
+}

@@ -1,0 +1,46 @@
+//! The domain: events, metrics, date ranges and buckets, and the validation rules that every
+//! entry point shares. Nothing here knows about gRPC or SQL.
+
+mod event;
+mod ids;
+mod metrics;
+mod query;
+mod range;
+mod validation;
+
+pub use event::{Event, EventType, MAX_EVENT_COUNT, RawEvent, event_time_window};
+pub use ids::{CampaignId, MAX_ID_BYTES, UserId, validate_id};
+pub use metrics::Metrics;
+pub use query::{CampaignStatsQuery, SeriesQuery};
+pub use range::{DateRange, Granularity, MAX_RANGE_DAYS, bucket_series, parse_date};
+pub use validation::{FieldViolation, LimitExceeded, ValidationError};
+
+/// Most events one `RecordEvents` call may carry.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+/// Most campaigns one `GetStatsForCampaigns` call may name.
+pub const MAX_CAMPAIGNS_PER_READ: usize = 1_000;
+
+/// Which campaigns a series read covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// `None`: every user (the operator's view).
+    pub user: Option<UserId>,
+    /// Empty: every campaign of the user (or of all users).
+    pub campaigns: Vec<CampaignId>,
+}
+
+/// Which storage answered a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageSource {
+    /// The legacy wide table.
+    Legacy,
+    /// The event-sourced store and its rollups.
+    New,
+}
+
+/// A read's result together with the storage that produced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer<T> {
+    pub value: T,
+    pub source: StorageSource,
+}

@@ -1,0 +1,253 @@
+//! Conversions between protos and domain types. Requests become validated domain values
+//! here (`TryFrom`), so handlers never see an unchecked field.
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+use super::ApiError;
+use super::proto;
+use crate::domain::{
+    self, CampaignId, CampaignStatsQuery, DateRange, Event, EventType, FieldViolation, Granularity,
+    LimitExceeded, MAX_CAMPAIGNS_PER_READ, Metrics, RawEvent, Scope, SeriesQuery, UserId,
+    ValidationError,
+};
+
+impl From<proto::EventType> for Option<EventType> {
+    fn from(value: proto::EventType) -> Self {
+        match value {
+            proto::EventType::Unspecified => None,
+            proto::EventType::Sent => Some(EventType::Sent),
+            proto::EventType::Opened => Some(EventType::Opened),
+            proto::EventType::Clicked => Some(EventType::Clicked),
+            proto::EventType::Replied => Some(EventType::Replied),
+            proto::EventType::PositiveReply => Some(EventType::PositiveReply),
+            proto::EventType::Bounced => Some(EventType::Bounced),
+        }
+    }
+}
+
+impl TryFrom<proto::Event> for Event {
+    type Error = ValidationError;
+
+    fn try_from(event: proto::Event) -> Result<Self, Self::Error> {
+        let event_type = proto::EventType::try_from(event.event_type)
+            .ok()
+            .and_then(Option::<EventType>::from);
+        let (occurred_at, bad_timestamp) = match event.occurred_at {
+            None => (None, None),
+            Some(ts) => match u32::try_from(ts.nanos)
+                .ok()
+                .and_then(|nanos| DateTime::<Utc>::from_timestamp(ts.seconds, nanos))
+            {
+                Some(at) => (Some(at), None),
+                None => (
+                    None,
+                    Some(FieldViolation::new(
+                        "occurred_at",
+                        "is not a valid timestamp",
+                    )),
+                ),
+            },
+        };
+        let raw = RawEvent {
+            user_id: event.user_id,
+            campaign_id: event.campaign_id,
+            event_type,
+            count: event.count,
+            occurred_at,
+            email_account_id: event.email_account_id,
+            idempotency_key: event.idempotency_key,
+        };
+        let validated = Event::validate(raw, Utc::now());
+        match (validated, bad_timestamp) {
+            (validated, None) => validated,
+            (Ok(_), Some(bad)) => Err(ValidationError::from_failures([Some(bad)])),
+            (Err(mut error), Some(bad)) => {
+                error.violations.push(bad);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Validates a batch as a whole: every bad event is named (`events[i].field`), and any
+/// violation rejects the batch.
+pub fn events_from_proto(events: Vec<proto::Event>) -> Result<Vec<Event>, ValidationError> {
+    let mut valid = Vec::with_capacity(events.len());
+    let mut violations = Vec::new();
+    for (index, event) in events.into_iter().enumerate() {
+        match Event::try_from(event) {
+            Ok(event) => valid.push(event),
+            Err(error) => violations.extend(error.within(&format!("events[{index}]")).violations),
+        }
+    }
+    if violations.is_empty() {
+        Ok(valid)
+    } else {
+        Err(ValidationError { violations })
+    }
+}
+
+/// The event of a `RecordEventRequest`, validated; `path` names it in errors.
+pub fn event_from_request(
+    request: proto::RecordEventRequest,
+    path: &str,
+) -> Result<Event, ValidationError> {
+    let event = request
+        .event
+        .ok_or_else(|| ValidationError::single(path, "is required"))?;
+    Event::try_from(event).map_err(|e| e.within(path))
+}
+
+fn campaign_ids(ids: Vec<String>) -> Result<Vec<CampaignId>, Vec<FieldViolation>> {
+    let mut valid = Vec::with_capacity(ids.len());
+    let mut violations = Vec::new();
+    for (index, id) in ids.into_iter().enumerate() {
+        match CampaignId::parse(&format!("campaign_ids[{index}]"), id) {
+            Ok(id) => valid.push(id),
+            Err(violation) => violations.push(violation),
+        }
+    }
+    if violations.is_empty() {
+        Ok(valid)
+    } else {
+        Err(violations)
+    }
+}
+
+/// Merges the outcome of a request's field checks: the values when all passed, else every
+/// violation.
+fn all_valid<A, B, C>(
+    a: Result<A, ValidationError>,
+    b: Result<B, ValidationError>,
+    c: Result<C, ValidationError>,
+) -> Result<(A, B, C), ValidationError> {
+    match (a, b, c) {
+        (Ok(a), Ok(b), Ok(c)) => Ok((a, b, c)),
+        (a, b, c) => Err(ValidationError {
+            violations: [a.err(), b.err(), c.err()]
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e.violations)
+                .collect(),
+        }),
+    }
+}
+
+fn user(field: &str, id: String) -> Result<UserId, ValidationError> {
+    UserId::parse(field, id).map_err(|v| ValidationError::from_failures([Some(v)]))
+}
+
+fn campaigns(ids: Vec<String>) -> Result<Vec<CampaignId>, ValidationError> {
+    campaign_ids(ids).map_err(|violations| ValidationError { violations })
+}
+
+impl TryFrom<proto::GetStatsRequest> for CampaignStatsQuery {
+    type Error = ApiError;
+
+    fn try_from(request: proto::GetStatsRequest) -> Result<Self, Self::Error> {
+        let campaign = CampaignId::parse("campaign_id", request.campaign_id)
+            .map_err(|v| ValidationError::from_failures([Some(v)]));
+        let (user, campaign, range) = all_valid(
+            user("user_id", request.user_id),
+            campaign,
+            DateRange::parse(&request.start_date, &request.end_date),
+        )?;
+        Ok(CampaignStatsQuery {
+            user,
+            campaigns: vec![campaign],
+            range,
+        })
+    }
+}
+
+impl TryFrom<proto::GetStatsForCampaignsRequest> for CampaignStatsQuery {
+    type Error = ApiError;
+
+    fn try_from(request: proto::GetStatsForCampaignsRequest) -> Result<Self, Self::Error> {
+        LimitExceeded::check(
+            "campaign_ids",
+            MAX_CAMPAIGNS_PER_READ,
+            request.campaign_ids.len(),
+        )?;
+        let (user, campaigns, range) = all_valid(
+            user("user_id", request.user_id),
+            campaigns(request.campaign_ids),
+            DateRange::parse(&request.start_date, &request.end_date),
+        )?;
+        Ok(CampaignStatsQuery {
+            user,
+            campaigns,
+            range,
+        })
+    }
+}
+
+impl TryFrom<proto::GetAggregatedDailyStatsRequest> for SeriesQuery {
+    type Error = ApiError;
+
+    fn try_from(request: proto::GetAggregatedDailyStatsRequest) -> Result<Self, Self::Error> {
+        LimitExceeded::check(
+            "campaign_ids",
+            MAX_CAMPAIGNS_PER_READ,
+            request.campaign_ids.len(),
+        )?;
+        // An empty user id is the operator's all-users view.
+        let user = if request.user_id.is_empty() {
+            Ok(None)
+        } else {
+            user("user_id", request.user_id).map(Some)
+        };
+        let granularity = match proto::Granularity::try_from(request.granularity) {
+            Ok(proto::Granularity::Unspecified | proto::Granularity::Day) => Ok(Granularity::Day),
+            Ok(proto::Granularity::Week) => Ok(Granularity::Week),
+            Ok(proto::Granularity::Month) => Ok(Granularity::Month),
+            Err(_) => Err(ValidationError::single(
+                "granularity",
+                format!("unknown value {}", request.granularity),
+            )),
+        };
+        let scope = all_valid(user, campaigns(request.campaign_ids), Ok(()))
+            .map(|(user, campaigns, ())| Scope { user, campaigns });
+        let (scope, range, granularity) = all_valid(
+            scope,
+            DateRange::parse(&request.start_date, &request.end_date),
+            granularity,
+        )?;
+        Ok(SeriesQuery {
+            scope,
+            range,
+            granularity,
+            fill_empty: request.fill_empty,
+        })
+    }
+}
+
+impl From<domain::StorageSource> for proto::StorageSource {
+    fn from(source: domain::StorageSource) -> Self {
+        match source {
+            domain::StorageSource::Legacy => proto::StorageSource::Legacy,
+            domain::StorageSource::New => proto::StorageSource::New,
+        }
+    }
+}
+
+impl From<Metrics> for proto::Metrics {
+    fn from(m: Metrics) -> Self {
+        proto::Metrics {
+            sent: m.sent,
+            opened: m.opened,
+            clicked: m.clicked,
+            replied: m.replied,
+            positive_replies: m.positive_replies,
+            bounced: m.bounced,
+        }
+    }
+}
+
+/// A bucket of a series as the API shows it.
+pub fn bucket_to_proto((start, metrics): (NaiveDate, Metrics)) -> proto::Bucket {
+    proto::Bucket {
+        bucket_start: start.format("%Y-%m-%d").to_string(),
+        metrics: Some(metrics.into()),
+    }
+}

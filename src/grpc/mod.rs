@@ -1,0 +1,28 @@
+//! The gRPC layer: generated types, request conversions, handlers and the one mapping from
+//! errors to `tonic::Status`.
+
+mod convert;
+mod error;
+mod stats;
+mod unimplemented;
+
+pub use error::ApiError;
+pub use stats::StatsApi;
+pub use unimplemented::{MigrationApi, RolloutApi};
+
+/// Types and services generated from `proto/stats/v1/*.proto`.
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("stats.v1");
+
+    /// The encoded descriptor set of the protos, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/stats_descriptor.bin"));
+}
+
+/// Largest request message accepted, in bytes: a full `RecordEvents` batch of 10,000 events
+/// with long ids fits with room to spare.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How many streamed events are committed together by `StreamEvents`.
+pub const STREAM_CHUNK_EVENTS: usize = 1_000;

@@ -1,0 +1,170 @@
+//! `stats.v1.StatsService`: validate, call the use case, shape the answer.
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{bucket_to_proto, event_from_request, events_from_proto};
+use super::proto::stats_service_server::StatsService;
+use super::proto::{
+    GetAggregatedDailyStatsRequest, GetAggregatedDailyStatsResponse, GetStatsForCampaignsRequest,
+    GetStatsForCampaignsResponse, GetStatsRequest, GetStatsResponse, RecordEventRequest,
+    RecordEventResponse, RecordEventsRequest, RecordEventsResponse,
+};
+use super::{ApiError, STREAM_CHUNK_EVENTS};
+use crate::app::Stats;
+use crate::domain::{CampaignStatsQuery, LimitExceeded, MAX_BATCH_EVENTS, SeriesQuery};
+use crate::storage::{EventStore, RecordOutcome};
+
+/// Trailer of a failed `StreamEvents` call: how many events of the stream were stored.
+pub const STORED_COUNT_METADATA: &str = "x-stored-count";
+
+/// The `StatsService` handlers.
+#[derive(Debug)]
+pub struct StatsApi<S> {
+    stats: Stats<S>,
+}
+
+impl<S: EventStore> StatsApi<S> {
+    pub fn new(stats: Stats<S>) -> Self {
+        Self { stats }
+    }
+}
+
+fn record_response(outcome: RecordOutcome) -> RecordEventsResponse {
+    RecordEventsResponse {
+        stored: outcome.stored,
+        duplicates: outcome.duplicates,
+    }
+}
+
+#[tonic::async_trait]
+impl<S: EventStore> StatsService for StatsApi<S> {
+    async fn record_event(
+        &self,
+        request: Request<RecordEventRequest>,
+    ) -> Result<Response<RecordEventResponse>, Status> {
+        let event = event_from_request(request.into_inner(), "event")?;
+        let outcome = self
+            .stats
+            .record(std::slice::from_ref(&event))
+            .await
+            .map_err(|e| ApiError::from_write(e, |_| "event".to_owned()))?;
+        Ok(Response::new(RecordEventResponse {
+            duplicate: outcome.duplicates > 0,
+        }))
+    }
+
+    async fn record_events(
+        &self,
+        request: Request<RecordEventsRequest>,
+    ) -> Result<Response<RecordEventsResponse>, Status> {
+        let events = request.into_inner().events;
+        LimitExceeded::check("events", MAX_BATCH_EVENTS, events.len())?;
+        let events = events_from_proto(events)?;
+        let outcome = self
+            .stats
+            .record(&events)
+            .await
+            .map_err(|e| ApiError::from_write(e, |i| format!("events[{i}]")))?;
+        Ok(Response::new(record_response(outcome)))
+    }
+
+    async fn stream_events(
+        &self,
+        request: Request<Streaming<RecordEventRequest>>,
+    ) -> Result<Response<RecordEventsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut stored = RecordOutcome::default();
+        // Position in the stream of the chunk's first event.
+        let mut chunk_start = 0;
+        let mut chunk = Vec::with_capacity(STREAM_CHUNK_EVENTS);
+        // Failures name the event's position in the whole stream and say how much of the
+        // stream was stored, so that a producer knows where to resume.
+        let fail = |error: ApiError, stored: RecordOutcome| {
+            let mut trailers = MetadataMap::new();
+            trailers.insert(
+                STORED_COUNT_METADATA,
+                MetadataValue::from(stored.stored + stored.duplicates),
+            );
+            error.into_status_with(trailers)
+        };
+        loop {
+            let next = stream.message().await?;
+            let end = next.is_none();
+            if let Some(request) = next {
+                let path = format!("events[{}]", chunk_start + chunk.len());
+                match event_from_request(request, &path) {
+                    Ok(event) => chunk.push(event),
+                    Err(error) => return Err(fail(error.into(), stored)),
+                }
+            }
+            if chunk.len() == STREAM_CHUNK_EVENTS || (end && !chunk.is_empty()) {
+                let outcome = self.stats.record(&chunk).await.map_err(|e| {
+                    fail(
+                        ApiError::from_write(e, |i| format!("events[{}]", chunk_start + i)),
+                        stored,
+                    )
+                })?;
+                stored += outcome;
+                chunk_start += chunk.len();
+                chunk.clear();
+            }
+            if end {
+                return Ok(Response::new(record_response(stored)));
+            }
+        }
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<GetStatsRequest>,
+    ) -> Result<Response<GetStatsResponse>, Status> {
+        let query = CampaignStatsQuery::try_from(request.into_inner())?;
+        let answer = self.stats.campaign_stats(&query).await?;
+        let source = answer.source;
+        let response = answer
+            .value
+            .into_iter()
+            .next()
+            .map(|(campaign, metrics)| GetStatsResponse {
+                campaign_id: campaign.into_string(),
+                metrics: Some(metrics.into()),
+                source: super::proto::StorageSource::from(source).into(),
+            })
+            .ok_or_else(|| Status::internal("no answer for the campaign"))?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_stats_for_campaigns(
+        &self,
+        request: Request<GetStatsForCampaignsRequest>,
+    ) -> Result<Response<GetStatsForCampaignsResponse>, Status> {
+        let query = CampaignStatsQuery::try_from(request.into_inner())?;
+        let answer = self.stats.campaign_stats(&query).await?;
+        let source: i32 = super::proto::StorageSource::from(answer.source).into();
+        Ok(Response::new(GetStatsForCampaignsResponse {
+            stats: answer
+                .value
+                .into_iter()
+                .map(|(campaign, metrics)| GetStatsResponse {
+                    campaign_id: campaign.into_string(),
+                    metrics: Some(metrics.into()),
+                    source,
+                })
+                .collect(),
+            source,
+        }))
+    }
+
+    async fn get_aggregated_daily_stats(
+        &self,
+        request: Request<GetAggregatedDailyStatsRequest>,
+    ) -> Result<Response<GetAggregatedDailyStatsResponse>, Status> {
+        let query = SeriesQuery::try_from(request.into_inner())?;
+        let answer = self.stats.series(&query).await?;
+        Ok(Response::new(GetAggregatedDailyStatsResponse {
+            buckets: answer.value.into_iter().map(bucket_to_proto).collect(),
+            source: super::proto::StorageSource::from(answer.source).into(),
+        }))
+    }
+}

@@ -1,0 +1,65 @@
+//! Keeps the standard gRPC health service truthful: SERVING while the database answers,
+//! NOT_SERVING while it does not.
+
+use std::time::Duration;
+
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::storage::EventStore;
+
+/// The services whose health follows the database: the whole server (`""`) and each API.
+pub const HEALTH_SERVICES: &[&str] = &[
+    "",
+    "stats.v1.StatsService",
+    "stats.v1.RolloutService",
+    "stats.v1.MigrationService",
+];
+
+/// Pings the database once (within `timeout`) and publishes the result.
+pub async fn check_once<S: EventStore>(
+    store: &S,
+    reporter: &HealthReporter,
+    timeout: Duration,
+) -> ServingStatus {
+    let status = match tokio::time::timeout(timeout, store.ping()).await {
+        Ok(Ok(())) => ServingStatus::Serving,
+        Ok(Err(error)) => {
+            tracing::warn!(error = %error, "database health check failed");
+            ServingStatus::NotServing
+        }
+        Err(_) => {
+            tracing::warn!(?timeout, "database health check timed out");
+            ServingStatus::NotServing
+        }
+    };
+    for service in HEALTH_SERVICES {
+        reporter.set_service_status(service, status).await;
+    }
+    status
+}
+
+/// Re-checks the database every `interval`, forever; the server aborts it at shutdown.
+pub async fn watch_database<S: EventStore>(
+    store: std::sync::Arc<S>,
+    reporter: HealthReporter,
+    interval: Duration,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    loop {
+        ticker.tick().await;
+        // A check never outlasts the interval, so checks do not pile up.
+        let status = check_once(
+            store.as_ref(),
+            &reporter,
+            interval.max(Duration::from_millis(100)),
+        )
+        .await;
+        if last != Some(status) {
+            tracing::info!(?status, "health changed");
+            last = Some(status);
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Wires the services, health, reflection and the tower layer stack into one server.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
+use tower_http::trace::TraceLayer;
+
+use crate::app::Stats;
+use crate::grpc::proto::migration_service_server::MigrationServiceServer;
+use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
+use crate::grpc::proto::stats_service_server::StatsServiceServer;
+use crate::grpc::{self, MigrationApi, RolloutApi, StatsApi};
+use crate::health;
+use crate::storage::{EventStore, StorageError};
+
+/// Settings of a running server that are not about the database.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// How often the database is pinged for the health service.
+    pub health_check_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            health_check_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("could not prepare the database")]
+    Storage(#[from] StorageError),
+    #[error("could not build the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the gRPC server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Migrates `store`, then serves every service on `listener` until `shutdown` completes;
+/// in-flight calls are finished before it returns, and the database pools are closed.
+pub async fn launch<S: EventStore>(
+    listener: TcpListener,
+    store: S,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), LaunchError> {
+    store.migrate().await?;
+    let store = Arc::new(store);
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    health::check_once(store.as_ref(), &reporter, config.health_check_interval).await;
+    let health_task = tokio::spawn(health::watch_database(
+        Arc::clone(&store),
+        reporter,
+        config.health_check_interval,
+    ));
+
+    // Both reflection versions describe everything served, themselves included, plus
+    // `google.rpc.BadRequest` so that clients can decode error details.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(grpc::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let stats = StatsServiceServer::new(StatsApi::new(Stats::new(Arc::clone(&store))))
+        .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES);
+
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving gRPC");
+    }
+    let served = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(trace_layer())
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(stats)
+        .add_service(RolloutServiceServer::new(RolloutApi))
+        .add_service(MigrationServiceServer::new(MigrationApi))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+
+    health_task.abort();
+    store.close().await;
+    tracing::info!("server stopped");
+    Ok(served?)
+}
+
+/// Request tracing. Statuses that report the caller's mistake or a normal outcome are not
+/// logged as server failures; the rest (INTERNAL, UNAVAILABLE, …) are.
+fn trace_layer() -> TraceLayer<SharedClassifier<GrpcErrorsAsFailures>> {
+    let classifier = [
+        GrpcCode::Cancelled,
+        GrpcCode::InvalidArgument,
+        GrpcCode::NotFound,
+        GrpcCode::AlreadyExists,
+        GrpcCode::PermissionDenied,
+        GrpcCode::ResourceExhausted,
+        GrpcCode::FailedPrecondition,
+        GrpcCode::Aborted,
+        GrpcCode::OutOfRange,
+        GrpcCode::Unimplemented,
+        GrpcCode::Unauthenticated,
+    ]
+    .into_iter()
+    .fold(
+        GrpcErrorsAsFailures::new(),
+        GrpcErrorsAsFailures::with_success,
+    );
+    TraceLayer::new(SharedClassifier::new(classifier))
+}

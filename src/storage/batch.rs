@@ -1,0 +1,191 @@
+//! The backend-independent half of a write: which campaigns a batch claims, which events are
+//! duplicates, and how the rollups change. Backends only run the SQL.
+//!
+//! Everything a backend locks is handed to it in one sorted order, so that concurrent
+//! transactions take their row locks in the same order and cannot deadlock each other.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::NaiveDate;
+
+use super::{RecordOutcome, StorageError};
+use crate::domain::{CampaignId, Event, EventType, Metrics, UserId};
+
+/// Each campaign of the batch with the user that claims it (the first event's), sorted.
+pub(super) fn campaign_claims(events: &[Event]) -> Vec<(&CampaignId, &UserId)> {
+    let mut claims: BTreeMap<&CampaignId, &UserId> = BTreeMap::new();
+    for event in events {
+        claims.entry(&event.campaign_id).or_insert(&event.user_id);
+    }
+    claims.into_iter().collect()
+}
+
+/// Refuses the batch if any event names a campaign owned by another user; `owners` maps each
+/// campaign of the batch to its owner as stored.
+pub(super) fn check_owners(
+    events: &[Event],
+    owners: &HashMap<String, String>,
+) -> Result<(), StorageError> {
+    let foreign: Vec<(usize, CampaignId)> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            owners
+                .get(e.campaign_id.as_str())
+                .is_some_and(|owner| owner != e.user_id.as_str())
+        })
+        .map(|(index, e)| (index, e.campaign_id.clone()))
+        .collect();
+    if foreign.is_empty() {
+        Ok(())
+    } else {
+        Err(StorageError::CampaignOwnedByAnotherUser(foreign))
+    }
+}
+
+/// The distinct `(user, idempotency key)` pairs of the batch, sorted.
+pub(super) fn idempotency_keys(events: &[Event]) -> Vec<(&UserId, &str)> {
+    let mut keys: Vec<(&UserId, &str)> = events
+        .iter()
+        .filter_map(|e| Some((&e.user_id, e.idempotency_key.as_deref()?)))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// The events to store: those without a key, and the first event of each key that the
+/// database had not seen before (`fresh`). The rest are duplicates.
+pub(super) fn accepted_events(
+    events: &[Event],
+    mut fresh: HashSet<(String, String)>,
+) -> (Vec<&Event>, RecordOutcome) {
+    let mut accepted = Vec::with_capacity(events.len());
+    let mut outcome = RecordOutcome::default();
+    for event in events {
+        let is_new = match &event.idempotency_key {
+            None => true,
+            Some(key) => fresh.remove(&(event.user_id.as_str().to_owned(), key.clone())),
+        };
+        if is_new {
+            accepted.push(event);
+            outcome.stored += 1;
+        } else {
+            outcome.duplicates += 1;
+        }
+    }
+    (accepted, outcome)
+}
+
+/// Key of one rollup row: user, campaign, UTC day, event type code.
+pub(super) type RollupKey<'a> = (&'a str, &'a str, NaiveDate, i16);
+
+/// How much each rollup row grows, summed over the accepted events, sorted by key.
+pub(super) fn rollup_deltas<'a>(accepted: &[&'a Event]) -> BTreeMap<RollupKey<'a>, i64> {
+    let mut deltas = BTreeMap::new();
+    for event in accepted {
+        let key = (
+            event.user_id.as_str(),
+            event.campaign_id.as_str(),
+            event.day(),
+            event.event_type.code(),
+        );
+        *deltas.entry(key).or_insert(0) += i64::from(event.count);
+    }
+    deltas
+}
+
+/// Adds one `(event type code, total)` row read from the rollups into `metrics`. Codes this
+/// version does not know are ignored, so an older replica can read a newer schema's rows.
+pub(super) fn add_rollup_row(metrics: &mut Metrics, event_type: i16, total: i64) {
+    if let Some(event_type) = EventType::from_code(event_type) {
+        metrics.add(event_type, u64::try_from(total).unwrap_or(0));
+    }
+}
+
+/// Folds `(day, event type code, total)` rows, sorted by day, into one entry per day.
+pub(super) fn fold_daily_rows(
+    rows: impl IntoIterator<Item = (NaiveDate, i16, i64)>,
+) -> Vec<(NaiveDate, Metrics)> {
+    let mut days: Vec<(NaiveDate, Metrics)> = Vec::new();
+    for (day, event_type, total) in rows {
+        if days.last().is_none_or(|(last, _)| *last != day) {
+            days.push((day, Metrics::default()));
+        }
+        if let Some((_, metrics)) = days.last_mut() {
+            add_rollup_row(metrics, event_type, total);
+        }
+    }
+    days
+}
+
+/// Folds `(campaign, event type code, total)` rows into one entry per campaign.
+pub(super) fn fold_campaign_rows(
+    rows: impl IntoIterator<Item = (String, i16, i64)>,
+) -> HashMap<CampaignId, Metrics> {
+    let mut totals: HashMap<CampaignId, Metrics> = HashMap::new();
+    for (campaign, event_type, total) in rows {
+        // Stored ids were validated on the way in.
+        if let Ok(campaign) = CampaignId::parse("campaign_id", campaign) {
+            add_rollup_row(totals.entry(campaign).or_default(), event_type, total);
+        }
+    }
+    totals
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::domain::RawEvent;
+
+    fn event(user: &str, campaign: &str, key: Option<&str>, count: u32) -> Event {
+        let now = Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap();
+        Event::validate(
+            RawEvent {
+                user_id: user.into(),
+                campaign_id: campaign.into(),
+                event_type: Some(EventType::Sent),
+                count,
+                idempotency_key: key.unwrap_or_default().into(),
+                ..RawEvent::default()
+            },
+            now,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn first_event_claims_and_foreign_events_are_named() {
+        let events = [event("u1", "c1", None, 1), event("u2", "c1", None, 1)];
+        let claims = campaign_claims(&events);
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0].1.as_str(), "u1");
+        let owners = HashMap::from([("c1".to_owned(), "u1".to_owned())]);
+        match check_owners(&events, &owners) {
+            Err(StorageError::CampaignOwnedByAnotherUser(bad)) => assert_eq!(bad[0].0, 1),
+            other => panic!("expected an ownership error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_key_repeated_in_one_batch_counts_once() {
+        let events = [
+            event("u1", "c1", Some("k"), 2),
+            event("u1", "c1", Some("k"), 2),
+            event("u1", "c1", None, 3),
+        ];
+        let fresh = HashSet::from([("u1".to_owned(), "k".to_owned())]);
+        let (accepted, outcome) = accepted_events(&events, fresh);
+        assert_eq!(
+            outcome,
+            RecordOutcome {
+                stored: 2,
+                duplicates: 1
+            }
+        );
+        let deltas = rollup_deltas(&accepted);
+        assert_eq!(deltas.values().copied().collect::<Vec<_>>(), [5]);
+    }
+}

@@ -1,0 +1,58 @@
+use crate::domain::CampaignId;
+
+/// What can go wrong in the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Events of a batch name campaigns that belong to other users: `(index in the batch,
+    /// campaign)` for each.
+    #[error("campaigns owned by another user at batch positions {0:?}")]
+    CampaignOwnedByAnotherUser(Vec<(usize, CampaignId)>),
+    /// The database cannot be reached or is overloaded; the call may be retried.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database URL or settings are unusable.
+    #[error("database configuration: {0}")]
+    Config(String),
+    /// The schema could not be brought up to date.
+    #[error("database migration failed")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// Anything else the database reported.
+    #[error("database error")]
+    Internal(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_transient(&error) {
+            StorageError::Unavailable(error)
+        } else {
+            StorageError::Internal(error)
+        }
+    }
+}
+
+/// Errors a retry may cure: connectivity, pool exhaustion, lock contention, conflicts between
+/// concurrent transactions, a server shutting down.
+fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+                matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6))
+            } else {
+                // PostgreSQL SQLSTATE classes: 08 connection, 40 transaction rollback
+                // (serialization failure, deadlock), 53 insufficient resources, 57P0x shutdown.
+                ["08", "40", "53", "57P0"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+            }
+        }
+        _ => false,
+    }
+}

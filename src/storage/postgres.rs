@@ -1,0 +1,274 @@
+//! The production backend: PostgreSQL, with raw events partitioned by month and bulk writes
+//! through `UNNEST` arrays (a handful of statements per batch, whatever its size).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+
+use chrono::{Datelike, Months, NaiveDate, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, QueryBuilder};
+
+use super::{EventStore, PoolOptions, RecordOutcome, StorageError, batch};
+use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, UserId};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// How many months ahead of the current one `migrate` creates partitions for.
+const PARTITIONS_AHEAD: u32 = 2;
+
+/// The PostgreSQL backend.
+#[derive(Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// Months (their first day) whose event partition this process has made sure of.
+    partitions: Mutex<HashSet<NaiveDate>>,
+}
+
+impl PostgresStore {
+    /// Connects to the database named by `url`, e.g. `postgres://user@host:5432/db`.
+    pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
+        let connect: PgConnectOptions = url
+            .parse()
+            .map_err(|e| StorageError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect.application_name("campaign-stats"))
+            .await?;
+        Ok(Self {
+            pool,
+            partitions: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Makes sure the monthly partitions holding `months` exist, creating the missing ones.
+    ///
+    /// Best effort by design: a partition that cannot be created is logged, and its rows land
+    /// in the default partition, so a write never fails for want of a partition.
+    async fn ensure_partitions(&self, months: impl IntoIterator<Item = NaiveDate>) {
+        let missing: BTreeSet<NaiveDate> = {
+            let known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            months.into_iter().filter(|m| !known.contains(m)).collect()
+        };
+        for month in missing {
+            if let Err(error) = self.create_partition(month).await {
+                tracing::warn!(%month, error = %error, "could not create the events partition; rows go to the default partition");
+            }
+            // Remembered either way: a failing month is not retried on every write.
+            self.partitions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(month);
+        }
+    }
+
+    async fn create_partition(&self, month: NaiveDate) -> Result<(), sqlx::Error> {
+        let next = month + Months::new(1);
+        let ddl = format!(
+            "CREATE TABLE IF NOT EXISTS events_p{:04}_{:02} PARTITION OF events \
+             FOR VALUES FROM ('{month} 00:00:00+00') TO ('{next} 00:00:00+00')",
+            month.year(),
+            month.month()
+        );
+        let mut tx = self.pool.begin().await?;
+        // Replicas racing to create the same partition take turns.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('campaign_stats.events_partitions'))")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(ddl))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+}
+
+fn month_of(day: NaiveDate) -> NaiveDate {
+    day.with_day(1).expect("day 1 exists in every month")
+}
+
+impl EventStore for PostgresStore {
+    async fn migrate(&self) -> Result<(), StorageError> {
+        MIGRATOR.run(&self.pool).await?;
+        let this_month = month_of(Utc::now().date_naive());
+        self.ensure_partitions((0..=PARTITIONS_AHEAD).map(|ahead| this_month + Months::new(ahead)))
+            .await;
+        Ok(())
+    }
+
+    async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
+        self.ensure_partitions(events.iter().map(|e| month_of(e.day())))
+            .await;
+        let mut tx = self.pool.begin().await?;
+
+        let (campaigns, claimants): (Vec<&str>, Vec<&str>) = batch::campaign_claims(events)
+            .into_iter()
+            .map(|(campaign, user)| (campaign.as_str(), user.as_str()))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO campaigns (campaign_id, user_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[]) \
+             ON CONFLICT (campaign_id) DO NOTHING",
+        )
+        .bind(&campaigns)
+        .bind(&claimants)
+        .execute(&mut *tx)
+        .await?;
+        let owners: HashMap<String, String> = sqlx::query_as(
+            "SELECT campaign_id, user_id FROM campaigns WHERE campaign_id = ANY($1)",
+        )
+        .bind(&campaigns)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        batch::check_owners(events, &owners)?;
+
+        let (key_users, keys): (Vec<&str>, Vec<&str>) = batch::idempotency_keys(events)
+            .into_iter()
+            .map(|(user, key)| (user.as_str(), key))
+            .unzip();
+        let fresh: HashSet<(String, String)> = if keys.is_empty() {
+            HashSet::new()
+        } else {
+            sqlx::query_as(
+                "INSERT INTO idempotency_keys (user_id, idempotency_key) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[]) \
+                 ON CONFLICT DO NOTHING RETURNING user_id, idempotency_key",
+            )
+            .bind(&key_users)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect()
+        };
+        let (accepted, outcome) = batch::accepted_events(events, fresh);
+
+        if !accepted.is_empty() {
+            sqlx::query(
+                "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
+                 email_account_id, idempotency_key) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
+                 $5::timestamptz[], $6::text[], $7::text[])",
+            )
+            .bind(
+                accepted
+                    .iter()
+                    .map(|e| e.user_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                accepted
+                    .iter()
+                    .map(|e| e.campaign_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                accepted
+                    .iter()
+                    .map(|e| e.event_type.code())
+                    .collect::<Vec<_>>(),
+            )
+            // Counts are at most 1,000,000, so they fit an int4.
+            .bind(accepted.iter().map(|e| e.count as i32).collect::<Vec<_>>())
+            .bind(accepted.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+            .bind(
+                accepted
+                    .iter()
+                    .map(|e| e.email_account_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                accepted
+                    .iter()
+                    .map(|e| e.idempotency_key.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await?;
+
+            let deltas = batch::rollup_deltas(&accepted);
+            sqlx::query(
+                "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int2[], $5::int8[]) \
+                 ON CONFLICT (user_id, campaign_id, day, event_type) \
+                 DO UPDATE SET total = daily_rollups.total + EXCLUDED.total",
+            )
+            .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
+            .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
+            .bind(deltas.keys().map(|k| k.2).collect::<Vec<_>>())
+            .bind(deltas.keys().map(|k| k.3).collect::<Vec<_>>())
+            .bind(deltas.values().copied().collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn campaign_totals(
+        &self,
+        user: &UserId,
+        campaigns: &[CampaignId],
+        range: DateRange,
+    ) -> Result<HashMap<CampaignId, Metrics>, StorageError> {
+        if campaigns.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, i16, i64)> = sqlx::query_as(
+            "SELECT campaign_id, event_type, SUM(total)::int8 FROM daily_rollups \
+             WHERE user_id = $1 AND campaign_id = ANY($2) AND day BETWEEN $3 AND $4 \
+             GROUP BY campaign_id, event_type",
+        )
+        .bind(user.as_str())
+        .bind(campaigns.iter().map(CampaignId::as_str).collect::<Vec<_>>())
+        .bind(range.start)
+        .bind(range.end)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(batch::fold_campaign_rows(rows))
+    }
+
+    async fn daily_totals(
+        &self,
+        scope: &Scope,
+        range: DateRange,
+    ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
+        let mut query = QueryBuilder::<Postgres>::new(
+            "SELECT day, event_type, SUM(total)::int8 FROM daily_rollups WHERE day BETWEEN ",
+        );
+        query
+            .push_bind(range.start)
+            .push(" AND ")
+            .push_bind(range.end);
+        if let Some(user) = &scope.user {
+            query
+                .push(" AND user_id = ")
+                .push_bind(user.as_str().to_owned());
+        }
+        if !scope.campaigns.is_empty() {
+            let campaigns: Vec<String> = scope
+                .campaigns
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect();
+            query
+                .push(" AND campaign_id = ANY(")
+                .push_bind(campaigns)
+                .push(")");
+        }
+        query.push(" GROUP BY day, event_type ORDER BY day");
+        let rows: Vec<(NaiveDate, i16, i64)> = query.build_query_as().fetch_all(&self.pool).await?;
+        Ok(batch::fold_daily_rows(rows))
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
