@@ -74,6 +74,9 @@ pub struct ServeArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "STATS_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
     pub listen_addr: SocketAddr,
+    /// Seconds in-flight calls may take to finish after SIGTERM before they are closed.
+    #[arg(long, env = "STATS_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
     /// Milliseconds between database health checks.
     #[arg(long, env = "STATS_HEALTH_CHECK_INTERVAL_MS", default_value_t = 2_000)]
     pub health_check_interval_ms: u64,
@@ -106,6 +109,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("could not listen on {}", args.listen_addr))?;
     let config = ServerConfig {
         health_check_interval: Duration::from_millis(args.health_check_interval_ms.max(10)),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
     };
     let url = &args.database.database_url;
     let options = args.database.pool_options();

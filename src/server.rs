@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
@@ -23,12 +24,17 @@ use crate::storage::{EventStore, StorageError};
 pub struct ServerConfig {
     /// How often the database is pinged for the health service.
     pub health_check_interval: Duration,
+    /// After shutdown is requested, how long in-flight calls may take to finish before the
+    /// server closes them (long-lived streams such as health watches never finish by
+    /// themselves).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             health_check_interval: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }
@@ -59,7 +65,7 @@ pub async fn launch<S: EventStore>(
     health::check_once(store.as_ref(), &reporter, config.health_check_interval).await;
     let health_task = tokio::spawn(health::watch_database(
         Arc::clone(&store),
-        reporter,
+        reporter.clone(),
         config.health_check_interval,
     ));
 
@@ -82,7 +88,25 @@ pub async fn launch<S: EventStore>(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving gRPC");
     }
-    let served = Server::builder()
+    let stopping = tokio::sync::Notify::new();
+    let health_checks = health_task.abort_handle();
+    let shutdown = async {
+        shutdown.await;
+        health_checks.abort();
+        // Tell watchers and load balancers first, then stop accepting.
+        for service in health::HEALTH_SERVICES {
+            reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        stopping.notify_one();
+    };
+    let grace_over = async {
+        stopping.notified().await;
+        tokio::time::sleep(config.shutdown_grace).await;
+        tracing::warn!(grace = ?config.shutdown_grace, "calls still open after the grace period are closed");
+    };
+    let server = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(trace_layer())
@@ -92,8 +116,11 @@ pub async fn launch<S: EventStore>(
         .add_service(stats)
         .add_service(RolloutServiceServer::new(RolloutApi))
         .add_service(MigrationServiceServer::new(MigrationApi))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let served = tokio::select! {
+        served = server => served,
+        () = grace_over => Ok(()),
+    };
 
     health_task.abort();
     store.close().await;

@@ -1,0 +1,298 @@
+//! The server as a whole: health, reflection, the services not implemented yet, and the
+//! `migrate` command.
+
+use std::time::Duration;
+
+use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
+use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+use campaign_stats::grpc::proto::{
+    EventType, GetMigrationStateRequest, GetRolloutRequest, RecordEventRequest,
+};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::common::proxy::Proxy;
+use crate::common::{Backend, TestDb, campaign_metrics, event};
+
+crate::on_both_backends!(
+    shutdown_tells_watchers_and_closes_open_streams,
+    health_is_serving_with_a_database,
+    reflection_v1_and_v1alpha_list_every_service,
+    rollout_and_migration_answer_unimplemented_for_now,
+    migrate_command_creates_the_schema,
+);
+
+async fn health_is_serving_with_a_database(db: TestDb) {
+    let server = db.start_server().await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "stats.v1.StatsService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    server.stop().await;
+}
+
+async fn reflection_v1_and_v1alpha_list_every_service(db: TestDb) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let server = db.start_server().await;
+    let expected = [
+        "stats.v1.StatsService",
+        "stats.v1.RolloutService",
+        "stats.v1.MigrationService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+
+    let mut client =
+        v1::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("v1")
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        responses
+            .next()
+            .await
+            .expect("a v1 answer")
+            .expect("v1 answer")
+            .message_response
+    else {
+        panic!("v1 reflection did not list services");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in expected {
+        assert!(
+            names.iter().any(|n| n == service),
+            "v1 lists {names:?}, not {service}"
+        );
+    }
+
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let requests = [
+        v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        },
+        v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    "stats.v1.StatsService".into(),
+                ),
+            ),
+        },
+    ];
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .expect("v1alpha")
+        .into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        responses
+            .next()
+            .await
+            .expect("a v1alpha answer")
+            .expect("v1alpha answer")
+            .message_response
+    else {
+        panic!("v1alpha reflection did not list services");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in expected {
+        assert!(
+            names.iter().any(|n| n == service),
+            "v1alpha lists {names:?}, not {service}"
+        );
+    }
+    let Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        responses
+            .next()
+            .await
+            .expect("a second answer")
+            .expect("descriptor")
+            .message_response
+    else {
+        panic!("v1alpha reflection did not describe StatsService");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+    server.stop().await;
+}
+
+async fn rollout_and_migration_answer_unimplemented_for_now(db: TestDb) {
+    let server = db.start_server().await;
+    let status = RolloutServiceClient::new(server.channel().await)
+        .get_rollout(GetRolloutRequest {})
+        .await
+        .expect_err("not implemented yet");
+    assert_eq!(status.code(), Code::Unimplemented);
+    let status = MigrationServiceClient::new(server.channel().await)
+        .get_migration_state(GetMigrationStateRequest {})
+        .await
+        .expect_err("not implemented yet");
+    assert_eq!(status.code(), Code::Unimplemented);
+    server.stop().await;
+}
+
+async fn migrate_command_creates_the_schema(db: TestDb) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_campaign-stats"))
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .await
+        .expect("run campaign-stats migrate");
+    assert!(
+        output.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tables: Vec<String> = match db.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.expect("open");
+            let tables = sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .fetch_all(&pool)
+                .await
+                .expect("tables");
+            pool.close().await;
+            tables
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+            let tables = sqlx::query_scalar(
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("tables");
+            pool.close().await;
+            tables
+        }
+    };
+    for table in ["campaigns", "events", "idempotency_keys", "daily_rollups"] {
+        assert!(
+            tables.iter().any(|t| t == table),
+            "{table} missing from {tables:?}"
+        );
+    }
+    // Running it again changes nothing and succeeds.
+    let again = tokio::process::Command::new(env!("CARGO_BIN_EXE_campaign-stats"))
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .await
+        .expect("run migrate again");
+    assert!(again.status.success());
+}
+
+/// Waits (at most 30 s) until the health watch reports `wanted`.
+async fn wait_for_health(
+    watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    wanted: ServingStatus,
+) {
+    let deadline = Duration::from_secs(30);
+    tokio::time::timeout(deadline, async {
+        while let Some(update) = watch.next().await {
+            if update.expect("health update").status == wanted as i32 {
+                return;
+            }
+        }
+        panic!("the health watch ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("health did not become {wanted:?} within {deadline:?}"));
+}
+
+/// PostgreSQL only: the database is reached through a proxy that the test cuts, so the
+/// server loses it for real while running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_health_follows_the_database() {
+    let Some(db) = TestDb::create(Backend::Postgres).await else {
+        return;
+    };
+    let mut url = url::Url::parse(&db.url).expect("database URL");
+    let upstream =
+        tokio::net::lookup_host((url.host_str().expect("host"), url.port().unwrap_or(5432)))
+            .await
+            .expect("resolve PostgreSQL")
+            .next()
+            .expect("an address");
+    let proxy = Proxy::start(upstream).await;
+    url.set_host(Some("127.0.0.1")).expect("host");
+    url.set_port(Some(proxy.addr.port())).expect("port");
+    let server = db.start_server_at(url.as_str()).await;
+    let mut client = server.stats().await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    wait_for_health(&mut watch, ServingStatus::Serving).await;
+
+    proxy.cut();
+    wait_for_health(&mut watch, ServingStatus::NotServing).await;
+    let record = || RecordEventRequest {
+        event: Some(event("u1", "c1", EventType::Sent, 1, "2026-01-01")),
+    };
+    let status = client
+        .record_event(record())
+        .await
+        .expect_err("no database");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        !status.message().contains("127.0.0.1"),
+        "internal details leaked: {status:?}"
+    );
+
+    proxy.restore();
+    wait_for_health(&mut watch, ServingStatus::Serving).await;
+    client
+        .record_event(record())
+        .await
+        .expect("the database is back");
+    assert_eq!(
+        campaign_metrics(&mut client, "u1", "c1", "2026-01-01", "2026-01-01")
+            .await
+            .sent,
+        1
+    );
+    drop(watch);
+    server.stop().await;
+}
+
+async fn shutdown_tells_watchers_and_closes_open_streams(db: TestDb) {
+    let server = db.start_server().await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    wait_for_health(&mut watch, ServingStatus::Serving).await;
+    // The watch stays open: the server must still stop, after its grace period at most.
+    let stopping = tokio::spawn(server.stop());
+    wait_for_health(&mut watch, ServingStatus::NotServing).await;
+    stopping.await.expect("the server stopped");
+}
