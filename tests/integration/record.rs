@@ -15,6 +15,7 @@ crate::on_both_backends!(
     every_validation_rule_names_its_field_and_stores_nothing,
     batch_is_all_or_nothing_and_names_every_bad_index,
     batch_over_the_limit_is_refused,
+    oversized_message_is_refused,
     full_batch_is_stored,
     retried_idempotency_key_counts_once,
     idempotency_holds_across_a_restart,
@@ -283,6 +284,27 @@ async fn batch_over_the_limit_is_refused(db: TestDb) {
     assert!(status.message().contains("10000"), "{}", status.message());
     let metrics = campaign_metrics(&mut client, "u1", "c1", "2026-01-01", "2026-12-31").await;
     assert_eq!(metrics.sent, 0);
+    server.stop().await;
+}
+
+async fn oversized_message_is_refused(db: TestDb) {
+    let server = db.start_server().await;
+    let mut client = server.stats().await;
+    let huge = Event {
+        email_account_id: "x".repeat(17 * 1024 * 1024),
+        ..event("u1", "c1", EventType::Sent, 1, "2026-02-01")
+    };
+    let status = client
+        .record_event(record(huge))
+        .await
+        .expect_err("over 16 MiB");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(
+        campaign_metrics(&mut client, "u1", "c1", "2026-02-01", "2026-02-01")
+            .await
+            .sent,
+        0
+    );
     server.stop().await;
 }
 

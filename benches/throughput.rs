@@ -1,0 +1,213 @@
+//! Ingest throughput and read latency of the real server over loopback, on SQLite and (when
+//! `STATS_TEST_POSTGRES_URL` is set) PostgreSQL. Prints figures; asserts nothing.
+//!
+//! Run with `cargo bench --bench throughput`.
+
+use std::time::{Duration, Instant};
+
+use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
+use campaign_stats::grpc::proto::{
+    Event, EventType, GetAggregatedDailyStatsRequest, GetStatsRequest, Granularity,
+    RecordEventRequest, RecordEventsRequest,
+};
+use campaign_stats::server::{ServerConfig, launch};
+use campaign_stats::storage::{EventStore, PoolOptions, PostgresStore, SqliteStore};
+use sqlx::Connection;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+const USERS: u32 = 100;
+const CAMPAIGNS_PER_USER: u32 = 10;
+const DAYS: i64 = 365;
+const BATCHES: u32 = 100;
+const BATCH_SIZE: u32 = 1_000;
+const STREAMED: u32 = 50_000;
+const READS: usize = 2_000;
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        let store = SqliteStore::connect(&sqlite_url, &PoolOptions::default())
+            .await
+            .expect("SQLite");
+        run("SQLite", store).await;
+
+        match std::env::var("STATS_TEST_POSTGRES_URL") {
+            Ok(server_url) if !server_url.is_empty() => {
+                let url = fresh_postgres_database(&server_url).await;
+                let store = PostgresStore::connect(&url, &PoolOptions::default())
+                    .await
+                    .expect("PostgreSQL");
+                run("PostgreSQL", store).await;
+            }
+            _ => println!("\nPostgreSQL skipped: set STATS_TEST_POSTGRES_URL to include it."),
+        }
+    });
+}
+
+/// Recreates the `cs_bench` database on the server and returns its URL.
+async fn fresh_postgres_database(server_url: &str) -> String {
+    let mut admin = sqlx::PgConnection::connect(server_url)
+        .await
+        .expect("reach PostgreSQL");
+    for sql in [
+        "DROP DATABASE IF EXISTS cs_bench WITH (FORCE)",
+        "CREATE DATABASE cs_bench",
+    ] {
+        sqlx::query(sql).execute(&mut admin).await.expect(sql);
+    }
+    let mut url = url::Url::parse(server_url).expect("PostgreSQL URL");
+    url.set_path("cs_bench");
+    url.to_string()
+}
+
+fn event(i: u32) -> Event {
+    let user = i % USERS;
+    let campaign = user * CAMPAIGNS_PER_USER + (i / USERS) % CAMPAIGNS_PER_USER;
+    let day = chrono::NaiveDate::from_ymd_opt(2025, 1, 1).expect("date")
+        + chrono::Days::new((i64::from(i) * 7919 % DAYS) as u64);
+    let event_type = [
+        EventType::Sent,
+        EventType::Opened,
+        EventType::Clicked,
+        EventType::Replied,
+    ][(i % 4) as usize];
+    Event {
+        user_id: format!("user-{user}"),
+        campaign_id: format!("campaign-{campaign}"),
+        event_type: event_type.into(),
+        count: 1,
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: day
+                .and_hms_opt(10, 0, 0)
+                .expect("time")
+                .and_utc()
+                .timestamp(),
+            nanos: 0,
+        }),
+        email_account_id: String::new(),
+        idempotency_key: format!("key-{i}"),
+    }
+}
+
+async fn run<S: EventStore>(name: &str, store: S) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(launch(listener, store, ServerConfig::default(), async {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = StatsServiceClient::new(channel);
+    println!("\n== {name} ==");
+
+    let started = Instant::now();
+    for batch in 0..BATCHES {
+        let events = (batch * BATCH_SIZE..(batch + 1) * BATCH_SIZE)
+            .map(event)
+            .collect();
+        client
+            .record_events(RecordEventsRequest { events })
+            .await
+            .expect("RecordEvents");
+    }
+    report_rate(
+        "RecordEvents (batches of 1,000)",
+        BATCHES * BATCH_SIZE,
+        started.elapsed(),
+    );
+
+    let first = BATCHES * BATCH_SIZE;
+    let stream = tokio_stream::iter((first..first + STREAMED).map(|i| RecordEventRequest {
+        event: Some(event(i)),
+    }));
+    let started = Instant::now();
+    client.stream_events(stream).await.expect("StreamEvents");
+    report_rate("StreamEvents", STREAMED, started.elapsed());
+
+    let mut one = Vec::with_capacity(READS);
+    for i in 0..READS as u32 {
+        let user = i % USERS;
+        let request = GetStatsRequest {
+            user_id: format!("user-{user}"),
+            campaign_id: format!(
+                "campaign-{}",
+                user * CAMPAIGNS_PER_USER + i % CAMPAIGNS_PER_USER
+            ),
+            start_date: "2025-01-01".into(),
+            end_date: "2025-12-31".into(),
+        };
+        let started = Instant::now();
+        client.get_stats(request).await.expect("GetStats");
+        one.push(started.elapsed());
+    }
+    report_latency("GetStats, one campaign, a year", &mut one);
+
+    let mut daily = Vec::with_capacity(READS);
+    for i in 0..READS as u32 {
+        let request = GetAggregatedDailyStatsRequest {
+            user_id: format!("user-{}", i % USERS),
+            start_date: "2025-01-01".into(),
+            end_date: "2025-12-31".into(),
+            granularity: Granularity::Day.into(),
+            campaign_ids: vec![],
+            fill_empty: true,
+        };
+        let started = Instant::now();
+        client
+            .get_aggregated_daily_stats(request)
+            .await
+            .expect("series");
+        daily.push(started.elapsed());
+    }
+    report_latency("GetAggregatedDailyStats, a user, a year by day", &mut daily);
+
+    let mut everyone = Vec::with_capacity(100);
+    for _ in 0..100 {
+        let request = GetAggregatedDailyStatsRequest {
+            user_id: String::new(),
+            start_date: "2025-01-01".into(),
+            end_date: "2025-12-31".into(),
+            granularity: Granularity::Month.into(),
+            campaign_ids: vec![],
+            fill_empty: false,
+        };
+        let started = Instant::now();
+        client
+            .get_aggregated_daily_stats(request)
+            .await
+            .expect("all users");
+        everyone.push(started.elapsed());
+    }
+    report_latency(
+        "GetAggregatedDailyStats, all users, a year by month",
+        &mut everyone,
+    );
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("server");
+}
+
+fn report_rate(what: &str, events: u32, took: Duration) {
+    println!(
+        "{what:<55} {:>10.0} events/s  ({events} events in {took:.2?})",
+        f64::from(events) / took.as_secs_f64()
+    );
+}
+
+fn report_latency(what: &str, samples: &mut [Duration]) {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    println!(
+        "{what:<55} p50 {:>9.2?}  p99 {:>9.2?}  ({} calls)",
+        at(0.5),
+        at(0.99),
+        samples.len()
+    );
+}
