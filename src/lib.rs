@@ -10,7 +10,6 @@
 //! * [`health`] — the health service follows the database;
 //! * [`cli`] — the command line.
 
-/// The use cases behind the RPCs.
 pub mod app;
 pub mod cli;
 pub mod domain;

@@ -20,6 +20,7 @@ crate::on_both_backends!(
     retried_idempotency_key_counts_once,
     idempotency_holds_across_a_restart,
     idempotency_keys_are_per_user,
+    concurrent_retries_count_each_event_once,
     campaign_belongs_to_its_first_user,
     stream_acknowledges_what_it_stored,
     bad_event_ends_the_stream_naming_its_position,
@@ -472,6 +473,66 @@ async fn idempotency_keys_are_per_user(db: TestDb) {
             .opened,
         1
     );
+    server.stop().await;
+}
+
+async fn concurrent_retries_count_each_event_once(db: TestDb) {
+    let server = db.start_server().await;
+    // Eight producers send the same 400 keyed events (in different orders and batch
+    // sizes) at once, on a few hot campaigns and days: each event must count exactly once.
+    let events: Vec<Event> = (0..400u32)
+        .map(|i| {
+            let day = if i % 2 == 0 {
+                "2026-08-01"
+            } else {
+                "2026-08-02"
+            };
+            keyed(
+                event(
+                    "u1",
+                    &format!("hot{}", i % 3),
+                    EventType::Sent,
+                    1 + i % 5,
+                    day,
+                ),
+                &format!("k{i}"),
+            )
+        })
+        .collect();
+    let expected: u64 = events.iter().map(|e| u64::from(e.count)).sum();
+    let mut producers = Vec::new();
+    for producer in 0..8usize {
+        let mut client = server.stats().await;
+        let mut mine = events.clone();
+        mine.rotate_left(producer * 50);
+        producers.push(tokio::spawn(async move {
+            let mut stored = 0;
+            for batch in mine.chunks(10 + producer * 7) {
+                stored += client
+                    .record_events(RecordEventsRequest {
+                        events: batch.to_vec(),
+                    })
+                    .await
+                    .expect("concurrent batch")
+                    .into_inner()
+                    .stored;
+            }
+            stored
+        }));
+    }
+    let mut stored = 0;
+    for producer in producers {
+        stored += producer.await.expect("producer");
+    }
+    assert_eq!(stored, 400, "each event is stored by exactly one producer");
+    let mut client = server.stats().await;
+    let mut total = 0;
+    for campaign in ["hot0", "hot1", "hot2"] {
+        total += campaign_metrics(&mut client, "u1", campaign, "2026-08-01", "2026-08-02")
+            .await
+            .sent;
+    }
+    assert_eq!(total, expected);
     server.stop().await;
 }
 

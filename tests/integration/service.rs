@@ -296,3 +296,45 @@ async fn shutdown_tells_watchers_and_closes_open_streams(db: TestDb) {
     wait_for_health(&mut watch, ServingStatus::NotServing).await;
     stopping.await.expect("the server stopped");
 }
+
+/// PostgreSQL only: raw events land in the monthly partition of their `occurred_at`, made on
+/// demand for any month, so that no write fails for want of a partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_events_land_in_monthly_partitions() {
+    let Some(db) = TestDb::create(Backend::Postgres).await else {
+        return;
+    };
+    let server = db.start_server().await;
+    let mut client = server.stats().await;
+    let events = vec![
+        event("u1", "c1", EventType::Sent, 1, "2003-02-14"),
+        event("u1", "c1", EventType::Sent, 1, "2003-02-28"),
+        event("u1", "c1", EventType::Sent, 1, "2019-07-01"),
+    ];
+    client
+        .record_events(campaign_stats::grpc::proto::RecordEventsRequest { events })
+        .await
+        .expect("events in months without a partition yet");
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    let placement: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tableoid::regclass::text, count(*) FROM events GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("partitions");
+    assert_eq!(
+        placement,
+        [
+            ("events_p2003_02".to_owned(), 2),
+            ("events_p2019_07".to_owned(), 1)
+        ]
+    );
+    pool.close().await;
+    assert_eq!(
+        campaign_metrics(&mut client, "u1", "c1", "2003-01-01", "2012-12-31")
+            .await
+            .sent,
+        2
+    );
+    server.stop().await;
+}
