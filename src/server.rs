@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
@@ -106,8 +106,11 @@ pub async fn launch<S: EventStore>(
         tokio::time::sleep(config.shutdown_grace).await;
         tracing::warn!(grace = ?config.shutdown_grace, "calls still open after the grace period are closed");
     };
+    // The builder's TCP options only apply to listeners it binds itself: set them here.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let server = Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(trace_layer())
         .add_service(health_service)
@@ -116,7 +119,7 @@ pub async fn launch<S: EventStore>(
         .add_service(stats)
         .add_service(RolloutServiceServer::new(RolloutApi))
         .add_service(MigrationServiceServer::new(MigrationApi))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     let served = tokio::select! {
         served = server => served,
         () = grace_over => Ok(()),

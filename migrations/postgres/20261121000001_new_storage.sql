@@ -45,4 +45,7 @@ CREATE TABLE IF NOT EXISTS daily_rollups (
     total       BIGINT NOT NULL CHECK (total > 0),
     PRIMARY KEY (user_id, campaign_id, day, event_type)
 );
+-- A user's series over a range (the primary key serves one campaign's totals).
+CREATE INDEX IF NOT EXISTS daily_rollups_by_user_day ON daily_rollups (user_id, day);
+-- The operator's all-users view over a range.
 CREATE INDEX IF NOT EXISTS daily_rollups_by_day ON daily_rollups (day);

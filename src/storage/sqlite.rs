@@ -55,6 +55,14 @@ impl SqliteStore {
     }
 }
 
+/// Most bound values in one statement (SQLite allows 32,766).
+const MAX_BINDS_PER_STATEMENT: usize = 32_000;
+
+/// How many rows of `binds_per_row` values fit one statement.
+fn rows_per_statement(binds_per_row: usize) -> usize {
+    MAX_BINDS_PER_STATEMENT / binds_per_row
+}
+
 /// Appends ` AND <column> IN (?, ?, …)` for `values`.
 fn push_in_list<'a>(
     query: &mut QueryBuilder<Sqlite>,
@@ -78,71 +86,82 @@ impl EventStore for SqliteStore {
     async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
         let mut tx = self.writer.begin().await?;
 
-        let mut owners = HashMap::new();
-        for (campaign, user) in batch::campaign_claims(events) {
-            sqlx::query(
-                "INSERT INTO campaigns (campaign_id, user_id) VALUES (?, ?) \
-                 ON CONFLICT (campaign_id) DO NOTHING",
-            )
-            .bind(campaign.as_str())
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await?;
-            let owner: String =
-                sqlx::query_scalar("SELECT user_id FROM campaigns WHERE campaign_id = ?")
-                    .bind(campaign.as_str())
-                    .fetch_one(&mut *tx)
-                    .await?;
-            owners.insert(campaign.as_str().to_owned(), owner);
+        let claims = batch::campaign_claims(events);
+        for chunk in claims.chunks(rows_per_statement(2)) {
+            let mut insert =
+                QueryBuilder::<Sqlite>::new("INSERT INTO campaigns (campaign_id, user_id) ");
+            insert.push_values(chunk, |mut row, (campaign, user)| {
+                row.push_bind(campaign.as_str()).push_bind(user.as_str());
+            });
+            insert.push(" ON CONFLICT (campaign_id) DO NOTHING");
+            insert.build().execute(&mut *tx).await?;
+        }
+        let mut owners = HashMap::with_capacity(claims.len());
+        for chunk in claims.chunks(rows_per_statement(1)) {
+            let mut select = QueryBuilder::<Sqlite>::new(
+                "SELECT campaign_id, user_id FROM campaigns WHERE true",
+            );
+            push_in_list(
+                &mut select,
+                "campaign_id",
+                chunk.iter().map(|(c, _)| c.as_str()),
+            );
+            let rows: Vec<(String, String)> = select.build_query_as().fetch_all(&mut *tx).await?;
+            owners.extend(rows);
         }
         batch::check_owners(events, &owners)?;
 
         let mut fresh = HashSet::new();
-        for (user, key) in batch::idempotency_keys(events) {
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (user_id, idempotency_key) VALUES (?, ?) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(user.as_str())
-            .bind(key)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
-                fresh.insert((user.as_str().to_owned(), key.to_owned()));
-            }
+        for chunk in batch::idempotency_keys(events).chunks(rows_per_statement(2)) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO idempotency_keys (user_id, idempotency_key) ",
+            );
+            insert.push_values(chunk, |mut row, (user, key)| {
+                row.push_bind(user.as_str()).push_bind(*key);
+            });
+            insert.push(" ON CONFLICT DO NOTHING RETURNING user_id, idempotency_key");
+            let inserted: Vec<(String, String)> =
+                insert.build_query_as().fetch_all(&mut *tx).await?;
+            fresh.extend(inserted);
         }
         let (accepted, outcome) = batch::accepted_events(events, fresh);
 
-        for event in &accepted {
-            sqlx::query(
+        for chunk in accepted.chunks(rows_per_statement(7)) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
-                 email_account_id, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(event.user_id.as_str())
-            .bind(event.campaign_id.as_str())
-            .bind(event.event_type.code())
-            .bind(event.count)
-            .bind(event.occurred_at)
-            .bind(event.email_account_id.as_deref())
-            .bind(event.idempotency_key.as_deref())
-            .execute(&mut *tx)
-            .await?;
+                 email_account_id, idempotency_key) ",
+            );
+            insert.push_values(chunk, |mut row, event| {
+                row.push_bind(event.user_id.as_str())
+                    .push_bind(event.campaign_id.as_str())
+                    .push_bind(event.event_type.code())
+                    .push_bind(event.count)
+                    .push_bind(event.occurred_at)
+                    .push_bind(event.email_account_id.as_deref())
+                    .push_bind(event.idempotency_key.as_deref());
+            });
+            insert.build().execute(&mut *tx).await?;
         }
-        for ((user, campaign, day, event_type), delta) in batch::rollup_deltas(&accepted) {
-            sqlx::query(
-                "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) \
-                 VALUES (?, ?, ?, ?, ?) \
-                 ON CONFLICT (user_id, campaign_id, day, event_type) \
+        let deltas: Vec<_> = batch::rollup_deltas(&accepted).into_iter().collect();
+        for chunk in deltas.chunks(rows_per_statement(5)) {
+            let mut upsert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) ",
+            );
+            upsert.push_values(
+                chunk,
+                |mut row, ((user, campaign, day, event_type), delta)| {
+                    row.push_bind(*user)
+                        .push_bind(*campaign)
+                        .push_bind(*day)
+                        .push_bind(*event_type)
+                        .push_bind(*delta);
+                },
+            );
+            upsert.push(
+                " ON CONFLICT (user_id, campaign_id, day, event_type) \
                  DO UPDATE SET total = total + excluded.total",
-            )
-            .bind(user)
-            .bind(campaign)
-            .bind(day)
-            .bind(event_type)
-            .bind(delta)
-            .execute(&mut *tx)
-            .await?;
+            );
+            upsert.build().execute(&mut *tx).await?;
         }
 
         tx.commit().await?;
