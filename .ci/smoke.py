@@ -47,7 +47,7 @@ def smoke(database_url):
                 sys.exit(f"FAIL: README command failed:\n{command}\n{run.stdout}{run.stderr}")
             outputs.append(run.stdout)
         everything = "\n".join(outputs)
-        for expected in ["stats.v1.StatsService", '"sent": "3"', '"stored": "2"', '"STORAGE_SOURCE_NEW"']:
+        for expected in ["stats.v1.StatsService", '"sent": "3"', '"stored": "2"', '"STORAGE_SOURCE_LEGACY"', "MIGRATION_PHASE_DUAL_WRITE"]:
             if expected not in everything:
                 sys.exit(f"FAIL: no {expected} in the README commands' output:\n{everything}")
     finally:

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod domain;
 pub mod grpc;
 pub mod health;
+pub mod migration;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

@@ -11,7 +11,7 @@ use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
-use crate::app::Stats;
+use crate::app::{Migration, Stats};
 use crate::grpc::proto::migration_service_server::MigrationServiceServer;
 use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
 use crate::grpc::proto::stats_service_server::StatsServiceServer;
@@ -118,7 +118,9 @@ pub async fn launch<S: EventStore>(
         .add_service(reflection().build_v1alpha()?)
         .add_service(stats)
         .add_service(RolloutServiceServer::new(RolloutApi))
-        .add_service(MigrationServiceServer::new(MigrationApi))
+        .add_service(MigrationServiceServer::new(MigrationApi::new(
+            Migration::new(Arc::clone(&store)),
+        )))
         .serve_with_incoming_shutdown(incoming, shutdown);
     let served = tokio::select! {
         served = server => served,

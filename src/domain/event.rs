@@ -31,6 +31,11 @@ impl EventType {
         self as i16
     }
 
+    /// Whether the legacy table has a column for this type (all but `clicked`).
+    pub fn in_legacy(self) -> bool {
+        self != EventType::Clicked
+    }
+
     /// The type stored under `code`, if any.
     pub fn from_code(code: i16) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.code() == code)

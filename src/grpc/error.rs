@@ -69,6 +69,11 @@ impl ApiError {
             ApiError::NotOwner(violations) => {
                 (Code::PermissionDenied, "permission denied", violations)
             }
+            ApiError::Storage(StorageError::TransitionRefused(refused)) => {
+                let mut status = Status::failed_precondition(refused.to_string());
+                *status.metadata_mut() = metadata;
+                return status;
+            }
             ApiError::Storage(error) => {
                 let (code, message) = storage_status(&error);
                 let mut status = Status::new(code, message);
@@ -141,7 +146,14 @@ fn storage_status(error: &StorageError) -> (Code, &'static str) {
             // Writes map this with the event's position (`ApiError::from_write`).
             (Code::PermissionDenied, "campaign belongs to another user")
         }
-        StorageError::Config(_) | StorageError::Migration(_) | StorageError::Internal(_) => {
+        StorageError::TransitionRefused(_) => {
+            // Handlers map this with its reason (`ApiError::Refused`).
+            (Code::FailedPrecondition, "phase transition refused")
+        }
+        StorageError::Config(_)
+        | StorageError::Migration(_)
+        | StorageError::Corrupt(_)
+        | StorageError::Internal(_) => {
             tracing::error!(error = %error, source = ?std::error::Error::source(error), "storage failure");
             (Code::Internal, "internal error")
         }

@@ -3,12 +3,14 @@
 
 mod convert;
 mod error;
+mod migration;
 mod stats;
 mod unimplemented;
 
 pub use error::ApiError;
+pub use migration::MigrationApi;
 pub use stats::StatsApi;
-pub use unimplemented::{MigrationApi, RolloutApi};
+pub use unimplemented::RolloutApi;
 
 /// Types and services generated from `proto/stats/v1/*.proto`.
 pub mod proto {

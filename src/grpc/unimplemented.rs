@@ -1,7 +1,6 @@
 //! Services declared in the API whose issues have not landed yet: every method answers
 //! `UNIMPLEMENTED` (the generated default stubs), so clients and reflection see them already.
 
-use super::proto::migration_service_server::MigrationService;
 use super::proto::rollout_service_server::RolloutService;
 
 /// `stats.v1.RolloutService`, not implemented yet.
@@ -10,10 +9,3 @@ pub struct RolloutApi;
 
 #[tonic::async_trait]
 impl RolloutService for RolloutApi {}
-
-/// `stats.v1.MigrationService`, not implemented yet.
-#[derive(Debug, Default)]
-pub struct MigrationApi;
-
-#[tonic::async_trait]
-impl MigrationService for MigrationApi {}

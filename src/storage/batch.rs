@@ -10,6 +10,7 @@ use chrono::NaiveDate;
 
 use super::{RecordOutcome, StorageError};
 use crate::domain::{CampaignId, Event, EventType, Metrics, UserId};
+use crate::migration::WriteTargets;
 
 /// Each campaign of the batch with the user that claims it (the first event's), sorted.
 pub(super) fn campaign_claims(events: &[Event]) -> Vec<(&CampaignId, &UserId)> {
@@ -77,6 +78,19 @@ pub(super) fn accepted_events(
     (accepted, outcome)
 }
 
+/// The accepted events the new storage receives: all of them while the phase writes it,
+/// else only those the legacy table has no column for (`clicked`), which live nowhere else.
+pub(super) fn events_for_new_storage<'a>(
+    accepted: &[&'a Event],
+    targets: WriteTargets,
+) -> Vec<&'a Event> {
+    accepted
+        .iter()
+        .copied()
+        .filter(|e| targets.new || !e.event_type.in_legacy())
+        .collect()
+}
+
 /// Key of one rollup row: user, campaign, UTC day, event type code.
 pub(super) type RollupKey<'a> = (&'a str, &'a str, NaiveDate, i16);
 
@@ -91,6 +105,61 @@ pub(super) fn rollup_deltas<'a>(accepted: &[&'a Event]) -> BTreeMap<RollupKey<'a
             event.event_type.code(),
         );
         *deltas.entry(key).or_insert(0) += i64::from(event.count);
+    }
+    deltas
+}
+
+/// The five counts of one legacy row (`clicked` has no column there).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct LegacyCounts {
+    pub sent: i64,
+    pub opened: i64,
+    pub replied: i64,
+    pub positive_replies: i64,
+    pub bounced: i64,
+}
+
+impl LegacyCounts {
+    /// Adds `count` events of `event_type`; types without a legacy column are ignored.
+    fn add(&mut self, event_type: EventType, count: i64) {
+        let field = match event_type {
+            EventType::Sent => &mut self.sent,
+            EventType::Opened => &mut self.opened,
+            EventType::Replied => &mut self.replied,
+            EventType::PositiveReply => &mut self.positive_replies,
+            EventType::Bounced => &mut self.bounced,
+            EventType::Clicked => return,
+        };
+        *field += count;
+    }
+
+    /// The counts as metrics (`clicked` 0); negative legacy counts read as 0.
+    pub fn to_metrics(self) -> Metrics {
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Metrics {
+            sent: n(self.sent),
+            opened: n(self.opened),
+            clicked: 0,
+            replied: n(self.replied),
+            positive_replies: n(self.positive_replies),
+            bounced: n(self.bounced),
+        }
+    }
+}
+
+/// How much each legacy row `(campaign, day)` grows, with the owner to create it under,
+/// sorted by key. Only events the legacy table has a column for count; rows that would stay
+/// all zeros are left out.
+pub(super) fn legacy_deltas<'a>(
+    accepted: &[&'a Event],
+) -> BTreeMap<(&'a str, NaiveDate), (&'a str, LegacyCounts)> {
+    let mut deltas: BTreeMap<(&str, NaiveDate), (&str, LegacyCounts)> = BTreeMap::new();
+    for event in accepted.iter().filter(|e| e.event_type.in_legacy()) {
+        deltas
+            .entry((event.campaign_id.as_str(), event.day()))
+            .or_insert((event.user_id.as_str(), LegacyCounts::default()))
+            .1
+            .add(event.event_type, i64::from(event.count));
     }
     deltas
 }
@@ -117,6 +186,35 @@ pub(super) fn fold_daily_rows(
         }
     }
     days
+}
+
+/// A legacy aggregate row: a key and the five summed counts.
+pub(super) type LegacyRow<K> = (K, i64, i64, i64, i64, i64);
+
+/// The key and metrics of a legacy aggregate row.
+pub(super) fn legacy_row_metrics<K>(
+    (key, sent, opened, replied, positive_replies, bounced): LegacyRow<K>,
+) -> (K, Metrics) {
+    let counts = LegacyCounts {
+        sent,
+        opened,
+        replied,
+        positive_replies,
+        bounced,
+    };
+    (key, counts.to_metrics())
+}
+
+/// Folds legacy `(campaign, counts…)` rows into one entry per campaign.
+pub(super) fn fold_legacy_campaign_rows(
+    rows: Vec<LegacyRow<String>>,
+) -> HashMap<CampaignId, Metrics> {
+    rows.into_iter()
+        .map(legacy_row_metrics)
+        .filter_map(|(campaign, metrics)| {
+            Some((CampaignId::parse("campaign_id", campaign).ok()?, metrics))
+        })
+        .collect()
 }
 
 /// Folds `(campaign, event type code, total)` rows into one entry per campaign.

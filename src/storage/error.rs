@@ -7,6 +7,12 @@ pub enum StorageError {
     /// campaign)` for each.
     #[error("campaigns owned by another user at batch positions {0:?}")]
     CampaignOwnedByAnotherUser(Vec<(usize, CampaignId)>),
+    /// The migration phase cannot move as asked.
+    #[error(transparent)]
+    TransitionRefused(#[from] crate::migration::TransitionRefused),
+    /// The database holds a value this version cannot read (e.g. an unknown phase name).
+    #[error("unreadable stored data: {0}")]
+    Corrupt(String),
     /// The database cannot be reached or is overloaded; the call may be retried.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),

@@ -4,12 +4,16 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
-use chrono::{Datelike, Months, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
-use super::{EventStore, PoolOptions, RecordOutcome, StorageError, batch};
-use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, UserId};
+use super::{
+    EventStore, PoolOptions, RecordOutcome, StorageError, TransitionRow, batch, parse_phase,
+    transition_from_row,
+};
+use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::migration::{Phase, PhaseState, PreconditionFacts, Transition};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -82,6 +86,110 @@ impl PostgresStore {
     }
 }
 
+/// Inserts raw events and grows their rollups.
+async fn insert_new_events(
+    tx: &mut sqlx::PgConnection,
+    events: &[&Event],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
+         email_account_id, idempotency_key) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
+         $5::timestamptz[], $6::text[], $7::text[])",
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| e.user_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| e.campaign_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| e.event_type.code())
+            .collect::<Vec<_>>(),
+    )
+    // Counts are at most 1,000,000, so they fit an int4.
+    .bind(events.iter().map(|e| e.count as i32).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .map(|e| e.email_account_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| e.idempotency_key.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await?;
+
+    let deltas = batch::rollup_deltas(events);
+    sqlx::query(
+        "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int2[], $5::int8[]) \
+         ON CONFLICT (user_id, campaign_id, day, event_type) \
+         DO UPDATE SET total = daily_rollups.total + EXCLUDED.total",
+    )
+    .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.2).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.3).collect::<Vec<_>>())
+    .bind(deltas.values().copied().collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Adds the events the legacy table has columns for to its `(campaign, day)` rows.
+async fn add_to_legacy(
+    tx: &mut sqlx::PgConnection,
+    accepted: &[&Event],
+) -> Result<(), sqlx::Error> {
+    let deltas = batch::legacy_deltas(accepted);
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let column =
+        |f: fn(&batch::LegacyCounts) -> i64| deltas.values().map(|(_, c)| f(c)).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO campaign_daily_stat_entries AS l (campaign_id, user_id, stat_date, sent, \
+         opened, replied, positive_replies, bounced, created_at, updated_at) \
+         SELECT campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
+         bounced, now(), now() \
+         FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], $6::int8[], \
+         $7::int8[], $8::int8[]) \
+         AS t(campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, bounced) \
+         ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
+         sent = COALESCE(l.sent, 0) + EXCLUDED.sent, \
+         opened = COALESCE(l.opened, 0) + EXCLUDED.opened, \
+         replied = COALESCE(l.replied, 0) + EXCLUDED.replied, \
+         positive_replies = COALESCE(l.positive_replies, 0) + EXCLUDED.positive_replies, \
+         bounced = COALESCE(l.bounced, 0) + EXCLUDED.bounced, \
+         updated_at = now()",
+    )
+    .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
+    .bind(deltas.values().map(|(user, _)| *user).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
+    .bind(column(|c| c.sent))
+    .bind(column(|c| c.opened))
+    .bind(column(|c| c.replied))
+    .bind(column(|c| c.positive_replies))
+    .bind(column(|c| c.bounced))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 fn month_of(day: NaiveDate) -> NaiveDate {
     day.with_day(1).expect("day 1 exists in every month")
 }
@@ -99,14 +207,23 @@ impl EventStore for PostgresStore {
         self.ensure_partitions(events.iter().map(|e| month_of(e.day())))
             .await;
         let mut tx = self.pool.begin().await?;
+        let phase: String = sqlx::query_scalar("SELECT phase FROM migration_state WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let targets = parse_phase(&phase)?.write_targets();
 
         let (campaigns, claimants): (Vec<&str>, Vec<&str>) = batch::campaign_claims(events)
             .into_iter()
             .map(|(campaign, user)| (campaign.as_str(), user.as_str()))
             .unzip();
+        // A campaign the legacy table already knows belongs to its legacy user.
         sqlx::query(
             "INSERT INTO campaigns (campaign_id, user_id) \
-             SELECT * FROM UNNEST($1::text[], $2::text[]) \
+             SELECT t.campaign_id, COALESCE( \
+                 (SELECT l.user_id FROM campaign_daily_stat_entries l \
+                  WHERE l.campaign_id = t.campaign_id ORDER BY l.stat_date LIMIT 1), \
+                 t.user_id) \
+             FROM UNNEST($1::text[], $2::text[]) AS t(campaign_id, user_id) \
              ON CONFLICT (campaign_id) DO NOTHING",
         )
         .bind(&campaigns)
@@ -144,63 +261,12 @@ impl EventStore for PostgresStore {
         };
         let (accepted, outcome) = batch::accepted_events(events, fresh);
 
-        if !accepted.is_empty() {
-            sqlx::query(
-                "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
-                 email_account_id, idempotency_key) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
-                 $5::timestamptz[], $6::text[], $7::text[])",
-            )
-            .bind(
-                accepted
-                    .iter()
-                    .map(|e| e.user_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                accepted
-                    .iter()
-                    .map(|e| e.campaign_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                accepted
-                    .iter()
-                    .map(|e| e.event_type.code())
-                    .collect::<Vec<_>>(),
-            )
-            // Counts are at most 1,000,000, so they fit an int4.
-            .bind(accepted.iter().map(|e| e.count as i32).collect::<Vec<_>>())
-            .bind(accepted.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
-            .bind(
-                accepted
-                    .iter()
-                    .map(|e| e.email_account_id.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                accepted
-                    .iter()
-                    .map(|e| e.idempotency_key.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .execute(&mut *tx)
-            .await?;
-
-            let deltas = batch::rollup_deltas(&accepted);
-            sqlx::query(
-                "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int2[], $5::int8[]) \
-                 ON CONFLICT (user_id, campaign_id, day, event_type) \
-                 DO UPDATE SET total = daily_rollups.total + EXCLUDED.total",
-            )
-            .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
-            .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
-            .bind(deltas.keys().map(|k| k.2).collect::<Vec<_>>())
-            .bind(deltas.keys().map(|k| k.3).collect::<Vec<_>>())
-            .bind(deltas.values().copied().collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
+        let for_new = batch::events_for_new_storage(&accepted, targets);
+        if !for_new.is_empty() {
+            insert_new_events(&mut tx, &for_new).await?;
+        }
+        if targets.legacy {
+            add_to_legacy(&mut tx, &accepted).await?;
         }
 
         tx.commit().await?;
@@ -209,6 +275,7 @@ impl EventStore for PostgresStore {
 
     async fn campaign_totals(
         &self,
+        source: StorageSource,
         user: &UserId,
         campaigns: &[CampaignId],
         range: DateRange,
@@ -216,28 +283,63 @@ impl EventStore for PostgresStore {
         if campaigns.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows: Vec<(String, i16, i64)> = sqlx::query_as(
-            "SELECT campaign_id, event_type, SUM(total)::int8 FROM daily_rollups \
-             WHERE user_id = $1 AND campaign_id = ANY($2) AND day BETWEEN $3 AND $4 \
-             GROUP BY campaign_id, event_type",
-        )
-        .bind(user.as_str())
-        .bind(campaigns.iter().map(CampaignId::as_str).collect::<Vec<_>>())
-        .bind(range.start)
-        .bind(range.end)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(batch::fold_campaign_rows(rows))
+        let campaigns: Vec<&str> = campaigns.iter().map(CampaignId::as_str).collect();
+        match source {
+            StorageSource::New => {
+                let rows: Vec<(String, i16, i64)> = sqlx::query_as(
+                    "SELECT campaign_id, event_type, SUM(total)::int8 FROM daily_rollups \
+                     WHERE user_id = $1 AND campaign_id = ANY($2) AND day BETWEEN $3 AND $4 \
+                     GROUP BY campaign_id, event_type",
+                )
+                .bind(user.as_str())
+                .bind(campaigns)
+                .bind(range.start)
+                .bind(range.end)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(batch::fold_campaign_rows(rows))
+            }
+            StorageSource::Legacy => {
+                let rows: Vec<batch::LegacyRow<String>> = sqlx::query_as(
+                    "SELECT campaign_id, COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
+                     COALESCE(SUM(replied), 0)::int8, COALESCE(SUM(positive_replies), 0)::int8, \
+                     COALESCE(SUM(bounced), 0)::int8 FROM campaign_daily_stat_entries \
+                     WHERE user_id = $1 AND campaign_id = ANY($2) AND stat_date BETWEEN $3 AND $4 \
+                     GROUP BY campaign_id",
+                )
+                .bind(user.as_str())
+                .bind(campaigns)
+                .bind(range.start)
+                .bind(range.end)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(batch::fold_legacy_campaign_rows(rows))
+            }
+        }
     }
 
     async fn daily_totals(
         &self,
+        source: StorageSource,
         scope: &Scope,
         range: DateRange,
     ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
-        let mut query = QueryBuilder::<Postgres>::new(
-            "SELECT day, event_type, SUM(total)::int8 FROM daily_rollups WHERE day BETWEEN ",
-        );
+        let (select, table, day) = match source {
+            StorageSource::New => (
+                "SELECT day, event_type, SUM(total)::int8",
+                "daily_rollups",
+                "day",
+            ),
+            StorageSource::Legacy => (
+                "SELECT stat_date, COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
+                 COALESCE(SUM(replied), 0)::int8, COALESCE(SUM(positive_replies), 0)::int8, \
+                 COALESCE(SUM(bounced), 0)::int8",
+                "campaign_daily_stat_entries",
+                "stat_date",
+            ),
+        };
+        let mut query = QueryBuilder::<Postgres>::new(select);
+        query.push(format_args!(" FROM {table} WHERE {day} BETWEEN "));
         query
             .push_bind(range.start)
             .push(" AND ")
@@ -258,9 +360,118 @@ impl EventStore for PostgresStore {
                 .push_bind(campaigns)
                 .push(")");
         }
-        query.push(" GROUP BY day, event_type ORDER BY day");
-        let rows: Vec<(NaiveDate, i16, i64)> = query.build_query_as().fetch_all(&self.pool).await?;
-        Ok(batch::fold_daily_rows(rows))
+        match source {
+            StorageSource::New => {
+                query.push(" GROUP BY day, event_type ORDER BY day");
+                let rows: Vec<(NaiveDate, i16, i64)> =
+                    query.build_query_as().fetch_all(&self.pool).await?;
+                Ok(batch::fold_daily_rows(rows))
+            }
+            StorageSource::Legacy => {
+                query.push(" GROUP BY stat_date ORDER BY stat_date");
+                let rows: Vec<batch::LegacyRow<NaiveDate>> =
+                    query.build_query_as().fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(batch::legacy_row_metrics).collect())
+            }
+        }
+    }
+
+    async fn phase(&self) -> Result<PhaseState, StorageError> {
+        let (phase, changed_at): (String, DateTime<Utc>) =
+            sqlx::query_as("SELECT phase, changed_at FROM migration_state WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(PhaseState {
+            phase: parse_phase(&phase)?,
+            changed_at,
+        })
+    }
+
+    async fn transition(
+        &self,
+        target: Phase,
+        actor: &str,
+        reason: &str,
+    ) -> Result<PhaseState, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        // Locks the phase: transitions queue, and no write sees a half-made change.
+        let (current, changed_at, dual_write_started_at): (
+            String,
+            DateTime<Utc>,
+            Option<DateTime<Utc>>,
+        ) = sqlx::query_as(
+            "SELECT phase, changed_at, dual_write_started_at FROM migration_state \
+                 WHERE id = 1 FOR UPDATE",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let current = parse_phase(&current)?;
+        if current == target {
+            return Ok(PhaseState {
+                phase: current,
+                changed_at,
+            });
+        }
+        let (last_backfill_at, last_clean_verify_at): (
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+        ) = sqlx::query_as(
+            "SELECT \
+                 (SELECT MAX(finished_at) FROM migration_runs \
+                  WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
+                 (SELECT MAX(finished_at) FROM migration_runs \
+                  WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let facts = PreconditionFacts {
+            dual_write_started_at,
+            last_backfill_at,
+            last_clean_verify_at,
+        };
+        current.check_transition(target, &facts)?;
+        let now = Utc::now();
+        let dual_write_started_at = if target == Phase::DualWrite && current < target {
+            Some(now)
+        } else {
+            dual_write_started_at
+        };
+        sqlx::query(
+            "UPDATE migration_state SET phase = $1, changed_at = $2, dual_write_started_at = $3 \
+             WHERE id = 1",
+        )
+        .bind(target.name())
+        .bind(now)
+        .bind(dual_write_started_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO migration_transitions (from_phase, to_phase, actor, reason, at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(current.name())
+        .bind(target.name())
+        .bind(actor)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(PhaseState {
+            phase: target,
+            changed_at: now,
+        })
+    }
+
+    async fn transitions(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
+        let rows: Vec<TransitionRow> = sqlx::query_as(
+            "SELECT from_phase, to_phase, actor, reason, at FROM migration_transitions \
+             ORDER BY id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(transition_from_row).collect()
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

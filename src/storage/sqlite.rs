@@ -7,12 +7,16 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
-use super::{EventStore, PoolOptions, RecordOutcome, StorageError, batch};
-use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, UserId};
+use super::{
+    EventStore, PoolOptions, RecordOutcome, StorageError, TransitionRow, batch, parse_phase,
+    transition_from_row,
+};
+use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::migration::{Phase, PhaseState, PreconditionFacts, Transition};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -55,6 +59,13 @@ impl SqliteStore {
     }
 }
 
+/// Sums per event type from the rollups (grouped by the caller).
+const NEW_SUMS: &str = "event_type, SUM(total) FROM daily_rollups";
+/// Sums of the five legacy columns (grouped by the caller).
+const LEGACY_SUMS: &str = "COALESCE(SUM(sent), 0), COALESCE(SUM(opened), 0), \
+    COALESCE(SUM(replied), 0), COALESCE(SUM(positive_replies), 0), COALESCE(SUM(bounced), 0) \
+    FROM campaign_daily_stat_entries";
+
 /// Most bound values in one statement (SQLite allows 32,766).
 const MAX_BINDS_PER_STATEMENT: usize = 32_000;
 
@@ -77,6 +88,87 @@ fn push_in_list<'a>(
     list.push_unseparated(")");
 }
 
+/// Inserts raw events and grows their rollups.
+async fn insert_new_events(
+    tx: &mut sqlx::SqliteConnection,
+    events: &[&Event],
+) -> Result<(), sqlx::Error> {
+    for chunk in events.chunks(rows_per_statement(7)) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
+             email_account_id, idempotency_key) ",
+        );
+        insert.push_values(chunk, |mut row, event| {
+            row.push_bind(event.user_id.as_str())
+                .push_bind(event.campaign_id.as_str())
+                .push_bind(event.event_type.code())
+                .push_bind(event.count)
+                .push_bind(event.occurred_at)
+                .push_bind(event.email_account_id.as_deref())
+                .push_bind(event.idempotency_key.as_deref());
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    let deltas: Vec<_> = batch::rollup_deltas(events).into_iter().collect();
+    for chunk in deltas.chunks(rows_per_statement(5)) {
+        let mut upsert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) ",
+        );
+        upsert.push_values(
+            chunk,
+            |mut row, ((user, campaign, day, event_type), delta)| {
+                row.push_bind(*user)
+                    .push_bind(*campaign)
+                    .push_bind(*day)
+                    .push_bind(*event_type)
+                    .push_bind(*delta);
+            },
+        );
+        upsert.push(
+            " ON CONFLICT (user_id, campaign_id, day, event_type) \
+             DO UPDATE SET total = total + excluded.total",
+        );
+        upsert.build().execute(&mut *tx).await?;
+    }
+
+    Ok(())
+}
+
+/// Adds the events the legacy table has columns for to its `(campaign, day)` rows.
+async fn add_to_legacy(
+    tx: &mut sqlx::SqliteConnection,
+    accepted: &[&Event],
+) -> Result<(), sqlx::Error> {
+    let deltas: Vec<_> = batch::legacy_deltas(accepted).into_iter().collect();
+    for chunk in deltas.chunks(rows_per_statement(8)) {
+        let mut upsert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO campaign_daily_stat_entries (campaign_id, stat_date, user_id, sent, \
+             opened, replied, positive_replies, bounced) ",
+        );
+        upsert.push_values(chunk, |mut row, ((campaign, day), (user, counts))| {
+            row.push_bind(*campaign)
+                .push_bind(*day)
+                .push_bind(*user)
+                .push_bind(counts.sent)
+                .push_bind(counts.opened)
+                .push_bind(counts.replied)
+                .push_bind(counts.positive_replies)
+                .push_bind(counts.bounced);
+        });
+        upsert.push(
+            " ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
+             sent = COALESCE(sent, 0) + excluded.sent, \
+             opened = COALESCE(opened, 0) + excluded.opened, \
+             replied = COALESCE(replied, 0) + excluded.replied, \
+             positive_replies = COALESCE(positive_replies, 0) + excluded.positive_replies, \
+             bounced = COALESCE(bounced, 0) + excluded.bounced, \
+             updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        );
+        upsert.build().execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 impl EventStore for SqliteStore {
     async fn migrate(&self) -> Result<(), StorageError> {
         MIGRATOR.run(&self.writer).await?;
@@ -85,15 +177,26 @@ impl EventStore for SqliteStore {
 
     async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
         let mut tx = self.writer.begin().await?;
+        let phase: String = sqlx::query_scalar("SELECT phase FROM migration_state WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let targets = parse_phase(&phase)?.write_targets();
 
         let claims = batch::campaign_claims(events);
         for chunk in claims.chunks(rows_per_statement(2)) {
-            let mut insert =
-                QueryBuilder::<Sqlite>::new("INSERT INTO campaigns (campaign_id, user_id) ");
+            // A campaign the legacy table already knows belongs to its legacy user.
+            let mut insert = QueryBuilder::<Sqlite>::new("WITH t(campaign_id, user_id) AS (");
             insert.push_values(chunk, |mut row, (campaign, user)| {
                 row.push_bind(campaign.as_str()).push_bind(user.as_str());
             });
-            insert.push(" ON CONFLICT (campaign_id) DO NOTHING");
+            insert.push(
+                ") INSERT INTO campaigns (campaign_id, user_id) \
+                 SELECT t.campaign_id, COALESCE( \
+                     (SELECT l.user_id FROM campaign_daily_stat_entries l \
+                      WHERE l.campaign_id = t.campaign_id ORDER BY l.stat_date LIMIT 1), \
+                     t.user_id) \
+                 FROM t WHERE true ON CONFLICT (campaign_id) DO NOTHING",
+            );
             insert.build().execute(&mut *tx).await?;
         }
         let mut owners = HashMap::with_capacity(claims.len());
@@ -126,42 +229,10 @@ impl EventStore for SqliteStore {
         }
         let (accepted, outcome) = batch::accepted_events(events, fresh);
 
-        for chunk in accepted.chunks(rows_per_statement(7)) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
-                 email_account_id, idempotency_key) ",
-            );
-            insert.push_values(chunk, |mut row, event| {
-                row.push_bind(event.user_id.as_str())
-                    .push_bind(event.campaign_id.as_str())
-                    .push_bind(event.event_type.code())
-                    .push_bind(event.count)
-                    .push_bind(event.occurred_at)
-                    .push_bind(event.email_account_id.as_deref())
-                    .push_bind(event.idempotency_key.as_deref());
-            });
-            insert.build().execute(&mut *tx).await?;
-        }
-        let deltas: Vec<_> = batch::rollup_deltas(&accepted).into_iter().collect();
-        for chunk in deltas.chunks(rows_per_statement(5)) {
-            let mut upsert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) ",
-            );
-            upsert.push_values(
-                chunk,
-                |mut row, ((user, campaign, day, event_type), delta)| {
-                    row.push_bind(*user)
-                        .push_bind(*campaign)
-                        .push_bind(*day)
-                        .push_bind(*event_type)
-                        .push_bind(*delta);
-                },
-            );
-            upsert.push(
-                " ON CONFLICT (user_id, campaign_id, day, event_type) \
-                 DO UPDATE SET total = total + excluded.total",
-            );
-            upsert.build().execute(&mut *tx).await?;
+        let for_new = batch::events_for_new_storage(&accepted, targets);
+        insert_new_events(&mut tx, &for_new).await?;
+        if targets.legacy {
+            add_to_legacy(&mut tx, &accepted).await?;
         }
 
         tx.commit().await?;
@@ -170,6 +241,7 @@ impl EventStore for SqliteStore {
 
     async fn campaign_totals(
         &self,
+        source: StorageSource,
         user: &UserId,
         campaigns: &[CampaignId],
         range: DateRange,
@@ -177,34 +249,54 @@ impl EventStore for SqliteStore {
         if campaigns.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT campaign_id, event_type, SUM(total) FROM daily_rollups WHERE user_id = ",
-        );
+        let (select, day) = match source {
+            StorageSource::New => (NEW_SUMS, "day"),
+            StorageSource::Legacy => (LEGACY_SUMS, "stat_date"),
+        };
+        let mut query = QueryBuilder::<Sqlite>::new("SELECT campaign_id, ");
+        query.push(select).push(" WHERE user_id = ");
         query.push_bind(user.as_str().to_owned());
-        query.push(" AND day BETWEEN ").push_bind(range.start);
+        query
+            .push(format_args!(" AND {day} BETWEEN "))
+            .push_bind(range.start);
         query.push(" AND ").push_bind(range.end);
         push_in_list(
             &mut query,
             "campaign_id",
             campaigns.iter().map(CampaignId::as_str),
         );
-        query.push(" GROUP BY campaign_id, event_type");
-        let rows: Vec<(String, i16, i64)> = query.build_query_as().fetch_all(&self.reader).await?;
-        Ok(batch::fold_campaign_rows(rows))
+        match source {
+            StorageSource::New => {
+                query.push(" GROUP BY campaign_id, event_type");
+                let rows: Vec<(String, i16, i64)> =
+                    query.build_query_as().fetch_all(&self.reader).await?;
+                Ok(batch::fold_campaign_rows(rows))
+            }
+            StorageSource::Legacy => {
+                query.push(" GROUP BY campaign_id");
+                let rows: Vec<batch::LegacyRow<String>> =
+                    query.build_query_as().fetch_all(&self.reader).await?;
+                Ok(batch::fold_legacy_campaign_rows(rows))
+            }
+        }
     }
 
     async fn daily_totals(
         &self,
+        source: StorageSource,
         scope: &Scope,
         range: DateRange,
     ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT day, event_type, SUM(total) FROM daily_rollups WHERE day BETWEEN ",
-        );
+        let (select, day) = match source {
+            StorageSource::New => (NEW_SUMS, "day"),
+            StorageSource::Legacy => (LEGACY_SUMS, "stat_date"),
+        };
+        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {day}, "));
+        query.push(select);
         query
-            .push_bind(range.start)
-            .push(" AND ")
-            .push_bind(range.end);
+            .push(format_args!(" WHERE {day} BETWEEN "))
+            .push_bind(range.start);
+        query.push(" AND ").push_bind(range.end);
         if let Some(user) = &scope.user {
             query
                 .push(" AND user_id = ")
@@ -217,10 +309,117 @@ impl EventStore for SqliteStore {
                 scope.campaigns.iter().map(CampaignId::as_str),
             );
         }
-        query.push(" GROUP BY day, event_type ORDER BY day");
-        let rows: Vec<(NaiveDate, i16, i64)> =
-            query.build_query_as().fetch_all(&self.reader).await?;
-        Ok(batch::fold_daily_rows(rows))
+        match source {
+            StorageSource::New => {
+                query.push(" GROUP BY day, event_type ORDER BY day");
+                let rows: Vec<(NaiveDate, i16, i64)> =
+                    query.build_query_as().fetch_all(&self.reader).await?;
+                Ok(batch::fold_daily_rows(rows))
+            }
+            StorageSource::Legacy => {
+                query.push(" GROUP BY stat_date ORDER BY stat_date");
+                let rows: Vec<batch::LegacyRow<NaiveDate>> =
+                    query.build_query_as().fetch_all(&self.reader).await?;
+                Ok(rows.into_iter().map(batch::legacy_row_metrics).collect())
+            }
+        }
+    }
+
+    async fn phase(&self) -> Result<PhaseState, StorageError> {
+        let (phase, changed_at): (String, DateTime<Utc>) =
+            sqlx::query_as("SELECT phase, changed_at FROM migration_state WHERE id = 1")
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(PhaseState {
+            phase: parse_phase(&phase)?,
+            changed_at,
+        })
+    }
+
+    async fn transition(
+        &self,
+        target: Phase,
+        actor: &str,
+        reason: &str,
+    ) -> Result<PhaseState, StorageError> {
+        // The single writer connection serialises transitions with every write.
+        let mut tx = self.writer.begin().await?;
+        let (current, changed_at, dual_write_started_at): (
+            String,
+            DateTime<Utc>,
+            Option<DateTime<Utc>>,
+        ) = sqlx::query_as(
+            "SELECT phase, changed_at, dual_write_started_at FROM migration_state WHERE id = 1",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let current = parse_phase(&current)?;
+        if current == target {
+            return Ok(PhaseState {
+                phase: current,
+                changed_at,
+            });
+        }
+        let (last_backfill_at, last_clean_verify_at): (
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+        ) = sqlx::query_as(
+            "SELECT \
+                 (SELECT MAX(finished_at) FROM migration_runs \
+                  WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
+                 (SELECT MAX(finished_at) FROM migration_runs \
+                  WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let facts = PreconditionFacts {
+            dual_write_started_at,
+            last_backfill_at,
+            last_clean_verify_at,
+        };
+        current.check_transition(target, &facts)?;
+        let now = Utc::now();
+        let dual_write_started_at = if target == Phase::DualWrite && current < target {
+            Some(now)
+        } else {
+            dual_write_started_at
+        };
+        sqlx::query(
+            "UPDATE migration_state SET phase = ?, changed_at = ?, dual_write_started_at = ? \
+             WHERE id = 1",
+        )
+        .bind(target.name())
+        .bind(now)
+        .bind(dual_write_started_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO migration_transitions (from_phase, to_phase, actor, reason, at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(current.name())
+        .bind(target.name())
+        .bind(actor)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(PhaseState {
+            phase: target,
+            changed_at: now,
+        })
+    }
+
+    async fn transitions(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
+        let rows: Vec<TransitionRow> = sqlx::query_as(
+            "SELECT from_phase, to_phase, actor, reason, at FROM migration_transitions \
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(transition_from_row).collect()
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

@@ -2,6 +2,7 @@
 //! SQLite and on PostgreSQL (see `common` for how the PostgreSQL half is enabled).
 
 mod common;
+mod migration;
 mod read;
 mod record;
 mod service;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
-    EventType, GetMigrationStateRequest, GetRolloutRequest, RecordEventRequest,
+    EventType, GetRolloutRequest, RecordEventRequest, StartBackfillRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -147,7 +147,10 @@ async fn rollout_and_migration_answer_unimplemented_for_now(db: TestDb) {
         .expect_err("not implemented yet");
     assert_eq!(status.code(), Code::Unimplemented);
     let status = MigrationServiceClient::new(server.channel().await)
-        .get_migration_state(GetMigrationStateRequest {})
+        .start_backfill(StartBackfillRequest {
+            dry_run: true,
+            batch_size: 0,
+        })
         .await
         .expect_err("not implemented yet");
     assert_eq!(status.code(), Code::Unimplemented);
@@ -304,6 +307,8 @@ async fn postgres_events_land_in_monthly_partitions() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {
         return;
     };
+    // A phase that writes the new storage.
+    let db = db.in_phase(campaign_stats::migration::Phase::NewPrimary);
     let server = db.start_server().await;
     let mut client = server.stats().await;
     let events = vec![

@@ -10,8 +10,10 @@ use std::net::SocketAddr;
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use campaign_stats::domain::StorageSource;
 use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{self, Event, EventType};
+use campaign_stats::migration::Phase;
 use campaign_stats::server::{LaunchError, ServerConfig, launch};
 use campaign_stats::storage::{EventStore, PoolOptions, PostgresStore, SqliteStore};
 use sqlx::Connection;
@@ -83,10 +85,59 @@ pub fn postgres_url() -> Option<String> {
     }
 }
 
+/// Generates, from `async fn NAME(db: TestDb)`, a test per backend and per read path:
+/// `{sqlite,postgres}::legacy::NAME` runs with the database in LEGACY_ONLY (writes and reads
+/// on the legacy table) and `{sqlite,postgres}::new::NAME` in NEW_PRIMARY (writes to both,
+/// reads from the new storage), so that one body proves both storages answer alike.
+#[macro_export]
+macro_rules! on_both_backends_and_storages {
+    ($($name:ident),* $(,)?) => {
+        mod legacy {
+            use campaign_stats::migration::Phase;
+            $crate::in_phase!(Phase::LegacyOnly; $($name),*);
+        }
+        mod new {
+            use campaign_stats::migration::Phase;
+            $crate::in_phase!(Phase::NewPrimary; $($name),*);
+        }
+    };
+}
+
+#[macro_export]
+#[doc(hidden)]
+macro_rules! in_phase {
+    ($phase:expr; $($name:ident),*) => {
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(db) = $crate::common::TestDb::create($crate::common::Backend::Sqlite).await {
+                        super::super::$name(db.in_phase($phase)).await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(db) = $crate::common::TestDb::create($crate::common::Backend::Postgres).await {
+                        super::super::$name(db.in_phase($phase)).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
 /// A database of its own for one test, removed when dropped.
 pub struct TestDb {
     pub backend: Backend,
     pub url: String,
+    /// The migration phase the database is put in before the first server starts.
+    pub phase: Phase,
     _dir: Option<tempfile::TempDir>,
     /// PostgreSQL: the server URL to drop the database through, and its name.
     postgres: Option<(String, String)>,
@@ -102,6 +153,7 @@ impl TestDb {
                 Some(Self {
                     backend,
                     url,
+                    phase: Phase::LegacyOnly,
                     _dir: Some(dir),
                     postgres: None,
                 })
@@ -133,10 +185,39 @@ impl TestDb {
                 Some(Self {
                     backend,
                     url: url.to_string(),
+                    phase: Phase::LegacyOnly,
                     _dir: None,
                     postgres: Some((server_url, name)),
                 })
             }
+        }
+    }
+
+    /// The same database, put in `phase` when a server first starts on it (set directly in
+    /// the database: a fixture for "a deployment in that phase", not a transition).
+    pub fn in_phase(mut self, phase: Phase) -> Self {
+        self.phase = phase;
+        self
+    }
+
+    /// The storage reads come from in this database's phase.
+    pub fn read_source(&self) -> StorageSource {
+        self.phase.read_source()
+    }
+
+    /// The `source` a read response carries in this database's phase.
+    pub fn expected_source(&self) -> i32 {
+        match self.read_source() {
+            StorageSource::Legacy => proto::StorageSource::Legacy.into(),
+            StorageSource::New => proto::StorageSource::New.into(),
+        }
+    }
+
+    /// What reads show of `n` clicks: the legacy table has no column for them.
+    pub fn clicks_seen(&self, n: u64) -> u64 {
+        match self.read_source() {
+            StorageSource::Legacy => 0,
+            StorageSource::New => n,
         }
     }
 
@@ -153,20 +234,47 @@ impl TestDb {
         };
         match self.backend {
             Backend::Sqlite => {
-                TestServer::start(
-                    SqliteStore::connect(url, &options)
-                        .await
-                        .expect("open SQLite"),
-                )
-                .await
+                let store = SqliteStore::connect(url, &options)
+                    .await
+                    .expect("open SQLite");
+                self.prepare(&store).await;
+                TestServer::start(store).await
             }
             Backend::Postgres => {
-                TestServer::start(
-                    PostgresStore::connect(url, &options)
-                        .await
-                        .expect("connect to PostgreSQL"),
-                )
-                .await
+                let store = PostgresStore::connect(url, &options)
+                    .await
+                    .expect("connect to PostgreSQL");
+                self.prepare(&store).await;
+                TestServer::start(store).await
+            }
+        }
+    }
+
+    /// Migrates the schema and puts the database in [`TestDb::phase`].
+    async fn prepare<S: EventStore>(&self, store: &S) {
+        store.migrate().await.expect("migrate");
+        let sql = format!(
+            "UPDATE migration_state SET phase = '{}' WHERE id = 1",
+            self.phase.name()
+        );
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open");
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut connection)
+                    .await
+                    .expect("set phase");
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect");
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut connection)
+                    .await
+                    .expect("set phase");
             }
         }
     }
@@ -319,5 +427,62 @@ pub fn assert_names_fields(status: &tonic::Status, code: tonic::Code, fields: &[
             named.contains(field),
             "details {named:?} do not name {field}"
         );
+    }
+}
+
+impl TestDb {
+    /// Runs `sql` (a statement without parameters) straight on the database, as an operator
+    /// or the legacy system would.
+    pub async fn execute(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open");
+                sqlx::raw_sql(sql)
+                    .execute(&mut connection)
+                    .await
+                    .expect("execute");
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect");
+                sqlx::raw_sql(sql)
+                    .execute(&mut connection)
+                    .await
+                    .expect("execute");
+            }
+        }
+    }
+
+    /// The one integer `sql` selects.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        // PostgreSQL types sums and counts variously (numeric, int4, int8): read them as int8.
+        let sql = sqlx::AssertSqlSafe(match self.backend {
+            Backend::Sqlite => sql.to_owned(),
+            Backend::Postgres => format!("SELECT ({sql})::int8"),
+        });
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .expect("query")
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .expect("query")
+            }
+        }
     }
 }

@@ -1,0 +1,277 @@
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::StorageSource;
+
+/// The phases of the migration, in order. Forward moves go one step at a time; any move
+/// back is allowed at any time (that is the rollback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// Only the legacy table is written and read.
+    LegacyOnly,
+    /// Both storages are written; reads stay on legacy.
+    DualWrite,
+    /// A backfill copied legacy history into the new storage.
+    Backfilled,
+    /// A verify found both storages equal.
+    Verified,
+    /// Reads come from the new storage; legacy is still written (for a rollback).
+    NewPrimary,
+    /// Only the new storage is written and read.
+    LegacyRetired,
+}
+
+/// Which storages a write goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteTargets {
+    pub legacy: bool,
+    pub new: bool,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::LegacyOnly,
+        Phase::DualWrite,
+        Phase::Backfilled,
+        Phase::Verified,
+        Phase::NewPrimary,
+        Phase::LegacyRetired,
+    ];
+
+    /// The name stored in the database and shown to people.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::LegacyOnly => "LEGACY_ONLY",
+            Phase::DualWrite => "DUAL_WRITE",
+            Phase::Backfilled => "BACKFILLED",
+            Phase::Verified => "VERIFIED",
+            Phase::NewPrimary => "NEW_PRIMARY",
+            Phase::LegacyRetired => "LEGACY_RETIRED",
+        }
+    }
+
+    /// The phase named `name` (as [`Phase::name`] spells it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    fn next(self) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| *p > self)
+    }
+
+    /// The phases this one may move to: the next one, and every earlier one.
+    pub fn allowed_transitions(self) -> Vec<Phase> {
+        let mut allowed: Vec<Phase> = Self::ALL.into_iter().filter(|p| *p < self).collect();
+        allowed.extend(self.next());
+        allowed
+    }
+
+    /// The storage that answers reads in this phase. (The per-user rollout refines this
+    /// from VERIFIED on.)
+    pub fn read_source(self) -> StorageSource {
+        match self {
+            Phase::LegacyOnly | Phase::DualWrite | Phase::Backfilled | Phase::Verified => {
+                StorageSource::Legacy
+            }
+            Phase::NewPrimary | Phase::LegacyRetired => StorageSource::New,
+        }
+    }
+
+    /// The storages written in this phase. Events the legacy table has no column for
+    /// (`clicked`) go to the new storage in every phase.
+    pub fn write_targets(self) -> WriteTargets {
+        WriteTargets {
+            legacy: self != Phase::LegacyRetired,
+            new: self != Phase::LegacyOnly,
+        }
+    }
+
+    /// Checks a move from `self` to `target`: backward moves always pass; a forward move
+    /// must be one step, and into BACKFILLED or VERIFIED it needs the runs `facts` report.
+    pub fn check_transition(
+        self,
+        target: Phase,
+        facts: &PreconditionFacts,
+    ) -> Result<(), TransitionRefused> {
+        if target <= self {
+            return Ok(());
+        }
+        if Some(target) != self.next() {
+            return Err(TransitionRefused::NotAllowed {
+                from: self,
+                to: target,
+            });
+        }
+        match target {
+            Phase::Backfilled => {
+                let since = facts.dual_write_started_at;
+                match facts.last_backfill_at {
+                    Some(done) if since.is_none_or(|since| done >= since) => Ok(()),
+                    _ => Err(TransitionRefused::NoBackfill),
+                }
+            }
+            Phase::Verified => match (facts.last_clean_verify_at, facts.last_backfill_at) {
+                (Some(verified), Some(backfilled)) if verified >= backfilled => Ok(()),
+                _ => Err(TransitionRefused::NoCleanVerify),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a phase transition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionRefused {
+    #[error("cannot move from {from} to {to}: forward moves go one phase at a time")]
+    NotAllowed { from: Phase, to: Phase },
+    #[error("cannot enter BACKFILLED: no completed (non-dry-run) backfill since dual-write began")]
+    NoBackfill,
+    #[error("cannot enter VERIFIED: no verify with zero mismatches since the last backfill")]
+    NoCleanVerify,
+}
+
+/// What the database knows that phase preconditions depend on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PreconditionFacts {
+    /// When DUAL_WRITE was last entered from LEGACY_ONLY.
+    pub dual_write_started_at: Option<DateTime<Utc>>,
+    /// When the last completed, non-dry-run backfill finished.
+    pub last_backfill_at: Option<DateTime<Utc>>,
+    /// When the last completed verify with zero mismatches finished.
+    pub last_clean_verify_at: Option<DateTime<Utc>>,
+}
+
+/// The current phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhaseState {
+    pub phase: Phase,
+    pub changed_at: DateTime<Utc>,
+}
+
+/// One recorded phase change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub from: Phase,
+    pub to: Phase,
+    pub actor: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn forward_one_step_back_any() {
+        use Phase::*;
+        assert_eq!(LegacyOnly.allowed_transitions(), [DualWrite]);
+        assert_eq!(
+            Verified.allowed_transitions(),
+            [LegacyOnly, DualWrite, Backfilled, NewPrimary]
+        );
+        assert_eq!(
+            LegacyRetired.allowed_transitions(),
+            [LegacyOnly, DualWrite, Backfilled, Verified, NewPrimary]
+        );
+        let t = |h: u32| Some(Utc.with_ymd_and_hms(2026, 1, 1, h, 0, 0).unwrap());
+        // With every precondition met, the order alone decides.
+        let met = PreconditionFacts {
+            dual_write_started_at: t(1),
+            last_backfill_at: t(2),
+            last_clean_verify_at: t(3),
+        };
+        for from in Phase::ALL {
+            for to in Phase::ALL {
+                let allowed = from.allowed_transitions().contains(&to) || from == to;
+                assert_eq!(
+                    from.check_transition(to, &met).is_ok(),
+                    allowed,
+                    "{from} -> {to}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn backfilled_and_verified_need_fresh_runs() {
+        use Phase::*;
+        let t = |h: u32| Some(Utc.with_ymd_and_hms(2026, 1, 1, h, 0, 0).unwrap());
+        let none = PreconditionFacts::default();
+        assert_eq!(
+            DualWrite.check_transition(Backfilled, &none),
+            Err(TransitionRefused::NoBackfill)
+        );
+        let stale = PreconditionFacts {
+            dual_write_started_at: t(5),
+            last_backfill_at: t(4),
+            ..none.clone()
+        };
+        assert_eq!(
+            DualWrite.check_transition(Backfilled, &stale),
+            Err(TransitionRefused::NoBackfill)
+        );
+        let fresh = PreconditionFacts {
+            dual_write_started_at: t(5),
+            last_backfill_at: t(6),
+            ..none.clone()
+        };
+        assert_eq!(DualWrite.check_transition(Backfilled, &fresh), Ok(()));
+        assert_eq!(
+            Backfilled.check_transition(Verified, &fresh),
+            Err(TransitionRefused::NoCleanVerify)
+        );
+        let old_verify = PreconditionFacts {
+            last_clean_verify_at: t(5),
+            ..fresh.clone()
+        };
+        assert_eq!(
+            Backfilled.check_transition(Verified, &old_verify),
+            Err(TransitionRefused::NoCleanVerify)
+        );
+        let verified = PreconditionFacts {
+            last_clean_verify_at: t(7),
+            ..fresh
+        };
+        assert_eq!(Backfilled.check_transition(Verified, &verified), Ok(()));
+        // Backward moves need nothing.
+        assert_eq!(LegacyRetired.check_transition(LegacyOnly, &none), Ok(()));
+    }
+
+    #[test]
+    fn reads_and_writes_follow_the_phase() {
+        use Phase::*;
+        for (phase, source, legacy, new) in [
+            (LegacyOnly, StorageSource::Legacy, true, false),
+            (DualWrite, StorageSource::Legacy, true, true),
+            (Backfilled, StorageSource::Legacy, true, true),
+            (Verified, StorageSource::Legacy, true, true),
+            (NewPrimary, StorageSource::New, true, true),
+            (LegacyRetired, StorageSource::New, false, true),
+        ] {
+            assert_eq!(phase.read_source(), source, "{phase}");
+            assert_eq!(
+                phase.write_targets(),
+                WriteTargets { legacy, new },
+                "{phase}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for phase in Phase::ALL {
+            assert_eq!(Phase::from_name(phase.name()), Some(phase));
+        }
+        assert_eq!(Phase::from_name("nope"), None);
+    }
+}
