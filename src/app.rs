@@ -2,7 +2,9 @@
 //! migration phase. Transport-free, so
 //! that every entry point (gRPC today, admin tools later) shares one behaviour.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::NaiveDate;
 
@@ -10,7 +12,8 @@ use crate::domain::{
     Answer, CampaignId, CampaignStatsQuery, Event, Metrics, SeriesQuery, StorageSource,
     bucket_series,
 };
-use crate::migration::{Phase, PhaseState, Transition};
+use crate::migration::runner::{Jobs, run_backfill};
+use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, Transition};
 use crate::storage::{EventStore, RecordOutcome, StorageError};
 
 /// The statistics use cases over one store.
@@ -81,26 +84,137 @@ impl<S: EventStore> Stats<S> {
     }
 }
 
-/// The migration use cases: read and move the phase.
+/// The migration use cases: read and move the phase, run backfills.
 #[derive(Debug)]
 pub struct Migration<S> {
     store: Arc<S>,
+    jobs: Jobs,
+    /// Backfills running in this process, by dry-run flag: one of each kind at a time.
+    active: Arc<Mutex<HashMap<bool, String>>>,
 }
 
 impl<S> Clone for Migration<S> {
     fn clone(&self) -> Self {
         Self {
             store: Arc::clone(&self.store),
+            jobs: self.jobs.clone(),
+            active: Arc::clone(&self.active),
         }
     }
 }
+
+/// A backfill's settings.
+#[derive(Debug, Clone)]
+pub struct BackfillRequest {
+    pub actor: String,
+    pub dry_run: bool,
+    pub batch_size: u32,
+    pub throttle: Duration,
+}
+
+/// Why a backfill did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartRefused {
+    #[error(
+        "a backfill writes the new storage only while both storages are written (DUAL_WRITE to NEW_PRIMARY); the phase is {0}"
+    )]
+    WrongPhase(Phase),
+    #[error("backfill {0} is already running")]
+    AlreadyRunning(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// A run left `running` with no heartbeat for this long was abandoned by a dead process.
+pub const STALE_RUN_AFTER: Duration = Duration::from_secs(30);
 
 /// Most phase changes one history read returns.
 pub const MAX_TRANSITIONS_LISTED: u32 = 1_000;
 
 impl<S: EventStore> Migration<S> {
-    pub fn new(store: Arc<S>) -> Self {
-        Self { store }
+    /// The use cases over `store`; background runs go to `jobs`.
+    pub fn new(store: Arc<S>, jobs: Jobs) -> Self {
+        Self {
+            store,
+            jobs,
+            active: Arc::default(),
+        }
+    }
+
+    /// Starts (or resumes) a backfill in the background and returns it as recorded.
+    pub async fn start_backfill(&self, request: BackfillRequest) -> Result<Run, StartRefused> {
+        let phase = self.store.phase().await?.phase;
+        if !request.dry_run && !(Phase::DualWrite..=Phase::NewPrimary).contains(&phase) {
+            return Err(StartRefused::WrongPhase(phase));
+        }
+        if let Some(running) = self.active_backfill(request.dry_run) {
+            return Err(StartRefused::AlreadyRunning(running));
+        }
+        let run = match self
+            .store
+            .unfinished_backfill(request.dry_run, STALE_RUN_AFTER)
+            .await?
+        {
+            Some(unfinished) => {
+                tracing::info!(run_id = %unfinished.run_id, state = %unfinished.state, "resuming backfill from its checkpoint");
+                self.store.resume_run(&unfinished.run_id).await?;
+                Run {
+                    batch_size: request.batch_size,
+                    ..unfinished
+                }
+            }
+            None => {
+                self.store
+                    .create_run(
+                        RunKind::Backfill,
+                        &request.actor,
+                        request.dry_run,
+                        request.batch_size,
+                    )
+                    .await?
+            }
+        };
+        self.lock_active()
+            .insert(request.dry_run, run.run_id.clone());
+        let (store, active, started) = (
+            Arc::clone(&self.store),
+            Arc::clone(&self.active),
+            run.clone(),
+        );
+        self.jobs.spawn(move |stop| async move {
+            run_backfill(store, started, request.throttle, stop).await;
+            active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&request.dry_run);
+        });
+        Ok(run)
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<bool, String>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn active_backfill(&self, dry_run: bool) -> Option<String> {
+        self.lock_active().get(&dry_run).cloned()
+    }
+
+    /// A run by id.
+    pub async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
+        self.store.run(run_id).await
+    }
+
+    /// A run with the rows it reported (at most `limit`).
+    pub async fn report(
+        &self,
+        run_id: &str,
+        limit: u32,
+    ) -> Result<Option<(Run, Vec<RunIssue>)>, StorageError> {
+        let Some(run) = self.store.run(run_id).await? else {
+            return Ok(None);
+        };
+        let issues = self.store.run_issues(run_id, limit).await?;
+        Ok(Some((run, issues)))
     }
 
     pub async fn state(&self) -> Result<PhaseState, StorageError> {

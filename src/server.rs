@@ -17,6 +17,7 @@ use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
 use crate::grpc::proto::stats_service_server::StatsServiceServer;
 use crate::grpc::{self, MigrationApi, RolloutApi, StatsApi};
 use crate::health;
+use crate::migration::runner::Jobs;
 use crate::storage::{EventStore, StorageError};
 
 /// Settings of a running server that are not about the database.
@@ -61,6 +62,7 @@ pub async fn launch<S: EventStore>(
     store.migrate().await?;
     let store = Arc::new(store);
 
+    let jobs = Jobs::default();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::check_once(store.as_ref(), &reporter, config.health_check_interval).await;
     let health_task = tokio::spawn(health::watch_database(
@@ -119,7 +121,7 @@ pub async fn launch<S: EventStore>(
         .add_service(stats)
         .add_service(RolloutServiceServer::new(RolloutApi))
         .add_service(MigrationServiceServer::new(MigrationApi::new(
-            Migration::new(Arc::clone(&store)),
+            Migration::new(Arc::clone(&store), jobs.clone()),
         )))
         .serve_with_incoming_shutdown(incoming, shutdown);
     let served = tokio::select! {
@@ -128,6 +130,8 @@ pub async fn launch<S: EventStore>(
     };
 
     health_task.abort();
+    // Background runs stop after their current batch; a stopped backfill resumes later.
+    jobs.stop(config.shutdown_grace).await;
     store.close().await;
     tracing::info!("server stopped");
     Ok(served?)

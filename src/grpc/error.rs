@@ -7,6 +7,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::app::StartRefused;
 use crate::domain::{FieldViolation, LimitExceeded, ValidationError};
 use crate::storage::StorageError;
 
@@ -26,8 +27,29 @@ pub enum ApiError {
     /// Fields naming campaigns that belong to other users.
     #[error("campaign owned by another user")]
     NotOwner(Vec<FieldViolation>),
+    /// The request is valid but the system is not in a state to carry it out.
+    #[error("{0}")]
+    Precondition(String),
+    /// What the request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+impl From<StartRefused> for ApiError {
+    fn from(refused: StartRefused) -> Self {
+        match refused {
+            StartRefused::Storage(error) => ApiError::Storage(error),
+            other => ApiError::Precondition(other.to_string()),
+        }
+    }
+}
+
+impl From<StartRefused> for Status {
+    fn from(refused: StartRefused) -> Self {
+        ApiError::from(refused).into()
+    }
 }
 
 impl ApiError {
@@ -68,6 +90,16 @@ impl ApiError {
             ),
             ApiError::NotOwner(violations) => {
                 (Code::PermissionDenied, "permission denied", violations)
+            }
+            ApiError::Precondition(message) => {
+                let mut status = Status::failed_precondition(message);
+                *status.metadata_mut() = metadata;
+                return status;
+            }
+            ApiError::NotFound(message) => {
+                let mut status = Status::not_found(message);
+                *status.metadata_mut() = metadata;
+                return status;
             }
             ApiError::Storage(StorageError::TransitionRefused(refused)) => {
                 let mut status = Status::failed_precondition(refused.to_string());

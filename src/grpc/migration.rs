@@ -1,16 +1,24 @@
-//! `stats.v1.MigrationService`: the phase machine. Backfill, verify and the storage report
-//! answer UNIMPLEMENTED until they land.
+//! `stats.v1.MigrationService`: the phase machine and backfill runs. Verify and the
+//! storage report answer UNIMPLEMENTED until they land.
 
 use tonic::{Request, Response, Status};
 
 use super::proto::migration_service_server::MigrationService;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::ApiError;
 use super::proto::{
-    self, GetMigrationStateRequest, GetMigrationStateResponse, ListPhaseTransitionsRequest,
-    ListPhaseTransitionsResponse, PhaseTransition, TransitionPhaseRequest,
+    self, GetMigrationStateRequest, GetMigrationStateResponse, GetRunRequest,
+    ListPhaseTransitionsRequest, ListPhaseTransitionsResponse, PhaseTransition, RunReport,
+    StartBackfillRequest, StartBackfillResponse, TransitionPhaseRequest,
 };
-use crate::app::Migration;
+use crate::app::{BackfillRequest, Migration};
 use crate::domain::ValidationError;
-use crate::migration::{Phase, PhaseState, Transition};
+use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
 use crate::storage::EventStore;
 
 /// The `MigrationService` handlers.
@@ -95,8 +103,170 @@ fn transition_to_proto(transition: Transition) -> PhaseTransition {
     }
 }
 
+/// Most rows one backfill batch may read.
+pub const MAX_BATCH_SIZE: u32 = 50_000;
+/// Batch size when the request leaves it 0.
+pub const DEFAULT_BATCH_SIZE: u32 = 1_000;
+/// Reported rows a run report lists.
+const REPORT_ISSUES: u32 = 1_000;
+/// How often `WatchRun` looks at the run.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
+fn run_to_proto(run: Run) -> proto::Run {
+    proto::Run {
+        run_id: run.run_id,
+        state: run.state.name().to_owned(),
+        processed: run.processed,
+        copied: run.copied,
+        skipped: run.skipped,
+        ambiguous: run.ambiguous,
+        failed: run.failed,
+        kind: run.kind.name().to_owned(),
+        dry_run: run.dry_run,
+        actor: run.actor,
+        started_at: Some(timestamp(run.started_at)),
+        finished_at: run.finished_at.map(timestamp),
+        batch_size: run.batch_size,
+        compared: run.compared,
+        mismatches: run.mismatches,
+        checkpoint: run
+            .checkpoint
+            .map(|(campaign, day)| format!("{campaign}/{day}"))
+            .unwrap_or_default(),
+        last_error: run.last_error.unwrap_or_default(),
+    }
+}
+
+fn issue_to_proto(issue: RunIssue) -> proto::RunIssue {
+    proto::RunIssue {
+        campaign_id: issue.campaign_id,
+        user_id: issue.user_id,
+        date: issue.stat_date.to_string(),
+        reason: issue.reason,
+    }
+}
+
+fn run_id(request: GetRunRequest) -> Result<String, ValidationError> {
+    if request.run_id.is_empty() {
+        Err(ValidationError::single("run_id", "must not be empty"))
+    } else {
+        Ok(request.run_id)
+    }
+}
+
+fn unknown_run(run_id: &str) -> Status {
+    ApiError::NotFound(format!("no run {run_id:?}")).into()
+}
+
+/// The stream of `WatchRun`.
+pub type RunStream = Pin<Box<dyn Stream<Item = Result<proto::Run, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl<S: EventStore> MigrationService for MigrationApi<S> {
+    async fn start_backfill(
+        &self,
+        request: Request<StartBackfillRequest>,
+    ) -> Result<Response<StartBackfillResponse>, Status> {
+        let request = request.into_inner();
+        let batch_size = match request.batch_size {
+            0 => DEFAULT_BATCH_SIZE,
+            n if n > MAX_BATCH_SIZE => {
+                return Err(ValidationError::single(
+                    "batch_size",
+                    format!("must be at most {MAX_BATCH_SIZE}, got {n}"),
+                )
+                .into());
+            }
+            n => n,
+        };
+        let actor = if request.actor.is_empty() {
+            "unknown".to_owned()
+        } else {
+            request.actor
+        };
+        let run = self
+            .migration
+            .start_backfill(BackfillRequest {
+                actor,
+                dry_run: request.dry_run,
+                batch_size,
+                throttle: Duration::from_millis(u64::from(request.throttle_ms)),
+            })
+            .await?;
+        Ok(Response::new(StartBackfillResponse { run_id: run.run_id }))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<GetRunRequest>,
+    ) -> Result<Response<proto::Run>, Status> {
+        let run_id = run_id(request.into_inner())?;
+        let run = self
+            .migration
+            .run(&run_id)
+            .await?
+            .ok_or_else(|| unknown_run(&run_id))?;
+        Ok(Response::new(run_to_proto(run)))
+    }
+
+    async fn get_run_report(
+        &self,
+        request: Request<GetRunRequest>,
+    ) -> Result<Response<RunReport>, Status> {
+        let run_id = run_id(request.into_inner())?;
+        let (run, issues) = self
+            .migration
+            .report(&run_id, REPORT_ISSUES)
+            .await?
+            .ok_or_else(|| unknown_run(&run_id))?;
+        Ok(Response::new(RunReport {
+            run: Some(run_to_proto(run)),
+            ambiguous: issues.into_iter().map(issue_to_proto).collect(),
+        }))
+    }
+
+    async fn watch_run(
+        &self,
+        request: Request<GetRunRequest>,
+    ) -> Result<Response<RunStream>, Status> {
+        let run_id = run_id(request.into_inner())?;
+        let first = self
+            .migration
+            .run(&run_id)
+            .await?
+            .ok_or_else(|| unknown_run(&run_id))?;
+        let migration = self.migration.clone();
+        let (updates, stream) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last: Option<Run> = None;
+            let mut current = Some(first);
+            let mut ticker = tokio::time::interval(WATCH_EVERY);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                if let Some(run) = current.take().filter(|run| last.as_ref() != Some(run)) {
+                    let finished = run.state.is_final();
+                    if updates.send(Ok(run_to_proto(run.clone()))).await.is_err() || finished {
+                        return; // the watcher left, or the run ended
+                    }
+                    last = Some(run);
+                }
+                ticker.tick().await;
+                current = match migration.run(&run_id).await {
+                    Ok(Some(run)) => Some(run),
+                    Ok(None) => {
+                        let _ = updates.send(Err(unknown_run(&run_id))).await;
+                        return;
+                    }
+                    Err(error) => {
+                        let _ = updates.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+
     async fn get_migration_state(
         &self,
         _request: Request<GetMigrationStateRequest>,

@@ -1,8 +1,12 @@
 //! The migration from the legacy wide table to the new storage: its phases and the rules
 //! that tie reads and writes to them.
 
+pub mod backfill;
 mod phase;
+mod run;
+pub mod runner;
 
 pub use phase::{
     Phase, PhaseState, PreconditionFacts, Transition, TransitionRefused, WriteTargets,
 };
+pub use run::{Run, RunIssue, RunKind, RunState};

@@ -11,6 +11,7 @@ use chrono::NaiveDate;
 use super::{RecordOutcome, StorageError};
 use crate::domain::{CampaignId, Event, EventType, Metrics, UserId};
 use crate::migration::WriteTargets;
+use crate::migration::backfill::{LegacyRow, ReadRow, RowContext};
 
 /// Each campaign of the batch with the user that claims it (the first event's), sorted.
 pub(super) fn campaign_claims(events: &[Event]) -> Vec<(&CampaignId, &UserId)> {
@@ -189,11 +190,11 @@ pub(super) fn fold_daily_rows(
 }
 
 /// A legacy aggregate row: a key and the five summed counts.
-pub(super) type LegacyRow<K> = (K, i64, i64, i64, i64, i64);
+pub(super) type LegacySums<K> = (K, i64, i64, i64, i64, i64);
 
 /// The key and metrics of a legacy aggregate row.
 pub(super) fn legacy_row_metrics<K>(
-    (key, sent, opened, replied, positive_replies, bounced): LegacyRow<K>,
+    (key, sent, opened, replied, positive_replies, bounced): LegacySums<K>,
 ) -> (K, Metrics) {
     let counts = LegacyCounts {
         sent,
@@ -207,7 +208,7 @@ pub(super) fn legacy_row_metrics<K>(
 
 /// Folds legacy `(campaign, counts…)` rows into one entry per campaign.
 pub(super) fn fold_legacy_campaign_rows(
-    rows: Vec<LegacyRow<String>>,
+    rows: Vec<LegacySums<String>>,
 ) -> HashMap<CampaignId, Metrics> {
     rows.into_iter()
         .map(legacy_row_metrics)
@@ -215,6 +216,89 @@ pub(super) fn fold_legacy_campaign_rows(
             Some((CampaignId::parse("campaign_id", campaign).ok()?, metrics))
         })
         .collect()
+}
+
+/// The select list and source of a backfill batch: each legacy row with the five counts the
+/// new storage holds for its `(user, campaign, day)` and the campaign's owner there. One
+/// statement, so that both sides come from one snapshot. Backends add the checkpoint
+/// condition, the order and the limit.
+pub(super) const BACKFILL_SELECT: &str = "SELECT l.campaign_id, l.user_id, l.stat_date, \
+    CAST(l.sent AS BIGINT), CAST(l.opened AS BIGINT), CAST(l.replied AS BIGINT), \
+    CAST(l.positive_replies AS BIGINT), CAST(l.bounced AS BIGINT), \
+    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
+        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 1), 0) AS BIGINT), \
+    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
+        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 2), 0) AS BIGINT), \
+    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
+        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 4), 0) AS BIGINT), \
+    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
+        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 5), 0) AS BIGINT), \
+    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
+        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 6), 0) AS BIGINT), \
+    (SELECT c.user_id FROM campaigns c WHERE c.campaign_id = l.campaign_id) \
+    FROM campaign_daily_stat_entries l";
+
+/// A row of [`BACKFILL_SELECT`].
+pub(super) type BackfillRow = (
+    String,
+    String,
+    NaiveDate,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+);
+
+/// The rows of a backfill batch with their context; `several_users` holds the batch's
+/// campaigns that appear under more than one user in the legacy table.
+pub(super) fn backfill_rows(
+    rows: Vec<BackfillRow>,
+    several_users: &HashSet<String>,
+) -> Vec<ReadRow> {
+    rows.into_iter()
+        .map(
+            |(campaign_id, user_id, stat_date, s, o, r, p, b, ns, no, nr, np, nb, owner)| ReadRow {
+                context: RowContext {
+                    in_new: [ns, no, nr, np, nb],
+                    several_users: several_users.contains(&campaign_id),
+                    owner,
+                },
+                row: LegacyRow {
+                    campaign_id,
+                    user_id,
+                    stat_date,
+                    counts: [s, o, r, p, b],
+                },
+            },
+        )
+        .collect()
+}
+
+/// A checkpoint before every legacy key: where a fresh backfill starts.
+pub(super) fn before_all_keys() -> (String, NaiveDate) {
+    (
+        String::new(),
+        NaiveDate::from_ymd_opt(1, 1, 1).expect("a valid date"),
+    )
+}
+
+/// A `(campaign, user, day, reason)` row of `migration_run_issues`.
+pub(super) fn run_issue_from_row(
+    (campaign_id, user_id, stat_date, reason): (String, String, NaiveDate, String),
+) -> crate::migration::RunIssue {
+    crate::migration::RunIssue {
+        campaign_id,
+        user_id,
+        stat_date,
+        reason,
+    }
 }
 
 /// Folds `(campaign, event type code, total)` rows into one entry per campaign.

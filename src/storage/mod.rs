@@ -15,7 +15,8 @@ use std::future::Future;
 use chrono::NaiveDate;
 
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
-use crate::migration::{Phase, PhaseState, Transition};
+use crate::migration::backfill::BatchOutcome;
+use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 
 pub use error::StorageError;
 pub use postgres::PostgresStore;
@@ -95,6 +96,53 @@ pub trait EventStore: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Transition>, StorageError>> + Send;
 
+    /// Records a new run, in state `running`.
+    fn create_run(
+        &self,
+        kind: RunKind,
+        actor: &str,
+        dry_run: bool,
+        batch_size: u32,
+    ) -> impl Future<Output = Result<Run, StorageError>> + Send;
+
+    /// A run by id.
+    fn run(&self, run_id: &str) -> impl Future<Output = Result<Option<Run>, StorageError>> + Send;
+
+    /// The newest backfill run of this `dry_run` kind that has not completed: cancelled,
+    /// failed, or running without a heartbeat for `stale_after` (its process died).
+    fn unfinished_backfill(
+        &self,
+        dry_run: bool,
+        stale_after: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<Run>, StorageError>> + Send;
+
+    /// Marks a run `running` again (heartbeat now) to resume it.
+    fn resume_run(&self, run_id: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Copies the next `batch_size` legacy rows after the run's checkpoint (in
+    /// `(campaign_id, stat_date)` order) into the new storage, as
+    /// [`crate::migration::backfill::plan_batch`] plans them, and advances the run's counters
+    /// and checkpoint, all in one transaction. A dry run only counts and reports.
+    fn backfill_batch(
+        &self,
+        run: &Run,
+    ) -> impl Future<Output = Result<BatchOutcome, StorageError>> + Send;
+
+    /// Ends a run.
+    fn finish_run(
+        &self,
+        run_id: &str,
+        state: RunState,
+        error: Option<&str>,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// The rows a run reported, oldest first, at most `limit`.
+    fn run_issues(
+        &self,
+        run_id: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RunIssue>, StorageError>> + Send;
+
     /// Succeeds while the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 
@@ -127,6 +175,69 @@ fn transition_from_row(
         reason,
         at,
     })
+}
+
+/// The columns of `migration_runs` as [`RunRow`] reads them (the same on both backends).
+const RUN_COLUMNS: &str = "run_id, kind, actor, dry_run, state, started_at, finished_at, \
+    CAST(batch_size AS BIGINT) AS batch_size, processed, copied, skipped, ambiguous, failed, \
+    compared, mismatches, checkpoint_campaign, checkpoint_date, last_error";
+
+/// A `migration_runs` row.
+#[derive(Debug, sqlx::FromRow)]
+struct RunRow {
+    run_id: String,
+    kind: String,
+    actor: String,
+    dry_run: bool,
+    state: String,
+    started_at: chrono::DateTime<chrono::Utc>,
+    finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    batch_size: i64,
+    processed: i64,
+    copied: i64,
+    skipped: i64,
+    ambiguous: i64,
+    failed: i64,
+    compared: i64,
+    mismatches: i64,
+    checkpoint_campaign: Option<String>,
+    checkpoint_date: Option<NaiveDate>,
+    last_error: Option<String>,
+}
+
+impl TryFrom<RunRow> for Run {
+    type Error = StorageError;
+
+    fn try_from(row: RunRow) -> Result<Self, StorageError> {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(Run {
+            kind: RunKind::from_name(&row.kind)
+                .ok_or_else(|| StorageError::Corrupt(format!("unknown run kind {:?}", row.kind)))?,
+            state: RunState::from_name(&row.state).ok_or_else(|| {
+                StorageError::Corrupt(format!("unknown run state {:?}", row.state))
+            })?,
+            run_id: row.run_id,
+            actor: row.actor,
+            dry_run: row.dry_run,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            batch_size: u32::try_from(row.batch_size).unwrap_or(0),
+            processed: count(row.processed),
+            copied: count(row.copied),
+            skipped: count(row.skipped),
+            ambiguous: count(row.ambiguous),
+            failed: count(row.failed),
+            compared: count(row.compared),
+            mismatches: count(row.mismatches),
+            checkpoint: row.checkpoint_campaign.zip(row.checkpoint_date),
+            last_error: row.last_error,
+        })
+    }
+}
+
+/// A new run id, e.g. `backfill-0193…`: unique, and ordered by start time.
+fn new_run_id(kind: RunKind) -> String {
+    format!("{}-{}", kind.name(), uuid::Uuid::now_v7())
 }
 
 /// The database backends, told apart by the URL's scheme.

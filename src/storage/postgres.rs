@@ -9,11 +9,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::{
-    EventStore, PoolOptions, RecordOutcome, StorageError, TransitionRow, batch, parse_phase,
-    transition_from_row,
+    EventStore, PoolOptions, RUN_COLUMNS, RecordOutcome, RunRow, StorageError, TransitionRow,
+    batch, new_run_id, parse_phase, transition_from_row,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
-use crate::migration::{Phase, PhaseState, PreconditionFacts, Transition};
+use crate::migration::backfill::{BatchOutcome, plan_batch};
+use crate::migration::{
+    Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -90,11 +93,12 @@ impl PostgresStore {
 async fn insert_new_events(
     tx: &mut sqlx::PgConnection,
     events: &[&Event],
+    backfill_run: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
-         email_account_id, idempotency_key) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
+         email_account_id, idempotency_key, backfill_run_id) \
+         SELECT *, $8 FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
          $5::timestamptz[], $6::text[], $7::text[])",
     )
     .bind(
@@ -130,6 +134,7 @@ async fn insert_new_events(
             .map(|e| e.idempotency_key.as_deref())
             .collect::<Vec<_>>(),
     )
+    .bind(backfill_run)
     .execute(&mut *tx)
     .await?;
 
@@ -263,7 +268,7 @@ impl EventStore for PostgresStore {
 
         let for_new = batch::events_for_new_storage(&accepted, targets);
         if !for_new.is_empty() {
-            insert_new_events(&mut tx, &for_new).await?;
+            insert_new_events(&mut tx, &for_new, None).await?;
         }
         if targets.legacy {
             add_to_legacy(&mut tx, &accepted).await?;
@@ -300,7 +305,7 @@ impl EventStore for PostgresStore {
                 Ok(batch::fold_campaign_rows(rows))
             }
             StorageSource::Legacy => {
-                let rows: Vec<batch::LegacyRow<String>> = sqlx::query_as(
+                let rows: Vec<batch::LegacySums<String>> = sqlx::query_as(
                     "SELECT campaign_id, COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
                      COALESCE(SUM(replied), 0)::int8, COALESCE(SUM(positive_replies), 0)::int8, \
                      COALESCE(SUM(bounced), 0)::int8 FROM campaign_daily_stat_entries \
@@ -369,7 +374,7 @@ impl EventStore for PostgresStore {
             }
             StorageSource::Legacy => {
                 query.push(" GROUP BY stat_date ORDER BY stat_date");
-                let rows: Vec<batch::LegacyRow<NaiveDate>> =
+                let rows: Vec<batch::LegacySums<NaiveDate>> =
                     query.build_query_as().fetch_all(&self.pool).await?;
                 Ok(rows.into_iter().map(batch::legacy_row_metrics).collect())
             }
@@ -472,6 +477,191 @@ impl EventStore for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(transition_from_row).collect()
+    }
+
+    async fn create_run(
+        &self,
+        kind: RunKind,
+        actor: &str,
+        dry_run: bool,
+        batch_size: u32,
+    ) -> Result<Run, StorageError> {
+        let run_id = new_run_id(kind);
+        let now = Utc::now();
+        sqlx::query(
+            "INSERT INTO migration_runs (run_id, kind, actor, dry_run, state, started_at, \
+             batch_size, heartbeat_at) VALUES ($1, $2, $3, $4, 'running', $5, $6, $5)",
+        )
+        .bind(&run_id)
+        .bind(kind.name())
+        .bind(actor)
+        .bind(dry_run)
+        .bind(now)
+        .bind(i64::from(batch_size))
+        .execute(&self.pool)
+        .await?;
+        self.run(&run_id)
+            .await?
+            .ok_or_else(|| StorageError::Corrupt(format!("run {run_id} vanished")))
+    }
+
+    async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
+        let row: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM migration_runs WHERE run_id = $1"
+        )))
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Run::try_from).transpose()
+    }
+
+    async fn unfinished_backfill(
+        &self,
+        dry_run: bool,
+        stale_after: std::time::Duration,
+    ) -> Result<Option<Run>, StorageError> {
+        let stale_before = Utc::now() - chrono::Duration::from_std(stale_after).unwrap_or_default();
+        let row: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM migration_runs \
+             WHERE kind = 'backfill' AND dry_run = $1 AND state <> 'completed' \
+             AND (state <> 'running' OR heartbeat_at < $2) \
+             ORDER BY started_at DESC LIMIT 1"
+        )))
+        .bind(dry_run)
+        .bind(stale_before)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Run::try_from).transpose()
+    }
+
+    async fn resume_run(&self, run_id: &str) -> Result<(), StorageError> {
+        sqlx::query(
+            "UPDATE migration_runs SET state = 'running', finished_at = NULL, heartbeat_at = $1 \
+             WHERE run_id = $2",
+        )
+        .bind(Utc::now())
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        // Batches of concurrent runs (say, on two replicas) take turns: each then sees what
+        // the other copied, and nothing is copied twice.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('campaign_stats.backfill'))")
+            .execute(&mut *tx)
+            .await?;
+        let (after_campaign, after_date) = run
+            .checkpoint
+            .clone()
+            .unwrap_or_else(batch::before_all_keys);
+        let rows: Vec<batch::BackfillRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{} WHERE (l.campaign_id, l.stat_date) > ($1, $2) \
+             ORDER BY l.campaign_id, l.stat_date LIMIT $3",
+            batch::BACKFILL_SELECT
+        )))
+        .bind(after_campaign)
+        .bind(after_date)
+        .bind(i64::from(run.batch_size.max(1)))
+        .fetch_all(&mut *tx)
+        .await?;
+        let campaigns: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let several_users: HashSet<String> = sqlx::query_scalar(
+            "SELECT campaign_id FROM campaign_daily_stat_entries WHERE campaign_id = ANY($1) \
+             GROUP BY campaign_id HAVING COUNT(DISTINCT user_id) > 1",
+        )
+        .bind(&campaigns)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let plan = plan_batch(batch::backfill_rows(rows, &several_users), Utc::now());
+
+        if !run.dry_run && !plan.copies.is_empty() {
+            self.ensure_partitions(plan.copies.iter().map(|e| month_of(e.day())))
+                .await;
+            let copies: Vec<&Event> = plan.copies.iter().collect();
+            let (campaigns, owners): (Vec<&str>, Vec<&str>) = batch::campaign_claims(&plan.copies)
+                .into_iter()
+                .map(|(campaign, user)| (campaign.as_str(), user.as_str()))
+                .unzip();
+            sqlx::query(
+                "INSERT INTO campaigns (campaign_id, user_id) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT (campaign_id) DO NOTHING",
+            )
+            .bind(&campaigns)
+            .bind(&owners)
+            .execute(&mut *tx)
+            .await?;
+            insert_new_events(&mut tx, &copies, Some(&run.run_id)).await?;
+        }
+        if !plan.issues.is_empty() {
+            sqlx::query(
+                "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason) \
+                 SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::date[], $5::text[])",
+            )
+            .bind(&run.run_id)
+            .bind(plan.issues.iter().map(|i| i.campaign_id.as_str()).collect::<Vec<_>>())
+            .bind(plan.issues.iter().map(|i| i.user_id.as_str()).collect::<Vec<_>>())
+            .bind(plan.issues.iter().map(|i| i.stat_date).collect::<Vec<_>>())
+            .bind(plan.issues.iter().map(|i| i.reason.as_str()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        let outcome = plan.outcome;
+        let (checkpoint_campaign, checkpoint_date) = outcome.last_key.clone().unzip();
+        sqlx::query(
+            "UPDATE migration_runs SET processed = processed + $1, copied = copied + $2, \
+             skipped = skipped + $3, ambiguous = ambiguous + $4, \
+             checkpoint_campaign = COALESCE($5, checkpoint_campaign), \
+             checkpoint_date = COALESCE($6, checkpoint_date), heartbeat_at = $7 \
+             WHERE run_id = $8",
+        )
+        .bind(outcome.processed as i64)
+        .bind(outcome.copied as i64)
+        .bind(outcome.skipped as i64)
+        .bind(outcome.ambiguous as i64)
+        .bind(checkpoint_campaign)
+        .bind(checkpoint_date)
+        .bind(Utc::now())
+        .bind(&run.run_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        state: RunState,
+        error: Option<&str>,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "UPDATE migration_runs SET state = $1, finished_at = $2, heartbeat_at = $2, \
+             last_error = COALESCE($3, last_error) WHERE run_id = $4",
+        )
+        .bind(state.name())
+        .bind(Utc::now())
+        .bind(error)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
+        let rows: Vec<(String, String, NaiveDate, String)> = sqlx::query_as(
+            "SELECT campaign_id, user_id, stat_date, reason FROM migration_run_issues \
+             WHERE run_id = $1 ORDER BY id LIMIT $2",
+        )
+        .bind(run_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

@@ -12,11 +12,14 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
-    EventStore, PoolOptions, RecordOutcome, StorageError, TransitionRow, batch, parse_phase,
-    transition_from_row,
+    EventStore, PoolOptions, RUN_COLUMNS, RecordOutcome, RunRow, StorageError, TransitionRow,
+    batch, new_run_id, parse_phase, transition_from_row,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
-use crate::migration::{Phase, PhaseState, PreconditionFacts, Transition};
+use crate::migration::backfill::{BatchOutcome, plan_batch};
+use crate::migration::{
+    Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -92,11 +95,12 @@ fn push_in_list<'a>(
 async fn insert_new_events(
     tx: &mut sqlx::SqliteConnection,
     events: &[&Event],
+    backfill_run: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    for chunk in events.chunks(rows_per_statement(7)) {
+    for chunk in events.chunks(rows_per_statement(8)) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
-             email_account_id, idempotency_key) ",
+             email_account_id, idempotency_key, backfill_run_id) ",
         );
         insert.push_values(chunk, |mut row, event| {
             row.push_bind(event.user_id.as_str())
@@ -105,7 +109,8 @@ async fn insert_new_events(
                 .push_bind(event.count)
                 .push_bind(event.occurred_at)
                 .push_bind(event.email_account_id.as_deref())
-                .push_bind(event.idempotency_key.as_deref());
+                .push_bind(event.idempotency_key.as_deref())
+                .push_bind(backfill_run);
         });
         insert.build().execute(&mut *tx).await?;
     }
@@ -230,7 +235,7 @@ impl EventStore for SqliteStore {
         let (accepted, outcome) = batch::accepted_events(events, fresh);
 
         let for_new = batch::events_for_new_storage(&accepted, targets);
-        insert_new_events(&mut tx, &for_new).await?;
+        insert_new_events(&mut tx, &for_new, None).await?;
         if targets.legacy {
             add_to_legacy(&mut tx, &accepted).await?;
         }
@@ -274,7 +279,7 @@ impl EventStore for SqliteStore {
             }
             StorageSource::Legacy => {
                 query.push(" GROUP BY campaign_id");
-                let rows: Vec<batch::LegacyRow<String>> =
+                let rows: Vec<batch::LegacySums<String>> =
                     query.build_query_as().fetch_all(&self.reader).await?;
                 Ok(batch::fold_legacy_campaign_rows(rows))
             }
@@ -318,7 +323,7 @@ impl EventStore for SqliteStore {
             }
             StorageSource::Legacy => {
                 query.push(" GROUP BY stat_date ORDER BY stat_date");
-                let rows: Vec<batch::LegacyRow<NaiveDate>> =
+                let rows: Vec<batch::LegacySums<NaiveDate>> =
                     query.build_query_as().fetch_all(&self.reader).await?;
                 Ok(rows.into_iter().map(batch::legacy_row_metrics).collect())
             }
@@ -420,6 +425,185 @@ impl EventStore for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.into_iter().map(transition_from_row).collect()
+    }
+
+    async fn create_run(
+        &self,
+        kind: RunKind,
+        actor: &str,
+        dry_run: bool,
+        batch_size: u32,
+    ) -> Result<Run, StorageError> {
+        let run_id = new_run_id(kind);
+        let now = Utc::now();
+        sqlx::query(
+            "INSERT INTO migration_runs (run_id, kind, actor, dry_run, state, started_at, \
+             batch_size, heartbeat_at) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
+        )
+        .bind(&run_id)
+        .bind(kind.name())
+        .bind(actor)
+        .bind(dry_run)
+        .bind(now)
+        .bind(i64::from(batch_size))
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        self.run(&run_id)
+            .await?
+            .ok_or_else(|| StorageError::Corrupt(format!("run {run_id} vanished")))
+    }
+
+    async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
+        let row: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM migration_runs WHERE run_id = ?"
+        )))
+        .bind(run_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(Run::try_from).transpose()
+    }
+
+    async fn unfinished_backfill(
+        &self,
+        dry_run: bool,
+        stale_after: std::time::Duration,
+    ) -> Result<Option<Run>, StorageError> {
+        let stale_before = Utc::now() - chrono::Duration::from_std(stale_after).unwrap_or_default();
+        let row: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM migration_runs \
+             WHERE kind = 'backfill' AND dry_run = ? AND state <> 'completed' \
+             AND (state <> 'running' OR heartbeat_at < ?) \
+             ORDER BY started_at DESC LIMIT 1"
+        )))
+        .bind(dry_run)
+        .bind(stale_before)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(Run::try_from).transpose()
+    }
+
+    async fn resume_run(&self, run_id: &str) -> Result<(), StorageError> {
+        sqlx::query(
+            "UPDATE migration_runs SET state = 'running', finished_at = NULL, heartbeat_at = ? \
+             WHERE run_id = ?",
+        )
+        .bind(Utc::now())
+        .bind(run_id)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
+        let mut tx = self.writer.begin().await?;
+        let (after_campaign, after_date) = run
+            .checkpoint
+            .clone()
+            .unwrap_or_else(batch::before_all_keys);
+        let rows: Vec<batch::BackfillRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{} WHERE (l.campaign_id, l.stat_date) > (?, ?) \
+             ORDER BY l.campaign_id, l.stat_date LIMIT ?",
+            batch::BACKFILL_SELECT
+        )))
+        .bind(after_campaign)
+        .bind(after_date)
+        .bind(i64::from(run.batch_size.max(1)))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut several_users = HashSet::new();
+        let campaigns: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        for chunk in campaigns.chunks(rows_per_statement(1)) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "SELECT campaign_id FROM campaign_daily_stat_entries WHERE true",
+            );
+            push_in_list(&mut query, "campaign_id", chunk.iter().copied());
+            query.push(" GROUP BY campaign_id HAVING COUNT(DISTINCT user_id) > 1");
+            let shared: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+            several_users.extend(shared);
+        }
+        let plan = plan_batch(batch::backfill_rows(rows, &several_users), Utc::now());
+
+        if !run.dry_run && !plan.copies.is_empty() {
+            let copies: Vec<&Event> = plan.copies.iter().collect();
+            for chunk in batch::campaign_claims(&plan.copies).chunks(rows_per_statement(2)) {
+                let mut insert =
+                    QueryBuilder::<Sqlite>::new("INSERT INTO campaigns (campaign_id, user_id) ");
+                insert.push_values(chunk, |mut row, (campaign, user)| {
+                    row.push_bind(campaign.as_str()).push_bind(user.as_str());
+                });
+                insert.push(" ON CONFLICT (campaign_id) DO NOTHING");
+                insert.build().execute(&mut *tx).await?;
+            }
+            insert_new_events(&mut tx, &copies, Some(&run.run_id)).await?;
+        }
+        for chunk in plan.issues.chunks(rows_per_statement(5)) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason) ",
+            );
+            insert.push_values(chunk, |mut row, issue| {
+                row.push_bind(run.run_id.as_str())
+                    .push_bind(issue.campaign_id.as_str())
+                    .push_bind(issue.user_id.as_str())
+                    .push_bind(issue.stat_date)
+                    .push_bind(issue.reason.as_str());
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        let outcome = plan.outcome;
+        let (checkpoint_campaign, checkpoint_date) = outcome.last_key.clone().unzip();
+        sqlx::query(
+            "UPDATE migration_runs SET processed = processed + ?, copied = copied + ?, \
+             skipped = skipped + ?, ambiguous = ambiguous + ?, \
+             checkpoint_campaign = COALESCE(?, checkpoint_campaign), \
+             checkpoint_date = COALESCE(?, checkpoint_date), heartbeat_at = ? \
+             WHERE run_id = ?",
+        )
+        .bind(outcome.processed as i64)
+        .bind(outcome.copied as i64)
+        .bind(outcome.skipped as i64)
+        .bind(outcome.ambiguous as i64)
+        .bind(checkpoint_campaign)
+        .bind(checkpoint_date)
+        .bind(Utc::now())
+        .bind(&run.run_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        state: RunState,
+        error: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let now = Utc::now();
+        sqlx::query(
+            "UPDATE migration_runs SET state = ?, finished_at = ?, heartbeat_at = ?, \
+             last_error = COALESCE(?, last_error) WHERE run_id = ?",
+        )
+        .bind(state.name())
+        .bind(now)
+        .bind(now)
+        .bind(error)
+        .bind(run_id)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
+        let rows: Vec<(String, String, NaiveDate, String)> = sqlx::query_as(
+            "SELECT campaign_id, user_id, stat_date, reason FROM migration_run_issues \
+             WHERE run_id = ? ORDER BY id LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

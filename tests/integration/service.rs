@@ -6,7 +6,7 @@ use std::time::Duration;
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
-    EventType, GetRolloutRequest, RecordEventRequest, StartBackfillRequest,
+    EventType, GetRolloutRequest, RecordEventRequest, VerifyConsistencyRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -147,9 +147,9 @@ async fn rollout_and_migration_answer_unimplemented_for_now(db: TestDb) {
         .expect_err("not implemented yet");
     assert_eq!(status.code(), Code::Unimplemented);
     let status = MigrationServiceClient::new(server.channel().await)
-        .start_backfill(StartBackfillRequest {
-            dry_run: true,
-            batch_size: 0,
+        .verify_consistency(VerifyConsistencyRequest {
+            start_date: "2026-01-01".into(),
+            end_date: "2026-01-31".into(),
         })
         .await
         .expect_err("not implemented yet");

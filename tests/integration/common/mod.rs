@@ -221,6 +221,29 @@ impl TestDb {
         }
     }
 
+    /// Starts a server on this database without touching its phase (a restart).
+    pub async fn start_server_keeping_phase(&self) -> TestServer {
+        let options = PoolOptions::default();
+        match self.backend {
+            Backend::Sqlite => {
+                TestServer::start(
+                    SqliteStore::connect(&self.url, &options)
+                        .await
+                        .expect("open SQLite"),
+                )
+                .await
+            }
+            Backend::Postgres => {
+                TestServer::start(
+                    PostgresStore::connect(&self.url, &options)
+                        .await
+                        .expect("connect to PostgreSQL"),
+                )
+                .await
+            }
+        }
+    }
+
     /// Starts a server on this database.
     pub async fn start_server(&self) -> TestServer {
         self.start_server_at(&self.url).await

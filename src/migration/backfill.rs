@@ -1,0 +1,299 @@
+//! The backfill's rules: what a legacy row becomes in the new storage.
+//!
+//! A backfill adds to the new storage, for each legacy row, the difference between the
+//! legacy counts and what the new storage already holds for that `(user, campaign, day)`.
+//! Before DUAL_WRITE nothing reaches the new storage but clicks (which legacy has no column
+//! for), and from DUAL_WRITE on every event is written to both in one transaction, so the
+//! difference is exactly the history only legacy has. That makes the backfill correct on
+//! the day dual-write began (events of that day already in both are not counted twice),
+//! idempotent (a second run finds nothing missing), resumable from any checkpoint, and
+//! indifferent to live dual writes landing between its batches.
+
+use chrono::NaiveDate;
+
+use crate::domain::{EventType, MAX_EVENT_COUNT};
+
+/// The event types of the five legacy columns, in column order.
+pub const LEGACY_COLUMNS: [EventType; 5] = [
+    EventType::Sent,
+    EventType::Opened,
+    EventType::Replied,
+    EventType::PositiveReply,
+    EventType::Bounced,
+];
+
+/// One row of `campaign_daily_stat_entries` as stored (counts may be NULL or negative in a
+/// legacy table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyRow {
+    pub campaign_id: String,
+    pub user_id: String,
+    pub stat_date: NaiveDate,
+    /// sent, opened, replied, positive_replies, bounced.
+    pub counts: [Option<i64>; 5],
+}
+
+/// What the backfill does with one legacy row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every count is zero: nothing to copy.
+    AllZero,
+    /// The new storage already holds these counts.
+    AlreadyPresent,
+    /// Add these amounts (per legacy column) to the new storage.
+    Copy([i64; 5]),
+    /// Not copied; reported with the reason.
+    Ambiguous(String),
+}
+
+/// What else the store knows about a legacy row's campaign.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowContext {
+    /// The five counts the new storage holds for the row's `(user, campaign, day)`.
+    pub in_new: [i64; 5],
+    /// The campaign appears under more than one user in the legacy table.
+    pub several_users: bool,
+    /// The user the new storage says owns the campaign, if it knows it.
+    pub owner: Option<String>,
+}
+
+const NAMES: [&str; 5] = ["sent", "opened", "replied", "positive_replies", "bounced"];
+
+/// Decides what to do with `row`.
+pub fn classify(row: &LegacyRow, context: &RowContext) -> Verdict {
+    let mut counts = [0i64; 5];
+    for (i, count) in row.counts.iter().enumerate() {
+        match count {
+            None => return Verdict::Ambiguous(format!("{} is NULL", NAMES[i])),
+            Some(n) if *n < 0 => {
+                return Verdict::Ambiguous(format!("{} is negative ({n})", NAMES[i]));
+            }
+            Some(n) if *n > i64::from(MAX_EVENT_COUNT) => {
+                return Verdict::Ambiguous(format!(
+                    "{} is {n}, above the event limit of {MAX_EVENT_COUNT}",
+                    NAMES[i]
+                ));
+            }
+            Some(n) => counts[i] = *n,
+        }
+    }
+    // Replies come days after sends, so replied > sent on one day is normal; a positive reply
+    // is a kind of reply, so more positive replies than replies on one day is not.
+    let [_, _, replied, positive_replies, _] = counts;
+    if positive_replies > replied {
+        return Verdict::Ambiguous(format!(
+            "positive_replies ({positive_replies}) > replied ({replied})"
+        ));
+    }
+    if context.several_users {
+        return Verdict::Ambiguous("the campaign appears under several users".to_owned());
+    }
+    if let Some(owner) = context
+        .owner
+        .as_ref()
+        .filter(|owner| **owner != row.user_id)
+    {
+        return Verdict::Ambiguous(format!(
+            "the campaign belongs to user {owner:?} in the new storage"
+        ));
+    }
+    if counts == [0; 5] {
+        return Verdict::AllZero;
+    }
+    let mut missing = [0i64; 5];
+    for i in 0..5 {
+        missing[i] = counts[i] - context.in_new[i];
+        if missing[i] < 0 {
+            return Verdict::Ambiguous(format!(
+                "the new storage has more {} ({}) than legacy ({})",
+                NAMES[i], context.in_new[i], counts[i]
+            ));
+        }
+    }
+    if missing == [0; 5] {
+        Verdict::AlreadyPresent
+    } else {
+        Verdict::Copy(missing)
+    }
+}
+
+/// Totals of one backfill batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Legacy rows read.
+    pub processed: u64,
+    /// Rows copied (or, in a dry run, that would be).
+    pub copied: u64,
+    /// Rows all zero or already present.
+    pub skipped: u64,
+    /// Rows reported instead of copied.
+    pub ambiguous: u64,
+    /// The key of the last row read: the checkpoint. `None` when there was nothing left.
+    pub last_key: Option<(String, NaiveDate)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(counts: [Option<i64>; 5]) -> LegacyRow {
+        LegacyRow {
+            campaign_id: "c".into(),
+            user_id: "u".into(),
+            stat_date: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            counts,
+        }
+    }
+
+    #[test]
+    fn copies_only_what_the_new_storage_lacks() {
+        let legacy = row([Some(10), Some(4), Some(3), Some(1), Some(0)]);
+        let empty = RowContext::default();
+        assert_eq!(classify(&legacy, &empty), Verdict::Copy([10, 4, 3, 1, 0]));
+        // Dual-written events of that day are already in the new storage.
+        let partly = RowContext {
+            in_new: [6, 4, 0, 0, 0],
+            ..RowContext::default()
+        };
+        assert_eq!(classify(&legacy, &partly), Verdict::Copy([4, 0, 3, 1, 0]));
+        let all = RowContext {
+            in_new: [10, 4, 3, 1, 0],
+            ..RowContext::default()
+        };
+        assert_eq!(classify(&legacy, &all), Verdict::AlreadyPresent);
+        assert_eq!(classify(&row([Some(0); 5]), &empty), Verdict::AllZero);
+    }
+
+    #[test]
+    fn reports_rows_that_look_wrong() {
+        let empty = RowContext::default();
+        for (counts, reason) in [
+            ([Some(1), None, Some(0), Some(0), Some(0)], "opened is NULL"),
+            (
+                [Some(-1), Some(0), Some(0), Some(0), Some(0)],
+                "sent is negative",
+            ),
+            (
+                [Some(0), Some(0), Some(1), Some(2), Some(0)],
+                "positive_replies (2) > replied (1)",
+            ),
+            (
+                [Some(2_000_000), Some(0), Some(0), Some(0), Some(0)],
+                "above the event limit",
+            ),
+        ] {
+            match classify(&row(counts), &empty) {
+                Verdict::Ambiguous(why) => assert!(why.contains(reason), "{why}"),
+                other => panic!("{counts:?}: {other:?}"),
+            }
+        }
+        // Replies after the day of the sends are normal.
+        assert!(matches!(
+            classify(&row([Some(0), Some(0), Some(5), Some(1), Some(0)]), &empty),
+            Verdict::Copy(_)
+        ));
+        let shared = RowContext {
+            several_users: true,
+            ..RowContext::default()
+        };
+        assert!(matches!(
+            classify(&row([Some(1), Some(0), Some(0), Some(0), Some(0)]), &shared),
+            Verdict::Ambiguous(_)
+        ));
+        let claimed = RowContext {
+            owner: Some("other".into()),
+            ..RowContext::default()
+        };
+        assert!(matches!(
+            classify(
+                &row([Some(1), Some(0), Some(0), Some(0), Some(0)]),
+                &claimed
+            ),
+            Verdict::Ambiguous(_)
+        ));
+        let ahead = RowContext {
+            in_new: [2, 0, 0, 0, 0],
+            ..RowContext::default()
+        };
+        assert!(matches!(
+            classify(&row([Some(1), Some(0), Some(0), Some(0), Some(0)]), &ahead),
+            Verdict::Ambiguous(_)
+        ));
+    }
+}
+
+/// A legacy row read with its context, as the store hands it over.
+#[derive(Debug, Clone)]
+pub struct ReadRow {
+    pub row: LegacyRow,
+    pub context: RowContext,
+}
+
+/// What to do with one batch of legacy rows.
+#[derive(Debug, Default)]
+pub struct BatchPlan {
+    /// Events to add to the new storage (one per missing count).
+    pub copies: Vec<crate::domain::Event>,
+    /// Rows reported instead of copied.
+    pub issues: Vec<super::RunIssue>,
+    pub outcome: BatchOutcome,
+}
+
+/// Plans one batch: classifies each row and turns what is missing into events on the row's
+/// day (at 00:00 UTC).
+pub fn plan_batch(rows: Vec<ReadRow>, now: chrono::DateTime<chrono::Utc>) -> BatchPlan {
+    use crate::domain::{Event, RawEvent};
+
+    let mut plan = BatchPlan::default();
+    for ReadRow { row, context } in rows {
+        plan.outcome.processed += 1;
+        plan.outcome.last_key = Some((row.campaign_id.clone(), row.stat_date));
+        let report = |reason: String| super::RunIssue {
+            campaign_id: row.campaign_id.clone(),
+            user_id: row.user_id.clone(),
+            stat_date: row.stat_date,
+            reason,
+        };
+        match classify(&row, &context) {
+            Verdict::AllZero | Verdict::AlreadyPresent => plan.outcome.skipped += 1,
+            Verdict::Ambiguous(reason) => {
+                plan.outcome.ambiguous += 1;
+                plan.issues.push(report(reason));
+            }
+            Verdict::Copy(missing) => {
+                let midnight = row.stat_date.and_time(chrono::NaiveTime::MIN).and_utc();
+                let events: Result<Vec<Event>, _> = LEGACY_COLUMNS
+                    .into_iter()
+                    .zip(missing)
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(event_type, n)| {
+                        Event::validate(
+                            RawEvent {
+                                user_id: row.user_id.clone(),
+                                campaign_id: row.campaign_id.clone(),
+                                event_type: Some(event_type),
+                                // At most MAX_EVENT_COUNT: `classify` checked.
+                                count: u32::try_from(n).unwrap_or(u32::MAX),
+                                occurred_at: Some(midnight),
+                                ..RawEvent::default()
+                            },
+                            now,
+                        )
+                    })
+                    .collect();
+                match events {
+                    Ok(events) => {
+                        plan.outcome.copied += 1;
+                        plan.copies.extend(events);
+                    }
+                    Err(invalid) => {
+                        plan.outcome.ambiguous += 1;
+                        plan.issues
+                            .push(report(format!("not a valid event: {invalid}")));
+                    }
+                }
+            }
+        }
+    }
+    plan
+}

@@ -1,0 +1,102 @@
+//! Background runs: a backfill is a loop around one batch ([`EventStore::backfill_batch`]),
+//! run as a task the server stops cleanly at shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{Run, RunState};
+use crate::storage::{EventStore, StorageError};
+
+/// How often a failing batch is retried when the failure is transient.
+const TRANSIENT_RETRIES: u32 = 5;
+
+/// The background runs of one server: started by RPCs, stopped together at shutdown.
+#[derive(Debug, Clone)]
+pub struct Jobs {
+    stop: watch::Sender<bool>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Self {
+            stop: watch::channel(false).0,
+            tasks: Arc::new(Mutex::new(JoinSet::new())),
+        }
+    }
+}
+
+impl Jobs {
+    /// Runs `job` in the background; it gets a receiver that turns `true` at shutdown.
+    pub fn spawn<F>(&self, job: impl FnOnce(watch::Receiver<bool>) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let future = job(self.stop.subscribe());
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget finished tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(future);
+    }
+
+    /// Asks every job to stop after its current step and waits for them, at most `grace`.
+    pub async fn stop(&self, grace: Duration) {
+        self.stop.send_replace(true);
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let all_done = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all_done).await.is_err() {
+            tracing::warn!("background runs still going after the grace period are aborted");
+        }
+    }
+}
+
+/// Runs a backfill from its checkpoint to the end, one batch (one transaction) at a time,
+/// pausing `throttle` between batches. Stops with `cancelled` (resumable) when `stop` turns
+/// true, with `failed` on an error that retries do not cure.
+pub async fn run_backfill<S: EventStore>(
+    store: Arc<S>,
+    mut run: Run,
+    throttle: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> RunState {
+    let mut retries = 0;
+    let (state, error) = loop {
+        if *stop.borrow() {
+            break (RunState::Cancelled, None);
+        }
+        match store.backfill_batch(&run).await {
+            Ok(outcome) => {
+                retries = 0;
+                match outcome.last_key {
+                    None => break (RunState::Completed, None),
+                    Some(key) => run.checkpoint = Some(key),
+                }
+            }
+            Err(StorageError::Unavailable(error)) if retries < TRANSIENT_RETRIES => {
+                retries += 1;
+                tracing::warn!(run_id = %run.run_id, %error, retries, "backfill batch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(retries))).await;
+                continue;
+            }
+            Err(error) => {
+                tracing::error!(run_id = %run.run_id, error = %error, source = ?std::error::Error::source(&error), "backfill failed");
+                break (RunState::Failed, Some(error.to_string()));
+            }
+        }
+        if !throttle.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(throttle) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    };
+    if let Err(error) = store.finish_run(&run.run_id, state, error.as_deref()).await {
+        // The run stays `running` with an old heartbeat: the next start resumes it.
+        tracing::error!(run_id = %run.run_id, %error, "could not record the end of the backfill");
+    }
+    tracing::info!(run_id = %run.run_id, %state, "backfill ended");
+    state
+}

@@ -1,0 +1,388 @@
+//! Backfill: copying legacy history into the new storage.
+
+use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
+use campaign_stats::grpc::proto::{
+    EventType, GetRunRequest, MigrationPhase, RecordEventRequest, Run, StartBackfillRequest,
+    TransitionPhaseRequest,
+};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::common::{TestDb, event};
+
+crate::on_both_backends!(
+    backfill_copies_history_once_and_reports_ambiguous_rows,
+    dry_run_counts_but_writes_nothing,
+    the_day_dual_write_began_counts_once,
+    a_stopped_backfill_resumes_to_the_same_result,
+    a_real_backfill_needs_dual_write,
+);
+
+/// Legacy rows the way the legacy system left them: `campaigns` campaigns of `users` users
+/// over `days` days from 2025-01-01, most rows all zeros, plus five rows that look wrong.
+/// Deterministic, so two databases seeded alike hold the same history.
+async fn seed_legacy(db: &TestDb, campaigns: u32, users: u32, days: u32) -> u64 {
+    let mut values = Vec::new();
+    for c in 0..campaigns {
+        for d in 0..days {
+            let day = chrono::NaiveDate::from_ymd_opt(2025, 1, 1).expect("date")
+                + chrono::Days::new(u64::from(d));
+            let n = (c * 31 + d * 17) % 100;
+            // About 70% of rows are all zeros, as in the real table.
+            let (sent, opened, replied, positive) = if n < 70 {
+                (0, 0, 0, 0)
+            } else {
+                (n, n / 2, n / 5, n / 10)
+            };
+            values.push(format!(
+                "('camp-{c:03}', 'user-{}', '{day}', {sent}, {opened}, {replied}, {positive}, {})",
+                c % users,
+                n % 3
+            ));
+        }
+    }
+    // Rows that look wrong: negative, NULL, more positive replies than replies, above the
+    // event limit, and a campaign that appears under two users.
+    values.extend([
+        "('bad-negative', 'user-0', '2025-02-01', -3, 0, 0, 0, 0)".to_owned(),
+        "('bad-null', 'user-0', '2025-02-01', 1, NULL, 0, 0, 0)".to_owned(),
+        "('bad-positive', 'user-0', '2025-02-01', 5, 0, 1, 2, 0)".to_owned(),
+        "('bad-huge', 'user-0', '2025-02-01', 5000000, 0, 0, 0, 0)".to_owned(),
+        "('bad-shared', 'user-0', '2025-02-01', 4, 0, 0, 0, 0)".to_owned(),
+        "('bad-shared', 'user-1', '2025-02-02', 4, 0, 0, 0, 0)".to_owned(),
+    ]);
+    let rows = values.len() as u64;
+    db.execute(&format!(
+        "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, stat_date, sent, opened, \
+         replied, positive_replies, bounced) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
+    rows
+}
+
+const AMBIGUOUS_ROWS: u64 = 6;
+
+async fn move_to(client: &mut MigrationServiceClient<Channel>, phase: MigrationPhase) {
+    client
+        .transition_phase(TransitionPhaseRequest {
+            target: phase.into(),
+            reason: "test".into(),
+            actor: "tester".into(),
+        })
+        .await
+        .expect("transition");
+}
+
+/// Starts a backfill and follows its progress stream to the end.
+async fn backfill(
+    client: &mut MigrationServiceClient<Channel>,
+    dry_run: bool,
+    batch_size: u32,
+) -> Run {
+    let run_id = client
+        .start_backfill(StartBackfillRequest {
+            dry_run,
+            batch_size,
+            throttle_ms: 0,
+            actor: "tester".into(),
+        })
+        .await
+        .expect("StartBackfill")
+        .into_inner()
+        .run_id;
+    follow(client, &run_id).await
+}
+
+/// Follows a run's progress stream until it ends; the counters never go back.
+async fn follow(client: &mut MigrationServiceClient<Channel>, run_id: &str) -> Run {
+    let mut updates = client
+        .watch_run(GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .expect("WatchRun")
+        .into_inner();
+    let mut last: Option<Run> = None;
+    while let Some(update) = updates.next().await {
+        let update = update.expect("progress");
+        if let Some(previous) = &last {
+            assert!(update.processed >= previous.processed, "progress went back");
+        }
+        last = Some(update);
+    }
+    last.expect("at least one update")
+}
+
+/// Per campaign and legacy column, the sums in legacy and in the new storage, for the
+/// campaigns whose rows all look right.
+async fn totals(db: &TestDb) -> (i64, i64, i64, i64) {
+    let legacy = "FROM campaign_daily_stat_entries WHERE campaign_id LIKE 'camp-%'";
+    (
+        db.scalar(&format!("SELECT COALESCE(SUM(sent), 0) {legacy}")).await,
+        db.scalar(&format!("SELECT COALESCE(SUM(opened) + SUM(replied) * 1000 + SUM(positive_replies) * 1000000 + SUM(bounced) * 100000000, 0) {legacy}")).await,
+        db.scalar("SELECT COALESCE(SUM(total), 0) FROM daily_rollups WHERE event_type = 1").await,
+        db.scalar(
+            "SELECT COALESCE(SUM(CASE event_type WHEN 2 THEN total WHEN 4 THEN total * 1000 \
+             WHEN 5 THEN total * 1000000 WHEN 6 THEN total * 100000000 ELSE 0 END), 0) FROM daily_rollups",
+        )
+        .await,
+    )
+}
+
+async fn backfill_copies_history_once_and_reports_ambiguous_rows(db: TestDb) {
+    let server = db.start_server().await;
+    let rows = seed_legacy(&db, 12, 4, 40).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+
+    let run = backfill(&mut client, false, 37).await;
+    assert_eq!(run.state, "completed", "{run:?}");
+    assert_eq!(run.processed, rows);
+    assert_eq!(run.ambiguous, AMBIGUOUS_ROWS);
+    assert_eq!(run.copied + run.skipped + run.ambiguous, run.processed);
+    assert!(run.copied > 0 && run.skipped > 0);
+    let (legacy_sent, legacy_rest, new_sent, new_rest) = totals(&db).await;
+    assert_eq!((new_sent, new_rest), (legacy_sent, legacy_rest));
+    // Nothing of the ambiguous rows was copied.
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM daily_rollups WHERE campaign_id LIKE 'bad-%'")
+            .await,
+        0
+    );
+
+    let report = client
+        .get_run_report(GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .expect("report")
+        .into_inner();
+    let mut reported: Vec<(String, String)> = report
+        .ambiguous
+        .iter()
+        .map(|i| (i.campaign_id.clone(), i.reason.clone()))
+        .collect();
+    reported.sort();
+    let campaigns: Vec<&str> = reported.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        campaigns,
+        [
+            "bad-huge",
+            "bad-negative",
+            "bad-null",
+            "bad-positive",
+            "bad-shared",
+            "bad-shared"
+        ]
+    );
+    assert!(reported[1].1.contains("negative"), "{reported:?}");
+    assert!(reported[2].1.contains("NULL"), "{reported:?}");
+
+    // A second run copies nothing and changes nothing.
+    let again = backfill(&mut client, false, 1000).await;
+    assert_eq!(
+        (again.state.as_str(), again.copied),
+        ("completed", 0),
+        "{again:?}"
+    );
+    assert_eq!(
+        totals(&db).await,
+        (legacy_sent, legacy_rest, new_sent, new_rest)
+    );
+
+    // The backfill is the precondition of BACKFILLED.
+    move_to(&mut client, MigrationPhase::Backfilled).await;
+    server.stop().await;
+}
+
+async fn dry_run_counts_but_writes_nothing(db: TestDb) {
+    let server = db.start_server().await;
+    let rows = seed_legacy(&db, 5, 2, 20).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    // A dry run is allowed in any phase.
+    let run = backfill(&mut client, true, 10).await;
+    assert_eq!(
+        (run.state.as_str(), run.dry_run, run.processed),
+        ("completed", true, rows)
+    );
+    assert!(run.copied > 0);
+    for table in ["events", "daily_rollups"] {
+        assert_eq!(
+            db.scalar(&format!("SELECT COUNT(*) FROM {table}")).await,
+            0,
+            "{table}"
+        );
+    }
+    // It does not count as the backfill BACKFILLED needs.
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    let status = client
+        .transition_phase(TransitionPhaseRequest {
+            target: MigrationPhase::Backfilled.into(),
+            reason: "dry run only".into(),
+            actor: String::new(),
+        })
+        .await
+        .expect_err("a dry run is not a backfill");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    server.stop().await;
+}
+
+async fn the_day_dual_write_began_counts_once(db: TestDb) {
+    let server = db.start_server().await;
+    db.execute(
+        "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, stat_date, sent, opened) \
+         VALUES ('c1', 'u1', '2026-03-01', 5, 2)",
+    )
+    .await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    // Later the same day, events reach both storages.
+    let mut stats = server.stats().await;
+    for (event_type, count) in [(EventType::Sent, 3), (EventType::Opened, 1)] {
+        stats
+            .record_event(RecordEventRequest {
+                event: Some(event("u1", "c1", event_type, count, "2026-03-01")),
+            })
+            .await
+            .expect("dual-written event");
+    }
+    assert_eq!(
+        db.scalar("SELECT sent FROM campaign_daily_stat_entries")
+            .await,
+        8
+    );
+    let run = backfill(&mut client, false, 100).await;
+    assert_eq!((run.state.as_str(), run.copied), ("completed", 1));
+    assert_eq!(
+        db.scalar("SELECT SUM(total) FROM daily_rollups WHERE event_type = 1")
+            .await,
+        8
+    );
+    assert_eq!(
+        db.scalar("SELECT SUM(total) FROM daily_rollups WHERE event_type = 2")
+            .await,
+        3
+    );
+    server.stop().await;
+}
+
+/// The new storage's rollups, row by row.
+async fn rollup_fingerprint(db: &TestDb) -> i64 {
+    db.scalar(
+        "SELECT COALESCE(SUM(total * (event_type + 7) * (LENGTH(campaign_id) + 3)), 0) + COUNT(*) * 1000000 \
+         FROM daily_rollups",
+    )
+    .await
+}
+
+async fn a_stopped_backfill_resumes_to_the_same_result(db: TestDb) {
+    // The reference: the same history backfilled without interruption.
+    let reference = TestDb::create(db.backend).await.expect("a second database");
+    let server = reference.start_server().await;
+    seed_legacy(&reference, 10, 3, 30).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    assert_eq!(backfill(&mut client, false, 1000).await.state, "completed");
+    server.stop().await;
+    let expected = rollup_fingerprint(&reference).await;
+
+    let server = db.start_server().await;
+    let rows = seed_legacy(&db, 10, 3, 30).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    let run_id = client
+        .start_backfill(StartBackfillRequest {
+            dry_run: false,
+            batch_size: 7,
+            throttle_ms: 20,
+            actor: "tester".into(),
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .run_id;
+    // Stop the server mid-run, once some batches are in.
+    let mut updates = client
+        .watch_run(GetRunRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    while let Some(update) = updates.next().await {
+        if update.expect("progress").processed >= 50 {
+            break;
+        }
+    }
+    drop(updates);
+    server.stop().await;
+    let stopped = db
+        .scalar(&format!(
+            "SELECT processed FROM migration_runs WHERE run_id = '{run_id}'"
+        ))
+        .await;
+    assert!(
+        stopped >= 50 && (stopped as u64) < rows,
+        "stopped after {stopped} of {rows} rows"
+    );
+
+    // A new server: starting the backfill again resumes the same run from its checkpoint.
+    let server = db.start_server_keeping_phase().await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    let resumed = client
+        .start_backfill(StartBackfillRequest {
+            dry_run: false,
+            batch_size: 1000,
+            throttle_ms: 0,
+            actor: "tester".into(),
+        })
+        .await
+        .expect("resume")
+        .into_inner()
+        .run_id;
+    assert_eq!(resumed, run_id);
+    let run = follow(&mut client, &run_id).await;
+    assert_eq!((run.state.as_str(), run.processed), ("completed", rows));
+    assert_eq!(rollup_fingerprint(&db).await, expected);
+    server.stop().await;
+}
+
+async fn a_real_backfill_needs_dual_write(db: TestDb) {
+    let server = db.start_server().await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    let status = client
+        .start_backfill(StartBackfillRequest {
+            dry_run: false,
+            batch_size: 0,
+            throttle_ms: 0,
+            actor: String::new(),
+        })
+        .await
+        .expect_err("LEGACY_ONLY");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("DUAL_WRITE"),
+        "{}",
+        status.message()
+    );
+    let status = client
+        .start_backfill(StartBackfillRequest {
+            dry_run: true,
+            batch_size: 50_001,
+            throttle_ms: 0,
+            actor: String::new(),
+        })
+        .await
+        .expect_err("batch too large");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = client
+        .get_run(GetRunRequest {
+            run_id: "nope".into(),
+        })
+        .await
+        .expect_err("unknown run");
+    assert_eq!(status.code(), Code::NotFound);
+    server.stop().await;
+}
