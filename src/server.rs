@@ -94,7 +94,10 @@ pub async fn launch<S: EventStore>(
     let health_checks = health_task.abort_handle();
     let shutdown = async {
         shutdown.await;
-        health_checks.abort();
+        // Stop the checks and wait until they have stopped, so that none of them can set
+        // SERVING again after the NOT_SERVING below.
+        health_task.abort();
+        let _ = health_task.await;
         // Tell watchers and load balancers first, then stop accepting.
         for service in health::HEALTH_SERVICES {
             reporter
@@ -129,7 +132,7 @@ pub async fn launch<S: EventStore>(
         () = grace_over => Ok(()),
     };
 
-    health_task.abort();
+    health_checks.abort();
     // Background runs stop after their current batch; a stopped backfill resumes later.
     jobs.stop(config.shutdown_grace).await;
     store.close().await;
