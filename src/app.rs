@@ -9,11 +9,12 @@ use std::time::Duration;
 use chrono::NaiveDate;
 
 use crate::domain::{
-    Answer, CampaignId, CampaignStatsQuery, Event, Metrics, SeriesQuery, StorageSource,
+    Answer, CampaignId, CampaignStatsQuery, DateRange, Event, Metrics, SeriesQuery, StorageSource,
     bucket_series,
 };
 use crate::migration::runner::{Jobs, run_backfill};
-use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, Transition};
+use crate::migration::verify::{VerifyOutcome, compare};
+use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::storage::{EventStore, RecordOutcome, StorageError};
 
 /// The statistics use cases over one store.
@@ -125,6 +126,9 @@ pub enum StartRefused {
     Storage(#[from] StorageError),
 }
 
+/// Differences a verify keeps, metric by metric.
+pub const VERIFY_SAMPLE: usize = 100;
+
 /// A run left `running` with no heartbeat for this long was abandoned by a dead process.
 pub const STALE_RUN_AFTER: Duration = Duration::from_secs(30);
 
@@ -197,6 +201,38 @@ impl<S: EventStore> Migration<S> {
 
     fn active_backfill(&self, dry_run: bool) -> Option<String> {
         self.lock_active().get(&dry_run).cloned()
+    }
+
+    /// Compares both storages over `range` (everything when `None`), recorded as a run.
+    pub async fn verify(
+        &self,
+        actor: &str,
+        range: Option<DateRange>,
+    ) -> Result<(Run, VerifyOutcome), StorageError> {
+        let run = self
+            .store
+            .create_run(RunKind::Verify, actor, false, 0)
+            .await?;
+        let result = async {
+            let data = self.store.verify_data(range).await?;
+            let outcome = compare(data, VERIFY_SAMPLE);
+            self.store.complete_verify(&run.run_id, &outcome).await?;
+            Ok::<_, StorageError>(outcome)
+        }
+        .await;
+        match result {
+            Ok(outcome) => {
+                tracing::info!(run_id = %run.run_id, compared = outcome.compared, mismatches = outcome.mismatches, "verify completed");
+                Ok((run, outcome))
+            }
+            Err(error) => {
+                let _ = self
+                    .store
+                    .finish_run(&run.run_id, RunState::Failed, Some(&error.to_string()))
+                    .await;
+                Err(error)
+            }
+        }
     }
 
     /// A run by id.

@@ -1,5 +1,5 @@
-//! `stats.v1.MigrationService`: the phase machine and backfill runs. Verify and the
-//! storage report answer UNIMPLEMENTED until they land.
+//! `stats.v1.MigrationService`: the phase machine, backfill and verify runs. The storage
+//! report answers UNIMPLEMENTED until it lands.
 
 use tonic::{Request, Response, Status};
 
@@ -14,10 +14,11 @@ use super::ApiError;
 use super::proto::{
     self, GetMigrationStateRequest, GetMigrationStateResponse, GetRunRequest,
     ListPhaseTransitionsRequest, ListPhaseTransitionsResponse, PhaseTransition, RunReport,
-    StartBackfillRequest, StartBackfillResponse, TransitionPhaseRequest,
+    StartBackfillRequest, StartBackfillResponse, TransitionPhaseRequest, VerifyConsistencyRequest,
+    VerifyConsistencyResponse,
 };
 use crate::app::{BackfillRequest, Migration};
-use crate::domain::ValidationError;
+use crate::domain::{DateRange, ValidationError, parse_date};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
 use crate::storage::EventStore;
 
@@ -146,6 +147,25 @@ fn issue_to_proto(issue: RunIssue) -> proto::RunIssue {
     }
 }
 
+/// The range a verify covers: both dates, or neither (the whole history). Unlike reads, a
+/// verify may span more than 3,660 days.
+fn verify_range(start: &str, end: &str) -> Result<Option<DateRange>, ValidationError> {
+    if start.is_empty() && end.is_empty() {
+        return Ok(None);
+    }
+    let (start, end) = match (parse_date("start_date", start), parse_date("end_date", end)) {
+        (Ok(start), Ok(end)) => (start, end),
+        (start, end) => return Err(ValidationError::from_failures([start.err(), end.err()])),
+    };
+    if start > end {
+        return Err(ValidationError::single(
+            "end_date",
+            format!("must not be before start_date ({start})"),
+        ));
+    }
+    Ok(Some(DateRange { start, end }))
+}
+
 fn run_id(request: GetRunRequest) -> Result<String, ValidationError> {
     if request.run_id.is_empty() {
         Err(ValidationError::single("run_id", "must not be empty"))
@@ -194,6 +214,38 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
             })
             .await?;
         Ok(Response::new(StartBackfillResponse { run_id: run.run_id }))
+    }
+
+    async fn verify_consistency(
+        &self,
+        request: Request<VerifyConsistencyRequest>,
+    ) -> Result<Response<VerifyConsistencyResponse>, Status> {
+        let request = request.into_inner();
+        let range = verify_range(&request.start_date, &request.end_date)?;
+        let actor = if request.actor.is_empty() {
+            "unknown"
+        } else {
+            request.actor.as_str()
+        };
+        let (run, outcome) = self.migration.verify(actor, range).await?;
+        Ok(Response::new(VerifyConsistencyResponse {
+            run_id: run.run_id,
+            compared: outcome.compared,
+            mismatches: outcome.mismatches,
+            ambiguous: outcome.ambiguous,
+            sample: outcome
+                .sample
+                .into_iter()
+                .map(|m| proto::Mismatch {
+                    user_id: m.user_id,
+                    campaign_id: m.campaign_id,
+                    date: m.date.to_string(),
+                    metric: m.metric.to_owned(),
+                    legacy: m.legacy,
+                    new: m.new,
+                })
+                .collect(),
+        }))
     }
 
     async fn get_run(

@@ -5,6 +5,7 @@ pub mod backfill;
 mod phase;
 mod run;
 pub mod runner;
+pub mod verify;
 
 pub use phase::{
     Phase, PhaseState, PreconditionFacts, Transition, TransitionRefused, WriteTargets,

@@ -133,7 +133,9 @@ pub enum TransitionRefused {
     NotAllowed { from: Phase, to: Phase },
     #[error("cannot enter BACKFILLED: no completed (non-dry-run) backfill since dual-write began")]
     NoBackfill,
-    #[error("cannot enter VERIFIED: no verify with zero mismatches since the last backfill")]
+    #[error(
+        "cannot enter VERIFIED: the latest verify since the last backfill must find zero mismatches"
+    )]
     NoCleanVerify,
 }
 
@@ -144,7 +146,8 @@ pub struct PreconditionFacts {
     pub dual_write_started_at: Option<DateTime<Utc>>,
     /// When the last completed, non-dry-run backfill finished.
     pub last_backfill_at: Option<DateTime<Utc>>,
-    /// When the last completed verify with zero mismatches finished.
+    /// When the latest completed verify finished, if it found zero mismatches (`None` when
+    /// it found some, or none ran).
     pub last_clean_verify_at: Option<DateTime<Utc>>,
 }
 

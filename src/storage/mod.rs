@@ -16,6 +16,7 @@ use chrono::NaiveDate;
 
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::BatchOutcome;
+use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 
 pub use error::StorageError;
@@ -143,6 +144,20 @@ pub trait EventStore: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<RunIssue>, StorageError>> + Send;
 
+    /// Both sides of the data verify compares over `range` (everything when `None`), with
+    /// the keys the last completed backfill reported as ambiguous.
+    fn verify_data(
+        &self,
+        range: Option<DateRange>,
+    ) -> impl Future<Output = Result<VerifyData, StorageError>> + Send;
+
+    /// Records a verify's findings on its run and completes it.
+    fn complete_verify(
+        &self,
+        run_id: &str,
+        outcome: &VerifyOutcome,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
     /// Succeeds while the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 
@@ -238,6 +253,45 @@ impl TryFrom<RunRow> for Run {
 /// A new run id, e.g. `backfill-0193…`: unique, and ordered by start time.
 fn new_run_id(kind: RunKind) -> String {
     format!("{}-{}", kind.name(), uuid::Uuid::now_v7())
+}
+
+/// The legacy side of verify: key and the five counts (NULL as 0).
+const VERIFY_LEGACY: &str = "SELECT user_id, campaign_id, stat_date, \
+    CAST(COALESCE(sent, 0) AS BIGINT), CAST(COALESCE(opened, 0) AS BIGINT), \
+    CAST(COALESCE(replied, 0) AS BIGINT), CAST(COALESCE(positive_replies, 0) AS BIGINT), \
+    CAST(COALESCE(bounced, 0) AS BIGINT) FROM campaign_daily_stat_entries WHERE true";
+/// The new side of verify: the rollups of the five shared event types.
+const VERIFY_NEW: &str = "SELECT user_id, campaign_id, day, event_type, total FROM daily_rollups \
+    WHERE event_type IN (1, 2, 4, 5, 6)";
+/// The `(campaign, day)` keys the last completed real backfill reported.
+const VERIFY_AMBIGUOUS: &str = "SELECT campaign_id, stat_date FROM migration_run_issues \
+    WHERE run_id = (SELECT run_id FROM migration_runs WHERE kind = 'backfill' AND NOT dry_run \
+    AND state = 'completed' ORDER BY finished_at DESC LIMIT 1)";
+
+/// A verify legacy row.
+type VerifyLegacyRow = (String, String, NaiveDate, i64, i64, i64, i64, i64);
+
+fn verify_data_from_rows(
+    legacy: Vec<VerifyLegacyRow>,
+    new: Vec<(String, String, NaiveDate, i16, i64)>,
+    ambiguous: Vec<(String, NaiveDate)>,
+) -> VerifyData {
+    VerifyData {
+        legacy: legacy
+            .into_iter()
+            .map(|(u, c, d, s, o, r, p, b)| ((u, c, d), [s, o, r, p, b]))
+            .collect(),
+        new: new
+            .into_iter()
+            .map(|(u, c, d, t, n)| ((u, c, d), t, n))
+            .collect(),
+        ambiguous: ambiguous.into_iter().collect(),
+    }
+}
+
+/// How a verify mismatch is kept in the run's report.
+fn mismatch_reason(m: &crate::migration::verify::Mismatch) -> String {
+    format!("{}: legacy {}, new {}", m.metric, m.legacy, m.new)
 }
 
 /// The database backends, told apart by the URL's scheme.

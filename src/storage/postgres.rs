@@ -10,10 +10,12 @@ use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::{
     EventStore, PoolOptions, RUN_COLUMNS, RecordOutcome, RunRow, StorageError, TransitionRow,
-    batch, new_run_id, parse_phase, transition_from_row,
+    VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, batch, mismatch_reason, new_run_id, parse_phase,
+    transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, plan_batch};
+use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{
     Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
 };
@@ -425,7 +427,9 @@ impl EventStore for PostgresStore {
                  (SELECT MAX(finished_at) FROM migration_runs \
                   WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
                  (SELECT MAX(finished_at) FROM migration_runs \
-                  WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0)",
+                  WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0 \
+                  AND finished_at = (SELECT MAX(finished_at) FROM migration_runs \
+                                     WHERE kind = 'verify' AND state = 'completed'))",
         )
         .fetch_one(&mut *tx)
         .await?;
@@ -662,6 +666,70 @@ impl EventStore for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
+    }
+
+    async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
+        let mut legacy = QueryBuilder::<Postgres>::new(VERIFY_LEGACY);
+        let mut new = QueryBuilder::<Postgres>::new(VERIFY_NEW);
+        let mut ambiguous = QueryBuilder::<Postgres>::new(VERIFY_AMBIGUOUS);
+        if let Some(range) = range {
+            for (query, column) in [
+                (&mut legacy, "stat_date"),
+                (&mut new, "day"),
+                (&mut ambiguous, "stat_date"),
+            ] {
+                query
+                    .push(format_args!(" AND {column} BETWEEN "))
+                    .push_bind(range.start);
+                query.push(" AND ").push_bind(range.end);
+            }
+        }
+        // One snapshot for both sides, so that live dual writes cannot show as differences.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let legacy = legacy.build_query_as().fetch_all(&mut *tx).await?;
+        let new = new.build_query_as().fetch_all(&mut *tx).await?;
+        let ambiguous = ambiguous.build_query_as().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(verify_data_from_rows(legacy, new, ambiguous))
+    }
+
+    async fn complete_verify(
+        &self,
+        run_id: &str,
+        outcome: &VerifyOutcome,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.pool.begin().await?;
+        if !outcome.sample.is_empty() {
+            let sample = &outcome.sample;
+            sqlx::query(
+                "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason) \
+                 SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::date[], $5::text[])",
+            )
+            .bind(run_id)
+            .bind(sample.iter().map(|m| m.campaign_id.as_str()).collect::<Vec<_>>())
+            .bind(sample.iter().map(|m| m.user_id.as_str()).collect::<Vec<_>>())
+            .bind(sample.iter().map(|m| m.date).collect::<Vec<_>>())
+            .bind(sample.iter().map(mismatch_reason).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE migration_runs SET state = 'completed', finished_at = $1, heartbeat_at = $1, \
+             processed = $2, compared = $3, mismatches = $4, ambiguous = $5 WHERE run_id = $6",
+        )
+        .bind(Utc::now())
+        .bind((outcome.compared + outcome.ambiguous) as i64)
+        .bind(outcome.compared as i64)
+        .bind(outcome.mismatches as i64)
+        .bind(outcome.ambiguous as i64)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

@@ -13,10 +13,12 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
     EventStore, PoolOptions, RUN_COLUMNS, RecordOutcome, RunRow, StorageError, TransitionRow,
-    batch, new_run_id, parse_phase, transition_from_row,
+    VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, batch, mismatch_reason, new_run_id, parse_phase,
+    transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, plan_batch};
+use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{
     Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
 };
@@ -373,7 +375,9 @@ impl EventStore for SqliteStore {
                  (SELECT MAX(finished_at) FROM migration_runs \
                   WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
                  (SELECT MAX(finished_at) FROM migration_runs \
-                  WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0)",
+                  WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0 \
+                  AND finished_at = (SELECT MAX(finished_at) FROM migration_runs \
+                                     WHERE kind = 'verify' AND state = 'completed'))",
         )
         .fetch_one(&mut *tx)
         .await?;
@@ -604,6 +608,68 @@ impl EventStore for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
+    }
+
+    async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
+        let mut legacy = QueryBuilder::<Sqlite>::new(VERIFY_LEGACY);
+        let mut new = QueryBuilder::<Sqlite>::new(VERIFY_NEW);
+        let mut ambiguous = QueryBuilder::<Sqlite>::new(VERIFY_AMBIGUOUS);
+        if let Some(range) = range {
+            for (query, column) in [
+                (&mut legacy, "stat_date"),
+                (&mut new, "day"),
+                (&mut ambiguous, "stat_date"),
+            ] {
+                query
+                    .push(format_args!(" AND {column} BETWEEN "))
+                    .push_bind(range.start);
+                query.push(" AND ").push_bind(range.end);
+            }
+        }
+        // One read transaction: one snapshot for both sides.
+        let mut tx = self.reader.begin().await?;
+        let legacy = legacy.build_query_as().fetch_all(&mut *tx).await?;
+        let new = new.build_query_as().fetch_all(&mut *tx).await?;
+        let ambiguous = ambiguous.build_query_as().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(verify_data_from_rows(legacy, new, ambiguous))
+    }
+
+    async fn complete_verify(
+        &self,
+        run_id: &str,
+        outcome: &VerifyOutcome,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.writer.begin().await?;
+        for chunk in outcome.sample.chunks(rows_per_statement(5)) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason) ",
+            );
+            insert.push_values(chunk, |mut row, mismatch| {
+                row.push_bind(run_id)
+                    .push_bind(mismatch.campaign_id.as_str())
+                    .push_bind(mismatch.user_id.as_str())
+                    .push_bind(mismatch.date)
+                    .push_bind(mismatch_reason(mismatch));
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        let now = Utc::now();
+        sqlx::query(
+            "UPDATE migration_runs SET state = 'completed', finished_at = ?, heartbeat_at = ?, \
+             processed = ?, compared = ?, mismatches = ?, ambiguous = ? WHERE run_id = ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind((outcome.compared + outcome.ambiguous) as i64)
+        .bind(outcome.compared as i64)
+        .bind(outcome.mismatches as i64)
+        .bind(outcome.ambiguous as i64)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

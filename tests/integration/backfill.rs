@@ -1,9 +1,11 @@
 //! Backfill: copying legacy history into the new storage.
 
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
+use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{
-    EventType, GetRunRequest, MigrationPhase, RecordEventRequest, Run, StartBackfillRequest,
-    TransitionPhaseRequest,
+    EventType, GetRunRequest, GetStatsForCampaignsRequest, GetStatsForCampaignsResponse,
+    MigrationPhase, RecordEventRequest, RecordEventsRequest, Run, StartBackfillRequest,
+    StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest, VerifyConsistencyResponse,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -17,6 +19,8 @@ crate::on_both_backends!(
     the_day_dual_write_began_counts_once,
     a_stopped_backfill_resumes_to_the_same_result,
     a_real_backfill_needs_dual_write,
+    legacy_to_new_primary_keeps_every_total_while_events_arrive,
+    verify_names_a_difference_planted_in_either_storage,
 );
 
 /// Legacy rows the way the legacy system left them: `campaigns` campaigns of `users` users
@@ -384,5 +388,218 @@ async fn a_real_backfill_needs_dual_write(db: TestDb) {
         .await
         .expect_err("unknown run");
     assert_eq!(status.code(), Code::NotFound);
+    server.stop().await;
+}
+
+async fn verify(
+    client: &mut MigrationServiceClient<Channel>,
+    start: &str,
+    end: &str,
+) -> VerifyConsistencyResponse {
+    client
+        .verify_consistency(VerifyConsistencyRequest {
+            start_date: start.into(),
+            end_date: end.into(),
+            actor: "tester".into(),
+        })
+        .await
+        .expect("VerifyConsistency")
+        .into_inner()
+}
+
+/// Every seeded campaign's totals over 2025, and the storage that answered.
+async fn all_totals(
+    stats: &mut StatsServiceClient<Channel>,
+    users: u32,
+    campaigns: u32,
+) -> Vec<GetStatsForCampaignsResponse> {
+    let mut answers = Vec::new();
+    for user in 0..users {
+        let campaign_ids = (0..campaigns)
+            .filter(|c| c % users == user)
+            .map(|c| format!("camp-{c:03}"))
+            .collect();
+        let answer = stats
+            .get_stats_for_campaigns(GetStatsForCampaignsRequest {
+                user_id: format!("user-{user}"),
+                campaign_ids,
+                start_date: "2025-01-01".into(),
+                end_date: "2025-12-31".into(),
+            })
+            .await
+            .expect("GetStatsForCampaigns")
+            .into_inner();
+        answers.push(answer);
+    }
+    answers
+}
+
+/// The answers without their `source`.
+fn numbers(
+    answers: &[GetStatsForCampaignsResponse],
+) -> Vec<(String, Option<campaign_stats::grpc::proto::Metrics>)> {
+    answers
+        .iter()
+        .flat_map(|a| a.stats.iter().map(|s| (s.campaign_id.clone(), s.metrics)))
+        .collect()
+}
+
+async fn legacy_to_new_primary_keeps_every_total_while_events_arrive(db: TestDb) {
+    let server = db.start_server().await;
+    seed_legacy(&db, 12, 4, 40).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    let mut stats = server.stats().await;
+    let arrive = |i: u32| RecordEventsRequest {
+        events: (0..12)
+            .map(|c| {
+                event(
+                    &format!("user-{}", c % 4),
+                    &format!("camp-{c:03}"),
+                    EventType::Sent,
+                    1 + i,
+                    "2025-01-15",
+                )
+            })
+            .collect(),
+    };
+
+    stats
+        .record_events(arrive(0))
+        .await
+        .expect("events in LEGACY_ONLY");
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    stats
+        .record_events(arrive(1))
+        .await
+        .expect("events in DUAL_WRITE");
+    let run = backfill(&mut client, false, 50).await;
+    assert_eq!(run.state, "completed");
+    stats
+        .record_events(arrive(2))
+        .await
+        .expect("events after the backfill");
+    move_to(&mut client, MigrationPhase::Backfilled).await;
+
+    let report = verify(&mut client, "", "").await;
+    assert_eq!(report.mismatches, 0, "{:?}", report.sample);
+    assert!(report.compared > 400, "{report:?}");
+    // The six rows the backfill reported are counted apart.
+    assert_eq!(report.ambiguous, 6);
+    let before = all_totals(&mut stats, 4, 12).await;
+    assert!(
+        before
+            .iter()
+            .all(|a| a.source == i32::from(StorageSource::Legacy))
+    );
+
+    move_to(&mut client, MigrationPhase::Verified).await;
+    move_to(&mut client, MigrationPhase::NewPrimary).await;
+    let after = all_totals(&mut stats, 4, 12).await;
+    assert!(
+        after
+            .iter()
+            .all(|a| a.source == i32::from(StorageSource::New))
+    );
+    assert_eq!(numbers(&after), numbers(&before));
+
+    // Events keep arriving in NEW_PRIMARY, and both storages still agree.
+    stats
+        .record_events(arrive(3))
+        .await
+        .expect("events in NEW_PRIMARY");
+    assert_eq!(
+        verify(&mut client, "2025-01-01", "2025-12-31")
+            .await
+            .mismatches,
+        0
+    );
+    server.stop().await;
+}
+
+async fn verify_names_a_difference_planted_in_either_storage(db: TestDb) {
+    let server = db.start_server().await;
+    seed_legacy(&db, 4, 2, 30).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    backfill(&mut client, false, 1000).await;
+    assert_eq!(
+        verify(&mut client, "2025-01-01", "2025-12-31")
+            .await
+            .mismatches,
+        0
+    );
+
+    // In legacy: one more send on one row.
+    db.execute("UPDATE campaign_daily_stat_entries SET sent = sent + 1 WHERE campaign_id = 'camp-001' AND stat_date = '2025-01-10'").await;
+    let report = verify(&mut client, "2025-01-01", "2025-12-31").await;
+    assert_eq!(report.mismatches, 1);
+    let m = &report.sample[0];
+    assert_eq!(
+        (
+            m.campaign_id.as_str(),
+            m.user_id.as_str(),
+            m.date.as_str(),
+            m.metric.as_str()
+        ),
+        ("camp-001", "user-1", "2025-01-10", "sent")
+    );
+    assert_eq!(m.legacy, m.new + 1);
+    // A clean verify is required for VERIFIED: this one is not.
+    move_to(&mut client, MigrationPhase::Backfilled).await;
+    let status = client
+        .transition_phase(TransitionPhaseRequest {
+            target: MigrationPhase::Verified.into(),
+            reason: "x".into(),
+            actor: String::new(),
+        })
+        .await
+        .expect_err("mismatches");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    db.execute("UPDATE campaign_daily_stat_entries SET sent = sent - 1 WHERE campaign_id = 'camp-001' AND stat_date = '2025-01-10'").await;
+
+    // In the new storage: a bounce that legacy never saw.
+    db.execute("INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) VALUES ('user-0', 'camp-002', '2025-03-01', 6, 2)").await;
+    let report = verify(&mut client, "", "").await;
+    assert_eq!(report.mismatches, 1);
+    let m = &report.sample[0];
+    assert_eq!(
+        (
+            m.campaign_id.as_str(),
+            m.date.as_str(),
+            m.metric.as_str(),
+            m.legacy,
+            m.new
+        ),
+        ("camp-002", "2025-03-01", "bounced", 0, 2)
+    );
+    // Outside the range asked for, it is not seen.
+    assert_eq!(
+        verify(&mut client, "2025-01-01", "2025-02-28")
+            .await
+            .mismatches,
+        0
+    );
+
+    let status = client
+        .verify_consistency(VerifyConsistencyRequest {
+            start_date: "2025-01-01".into(),
+            end_date: String::new(),
+            actor: String::new(),
+        })
+        .await
+        .expect_err("half a range");
+    crate::common::assert_names_fields(&status, Code::InvalidArgument, &["end_date"]);
+    // Each verify is recorded as a run.
+    let run = client
+        .get_run(GetRunRequest {
+            run_id: report.run_id,
+        })
+        .await
+        .expect("run")
+        .into_inner();
+    assert_eq!(
+        (run.kind.as_str(), run.state.as_str(), run.mismatches),
+        ("verify", "completed", 1)
+    );
     server.stop().await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
-    EventType, GetRolloutRequest, RecordEventRequest, VerifyConsistencyRequest,
+    EventType, GetRolloutRequest, GetStorageReportRequest, RecordEventRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -147,10 +147,7 @@ async fn rollout_and_migration_answer_unimplemented_for_now(db: TestDb) {
         .expect_err("not implemented yet");
     assert_eq!(status.code(), Code::Unimplemented);
     let status = MigrationServiceClient::new(server.channel().await)
-        .verify_consistency(VerifyConsistencyRequest {
-            start_date: "2026-01-01".into(),
-            end_date: "2026-01-31".into(),
-        })
+        .get_storage_report(GetStorageReportRequest {})
         .await
         .expect_err("not implemented yet");
     assert_eq!(status.code(), Code::Unimplemented);
