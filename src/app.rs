@@ -15,7 +15,7 @@ use crate::domain::{
 use crate::migration::runner::{Jobs, run_backfill};
 use crate::migration::verify::{VerifyOutcome, compare};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
-use crate::storage::{EventStore, RecordOutcome, StorageError};
+use crate::storage::{EventStore, RecordOutcome, StorageError, TableSize};
 
 /// The statistics use cases over one store.
 #[derive(Debug)]
@@ -126,6 +126,19 @@ pub enum StartRefused {
     Storage(#[from] StorageError),
 }
 
+/// The tables of the legacy storage.
+pub const LEGACY_TABLES: &[&str] = &["campaign_daily_stat_entries"];
+/// The tables of the new storage.
+pub const NEW_TABLES: &[&str] = &["events", "daily_rollups", "idempotency_keys", "campaigns"];
+
+/// Sizes of both storages.
+#[derive(Debug, Clone)]
+pub struct StorageReport {
+    pub legacy: Vec<TableSize>,
+    pub new: Vec<TableSize>,
+    pub legacy_zero_rows: u64,
+}
+
 /// Differences a verify keeps, metric by metric.
 pub const VERIFY_SAMPLE: usize = 100;
 
@@ -233,6 +246,15 @@ impl<S: EventStore> Migration<S> {
                 Err(error)
             }
         }
+    }
+
+    /// Rows and bytes of the legacy table against the new storage's tables.
+    pub async fn storage_report(&self) -> Result<StorageReport, StorageError> {
+        Ok(StorageReport {
+            legacy: self.store.table_sizes(LEGACY_TABLES).await?,
+            new: self.store.table_sizes(NEW_TABLES).await?,
+            legacy_zero_rows: self.store.legacy_zero_rows().await?,
+        })
     }
 
     /// A run by id.

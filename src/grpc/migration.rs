@@ -1,5 +1,5 @@
-//! `stats.v1.MigrationService`: the phase machine, backfill and verify runs. The storage
-//! report answers UNIMPLEMENTED until it lands.
+//! `stats.v1.MigrationService`: the phase machine, backfill and verify runs, the storage
+//! report.
 
 use tonic::{Request, Response, Status};
 
@@ -13,14 +13,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::ApiError;
 use super::proto::{
     self, GetMigrationStateRequest, GetMigrationStateResponse, GetRunRequest,
-    ListPhaseTransitionsRequest, ListPhaseTransitionsResponse, PhaseTransition, RunReport,
-    StartBackfillRequest, StartBackfillResponse, TransitionPhaseRequest, VerifyConsistencyRequest,
+    GetStorageReportRequest, GetStorageReportResponse, ListPhaseTransitionsRequest,
+    ListPhaseTransitionsResponse, PhaseTransition, RunReport, StartBackfillRequest,
+    StartBackfillResponse, TransitionPhaseRequest, VerifyConsistencyRequest,
     VerifyConsistencyResponse,
 };
 use crate::app::{BackfillRequest, Migration};
 use crate::domain::{DateRange, ValidationError, parse_date};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
-use crate::storage::EventStore;
+use crate::storage::{EventStore, TableSize};
 
 /// The `MigrationService` handlers.
 #[derive(Debug)]
@@ -214,6 +215,38 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
             })
             .await?;
         Ok(Response::new(StartBackfillResponse { run_id: run.run_id }))
+    }
+
+    async fn get_storage_report(
+        &self,
+        _request: Request<GetStorageReportRequest>,
+    ) -> Result<Response<GetStorageReportResponse>, Status> {
+        let report = self.migration.storage_report().await?;
+        let total = |tables: &[TableSize]| {
+            tables
+                .iter()
+                .fold((0, 0), |(rows, bytes), t| (rows + t.rows, bytes + t.bytes))
+        };
+        let (legacy_rows, legacy_bytes) = total(&report.legacy);
+        let (new_rows, new_bytes) = total(&report.new);
+        let listed = |storage: &'static str, tables: Vec<TableSize>| {
+            tables.into_iter().map(move |t| proto::TableSize {
+                table: t.table.to_owned(),
+                storage: storage.to_owned(),
+                rows: t.rows,
+                bytes: t.bytes,
+            })
+        };
+        Ok(Response::new(GetStorageReportResponse {
+            legacy_rows,
+            legacy_bytes,
+            new_rows,
+            new_bytes,
+            legacy_zero_rows: report.legacy_zero_rows,
+            tables: listed("legacy", report.legacy)
+                .chain(listed("new", report.new))
+                .collect(),
+        }))
     }
 
     async fn verify_consistency(

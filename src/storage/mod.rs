@@ -23,6 +23,19 @@ pub use error::StorageError;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+/// The size of one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSize {
+    pub table: &'static str,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Legacy rows whose five counts are all zero.
+const LEGACY_ZERO_ROWS: &str = "SELECT COUNT(*) FROM campaign_daily_stat_entries \
+    WHERE COALESCE(sent, 0) = 0 AND COALESCE(opened, 0) = 0 AND COALESCE(replied, 0) = 0 \
+    AND COALESCE(positive_replies, 0) = 0 AND COALESCE(bounced, 0) = 0";
+
 /// What a write did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RecordOutcome {
@@ -157,6 +170,15 @@ pub trait EventStore: Send + Sync + 'static {
         run_id: &str,
         outcome: &VerifyOutcome,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Rows and bytes (indexes included) of each of `tables`, in order.
+    fn table_sizes(
+        &self,
+        tables: &[&'static str],
+    ) -> impl Future<Output = Result<Vec<TableSize>, StorageError>> + Send;
+
+    /// Legacy rows whose five counts are all zero.
+    fn legacy_zero_rows(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
     /// Succeeds while the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;

@@ -12,9 +12,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
-    EventStore, PoolOptions, RUN_COLUMNS, RecordOutcome, RunRow, StorageError, TransitionRow,
-    VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, batch, mismatch_reason, new_run_id, parse_phase,
-    transition_from_row, verify_data_from_rows,
+    EventStore, LEGACY_ZERO_ROWS, PoolOptions, RUN_COLUMNS, RecordOutcome, RunRow, StorageError,
+    TableSize, TransitionRow, VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, batch, mismatch_reason,
+    new_run_id, parse_phase, transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, plan_batch};
@@ -670,6 +670,33 @@ impl EventStore for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn table_sizes(&self, tables: &[&'static str]) -> Result<Vec<TableSize>, StorageError> {
+        let mut sizes = Vec::with_capacity(tables.len());
+        for table in tables {
+            // Pages of the table and of its indexes, as `dbstat` counts them.
+            let (rows, bytes): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT (SELECT COUNT(*) FROM {table}), \
+                 (SELECT COALESCE(SUM(pgsize), 0) FROM dbstat \
+                  WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = '{table}'))"
+            )))
+            .fetch_one(&self.reader)
+            .await?;
+            sizes.push(TableSize {
+                table,
+                rows: rows.max(0) as u64,
+                bytes: bytes.max(0) as u64,
+            });
+        }
+        Ok(sizes)
+    }
+
+    async fn legacy_zero_rows(&self) -> Result<u64, StorageError> {
+        let rows: i64 = sqlx::query_scalar(LEGACY_ZERO_ROWS)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(rows.max(0) as u64)
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

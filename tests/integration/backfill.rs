@@ -21,6 +21,7 @@ crate::on_both_backends!(
     a_real_backfill_needs_dual_write,
     legacy_to_new_primary_keeps_every_total_while_events_arrive,
     verify_names_a_difference_planted_in_either_storage,
+    storage_report_compares_both_storages,
 );
 
 /// Legacy rows the way the legacy system left them: `campaigns` campaigns of `users` users
@@ -601,5 +602,51 @@ async fn verify_names_a_difference_planted_in_either_storage(db: TestDb) {
         (run.kind.as_str(), run.state.as_str(), run.mismatches),
         ("verify", "completed", 1)
     );
+    server.stop().await;
+}
+
+async fn storage_report_compares_both_storages(db: TestDb) {
+    let server = db.start_server().await;
+    let rows = seed_legacy(&db, 10, 2, 30).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    backfill(&mut client, false, 1000).await;
+    let report = client
+        .get_storage_report(campaign_stats::grpc::proto::GetStorageReportRequest {})
+        .await
+        .expect("GetStorageReport")
+        .into_inner();
+    assert_eq!(report.legacy_rows, rows);
+    let zero = db
+        .scalar("SELECT COUNT(*) FROM campaign_daily_stat_entries WHERE sent = 0 AND opened = 0 AND replied = 0 AND positive_replies = 0 AND bounced = 0")
+        .await;
+    assert_eq!(report.legacy_zero_rows, zero as u64);
+    assert!(zero > 0);
+    let events = db.scalar("SELECT COUNT(*) FROM events").await as u64;
+    let rollups = db.scalar("SELECT COUNT(*) FROM daily_rollups").await as u64;
+    assert!(events > 0 && rollups > 0);
+    let tables: Vec<(&str, &str, u64)> = report
+        .tables
+        .iter()
+        .map(|t| (t.table.as_str(), t.storage.as_str(), t.rows))
+        .collect();
+    assert_eq!(tables[0], ("campaign_daily_stat_entries", "legacy", rows));
+    assert!(tables.contains(&("events", "new", events)));
+    assert!(tables.contains(&("daily_rollups", "new", rollups)));
+    assert!(
+        report.tables.iter().all(|t| t.bytes > 0),
+        "{:?}",
+        report.tables
+    );
+    assert_eq!(
+        report.new_rows,
+        report
+            .tables
+            .iter()
+            .filter(|t| t.storage == "new")
+            .map(|t| t.rows)
+            .sum::<u64>()
+    );
+    assert!(report.legacy_bytes > 0 && report.new_bytes > 0);
     server.stop().await;
 }

@@ -3,11 +3,8 @@
 
 use std::time::Duration;
 
-use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
-use campaign_stats::grpc::proto::{
-    EventType, GetRolloutRequest, GetStorageReportRequest, RecordEventRequest,
-};
+use campaign_stats::grpc::proto::{EventType, GetRolloutRequest, RecordEventRequest};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -21,7 +18,7 @@ crate::on_both_backends!(
     shutdown_tells_watchers_and_closes_open_streams,
     health_is_serving_with_a_database,
     reflection_v1_and_v1alpha_list_every_service,
-    rollout_and_migration_answer_unimplemented_for_now,
+    rollout_answers_unimplemented_for_now,
     migrate_command_creates_the_schema,
 );
 
@@ -139,15 +136,10 @@ async fn reflection_v1_and_v1alpha_list_every_service(db: TestDb) {
     server.stop().await;
 }
 
-async fn rollout_and_migration_answer_unimplemented_for_now(db: TestDb) {
+async fn rollout_answers_unimplemented_for_now(db: TestDb) {
     let server = db.start_server().await;
     let status = RolloutServiceClient::new(server.channel().await)
         .get_rollout(GetRolloutRequest {})
-        .await
-        .expect_err("not implemented yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-    let status = MigrationServiceClient::new(server.channel().await)
-        .get_storage_report(GetStorageReportRequest {})
         .await
         .expect_err("not implemented yet");
     assert_eq!(status.code(), Code::Unimplemented);
