@@ -2,6 +2,7 @@
 //! that tie reads and writes to them.
 
 pub mod backfill;
+pub mod generate;
 mod phase;
 mod run;
 pub mod runner;

@@ -15,7 +15,7 @@ use std::future::Future;
 use chrono::NaiveDate;
 
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
-use crate::migration::backfill::BatchOutcome;
+use crate::migration::backfill::{BatchOutcome, LegacyRow};
 use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 
@@ -179,6 +179,13 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Legacy rows whose five counts are all zero.
     fn legacy_zero_rows(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
+
+    /// Writes rows straight into the legacy table, as the legacy system did (for the data
+    /// generator); rows whose `(campaign, day)` exists are left alone. Returns rows written.
+    fn insert_legacy_rows(
+        &self,
+        rows: &[LegacyRow],
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
     /// Succeeds while the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;

@@ -14,7 +14,7 @@ use super::{
     new_run_id, parse_phase, transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
-use crate::migration::backfill::{BatchOutcome, plan_batch};
+use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
 use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{
     Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
@@ -757,6 +757,33 @@ impl EventStore for PostgresStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(rows.max(0) as u64)
+    }
+
+    async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
+        let column = |i: usize| rows.iter().map(|r| r.counts[i]).collect::<Vec<_>>();
+        let written = sqlx::query(
+            "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, stat_date, sent, \
+             opened, replied, positive_replies, bounced) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], \
+             $6::int8[], $7::int8[], $8::int8[]) \
+             ON CONFLICT (campaign_id, stat_date) DO NOTHING",
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.campaign_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.stat_date).collect::<Vec<_>>())
+        .bind(column(0))
+        .bind(column(1))
+        .bind(column(2))
+        .bind(column(3))
+        .bind(column(4))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(written)
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

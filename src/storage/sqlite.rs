@@ -17,7 +17,7 @@ use super::{
     new_run_id, parse_phase, transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
-use crate::migration::backfill::{BatchOutcome, plan_batch};
+use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
 use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{
     Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
@@ -697,6 +697,29 @@ impl EventStore for SqliteStore {
             .fetch_one(&self.reader)
             .await?;
         Ok(rows.max(0) as u64)
+    }
+
+    async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
+        let mut tx = self.writer.begin().await?;
+        let mut written = 0;
+        for chunk in rows.chunks(rows_per_statement(8)) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, stat_date, sent, \
+                 opened, replied, positive_replies, bounced) ",
+            );
+            insert.push_values(chunk, |mut row, legacy| {
+                row.push_bind(legacy.campaign_id.as_str())
+                    .push_bind(legacy.user_id.as_str())
+                    .push_bind(legacy.stat_date);
+                for count in legacy.counts {
+                    row.push_bind(count);
+                }
+            });
+            insert.push(" ON CONFLICT (campaign_id, stat_date) DO NOTHING");
+            written += insert.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(written)
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

@@ -2,6 +2,7 @@
 //! SQLite and on PostgreSQL (see `common` for how the PostgreSQL half is enabled).
 
 mod backfill;
+mod cli;
 mod common;
 mod migration;
 mod read;

@@ -1,4 +1,8 @@
-//! The command line: `serve` (the default) and `migrate`.
+//! The command line: `serve` (the default), `migrate`, the data generator, and the admin
+//! commands that talk to a running server.
+
+mod admin;
+mod generate;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,6 +36,21 @@ pub enum Command {
     Serve(ServeArgs),
     /// Bring the database schema up to date and exit (for a deploy hook).
     Migrate(MigrateArgs),
+    /// Migration phase of a running server: status, transition, history.
+    Migration {
+        #[command(subcommand)]
+        command: admin::MigrationCommand,
+        #[command(flatten)]
+        client: admin::ClientArgs,
+    },
+    /// Copy legacy history into the new storage on a running server, with a progress bar.
+    Backfill(admin::BackfillArgs),
+    /// Compare the legacy and new storages on a running server; fails on any difference.
+    Verify(admin::VerifyArgs),
+    /// Rows and bytes of the legacy table against the new storage.
+    StorageReport(admin::ClientArgs),
+    /// Fill the legacy table of a database with generated history (tests, rehearsals).
+    GenerateLegacy(generate::GenerateArgs),
 }
 
 /// Where the database is and how to reach it.
@@ -99,6 +118,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
+        Command::Migration { command, client } => admin::migration(command, client).await,
+        Command::Backfill(args) => admin::backfill(args).await,
+        Command::Verify(args) => admin::verify(args).await,
+        Command::StorageReport(args) => admin::storage_report(args).await,
+        Command::GenerateLegacy(args) => generate::generate(args).await,
     }
 }
 

@@ -1,0 +1,476 @@
+//! Admin commands: a gRPC client of a running server, for operators and scripts. Text for
+//! people, `--output json` for scripts; the exit code is non-zero when the work failed.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::grpc::proto::migration_service_client::MigrationServiceClient;
+use crate::grpc::proto::{
+    self, GetMigrationStateRequest, GetRunRequest, GetStorageReportRequest,
+    ListPhaseTransitionsRequest, MigrationPhase, StartBackfillRequest, TransitionPhaseRequest,
+    VerifyConsistencyRequest,
+};
+use crate::migration::Phase;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where the server is and how to print.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "STATS_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    pub server: String,
+    /// `text` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
+}
+
+impl ClientArgs {
+    async fn migration(&self) -> anyhow::Result<MigrationServiceClient<Channel>> {
+        let channel = Channel::from_shared(self.server.clone())
+            .with_context(|| format!("invalid server address {:?}", self.server))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        Ok(MigrationServiceClient::new(channel))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationCommand {
+    /// The phase, the moves allowed from it, and what it means for reads and writes.
+    Status,
+    /// Move to another phase (forward one step, or back to any earlier one).
+    Transition {
+        /// The target phase, e.g. DUAL_WRITE (or dual-write).
+        #[arg(value_parser = parse_phase)]
+        phase: Phase,
+        /// Why (kept in the history).
+        #[arg(long)]
+        reason: String,
+        /// Who (kept in the history); defaults to $USER.
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
+    },
+    /// Every phase change, newest first.
+    History {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+/// Options of `backfill`.
+#[derive(Debug, Clone, Args)]
+pub struct BackfillArgs {
+    /// Count and report only; write nothing to the new storage.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Legacy rows per batch (one transaction each).
+    #[arg(long, default_value_t = 1_000)]
+    pub batch_size: u32,
+    /// Pause between batches, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub throttle_ms: u32,
+    /// Write the run's report (its summary and ambiguous rows) to this file, as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Who (kept with the run); defaults to $USER.
+    #[arg(long, env = "USER", default_value = "cli")]
+    pub actor: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of `verify`.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// First day (YYYY-MM-DD); with `--to`. Without both: the whole history.
+    #[arg(long, requires = "to")]
+    pub from: Option<String>,
+    /// Last day (YYYY-MM-DD); with `--from`.
+    #[arg(long, requires = "from")]
+    pub to: Option<String>,
+    /// Who (kept with the run); defaults to $USER.
+    #[arg(long, env = "USER", default_value = "cli")]
+    pub actor: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `DUAL_WRITE`, `dual-write` or `dual_write`.
+fn parse_phase(value: &str) -> Result<Phase, String> {
+    let name = value.trim().to_ascii_uppercase().replace('-', "_");
+    let name = name.strip_prefix("MIGRATION_PHASE_").unwrap_or(&name);
+    Phase::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown phase {value:?}; one of {}", names.join(", "))
+    })
+}
+
+fn phase_name(value: i32) -> &'static str {
+    MigrationPhase::try_from(value)
+        .map(|p| p.as_str_name().trim_start_matches("MIGRATION_PHASE_"))
+        .unwrap_or("UNKNOWN")
+}
+
+fn to_proto(phase: Phase) -> MigrationPhase {
+    match phase {
+        Phase::LegacyOnly => MigrationPhase::LegacyOnly,
+        Phase::DualWrite => MigrationPhase::DualWrite,
+        Phase::Backfilled => MigrationPhase::Backfilled,
+        Phase::Verified => MigrationPhase::Verified,
+        Phase::NewPrimary => MigrationPhase::NewPrimary,
+        Phase::LegacyRetired => MigrationPhase::LegacyRetired,
+    }
+}
+
+fn source_name(value: i32) -> &'static str {
+    match proto::StorageSource::try_from(value) {
+        Ok(proto::StorageSource::Legacy) => "legacy",
+        Ok(proto::StorageSource::New) => "new",
+        _ => "unknown",
+    }
+}
+
+fn time(ts: Option<prost_types::Timestamp>) -> String {
+    ts.and_then(|t| {
+        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+    })
+    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    .unwrap_or_default()
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+/// A server error as the operator should read it.
+fn failed(what: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {} ({:?})", status.message(), status.code())
+}
+
+/// Runs a `migration …` command.
+pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> anyhow::Result<()> {
+    let mut client = client_args.migration().await?;
+    let state = match command {
+        MigrationCommand::Status => client
+            .get_migration_state(GetMigrationStateRequest {})
+            .await
+            .map_err(|s| failed("cannot read the phase", s))?
+            .into_inner(),
+        MigrationCommand::Transition {
+            phase,
+            reason,
+            actor,
+        } => client
+            .transition_phase(TransitionPhaseRequest {
+                target: to_proto(phase).into(),
+                reason,
+                actor,
+            })
+            .await
+            .map_err(|s| failed(&format!("cannot move to {phase}"), s))?
+            .into_inner(),
+        MigrationCommand::History { limit } => {
+            let history = client
+                .list_phase_transitions(ListPhaseTransitionsRequest { limit })
+                .await
+                .map_err(|s| failed("cannot read the history", s))?
+                .into_inner()
+                .transitions;
+            let rows: Vec<Value> = history
+                .iter()
+                .map(|t| json!({"at": time(t.at), "from": phase_name(t.from), "to": phase_name(t.to), "actor": t.actor, "reason": t.reason}))
+                .collect();
+            match client_args.output {
+                Output::Json => print_json(&Value::Array(rows)),
+                Output::Text => {
+                    println!(
+                        "{:<22} {:<15} {:<15} {:<20} REASON",
+                        "AT", "FROM", "TO", "ACTOR"
+                    );
+                    for t in &history {
+                        println!(
+                            "{:<22} {:<15} {:<15} {:<20} {}",
+                            time(t.at),
+                            phase_name(t.from),
+                            phase_name(t.to),
+                            t.actor,
+                            t.reason
+                        );
+                    }
+                }
+            }
+            return Ok(());
+        }
+    };
+    let allowed: Vec<&str> = state
+        .allowed_transitions
+        .iter()
+        .map(|p| phase_name(*p))
+        .collect();
+    let writes = match (state.writes_legacy, state.writes_new) {
+        (true, true) => "legacy + new",
+        (true, false) => "legacy",
+        (false, true) => "new",
+        (false, false) => "nothing",
+    };
+    match client_args.output {
+        Output::Json => print_json(&json!({
+            "phase": phase_name(state.phase),
+            "allowed_transitions": allowed,
+            "changed_at": time(state.changed_at),
+            "reads": source_name(state.read_source),
+            "writes_legacy": state.writes_legacy,
+            "writes_new": state.writes_new,
+        })),
+        Output::Text => {
+            println!("phase:    {}", phase_name(state.phase));
+            println!("since:    {}", time(state.changed_at));
+            println!("reads:    {}", source_name(state.read_source));
+            println!("writes:   {writes}");
+            println!("can move: {}", allowed.join(", "));
+        }
+    }
+    Ok(())
+}
+
+fn run_json(run: &proto::Run) -> Value {
+    json!({
+        "run_id": run.run_id, "kind": run.kind, "state": run.state, "dry_run": run.dry_run,
+        "actor": run.actor, "started_at": time(run.started_at), "finished_at": time(run.finished_at),
+        "batch_size": run.batch_size, "processed": run.processed, "copied": run.copied,
+        "skipped": run.skipped, "ambiguous": run.ambiguous, "failed": run.failed,
+        "compared": run.compared, "mismatches": run.mismatches, "checkpoint": run.checkpoint,
+        "last_error": run.last_error,
+    })
+}
+
+/// Runs `backfill`: starts (or resumes) it and follows its progress to the end.
+pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
+    let mut client = args.client.migration().await?;
+    // The legacy row count sizes the progress bar.
+    let total = client
+        .get_storage_report(GetStorageReportRequest {})
+        .await
+        .map_err(|s| failed("cannot size the legacy table", s))?
+        .into_inner()
+        .legacy_rows;
+    let run_id = client
+        .start_backfill(StartBackfillRequest {
+            dry_run: args.dry_run,
+            batch_size: args.batch_size,
+            throttle_ms: args.throttle_ms,
+            actor: args.actor.clone(),
+        })
+        .await
+        .map_err(|s| failed("cannot start the backfill", s))?
+        .into_inner()
+        .run_id;
+    let bar = if args.client.output == Output::Text {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows ({per_sec}, eta {eta}) {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.println(format!(
+        "backfill {run_id}{}",
+        if args.dry_run { " (dry run)" } else { "" }
+    ));
+    let mut updates = client
+        .watch_run(GetRunRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .map_err(|s| failed("cannot follow the backfill", s))?
+        .into_inner();
+    let mut last = None;
+    while let Some(update) = updates.next().await {
+        let run = update.map_err(|s| failed("lost the backfill's progress", s))?;
+        bar.set_position(run.processed);
+        bar.set_message(format!(
+            "copied {} · skipped {} · ambiguous {}",
+            run.copied, run.skipped, run.ambiguous
+        ));
+        last = Some(run);
+    }
+    bar.finish_and_clear();
+    let run = last.context("the server sent no progress")?;
+    let report = client
+        .get_run_report(GetRunRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .map_err(|s| failed("cannot read the run's report", s))?
+        .into_inner();
+    let ambiguous: Vec<Value> = report
+        .ambiguous
+        .iter()
+        .map(|i| json!({"campaign_id": i.campaign_id, "user_id": i.user_id, "date": i.date, "reason": i.reason}))
+        .collect();
+    let mut summary = run_json(&run);
+    summary["ambiguous_rows"] = Value::Array(ambiguous);
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
+    match args.client.output {
+        Output::Json => print_json(&summary),
+        Output::Text => {
+            println!("{:<12} {}", "run", run.run_id);
+            println!(
+                "{:<12} {}{}",
+                "state",
+                run.state,
+                if run.dry_run {
+                    " (dry run: nothing written)"
+                } else {
+                    ""
+                }
+            );
+            for (name, value) in [
+                ("processed", run.processed),
+                ("copied", run.copied),
+                ("skipped", run.skipped),
+                ("ambiguous", run.ambiguous),
+                ("failed", run.failed),
+            ] {
+                println!("{name:<12} {value:>12}");
+            }
+            for issue in report.ambiguous.iter().take(10) {
+                println!(
+                    "  ambiguous  {} {} {}: {}",
+                    issue.campaign_id, issue.user_id, issue.date, issue.reason
+                );
+            }
+            if run.ambiguous > 10 {
+                println!(
+                    "  … {} more in the run's report (--report FILE)",
+                    run.ambiguous - 10
+                );
+            }
+            if !run.last_error.is_empty() {
+                println!("{:<12} {}", "last error", run.last_error);
+            }
+        }
+    }
+    if run.state != "completed" {
+        bail!("the backfill ended {}", run.state);
+    }
+    Ok(())
+}
+
+/// Runs `verify`; fails when the storages differ.
+pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let mut client = args.client.migration().await?;
+    let result = client
+        .verify_consistency(VerifyConsistencyRequest {
+            start_date: args.from.unwrap_or_default(),
+            end_date: args.to.unwrap_or_default(),
+            actor: args.actor,
+        })
+        .await
+        .map_err(|s| failed("cannot verify", s))?
+        .into_inner();
+    match args.client.output {
+        Output::Json => print_json(&json!({
+            "run_id": result.run_id, "compared": result.compared, "mismatches": result.mismatches,
+            "ambiguous": result.ambiguous,
+            "sample": result.sample.iter().map(|m| json!({"user_id": m.user_id, "campaign_id": m.campaign_id, "date": m.date, "metric": m.metric, "legacy": m.legacy, "new": m.new})).collect::<Vec<_>>(),
+        })),
+        Output::Text => {
+            println!("{:<11} {}", "run", result.run_id);
+            println!("{:<11} {:>12}", "compared", result.compared);
+            println!("{:<11} {:>12}", "mismatches", result.mismatches);
+            println!(
+                "{:<11} {:>12}  (reported by the backfill; not compared)",
+                "ambiguous", result.ambiguous
+            );
+            if !result.sample.is_empty() {
+                println!(
+                    "{:<12} {:<20} {:<11} {:<17} {:>8} {:>8}",
+                    "USER", "CAMPAIGN", "DATE", "METRIC", "LEGACY", "NEW"
+                );
+                for m in &result.sample {
+                    println!(
+                        "{:<12} {:<20} {:<11} {:<17} {:>8} {:>8}",
+                        m.user_id, m.campaign_id, m.date, m.metric, m.legacy, m.new
+                    );
+                }
+            }
+        }
+    }
+    if result.mismatches > 0 {
+        bail!("{} keys differ between the storages", result.mismatches);
+    }
+    Ok(())
+}
+
+/// Runs `storage-report`.
+pub async fn storage_report(args: ClientArgs) -> anyhow::Result<()> {
+    let mut client = args.migration().await?;
+    let report = client
+        .get_storage_report(GetStorageReportRequest {})
+        .await
+        .map_err(|s| failed("cannot read the storage report", s))?
+        .into_inner();
+    match args.output {
+        Output::Json => print_json(&json!({
+            "legacy": {"rows": report.legacy_rows, "bytes": report.legacy_bytes, "all_zero_rows": report.legacy_zero_rows},
+            "new": {"rows": report.new_rows, "bytes": report.new_bytes},
+            "tables": report.tables.iter().map(|t| json!({"table": t.table, "storage": t.storage, "rows": t.rows, "bytes": t.bytes})).collect::<Vec<_>>(),
+        })),
+        Output::Text => {
+            println!(
+                "{:<30} {:<7} {:>12} {:>14}",
+                "TABLE", "STORAGE", "ROWS", "BYTES"
+            );
+            for t in &report.tables {
+                println!(
+                    "{:<30} {:<7} {:>12} {:>14}",
+                    t.table, t.storage, t.rows, t.bytes
+                );
+            }
+            println!(
+                "{:<30} {:<7} {:>12} {:>14}",
+                "total", "legacy", report.legacy_rows, report.legacy_bytes
+            );
+            println!(
+                "{:<30} {:<7} {:>12} {:>14}",
+                "total", "new", report.new_rows, report.new_bytes
+            );
+            if report.legacy_rows > 0 {
+                println!(
+                    "legacy rows all zeros: {} ({:.1}%)",
+                    report.legacy_zero_rows,
+                    report.legacy_zero_rows as f64 * 100.0 / report.legacy_rows as f64
+                );
+            }
+            if report.legacy_bytes > 0 {
+                println!(
+                    "new storage size: {:.1}% of legacy",
+                    report.new_bytes as f64 * 100.0 / report.legacy_bytes as f64
+                );
+            }
+        }
+    }
+    Ok(())
+}

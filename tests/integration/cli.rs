@@ -1,0 +1,121 @@
+//! The admin command line, run as a user runs it, against a real server.
+
+use serde_json::Value;
+
+use crate::common::TestDb;
+
+crate::on_both_backends!(operator_migrates_with_the_cli_alone);
+
+/// Runs `campaign-stats ARGS…` and returns its exit success and stdout.
+async fn cli(args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_campaign-stats"))
+        .args(args)
+        .output()
+        .await
+        .expect("run campaign-stats");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn cli_json(args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = cli(args).await;
+    assert!(ok, "{args:?} failed: {stderr}");
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {stdout}"))
+}
+
+async fn operator_migrates_with_the_cli_alone(db: TestDb) {
+    // Generated legacy history, written as the legacy system would have.
+    let (ok, stdout, stderr) = cli(&[
+        "generate-legacy",
+        "--campaigns",
+        "60",
+        "--users",
+        "9",
+        "--days",
+        "90",
+        "--seed",
+        "3",
+        "--database-url",
+        &db.url,
+    ])
+    .await;
+    assert!(ok, "generate-legacy failed: {stderr}");
+    assert!(stdout.contains("5400 legacy rows"), "{stdout}");
+    let server = db.start_server_keeping_phase().await;
+    let address = format!("http://{}", server.addr);
+    let server_args = ["--server", address.as_str(), "--output", "json"];
+    let with = |args: &[&'static str]| [args, &server_args[..]].concat();
+
+    let status = cli_json(&with(&["migration", "status"])).await;
+    assert_eq!(status["phase"], "LEGACY_ONLY");
+
+    // A backfill before dual-write is refused, and says so with a failing exit code.
+    let (ok, _, stderr) = cli(&with(&["backfill"])).await;
+    assert!(!ok);
+    assert!(stderr.contains("DUAL_WRITE"), "{stderr}");
+
+    let moved = cli_json(&with(&[
+        "migration",
+        "transition",
+        "dual-write",
+        "--reason",
+        "start",
+    ]))
+    .await;
+    assert_eq!(moved["phase"], "DUAL_WRITE");
+
+    let report_file = tempfile::NamedTempFile::new().expect("report file");
+    let report_path = report_file.path().to_str().expect("path").to_owned();
+    let run = cli_json(
+        &[
+            with(&["backfill", "--batch-size", "500"]),
+            vec!["--report", report_path.as_str()],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(run["state"], "completed");
+    assert_eq!(run["processed"], 5400);
+    assert!(run["copied"].as_u64().expect("copied") > 0);
+    let ambiguous = run["ambiguous"].as_u64().expect("ambiguous");
+    assert_eq!(
+        run["ambiguous_rows"].as_array().expect("rows").len() as u64,
+        ambiguous
+    );
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).expect("report"))
+            .expect("JSON report");
+    assert_eq!(saved["run_id"], run["run_id"]);
+
+    let verified = cli_json(&with(&["verify"])).await;
+    assert_eq!(verified["mismatches"], 0);
+    assert_eq!(verified["ambiguous"].as_u64(), Some(ambiguous));
+
+    for phase in ["BACKFILLED", "verified", "new_primary"] {
+        cli_json(&with(&[
+            "migration",
+            "transition",
+            phase,
+            "--reason",
+            "next",
+        ]))
+        .await;
+    }
+    let history = cli_json(&with(&["migration", "history"])).await;
+    assert_eq!(history.as_array().expect("history").len(), 4);
+    assert_eq!(history[0]["to"], "NEW_PRIMARY");
+
+    let sizes = cli_json(&with(&["storage-report"])).await;
+    assert_eq!(sizes["legacy"]["rows"], 5400);
+    assert!(sizes["new"]["rows"].as_u64().expect("rows") > 0);
+
+    // A difference makes verify fail.
+    db.execute("UPDATE campaign_daily_stat_entries SET sent = sent + 1 WHERE id = (SELECT MIN(id) FROM campaign_daily_stat_entries WHERE sent > 0 AND sent < 1000)").await;
+    let (ok, stdout, _) = cli(&with(&["verify"])).await;
+    assert!(!ok, "verify passed with a difference: {stdout}");
+    server.stop().await;
+}
