@@ -4,6 +4,7 @@ PostgreSQL, so that the README's commands stay true. Exits non-zero on the first
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,11 @@ def readme_grpcurl_commands():
     with open("README.md", encoding="utf-8") as readme:
         blocks = re.findall(r"```sh\n(.*?)```", readme.read(), flags=re.S)
     return [block for block in blocks if "grpcurl" in block and "pip install" not in block]
+
+
+def port_is_free():
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", 50051)) != 0
 
 
 def wait_until_serving(server):
@@ -37,6 +43,8 @@ def wait_until_serving(server):
 
 def smoke(database_url):
     print(f"-- {database_url}")
+    if not port_is_free():
+        sys.exit("FAIL: something already listens on 127.0.0.1:50051; the README's commands need that port")
     server = subprocess.Popen([BINARY, "--database-url", database_url])
     try:
         wait_until_serving(server)
@@ -69,7 +77,39 @@ def fresh_postgres_database():
     return POSTGRES.rsplit("/", 1)[0] + "/" + name
 
 
+def migration_walkthrough():
+    """Runs the commands of README's "Migrating from the legacy table" section as written,
+    with `cargo run --release --` standing for the built binary, in a scratch directory."""
+    with open("README.md", encoding="utf-8") as readme:
+        text = readme.read()
+    section = text.split("## Migrating from the legacy table", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    prefix = "cargo run --release --"
+    commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith(prefix)]
+    binary = os.path.abspath(BINARY)
+    with tempfile.TemporaryDirectory() as directory:
+        server = None
+        try:
+            for command in commands:
+                args = command[len(prefix):].split()
+                if args[0].startswith("--"):
+                    # Starting the server: in the background, until the walkthrough ends.
+                    server = subprocess.Popen([binary, *args], cwd=directory)
+                    wait_until_serving(server)
+                    continue
+                run = subprocess.run(["bash", "-c", binary + command[len(prefix):]], cwd=directory, capture_output=True, text=True)
+                if run.returncode != 0:
+                    sys.exit(f"FAIL: README command failed:\n{command}\n{run.stdout}{run.stderr}")
+                print(f"   ok: {command}")
+        finally:
+            if server is not None:
+                server.send_signal(signal.SIGTERM)
+                server.wait(timeout=30)
+    print(f"   {len(commands)} migration commands of README passed")
+
+
 with tempfile.TemporaryDirectory() as directory:
     smoke(f"sqlite://{directory}/smoke.db")
 smoke(fresh_postgres_database())
-print("smoke: every README grpcurl command worked on SQLite and on PostgreSQL")
+migration_walkthrough()
+print("smoke: README's grpcurl calls worked on SQLite and on PostgreSQL, and its migration walkthrough on SQLite")
