@@ -30,7 +30,12 @@ pub enum Output {
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// The server's gRPC address.
-    #[arg(long, env = "STATS_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "STATS_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     pub server: String,
     /// `text` for people, `json` for scripts.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]

@@ -17,7 +17,9 @@ use chrono::NaiveDate;
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow};
 use crate::migration::verify::{VerifyData, VerifyOutcome};
-use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
+use crate::migration::{
+    Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
+};
 
 pub use error::StorageError;
 pub use postgres::PostgresStore;
@@ -198,6 +200,73 @@ pub trait EventStore: Send + Sync + 'static {
 fn parse_phase(name: &str) -> Result<Phase, StorageError> {
     Phase::from_name(name)
         .ok_or_else(|| StorageError::Corrupt(format!("unknown migration phase {name:?}")))
+}
+
+/// The stored phase: name, when it changed, when DUAL_WRITE was last entered.
+type PhaseRow = (
+    String,
+    chrono::DateTime<chrono::Utc>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
+/// The finish times [`PreconditionFacts`] needs: the last real backfill, and the latest
+/// verify if it was clean. No parameters, so both backends run it as is.
+const PRECONDITION_FACTS: &str = "SELECT \
+    (SELECT MAX(finished_at) FROM migration_runs \
+     WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
+    (SELECT MAX(finished_at) FROM migration_runs \
+     WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0 \
+     AND finished_at = (SELECT MAX(finished_at) FROM migration_runs \
+                        WHERE kind = 'verify' AND state = 'completed'))";
+
+/// A row of [`PRECONDITION_FACTS`].
+type FactsRow = (
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
+/// What a transition does once the stored phase and facts are read.
+enum TransitionStep {
+    /// Already in the target phase: nothing changes.
+    Stay(PhaseState),
+    /// Move: write the new phase and record the change.
+    Move {
+        from: Phase,
+        at: chrono::DateTime<chrono::Utc>,
+        dual_write_started_at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+/// Decides a transition to `target` (the same for every backend).
+fn plan_transition(
+    (current, changed_at, dual_write_started_at): PhaseRow,
+    (last_backfill_at, last_clean_verify_at): FactsRow,
+    target: Phase,
+) -> Result<TransitionStep, StorageError> {
+    let current = parse_phase(&current)?;
+    if current == target {
+        return Ok(TransitionStep::Stay(PhaseState {
+            phase: current,
+            changed_at,
+        }));
+    }
+    let facts = PreconditionFacts {
+        dual_write_started_at,
+        last_backfill_at,
+        last_clean_verify_at,
+    };
+    current.check_transition(target, &facts)?;
+    let at = chrono::Utc::now();
+    Ok(TransitionStep::Move {
+        from: current,
+        at,
+        // Entering DUAL_WRITE from below starts it anew: backfills count from here.
+        dual_write_started_at: if target == Phase::DualWrite && current < target {
+            Some(at)
+        } else {
+            dual_write_started_at
+        },
+    })
 }
 
 /// A stored transition row: from, to, actor, reason, when.

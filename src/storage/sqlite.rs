@@ -12,16 +12,15 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
-    EventStore, LEGACY_ZERO_ROWS, PoolOptions, RUN_COLUMNS, RecordOutcome, RunRow, StorageError,
-    TableSize, TransitionRow, VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, batch, mismatch_reason,
-    new_run_id, parse_phase, transition_from_row, verify_data_from_rows,
+    EventStore, FactsRow, LEGACY_ZERO_ROWS, PRECONDITION_FACTS, PhaseRow, PoolOptions, RUN_COLUMNS,
+    RecordOutcome, RunRow, StorageError, TableSize, TransitionRow, TransitionStep,
+    VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, batch, mismatch_reason, new_run_id, parse_phase,
+    plan_transition, transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
 use crate::migration::verify::{VerifyData, VerifyOutcome};
-use crate::migration::{
-    Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
-};
+use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -351,72 +350,46 @@ impl EventStore for SqliteStore {
     ) -> Result<PhaseState, StorageError> {
         // The single writer connection serialises transitions with every write.
         let mut tx = self.writer.begin().await?;
-        let (current, changed_at, dual_write_started_at): (
-            String,
-            DateTime<Utc>,
-            Option<DateTime<Utc>>,
-        ) = sqlx::query_as(
+        let phase: PhaseRow = sqlx::query_as(
             "SELECT phase, changed_at, dual_write_started_at FROM migration_state WHERE id = 1",
         )
         .fetch_one(&mut *tx)
         .await?;
-        let current = parse_phase(&current)?;
-        if current == target {
-            return Ok(PhaseState {
-                phase: current,
-                changed_at,
-            });
-        }
-        let (last_backfill_at, last_clean_verify_at): (
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-        ) = sqlx::query_as(
-            "SELECT \
-                 (SELECT MAX(finished_at) FROM migration_runs \
-                  WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
-                 (SELECT MAX(finished_at) FROM migration_runs \
-                  WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0 \
-                  AND finished_at = (SELECT MAX(finished_at) FROM migration_runs \
-                                     WHERE kind = 'verify' AND state = 'completed'))",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        let facts = PreconditionFacts {
-            dual_write_started_at,
-            last_backfill_at,
-            last_clean_verify_at,
-        };
-        current.check_transition(target, &facts)?;
-        let now = Utc::now();
-        let dual_write_started_at = if target == Phase::DualWrite && current < target {
-            Some(now)
-        } else {
-            dual_write_started_at
+        let facts: FactsRow = sqlx::query_as(PRECONDITION_FACTS)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (from, at, dual_write_started_at) = match plan_transition(phase, facts, target)? {
+            TransitionStep::Stay(state) => return Ok(state),
+            TransitionStep::Move {
+                from,
+                at,
+                dual_write_started_at,
+            } => (from, at, dual_write_started_at),
         };
         sqlx::query(
             "UPDATE migration_state SET phase = ?, changed_at = ?, dual_write_started_at = ? \
-             WHERE id = 1",
+                     WHERE id = 1",
         )
         .bind(target.name())
-        .bind(now)
+        .bind(at)
         .bind(dual_write_started_at)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
             "INSERT INTO migration_transitions (from_phase, to_phase, actor, reason, at) \
-             VALUES (?, ?, ?, ?, ?)",
+                     VALUES (?, ?, ?, ?, ?)",
         )
-        .bind(current.name())
+        .bind(from.name())
         .bind(target.name())
         .bind(actor)
         .bind(reason)
-        .bind(now)
+        .bind(at)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(PhaseState {
             phase: target,
-            changed_at: now,
+            changed_at: at,
         })
     }
 
