@@ -16,6 +16,7 @@ pub mod domain;
 pub mod grpc;
 pub mod health;
 pub mod migration;
+pub mod rollout;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
