@@ -9,36 +9,34 @@ use std::time::Duration;
 use chrono::NaiveDate;
 
 use crate::domain::{
-    Answer, CampaignId, CampaignStatsQuery, DateRange, Event, Metrics, SeriesQuery, StorageSource,
+    Answer, CampaignId, CampaignStatsQuery, DateRange, Event, Metrics, SeriesQuery, UserId,
     bucket_series,
 };
 use crate::migration::runner::{Jobs, run_backfill};
 use crate::migration::verify::{VerifyOutcome, compare};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
+use crate::rollout::{ALL_USERS, RolloutView};
 use crate::storage::{EventStore, RecordOutcome, StorageError, TableSize};
 
-/// The statistics use cases over one store.
+/// The statistics use cases over one store, with reads routed by the rollout.
 #[derive(Debug)]
 pub struct Stats<S> {
     store: Arc<S>,
+    rollout: RolloutView,
 }
 
 impl<S> Clone for Stats<S> {
     fn clone(&self) -> Self {
         Self {
             store: Arc::clone(&self.store),
+            rollout: self.rollout.clone(),
         }
     }
 }
 
 impl<S: EventStore> Stats<S> {
-    pub fn new(store: Arc<S>) -> Self {
-        Self { store }
-    }
-
-    /// The storage reads come from in the current migration phase.
-    async fn read_source(&self) -> Result<StorageSource, StorageError> {
-        Ok(self.store.phase().await?.phase.read_source())
+    pub fn new(store: Arc<S>, rollout: RolloutView) -> Self {
+        Self { store, rollout }
     }
 
     /// Stores validated events atomically; see [`EventStore::record_events`].
@@ -55,7 +53,7 @@ impl<S: EventStore> Stats<S> {
         &self,
         query: &CampaignStatsQuery,
     ) -> Result<Answer<Vec<(CampaignId, Metrics)>>, StorageError> {
-        let source = self.read_source().await?;
+        let source = self.rollout.read_source(query.user.as_str());
         let totals = self
             .store
             .campaign_totals(source, &query.user, &query.campaigns, query.range)
@@ -73,7 +71,8 @@ impl<S: EventStore> Stats<S> {
         &self,
         query: &SeriesQuery,
     ) -> Result<Answer<Vec<(NaiveDate, Metrics)>>, StorageError> {
-        let source = self.read_source().await?;
+        let user = query.scope.user.as_ref().map_or(ALL_USERS, UserId::as_str);
+        let source = self.rollout.read_source(user);
         let daily = self
             .store
             .daily_totals(source, &query.scope, query.range)
@@ -90,6 +89,7 @@ impl<S: EventStore> Stats<S> {
 pub struct Migration<S> {
     store: Arc<S>,
     jobs: Jobs,
+    rollout: RolloutView,
     /// Backfills running in this process, by dry-run flag: one of each kind at a time.
     active: Arc<Mutex<HashMap<bool, String>>>,
 }
@@ -99,6 +99,7 @@ impl<S> Clone for Migration<S> {
         Self {
             store: Arc::clone(&self.store),
             jobs: self.jobs.clone(),
+            rollout: self.rollout.clone(),
             active: Arc::clone(&self.active),
         }
     }
@@ -150,10 +151,11 @@ pub const MAX_TRANSITIONS_LISTED: u32 = 1_000;
 
 impl<S: EventStore> Migration<S> {
     /// The use cases over `store`; background runs go to `jobs`.
-    pub fn new(store: Arc<S>, jobs: Jobs) -> Self {
+    pub fn new(store: Arc<S>, jobs: Jobs, rollout: RolloutView) -> Self {
         Self {
             store,
             jobs,
+            rollout,
             active: Arc::default(),
         }
     }
@@ -287,6 +289,8 @@ impl<S: EventStore> Migration<S> {
         reason: &str,
     ) -> Result<PhaseState, StorageError> {
         let state = self.store.transition(target, actor, reason).await?;
+        // This replica applies the new phase at once; the others within their refresh.
+        self.rollout.refresh(self.store.as_ref()).await?;
         tracing::info!(phase = %state.phase, actor, reason, "migration phase set");
         Ok(state)
     }

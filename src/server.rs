@@ -18,6 +18,7 @@ use crate::grpc::proto::stats_service_server::StatsServiceServer;
 use crate::grpc::{self, MigrationApi, RolloutApi, StatsApi};
 use crate::health;
 use crate::migration::runner::Jobs;
+use crate::rollout::RolloutView;
 use crate::storage::{EventStore, StorageError};
 
 /// Settings of a running server that are not about the database.
@@ -29,6 +30,8 @@ pub struct ServerConfig {
     /// server closes them (long-lived streams such as health watches never finish by
     /// themselves).
     pub shutdown_grace: Duration,
+    /// How often each replica re-reads the rollout and the phase from the database.
+    pub rollout_refresh_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -36,6 +39,7 @@ impl Default for ServerConfig {
         Self {
             health_check_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(20),
+            rollout_refresh_interval: Duration::from_millis(500),
         }
     }
 }
@@ -61,8 +65,14 @@ pub async fn launch<S: EventStore>(
 ) -> Result<(), LaunchError> {
     store.migrate().await?;
     let store = Arc::new(store);
+    let rollout = RolloutView::load(store.as_ref()).await?;
 
     let jobs = Jobs::default();
+    {
+        let (view, store) = (rollout.clone(), Arc::clone(&store));
+        let every = config.rollout_refresh_interval;
+        jobs.spawn(move |stop| view.keep_fresh(store, every, stop));
+    }
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::check_once(store.as_ref(), &reporter, config.health_check_interval).await;
     let health_task = tokio::spawn(health::watch_database(
@@ -84,8 +94,11 @@ pub async fn launch<S: EventStore>(
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             )
     };
-    let stats = StatsServiceServer::new(StatsApi::new(Stats::new(Arc::clone(&store))))
-        .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES);
+    let stats = StatsServiceServer::new(StatsApi::new(Stats::new(
+        Arc::clone(&store),
+        rollout.clone(),
+    )))
+    .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES);
 
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving gRPC");
@@ -124,7 +137,7 @@ pub async fn launch<S: EventStore>(
         .add_service(stats)
         .add_service(RolloutServiceServer::new(RolloutApi))
         .add_service(MigrationServiceServer::new(MigrationApi::new(
-            Migration::new(Arc::clone(&store), jobs.clone()),
+            Migration::new(Arc::clone(&store), jobs.clone(), rollout.clone()),
         )))
         .serve_with_incoming_shutdown(incoming, shutdown);
     let served = tokio::select! {

@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// Seconds in-flight calls may take to finish after SIGTERM before they are closed.
     #[arg(long, env = "STATS_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
+    /// Milliseconds between re-reads of the rollout and phase (changes made through other
+    /// replicas arrive within this).
+    #[arg(long, env = "STATS_ROLLOUT_REFRESH_MS", default_value_t = 500)]
+    pub rollout_refresh_ms: u64,
     /// Milliseconds between database health checks.
     #[arg(long, env = "STATS_HEALTH_CHECK_INTERVAL_MS", default_value_t = 2_000)]
     pub health_check_interval_ms: u64,
@@ -134,6 +138,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         health_check_interval: Duration::from_millis(args.health_check_interval_ms.max(10)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        rollout_refresh_interval: Duration::from_millis(args.rollout_refresh_ms.max(10)),
     };
     let url = &args.database.database_url;
     let options = args.database.pool_options();

@@ -9,6 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::app::StartRefused;
 use crate::domain::{FieldViolation, LimitExceeded, ValidationError};
+use crate::rollout::RolloutRefused;
 use crate::storage::StorageError;
 
 /// Most violations named in a status message; the rest are counted. gRPC sends the message
@@ -101,6 +102,17 @@ impl ApiError {
                 *status.metadata_mut() = metadata;
                 return status;
             }
+            ApiError::Storage(StorageError::RolloutRefused(refused)) => {
+                let code = match refused {
+                    RolloutRefused::VersionConflict { .. } => Code::Aborted,
+                    RolloutRefused::NotVerified(_) | RolloutRefused::LegacyRetired => {
+                        Code::FailedPrecondition
+                    }
+                };
+                let mut status = Status::new(code, refused.to_string());
+                *status.metadata_mut() = metadata;
+                return status;
+            }
             ApiError::Storage(StorageError::TransitionRefused(refused)) => {
                 let mut status = Status::failed_precondition(refused.to_string());
                 *status.metadata_mut() = metadata;
@@ -177,6 +189,10 @@ fn storage_status(error: &StorageError) -> (Code, &'static str) {
         StorageError::CampaignOwnedByAnotherUser(_) => {
             // Writes map this with the event's position (`ApiError::from_write`).
             (Code::PermissionDenied, "campaign belongs to another user")
+        }
+        StorageError::RolloutRefused(_) => {
+            // Handlers map this with its reason and code (ABORTED for a version conflict).
+            (Code::FailedPrecondition, "rollout change refused")
         }
         StorageError::TransitionRefused(_) => {
             // Handlers map this with its reason (`ApiError::Refused`).

@@ -1,10 +1,16 @@
 //! The per-user read rollout: which storage answers a user's reads.
 //!
-//! Only the pure rules live here so far (bucketing and the decision); the stored,
-//! versioned rollout and its control API come with the rest of the rollout issue.
+//! The rules (bucketing, the decision, what a change does) live here; the stored,
+//! versioned rollout is in the storage contract, its control API in the gRPC layer.
 
 mod bucket;
 mod decision;
+mod state;
+mod view;
 
 pub use bucket::{BUCKETS, bucket};
 pub use decision::{Decision, Reason, RolloutConfig, decide};
+pub use state::{
+    AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot, apply, change_user, check_change,
+};
+pub use view::{ALL_USERS, Applied, RolloutView};

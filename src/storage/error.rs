@@ -10,6 +10,9 @@ pub enum StorageError {
     /// The migration phase cannot move as asked.
     #[error(transparent)]
     TransitionRefused(#[from] crate::migration::TransitionRefused),
+    /// The rollout cannot change as asked.
+    #[error(transparent)]
+    RolloutRefused(#[from] crate::rollout::RolloutRefused),
     /// The database holds a value this version cannot read (e.g. an unknown phase name).
     #[error("unreadable stored data: {0}")]
     Corrupt(String),

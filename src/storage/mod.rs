@@ -20,6 +20,7 @@ use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{
     Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
 };
+use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 pub use error::StorageError;
 pub use postgres::PostgresStore;
@@ -188,6 +189,27 @@ pub trait EventStore: Send + Sync + 'static {
         &self,
         rows: &[LegacyRow],
     ) -> impl Future<Output = Result<u64, StorageError>> + Send;
+
+    /// The rollout as stored, with every per-user override.
+    fn rollout(&self) -> impl Future<Output = Result<RolloutSnapshot, StorageError>> + Send;
+
+    /// Applies `change` if the current version is `expected_version` (when given) and the
+    /// phase allows it ([`crate::rollout::check_change`]); bumps the version and writes the
+    /// audit entry in the same transaction. Returns the rollout after the change.
+    fn change_rollout(
+        &self,
+        change: &RolloutChange,
+        expected_version: Option<u64>,
+        actor: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<RolloutSnapshot, StorageError>> + Send;
+
+    /// Audited changes, newest first, older than `before_version` when given, at most `limit`.
+    fn rollout_history(
+        &self,
+        before_version: Option<u64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<AuditEntry>, StorageError>> + Send;
 
     /// Succeeds while the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
@@ -390,6 +412,76 @@ fn verify_data_from_rows(
 /// How a verify mismatch is kept in the run's report.
 fn mismatch_reason(m: &crate::migration::verify::Mismatch) -> String {
     format!("{}: legacy {}, new {}", m.metric, m.legacy, m.new)
+}
+
+/// The rollout row: basis points, kill switch, salt, version, last change.
+const ROLLOUT_STATE: &str = "SELECT CAST(basis_points AS BIGINT), kill_switch, salt, \
+    CAST(version AS BIGINT), updated_at FROM rollout_state WHERE id = 1";
+
+/// A row of [`ROLLOUT_STATE`].
+type RolloutRow = (i64, bool, String, i64, chrono::DateTime<chrono::Utc>);
+
+fn rollout_config(
+    (basis_points, kill_switch, salt, version, _): &RolloutRow,
+) -> crate::rollout::RolloutConfig {
+    crate::rollout::RolloutConfig {
+        basis_points: u32::try_from(*basis_points).unwrap_or(0),
+        kill_switch: *kill_switch,
+        salt: salt.clone(),
+        version: u64::try_from(*version).unwrap_or(0),
+    }
+}
+
+fn source_from_name(name: &str) -> Result<StorageSource, StorageError> {
+    match name {
+        "legacy" => Ok(StorageSource::Legacy),
+        "new" => Ok(StorageSource::New),
+        other => Err(StorageError::Corrupt(format!("unknown storage {other:?}"))),
+    }
+}
+
+fn source_name(source: StorageSource) -> &'static str {
+    match source {
+        StorageSource::Legacy => "legacy",
+        StorageSource::New => "new",
+    }
+}
+
+fn rollout_snapshot(
+    row: RolloutRow,
+    overrides: Vec<(String, String)>,
+) -> Result<RolloutSnapshot, StorageError> {
+    Ok(RolloutSnapshot {
+        config: rollout_config(&row),
+        updated_at: row.4,
+        overrides: overrides
+            .into_iter()
+            .map(|(user, source)| Ok((user, source_from_name(&source)?)))
+            .collect::<Result<_, StorageError>>()?,
+    })
+}
+
+/// An audit row: version, actor, at, change, before, after, reason.
+type AuditRow = (
+    i64,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    String,
+    String,
+    String,
+    String,
+);
+
+fn audit_entry((version, actor, at, change, before, after, reason): AuditRow) -> AuditEntry {
+    AuditEntry {
+        version: u64::try_from(version).unwrap_or(0),
+        actor,
+        at,
+        change,
+        before,
+        after,
+        reason,
+    }
 }
 
 /// The database backends, told apart by the URL's scheme.

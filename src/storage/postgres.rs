@@ -9,15 +9,19 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::{
-    EventStore, FactsRow, LEGACY_ZERO_ROWS, PRECONDITION_FACTS, PhaseRow, PoolOptions, RUN_COLUMNS,
-    RecordOutcome, RunRow, StorageError, TableSize, TransitionRow, TransitionStep,
-    VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, batch, mismatch_reason, new_run_id, parse_phase,
-    plan_transition, transition_from_row, verify_data_from_rows,
+    AuditRow, EventStore, FactsRow, LEGACY_ZERO_ROWS, PRECONDITION_FACTS, PhaseRow, PoolOptions,
+    ROLLOUT_STATE, RUN_COLUMNS, RecordOutcome, RolloutRow, RunRow, StorageError, TableSize,
+    TransitionRow, TransitionStep, VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, audit_entry, batch,
+    mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config, rollout_snapshot,
+    source_from_name, source_name, transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
 use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
+use crate::rollout::{
+    AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot, apply, change_user, check_change,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -757,6 +761,120 @@ impl EventStore for PostgresStore {
         .await?
         .rows_affected();
         Ok(written)
+    }
+
+    async fn rollout(&self) -> Result<RolloutSnapshot, StorageError> {
+        let row: RolloutRow = sqlx::query_as(ROLLOUT_STATE).fetch_one(&self.pool).await?;
+        let overrides: Vec<(String, String)> =
+            sqlx::query_as("SELECT user_id, source FROM rollout_overrides")
+                .fetch_all(&self.pool)
+                .await?;
+        rollout_snapshot(row, overrides)
+    }
+
+    async fn change_rollout(
+        &self,
+        change: &RolloutChange,
+        expected_version: Option<u64>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<RolloutSnapshot, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let row: RolloutRow =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{ROLLOUT_STATE} FOR UPDATE")))
+                .fetch_one(&mut *tx)
+                .await?;
+        let current = rollout_config(&row);
+        if let Some(expected) = expected_version.filter(|v| *v != current.version) {
+            return Err(RolloutRefused::VersionConflict {
+                expected,
+                current: current.version,
+            }
+            .into());
+        }
+        let phase: String = sqlx::query_scalar("SELECT phase FROM migration_state WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        check_change(change, parse_phase(&phase)?)?;
+        let current_override = match change_user(change) {
+            Some(user) => {
+                let source: Option<String> =
+                    sqlx::query_scalar("SELECT source FROM rollout_overrides WHERE user_id = $1")
+                        .bind(user)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                source.as_deref().map(source_from_name).transpose()?
+            }
+            None => None,
+        };
+        let (next, what, before, after) = apply(change, &current, current_override);
+        let now = Utc::now();
+        sqlx::query(
+            "UPDATE rollout_state SET basis_points = $1, kill_switch = $2, salt = $3, \
+             version = $4, updated_at = $5 WHERE id = 1",
+        )
+        .bind(i64::from(next.basis_points))
+        .bind(next.kill_switch)
+        .bind(&next.salt)
+        .bind(next.version as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        match change {
+            RolloutChange::SetOverride { user_id, source } => {
+                sqlx::query(
+                    "INSERT INTO rollout_overrides (user_id, source, reason, actor, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id) DO UPDATE SET \
+                     source = excluded.source, reason = excluded.reason, actor = excluded.actor, \
+                     created_at = excluded.created_at",
+                )
+                .bind(user_id)
+                .bind(source_name(*source))
+                .bind(reason)
+                .bind(actor)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            RolloutChange::ClearOverride { user_id } => {
+                sqlx::query("DELETE FROM rollout_overrides WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            _ => {}
+        }
+        sqlx::query(
+            "INSERT INTO rollout_audit (version, actor, at, change, before, after, reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(next.version as i64)
+        .bind(actor)
+        .bind(now)
+        .bind(what)
+        .bind(before)
+        .bind(after)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.rollout().await
+    }
+
+    async fn rollout_history(
+        &self,
+        before_version: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        let rows: Vec<AuditRow> = sqlx::query_as(
+            "SELECT CAST(version AS BIGINT), actor, at, change, before, after, reason FROM rollout_audit \
+             WHERE version < $1 ORDER BY version DESC LIMIT $2",
+        )
+        .bind(before_version.map_or(i64::MAX, |v| v as i64))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(audit_entry).collect())
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

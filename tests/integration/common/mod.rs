@@ -350,6 +350,7 @@ impl TestServer {
         let config = ServerConfig {
             health_check_interval: std::time::Duration::from_millis(200),
             shutdown_grace: std::time::Duration::from_secs(5),
+            rollout_refresh_interval: std::time::Duration::from_millis(100),
         };
         let task = tokio::spawn(launch(listener, store, config, async {
             let _ = stop.await;
