@@ -15,7 +15,7 @@ use crate::domain::{
 use crate::migration::runner::{Jobs, run_backfill};
 use crate::migration::verify::{VerifyOutcome, compare};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
-use crate::rollout::{ALL_USERS, RolloutView};
+use crate::rollout::{ALL_USERS, Applied, AuditEntry, Decision, RolloutChange, RolloutView};
 use crate::storage::{EventStore, RecordOutcome, StorageError, TableSize};
 
 /// The statistics use cases over one store, with reads routed by the rollout.
@@ -303,5 +303,76 @@ impl<S: EventStore> Migration<S> {
             limit.min(MAX_TRANSITIONS_LISTED)
         };
         self.store.transitions(limit).await
+    }
+}
+
+/// The rollout use cases: read, change, evaluate, audit.
+#[derive(Debug)]
+pub struct Rollout<S> {
+    store: Arc<S>,
+    view: RolloutView,
+}
+
+impl<S> Clone for Rollout<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            view: self.view.clone(),
+        }
+    }
+}
+
+impl<S: EventStore> Rollout<S> {
+    pub fn new(store: Arc<S>, view: RolloutView) -> Self {
+        Self { store, view }
+    }
+
+    /// The rollout this replica applies.
+    pub fn current(&self) -> Arc<Applied> {
+        self.view.current()
+    }
+
+    /// Applies `change` (see [`EventStore::change_rollout`]); this replica applies the result
+    /// at once, the others within their refresh interval.
+    pub async fn change(
+        &self,
+        change: RolloutChange,
+        expected_version: Option<u64>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Arc<Applied>, StorageError> {
+        self.store
+            .change_rollout(&change, expected_version, actor, reason)
+            .await?;
+        self.view.refresh(self.store.as_ref()).await?;
+        let applied = self.view.current();
+        tracing::info!(
+            version = applied.rollout.config.version,
+            ?change,
+            actor,
+            reason,
+            "rollout changed"
+        );
+        Ok(applied)
+    }
+
+    /// Where `user_id`'s reads go now, and the version that decided it.
+    pub fn evaluate(&self, user_id: &str) -> (Decision, u64) {
+        let version = self.view.current().rollout.config.version;
+        (self.view.decide(user_id), version)
+    }
+
+    /// Audited changes, newest first, older than `before_version` when given.
+    pub async fn history(
+        &self,
+        before_version: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        self.store.rollout_history(before_version, limit).await
+    }
+
+    /// Every state this replica applies from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Applied>> {
+        self.view.subscribe()
     }
 }

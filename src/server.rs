@@ -11,7 +11,7 @@ use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
-use crate::app::{Migration, Stats};
+use crate::app::{Migration, Rollout, Stats};
 use crate::grpc::proto::migration_service_server::MigrationServiceServer;
 use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
 use crate::grpc::proto::stats_service_server::StatsServiceServer;
@@ -135,7 +135,10 @@ pub async fn launch<S: EventStore>(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(stats)
-        .add_service(RolloutServiceServer::new(RolloutApi))
+        .add_service(RolloutServiceServer::new(RolloutApi::new(Rollout::new(
+            Arc::clone(&store),
+            rollout.clone(),
+        ))))
         .add_service(MigrationServiceServer::new(MigrationApi::new(
             Migration::new(Arc::clone(&store), jobs.clone(), rollout.clone()),
         )))

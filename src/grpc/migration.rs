@@ -70,7 +70,7 @@ fn phase_from_proto(field: &str, value: i32) -> Result<Phase, ValidationError> {
     Ok(phase)
 }
 
-fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+pub(super) fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: at.timestamp(),
         // Always below 2e9, so it fits.

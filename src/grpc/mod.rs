@@ -4,13 +4,13 @@
 mod convert;
 mod error;
 mod migration;
+mod rollout;
 mod stats;
-mod unimplemented;
 
 pub use error::ApiError;
 pub use migration::MigrationApi;
+pub use rollout::RolloutApi;
 pub use stats::StatsApi;
-pub use unimplemented::RolloutApi;
 
 /// Types and services generated from `proto/stats/v1/*.proto`.
 pub mod proto {

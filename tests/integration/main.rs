@@ -7,4 +7,5 @@ mod common;
 mod migration;
 mod read;
 mod record;
+mod rollout;
 mod service;

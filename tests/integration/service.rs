@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
-use campaign_stats::grpc::proto::{EventType, GetRolloutRequest, RecordEventRequest};
+use campaign_stats::grpc::proto::{EventType, RecordEventRequest};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -18,7 +17,6 @@ crate::on_both_backends!(
     shutdown_tells_watchers_and_closes_open_streams,
     health_is_serving_with_a_database,
     reflection_v1_and_v1alpha_list_every_service,
-    rollout_answers_unimplemented_for_now,
     migrate_command_creates_the_schema,
 );
 
@@ -133,16 +131,6 @@ async fn reflection_v1_and_v1alpha_list_every_service(db: TestDb) {
         panic!("v1alpha reflection did not describe StatsService");
     };
     assert!(!files.file_descriptor_proto.is_empty());
-    server.stop().await;
-}
-
-async fn rollout_answers_unimplemented_for_now(db: TestDb) {
-    let server = db.start_server().await;
-    let status = RolloutServiceClient::new(server.channel().await)
-        .get_rollout(GetRolloutRequest {})
-        .await
-        .expect_err("not implemented yet");
-    assert_eq!(status.code(), Code::Unimplemented);
     server.stop().await;
 }
 

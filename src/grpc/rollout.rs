@@ -1,0 +1,355 @@
+//! `stats.v1.RolloutService`: the rollout controller's API.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use super::proto::rollout_service_server::RolloutService;
+use super::proto::{
+    self, ClearUserOverrideRequest, EvaluateUserRequest, EvaluateUserResponse, GetRolloutRequest,
+    GetRolloutResponse, KillSwitchRequest, ListRolloutHistoryRequest, ListRolloutHistoryResponse,
+    ListUserOverridesRequest, ListUserOverridesResponse, ResetSaltRequest,
+    SetRolloutPercentageRequest, SetUserOverrideRequest, UserOverride, WatchRolloutRequest,
+};
+use crate::app::Rollout;
+use crate::domain::{StorageSource, ValidationError, validate_id};
+use crate::rollout::{Applied, RolloutChange};
+use crate::storage::EventStore;
+
+/// The `RolloutService` handlers.
+#[derive(Debug)]
+pub struct RolloutApi<S> {
+    rollout: Rollout<S>,
+}
+
+impl<S: EventStore> RolloutApi<S> {
+    pub fn new(rollout: Rollout<S>) -> Self {
+        Self { rollout }
+    }
+}
+
+/// The stream of `WatchRollout`.
+pub type RolloutStream = Pin<Box<dyn Stream<Item = Result<proto::Rollout, Status>> + Send>>;
+
+fn rollout_to_proto(applied: &Applied) -> proto::Rollout {
+    let config = &applied.rollout.config;
+    proto::Rollout {
+        percentage: f64::from(config.basis_points) / 100.0,
+        version: config.version,
+        kill_switch: config.kill_switch,
+        salt: config.salt.clone(),
+        updated_at: Some(super::migration::timestamp(applied.rollout.updated_at)),
+        applied_version: config.version,
+        phase: proto::MigrationPhase::from(applied.phase).into(),
+        overrides: u32::try_from(applied.rollout.overrides.len()).unwrap_or(u32::MAX),
+    }
+}
+
+fn response(applied: &Applied) -> Response<GetRolloutResponse> {
+    Response::new(GetRolloutResponse {
+        rollout: Some(rollout_to_proto(applied)),
+    })
+}
+
+/// A percentage as hundredths: 0.00 to 100.00 in 0.01 steps.
+fn basis_points(percentage: f64) -> Result<u32, ValidationError> {
+    let hundredths = percentage * 100.0;
+    if !(0.0..=10_000.0).contains(&hundredths) || (hundredths - hundredths.round()).abs() > 1e-6 {
+        return Err(ValidationError::single(
+            "percentage",
+            format!("must be 0.00 to 100.00 in steps of 0.01, got {percentage}"),
+        ));
+    }
+    Ok(hundredths.round() as u32)
+}
+
+fn reason(value: String) -> Result<String, ValidationError> {
+    if value.trim().is_empty() {
+        Err(ValidationError::single(
+            "reason",
+            "must say why the rollout changes",
+        ))
+    } else {
+        Ok(value)
+    }
+}
+
+/// A user id of a rollout request (the all-users pseudo-user `*` included).
+fn user(value: String) -> Result<String, ValidationError> {
+    validate_id("user_id", &value).map_err(|v| ValidationError::from_failures([Some(v)]))?;
+    Ok(value)
+}
+
+fn actor(value: &str) -> &str {
+    if value.is_empty() { "unknown" } else { value }
+}
+
+/// Merges the checks of one request into one error naming every bad field.
+fn all_valid<A, B>(
+    a: Result<A, ValidationError>,
+    b: Result<B, ValidationError>,
+) -> Result<(A, B), ValidationError> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (a, b) => Err(ValidationError {
+            violations: [a.err(), b.err()]
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e.violations)
+                .collect(),
+        }),
+    }
+}
+
+fn source_to_proto(source: StorageSource) -> i32 {
+    proto::StorageSource::from(source).into()
+}
+
+/// Page size: 0 means 100; at most 1,000.
+fn page_size(size: u32) -> usize {
+    if size == 0 {
+        100
+    } else {
+        size.min(1_000) as usize
+    }
+}
+
+#[tonic::async_trait]
+impl<S: EventStore> RolloutService for RolloutApi<S> {
+    async fn get_rollout(
+        &self,
+        _: Request<GetRolloutRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        Ok(response(&self.rollout.current()))
+    }
+
+    async fn set_rollout_percentage(
+        &self,
+        request: Request<SetRolloutPercentageRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = request.into_inner();
+        let (basis_points, reason) =
+            all_valid(basis_points(request.percentage), reason(request.reason))?;
+        let change = RolloutChange::Percentage {
+            basis_points,
+            forced: request.force,
+        };
+        let applied = self
+            .rollout
+            .change(
+                change,
+                Some(request.expected_version),
+                actor(&request.actor),
+                &reason,
+            )
+            .await?;
+        Ok(response(&applied))
+    }
+
+    async fn set_user_override(
+        &self,
+        request: Request<SetUserOverrideRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = request.into_inner();
+        let source = match proto::StorageSource::try_from(request.source) {
+            Ok(proto::StorageSource::Legacy) => Ok(StorageSource::Legacy),
+            Ok(proto::StorageSource::New) => Ok(StorageSource::New),
+            _ => Err(ValidationError::single(
+                "source",
+                "must be STORAGE_SOURCE_LEGACY or STORAGE_SOURCE_NEW",
+            )),
+        };
+        let ((user_id, source), reason) = all_valid(
+            all_valid(user(request.user_id), source),
+            reason(request.reason),
+        )?;
+        let applied = self
+            .rollout
+            .change(
+                RolloutChange::SetOverride { user_id, source },
+                None,
+                actor(&request.actor),
+                &reason,
+            )
+            .await?;
+        Ok(response(&applied))
+    }
+
+    async fn clear_user_override(
+        &self,
+        request: Request<ClearUserOverrideRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = request.into_inner();
+        let (user_id, reason) = all_valid(user(request.user_id), reason(request.reason))?;
+        let applied = self
+            .rollout
+            .change(
+                RolloutChange::ClearOverride { user_id },
+                None,
+                actor(&request.actor),
+                &reason,
+            )
+            .await?;
+        Ok(response(&applied))
+    }
+
+    async fn kill_switch(
+        &self,
+        request: Request<KillSwitchRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = request.into_inner();
+        let reason = reason(request.reason)?;
+        let applied = self
+            .rollout
+            .change(
+                RolloutChange::KillSwitch {
+                    engaged: request.engaged,
+                },
+                None,
+                actor(&request.actor),
+                &reason,
+            )
+            .await?;
+        Ok(response(&applied))
+    }
+
+    async fn reset_salt(
+        &self,
+        request: Request<ResetSaltRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = request.into_inner();
+        let reason = reason(request.reason)?;
+        let salt = uuid::Uuid::now_v7().simple().to_string();
+        let applied = self
+            .rollout
+            .change(
+                RolloutChange::Salt { salt },
+                None,
+                actor(&request.actor),
+                &reason,
+            )
+            .await?;
+        Ok(response(&applied))
+    }
+
+    async fn evaluate_user(
+        &self,
+        request: Request<EvaluateUserRequest>,
+    ) -> Result<Response<EvaluateUserResponse>, Status> {
+        let user_id = user(request.into_inner().user_id)?;
+        let (decision, version) = self.rollout.evaluate(&user_id);
+        Ok(Response::new(EvaluateUserResponse {
+            source: source_to_proto(decision.source),
+            reason: decision.reason.to_string(),
+            bucket: decision.bucket,
+            version,
+        }))
+    }
+
+    async fn list_user_overrides(
+        &self,
+        request: Request<ListUserOverridesRequest>,
+    ) -> Result<Response<ListUserOverridesResponse>, Status> {
+        let request = request.into_inner();
+        let size = page_size(request.page_size);
+        let applied = self.rollout.current();
+        let mut users: Vec<(&String, &StorageSource)> = applied
+            .rollout
+            .overrides
+            .iter()
+            .filter(|(user, _)| {
+                request.page_token.is_empty() || user.as_str() > request.page_token.as_str()
+            })
+            .collect();
+        users.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let next_page_token = if users.len() > size {
+            users[size - 1].0.clone()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListUserOverridesResponse {
+            overrides: users
+                .into_iter()
+                .take(size)
+                .map(|(user, source)| UserOverride {
+                    user_id: user.clone(),
+                    source: source_to_proto(*source),
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn list_rollout_history(
+        &self,
+        request: Request<ListRolloutHistoryRequest>,
+    ) -> Result<Response<ListRolloutHistoryResponse>, Status> {
+        let request = request.into_inner();
+        let before = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(request.page_token.parse::<u64>().map_err(|_| {
+                ValidationError::single("page_token", "is not a token this service gave")
+            })?)
+        };
+        let size = page_size(request.page_size);
+        let changes = self.rollout.history(before, size as u32).await?;
+        let next_page_token = match changes.last() {
+            Some(last) if changes.len() == size && last.version > 1 => last.version.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListRolloutHistoryResponse {
+            changes: changes
+                .into_iter()
+                .map(|c| proto::RolloutChange {
+                    version: c.version,
+                    actor: c.actor,
+                    changed_at: Some(super::migration::timestamp(c.at)),
+                    change: c.change,
+                    before: c.before,
+                    after: c.after,
+                    reason: c.reason,
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn watch_rollout(
+        &self,
+        _: Request<WatchRolloutRequest>,
+    ) -> Result<Response<RolloutStream>, Status> {
+        // Subscribe before reading the current state, so that no change falls in between.
+        let mut changes = self.rollout.subscribe();
+        let first = self.rollout.current();
+        let rollout = self.rollout.clone();
+        let (updates, stream) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last: Arc<Applied> = first;
+            if updates.send(Ok(rollout_to_proto(&last))).await.is_err() {
+                return;
+            }
+            loop {
+                let next = match changes.recv().await {
+                    Ok(next) => next,
+                    // Too slow to see each change: send where things stand now.
+                    Err(RecvError::Lagged(_)) => rollout.current(),
+                    Err(RecvError::Closed) => return,
+                };
+                if *next == *last {
+                    continue;
+                }
+                last = next;
+                if updates.send(Ok(rollout_to_proto(&last))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(stream),
+        )))
+    }
+}

@@ -1,0 +1,518 @@
+//! The per-user read rollout: its control API, routing, and propagation between replicas.
+
+use std::time::{Duration, Instant};
+
+use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+use campaign_stats::grpc::proto::{
+    ClearUserOverrideRequest, EvaluateUserRequest, EventType, GetAggregatedDailyStatsRequest,
+    GetRolloutRequest, GetStatsRequest, KillSwitchRequest, ListRolloutHistoryRequest,
+    ListUserOverridesRequest, RecordEventsRequest, ResetSaltRequest, Rollout,
+    SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource, WatchRolloutRequest,
+};
+use campaign_stats::migration::Phase;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::common::{TestDb, TestServer, assert_names_fields, event};
+
+crate::on_both_backends!(
+    changes_are_versioned_audited_and_bounded_by_the_phase,
+    racing_controllers_one_wins,
+    reads_follow_percentage_override_and_kill_switch,
+    a_watcher_sees_the_current_state_then_each_change,
+    another_replica_applies_a_change_quickly,
+);
+
+async fn client(server: &TestServer) -> RolloutServiceClient<Channel> {
+    RolloutServiceClient::new(server.channel().await)
+}
+
+async fn current(client: &mut RolloutServiceClient<Channel>) -> Rollout {
+    client
+        .get_rollout(GetRolloutRequest {})
+        .await
+        .expect("GetRollout")
+        .into_inner()
+        .rollout
+        .expect("rollout")
+}
+
+fn percentage(percentage: f64, expected_version: u64, force: bool) -> SetRolloutPercentageRequest {
+    SetRolloutPercentageRequest {
+        percentage,
+        expected_version,
+        reason: "step".into(),
+        force,
+        actor: "controller".into(),
+    }
+}
+
+async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
+    let server = db.start_server().await;
+    let mut rollout = client(&server).await;
+    let start = current(&mut rollout).await;
+    assert_eq!(
+        (
+            start.percentage,
+            start.version,
+            start.kill_switch,
+            start.applied_version
+        ),
+        (0.0, 0, false, 0)
+    );
+
+    // Before VERIFIED the percentage stays 0 unless forced; forced, it is staged and audited.
+    let status = rollout
+        .set_rollout_percentage(percentage(10.0, 0, false))
+        .await
+        .expect_err("LEGACY_ONLY");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let staged = rollout
+        .set_rollout_percentage(percentage(10.0, 0, true))
+        .await
+        .expect("forced")
+        .into_inner();
+    assert_eq!(staged.rollout.expect("rollout").version, 1);
+    let evaluated = rollout
+        .evaluate_user(EvaluateUserRequest {
+            user_id: "u1".into(),
+        })
+        .await
+        .expect("evaluate")
+        .into_inner();
+    assert_eq!(evaluated.source, i32::from(StorageSource::Legacy));
+    assert!(
+        evaluated.reason.contains("applies from VERIFIED"),
+        "{}",
+        evaluated.reason
+    );
+
+    // A stale expected version is refused, naming the current one.
+    let status = rollout
+        .set_rollout_percentage(percentage(20.0, 0, true))
+        .await
+        .expect_err("stale version");
+    assert_eq!(status.code(), Code::Aborted);
+    assert!(
+        status.message().contains("current version is 1"),
+        "{}",
+        status.message()
+    );
+
+    for (bad, field) in [
+        (100.01, "percentage"),
+        (-1.0, "percentage"),
+        (12.345, "percentage"),
+        (f64::NAN, "percentage"),
+    ] {
+        let status = rollout
+            .set_rollout_percentage(percentage(bad, 1, true))
+            .await
+            .expect_err("bad percentage");
+        assert_names_fields(&status, Code::InvalidArgument, &[field]);
+    }
+    let status = rollout
+        .set_rollout_percentage(SetRolloutPercentageRequest {
+            reason: String::new(),
+            ..percentage(5.0, 1, true)
+        })
+        .await
+        .expect_err("no reason");
+    assert_names_fields(&status, Code::InvalidArgument, &["reason"]);
+
+    rollout
+        .set_user_override(SetUserOverrideRequest {
+            user_id: "beta".into(),
+            source: StorageSource::New.into(),
+            reason: "beta tester".into(),
+            actor: "pm".into(),
+        })
+        .await
+        .expect("override");
+    rollout
+        .clear_user_override(ClearUserOverrideRequest {
+            user_id: "beta".into(),
+            reason: "done".into(),
+            actor: "pm".into(),
+        })
+        .await
+        .expect("clear");
+    rollout
+        .kill_switch(KillSwitchRequest {
+            engaged: true,
+            reason: "incident".into(),
+            actor: "oncall".into(),
+        })
+        .await
+        .expect("kill");
+    let after = current(&mut rollout).await;
+    assert_eq!(
+        (after.version, after.kill_switch, after.percentage),
+        (4, true, 10.0)
+    );
+
+    let history = rollout
+        .list_rollout_history(ListRolloutHistoryRequest {
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .changes;
+    let entries: Vec<(u64, &str, &str, &str, &str, &str)> = history
+        .iter()
+        .map(|c| {
+            (
+                c.version,
+                c.actor.as_str(),
+                c.change.as_str(),
+                c.before.as_str(),
+                c.after.as_str(),
+                c.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (
+                4,
+                "oncall",
+                "kill switch",
+                "released",
+                "engaged",
+                "incident"
+            ),
+            (3, "pm", "override beta", "new", "none", "done"),
+            (2, "pm", "override beta", "none", "new", "beta tester"),
+            (
+                1,
+                "controller",
+                "percentage (forced)",
+                "0.00%",
+                "10.00%",
+                "step"
+            ),
+        ]
+    );
+    // Paging, newest first.
+    let page = rollout
+        .list_rollout_history(ListRolloutHistoryRequest {
+            page_size: 3,
+            page_token: String::new(),
+        })
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(page.changes.len(), 3);
+    let rest = rollout
+        .list_rollout_history(ListRolloutHistoryRequest {
+            page_size: 3,
+            page_token: page.next_page_token,
+        })
+        .await
+        .expect("next page")
+        .into_inner();
+    assert_eq!(
+        rest.changes.iter().map(|c| c.version).collect::<Vec<_>>(),
+        [1]
+    );
+    server.stop().await;
+}
+
+async fn racing_controllers_one_wins(db: TestDb) {
+    let db = db.in_phase(Phase::Verified);
+    let server = db.start_server().await;
+    let mut first = client(&server).await;
+    let mut second = client(&server).await;
+    let (a, b) = tokio::join!(
+        first.set_rollout_percentage(percentage(5.0, 0, false)),
+        second.set_rollout_percentage(percentage(7.0, 0, false)),
+    );
+    let codes = [
+        a.as_ref().err().map(|s| s.code()),
+        b.as_ref().err().map(|s| s.code()),
+    ];
+    assert!(
+        codes == [None, Some(Code::Aborted)] || codes == [Some(Code::Aborted), None],
+        "exactly one must win: {a:?} / {b:?}"
+    );
+    assert_eq!(current(&mut first).await.version, 1);
+    server.stop().await;
+}
+
+async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
+    let db = db.in_phase(Phase::Verified);
+    let server = db.start_server().await;
+    let mut rollout = client(&server).await;
+    let mut stats = server.stats().await;
+    let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    // Each user has one send, written to both storages (VERIFIED writes both).
+    let events = users
+        .iter()
+        .map(|u| event(u, &format!("c-{u}"), EventType::Sent, 1, "2026-01-10"))
+        .collect();
+    stats
+        .record_events(RecordEventsRequest { events })
+        .await
+        .expect("seed");
+    // Legacy gets one more send per campaign, so the numbers tell the storages apart too.
+    db.execute("UPDATE campaign_daily_stat_entries SET sent = sent + 1")
+        .await;
+
+    let read = |user: String| {
+        let mut stats = stats.clone();
+        async move {
+            let response = stats
+                .get_stats(GetStatsRequest {
+                    campaign_id: format!("c-{user}"),
+                    user_id: user,
+                    start_date: "2026-01-01".into(),
+                    end_date: "2026-01-31".into(),
+                })
+                .await
+                .expect("GetStats")
+                .into_inner();
+            (response.source, response.metrics.unwrap_or_default().sent)
+        }
+    };
+    let expect = |source: StorageSource| {
+        (
+            i32::from(source),
+            if source == StorageSource::New { 1 } else { 2 },
+        )
+    };
+
+    rollout
+        .set_rollout_percentage(percentage(50.0, 0, false))
+        .await
+        .expect("50%");
+    let salt = current(&mut rollout).await.salt;
+    let mut on_new = 0;
+    for user in &users {
+        let in_range = campaign_stats::rollout::bucket(&salt, user) < 5_000;
+        on_new += usize::from(in_range);
+        let expected = if in_range {
+            StorageSource::New
+        } else {
+            StorageSource::Legacy
+        };
+        assert_eq!(read(user.clone()).await, expect(expected), "{user}");
+        let evaluated = rollout
+            .evaluate_user(EvaluateUserRequest {
+                user_id: user.clone(),
+            })
+            .await
+            .expect("evaluate")
+            .into_inner();
+        assert_eq!(evaluated.source, i32::from(expected));
+        assert_eq!(
+            evaluated.bucket,
+            campaign_stats::rollout::bucket(&salt, user)
+        );
+    }
+    assert!(on_new > 5 && on_new < 35, "{on_new} of 40 users in NEW");
+
+    // An override wins over the percentage.
+    let legacy_user = users
+        .iter()
+        .find(|u| campaign_stats::rollout::bucket(&salt, u) >= 5_000)
+        .expect("a LEGACY user")
+        .clone();
+    rollout
+        .set_user_override(SetUserOverrideRequest {
+            user_id: legacy_user.clone(),
+            source: StorageSource::New.into(),
+            reason: "beta".into(),
+            actor: String::new(),
+        })
+        .await
+        .expect("override");
+    assert_eq!(read(legacy_user.clone()).await, expect(StorageSource::New));
+    let listed = rollout
+        .list_user_overrides(ListUserOverridesRequest {
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.overrides.len(), 1);
+
+    // The all-users view is routed as the pseudo-user "*".
+    let all_users =
+        |stats: &campaign_stats::grpc::proto::stats_service_client::StatsServiceClient<Channel>| {
+            let mut stats = stats.clone();
+            async move {
+                stats
+                    .get_aggregated_daily_stats(GetAggregatedDailyStatsRequest {
+                        start_date: "2026-01-01".into(),
+                        end_date: "2026-01-31".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("all users")
+                    .into_inner()
+                    .source
+            }
+        };
+    let star = campaign_stats::rollout::bucket(&salt, "*") < 5_000;
+    assert_eq!(
+        all_users(&stats).await,
+        expect(if star {
+            StorageSource::New
+        } else {
+            StorageSource::Legacy
+        })
+        .0
+    );
+    rollout
+        .set_user_override(SetUserOverrideRequest {
+            user_id: "*".into(),
+            source: StorageSource::Legacy.into(),
+            reason: "operator view stays".into(),
+            actor: String::new(),
+        })
+        .await
+        .expect("override *");
+    assert_eq!(all_users(&stats).await, i32::from(StorageSource::Legacy));
+
+    // The kill switch wins over everything.
+    rollout
+        .kill_switch(KillSwitchRequest {
+            engaged: true,
+            reason: "incident".into(),
+            actor: String::new(),
+        })
+        .await
+        .expect("kill");
+    for user in &users {
+        assert_eq!(
+            read(user.clone()).await,
+            expect(StorageSource::Legacy),
+            "{user}"
+        );
+    }
+    rollout
+        .kill_switch(KillSwitchRequest {
+            engaged: false,
+            reason: "resolved".into(),
+            actor: String::new(),
+        })
+        .await
+        .expect("release");
+    assert_eq!(read(legacy_user).await, expect(StorageSource::New));
+
+    // A new salt reshuffles.
+    rollout
+        .reset_salt(ResetSaltRequest {
+            reason: "reshuffle".into(),
+            actor: String::new(),
+        })
+        .await
+        .expect("salt");
+    let new_salt = current(&mut rollout).await.salt;
+    assert_ne!(new_salt, salt);
+    let moved = users
+        .iter()
+        .filter(|u| {
+            campaign_stats::rollout::bucket(&salt, u)
+                != campaign_stats::rollout::bucket(&new_salt, u)
+        })
+        .count();
+    assert!(moved > 30, "{moved}");
+    server.stop().await;
+}
+
+async fn a_watcher_sees_the_current_state_then_each_change(db: TestDb) {
+    let db = db.in_phase(Phase::Verified);
+    let server = db.start_server().await;
+    let mut rollout = client(&server).await;
+    let mut watch = rollout
+        .watch_rollout(WatchRolloutRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.next().await.expect("current state").expect("rollout");
+    assert_eq!(first.version, 0);
+    rollout
+        .set_rollout_percentage(percentage(1.0, 0, false))
+        .await
+        .expect("1%");
+    rollout
+        .set_rollout_percentage(percentage(10.0, 1, false))
+        .await
+        .expect("10%");
+    rollout
+        .kill_switch(KillSwitchRequest {
+            engaged: true,
+            reason: "drill".into(),
+            actor: String::new(),
+        })
+        .await
+        .expect("kill");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let update = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("a change within 10 s")
+            .expect("stream open")
+            .expect("rollout");
+        seen.push((update.version, update.percentage, update.kill_switch));
+    }
+    assert_eq!(seen, [(1, 1.0, false), (2, 10.0, false), (3, 10.0, true)]);
+    drop(watch);
+    server.stop().await;
+}
+
+async fn another_replica_applies_a_change_quickly(db: TestDb) {
+    let db = db.in_phase(Phase::Verified);
+    let first = db.start_server().await;
+    let second = db.start_server_keeping_phase().await;
+    let mut on_second = client(&second).await;
+    let mut watch = on_second
+        .watch_rollout(WatchRolloutRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(
+        watch
+            .next()
+            .await
+            .expect("current")
+            .expect("rollout")
+            .version,
+        0
+    );
+
+    let changed = Instant::now();
+    client(&first)
+        .await
+        .set_rollout_percentage(percentage(25.0, 0, false))
+        .await
+        .expect("change on the first replica");
+    let applied = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("the second replica applied the change within 5 s")
+        .expect("stream open")
+        .expect("rollout");
+    let took = changed.elapsed();
+    assert_eq!(
+        (applied.version, applied.applied_version, applied.percentage),
+        (1, 1, 25.0)
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let evaluated = on_second
+        .evaluate_user(EvaluateUserRequest {
+            user_id: "u".into(),
+        })
+        .await
+        .expect("evaluate")
+        .into_inner();
+    assert_eq!(evaluated.version, 1);
+    drop(watch);
+    first.stop().await;
+    second.stop().await;
+}
