@@ -43,13 +43,17 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
-    async fn migration(&self) -> anyhow::Result<MigrationServiceClient<Channel>> {
-        let channel = Channel::from_shared(self.server.clone())
+    /// A connection to the server.
+    pub(super) async fn channel(&self) -> anyhow::Result<Channel> {
+        Channel::from_shared(self.server.clone())
             .with_context(|| format!("invalid server address {:?}", self.server))?
             .connect()
             .await
-            .with_context(|| format!("cannot reach the server at {}", self.server))?;
-        Ok(MigrationServiceClient::new(channel))
+            .with_context(|| format!("cannot reach the server at {}", self.server))
+    }
+
+    async fn migration(&self) -> anyhow::Result<MigrationServiceClient<Channel>> {
+        Ok(MigrationServiceClient::new(self.channel().await?))
     }
 }
 
@@ -149,7 +153,7 @@ fn source_name(value: i32) -> &'static str {
     }
 }
 
-fn time(ts: Option<prost_types::Timestamp>) -> String {
+pub(super) fn time(ts: Option<prost_types::Timestamp>) -> String {
     ts.and_then(|t| {
         chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
     })
@@ -157,7 +161,7 @@ fn time(ts: Option<prost_types::Timestamp>) -> String {
     .unwrap_or_default()
 }
 
-fn print_json(value: &Value) {
+pub(super) fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
@@ -165,7 +169,7 @@ fn print_json(value: &Value) {
 }
 
 /// A server error as the operator should read it.
-fn failed(what: &str, status: tonic::Status) -> anyhow::Error {
+pub(super) fn failed(what: &str, status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {} ({:?})", status.message(), status.code())
 }
 

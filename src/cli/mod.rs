@@ -3,6 +3,7 @@
 
 mod admin;
 mod generate;
+mod rollout;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -40,6 +41,13 @@ pub enum Command {
     Migration {
         #[command(subcommand)]
         command: admin::MigrationCommand,
+        #[command(flatten)]
+        client: admin::ClientArgs,
+    },
+    /// The read rollout of a running server: get, set, override, kill-switch, evaluate, …
+    Rollout {
+        #[command(subcommand)]
+        command: rollout::RolloutCommand,
         #[command(flatten)]
         client: admin::ClientArgs,
     },
@@ -123,6 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
         Command::Migration { command, client } => admin::migration(command, client).await,
+        Command::Rollout { command, client } => rollout::rollout(command, client).await,
         Command::Backfill(args) => admin::backfill(args).await,
         Command::Verify(args) => admin::verify(args).await,
         Command::StorageReport(args) => admin::storage_report(args).await,

@@ -4,7 +4,10 @@ use serde_json::Value;
 
 use crate::common::TestDb;
 
-crate::on_both_backends!(operator_migrates_with_the_cli_alone);
+crate::on_both_backends!(
+    operator_migrates_with_the_cli_alone,
+    controller_moves_the_rollout_with_the_cli
+);
 
 /// Runs `campaign-stats ARGS…` and returns its exit success and stdout.
 async fn cli(args: &[&str]) -> (bool, String, String) {
@@ -117,5 +120,118 @@ async fn operator_migrates_with_the_cli_alone(db: TestDb) {
     db.execute("UPDATE campaign_daily_stat_entries SET sent = sent + 1 WHERE id = (SELECT MIN(id) FROM campaign_daily_stat_entries WHERE sent > 0 AND sent < 1000)").await;
     let (ok, stdout, _) = cli(&with(&["verify"])).await;
     assert!(!ok, "verify passed with a difference: {stdout}");
+    server.stop().await;
+}
+
+async fn controller_moves_the_rollout_with_the_cli(db: TestDb) {
+    let db = db.in_phase(campaign_stats::migration::Phase::Verified);
+    let server = db.start_server().await;
+    let address = format!("http://{}", server.addr);
+    let server_args = ["--server", address.as_str(), "--output", "json"];
+    let with = |args: &[&'static str]| [args, &server_args[..]].concat();
+
+    let set = cli_json(&with(&["rollout", "set", "10", "--reason", "first step"])).await;
+    assert_eq!(
+        (set["percentage"].as_f64(), set["version"].as_u64()),
+        (Some(10.0), Some(1))
+    );
+    let set = cli_json(&with(&[
+        "rollout",
+        "set",
+        "50",
+        "--expected-version",
+        "1",
+        "--reason",
+        "half",
+    ]))
+    .await;
+    assert_eq!(set["version"], 2);
+    // A stale expected version fails, and says why.
+    let (ok, _, stderr) = cli(&with(&[
+        "rollout",
+        "set",
+        "60",
+        "--expected-version",
+        "1",
+        "--reason",
+        "stale",
+    ]))
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("current version is 2"), "{stderr}");
+
+    cli_json(&with(&[
+        "rollout",
+        "override",
+        "beta",
+        "new",
+        "--reason",
+        "beta tester",
+    ]))
+    .await;
+    let evaluated = cli_json(&with(&["rollout", "evaluate", "beta"])).await;
+    assert_eq!(evaluated["source"], "new");
+    assert!(
+        evaluated["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("override")
+    );
+    let killed = cli_json(&with(&[
+        "rollout",
+        "kill-switch",
+        "on",
+        "--reason",
+        "incident",
+    ]))
+    .await;
+    assert_eq!(killed["kill_switch"], true);
+    assert_eq!(
+        cli_json(&with(&["rollout", "evaluate", "beta"])).await["source"],
+        "legacy"
+    );
+    cli_json(&with(&[
+        "rollout",
+        "kill-switch",
+        "off",
+        "--reason",
+        "resolved",
+    ]))
+    .await;
+    cli_json(&with(&[
+        "rollout",
+        "clear-override",
+        "beta",
+        "--reason",
+        "done",
+    ]))
+    .await;
+    let salted = cli_json(&with(&["rollout", "reset-salt", "--reason", "reshuffle"])).await;
+    assert_eq!(salted["version"], 7);
+
+    let history = cli_json(&with(&["rollout", "history"])).await;
+    let changes: Vec<&str> = history
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|c| c["change"].as_str().expect("change"))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "salt",
+            "override beta",
+            "kill switch",
+            "kill switch",
+            "override beta",
+            "percentage",
+            "percentage"
+        ]
+    );
+    let got = cli_json(&with(&["rollout", "get"])).await;
+    assert_eq!(
+        (got["version"].as_u64(), got["applied_version"].as_u64()),
+        (Some(7), Some(7))
+    );
     server.stop().await;
 }

@@ -1,0 +1,296 @@
+//! `rollout …`: the rollout controller's tool, a gRPC client of a running server.
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use super::admin::{ClientArgs, Output, failed, print_json, time};
+use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
+use crate::grpc::proto::{
+    self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, KillSwitchRequest,
+    ListRolloutHistoryRequest, ResetSaltRequest, Rollout, SetRolloutPercentageRequest,
+    SetUserOverrideRequest, StorageSource, WatchRolloutRequest,
+};
+
+/// A storage, as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Storage {
+    New,
+    Legacy,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// The rollout this server applies.
+    Get,
+    /// Set the share of users reading NEW (0 to 100, in 0.01 steps).
+    Set {
+        percent: f64,
+        /// Refuse the change unless the rollout is at this version (default: the version
+        /// read just before).
+        #[arg(long)]
+        expected_version: Option<u64>,
+        /// Stage a percentage before VERIFIED (it takes effect from VERIFIED).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
+    },
+    /// Send a user's reads to one storage whatever the percentage.
+    Override {
+        user: String,
+        storage: Storage,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
+    },
+    /// Remove a user's override.
+    ClearOverride {
+        user: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
+    },
+    /// Engage (every read to LEGACY) or release the kill switch.
+    KillSwitch {
+        state: Switch,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
+    },
+    /// A new salt: every user gets a new bucket.
+    ResetSalt {
+        #[arg(long)]
+        reason: String,
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
+    },
+    /// Where a user's reads go now, and why.
+    Evaluate { user: String },
+    /// Every change, newest first.
+    History {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Print the rollout, then every change, until interrupted.
+    Watch,
+}
+
+fn rollout_json(r: &Rollout) -> Value {
+    json!({
+        "percentage": r.percentage, "version": r.version, "applied_version": r.applied_version,
+        "kill_switch": r.kill_switch, "salt": r.salt, "updated_at": time(r.updated_at),
+        "phase": proto::MigrationPhase::try_from(r.phase).map(|p| p.as_str_name()).unwrap_or("UNKNOWN"),
+        "overrides": r.overrides,
+    })
+}
+
+fn print_rollout(output: Output, rollout: &Rollout) {
+    match output {
+        Output::Json => print_json(&rollout_json(rollout)),
+        Output::Text => println!(
+            "version {} (applied {})  percentage {:.2}%  kill switch {}  overrides {}  phase {}  salt {}  updated {}",
+            rollout.version,
+            rollout.applied_version,
+            rollout.percentage,
+            if rollout.kill_switch {
+                "ENGAGED"
+            } else {
+                "off"
+            },
+            rollout.overrides,
+            proto::MigrationPhase::try_from(rollout.phase)
+                .map(|p| p.as_str_name().trim_start_matches("MIGRATION_PHASE_"))
+                .unwrap_or("UNKNOWN"),
+            rollout.salt,
+            time(rollout.updated_at),
+        ),
+    }
+}
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<RolloutServiceClient<Channel>> {
+    Ok(RolloutServiceClient::new(args.channel().await?))
+}
+
+async fn get(client: &mut RolloutServiceClient<Channel>) -> anyhow::Result<Rollout> {
+    client
+        .get_rollout(GetRolloutRequest {})
+        .await
+        .map_err(|s| failed("cannot read the rollout", s))?
+        .into_inner()
+        .rollout
+        .context("the server sent no rollout")
+}
+
+/// Runs a `rollout …` command.
+pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args).await?;
+    let changed = match command {
+        RolloutCommand::Get => get(&mut client).await?,
+        RolloutCommand::Set {
+            percent,
+            expected_version,
+            force,
+            reason,
+            actor,
+        } => {
+            let expected_version = match expected_version {
+                Some(version) => version,
+                None => get(&mut client).await?.version,
+            };
+            client
+                .set_rollout_percentage(SetRolloutPercentageRequest {
+                    percentage: percent,
+                    expected_version,
+                    reason,
+                    force,
+                    actor,
+                })
+                .await
+                .map_err(|s| failed("cannot set the percentage", s))?
+                .into_inner()
+                .rollout
+                .context("the server sent no rollout")?
+        }
+        RolloutCommand::Override {
+            user,
+            storage,
+            reason,
+            actor,
+        } => {
+            let source = match storage {
+                Storage::New => StorageSource::New,
+                Storage::Legacy => StorageSource::Legacy,
+            };
+            client
+                .set_user_override(SetUserOverrideRequest {
+                    user_id: user,
+                    source: source.into(),
+                    reason,
+                    actor,
+                })
+                .await
+                .map_err(|s| failed("cannot set the override", s))?
+                .into_inner()
+                .rollout
+                .context("the server sent no rollout")?
+        }
+        RolloutCommand::ClearOverride {
+            user,
+            reason,
+            actor,
+        } => client
+            .clear_user_override(ClearUserOverrideRequest {
+                user_id: user,
+                reason,
+                actor,
+            })
+            .await
+            .map_err(|s| failed("cannot clear the override", s))?
+            .into_inner()
+            .rollout
+            .context("the server sent no rollout")?,
+        RolloutCommand::KillSwitch {
+            state,
+            reason,
+            actor,
+        } => client
+            .kill_switch(KillSwitchRequest {
+                engaged: state == Switch::On,
+                reason,
+                actor,
+            })
+            .await
+            .map_err(|s| failed("cannot move the kill switch", s))?
+            .into_inner()
+            .rollout
+            .context("the server sent no rollout")?,
+        RolloutCommand::ResetSalt { reason, actor } => client
+            .reset_salt(ResetSaltRequest { reason, actor })
+            .await
+            .map_err(|s| failed("cannot reset the salt", s))?
+            .into_inner()
+            .rollout
+            .context("the server sent no rollout")?,
+        RolloutCommand::Evaluate { user } => {
+            let decision = client
+                .evaluate_user(EvaluateUserRequest {
+                    user_id: user.clone(),
+                })
+                .await
+                .map_err(|s| failed("cannot evaluate the user", s))?
+                .into_inner();
+            let source = if decision.source == i32::from(StorageSource::New) {
+                "new"
+            } else {
+                "legacy"
+            };
+            match args.output {
+                Output::Json => print_json(
+                    &json!({"user_id": user, "source": source, "bucket": decision.bucket, "reason": decision.reason, "version": decision.version}),
+                ),
+                Output::Text => println!(
+                    "{user}: {source} (bucket {}; {}; version {})",
+                    decision.bucket, decision.reason, decision.version
+                ),
+            }
+            return Ok(());
+        }
+        RolloutCommand::History { limit } => {
+            let changes = client
+                .list_rollout_history(ListRolloutHistoryRequest {
+                    page_size: limit,
+                    page_token: String::new(),
+                })
+                .await
+                .map_err(|s| failed("cannot read the history", s))?
+                .into_inner()
+                .changes;
+            match args.output {
+                Output::Json => print_json(&Value::Array(
+                    changes
+                        .iter()
+                        .map(|c| json!({"version": c.version, "at": time(c.changed_at), "actor": c.actor, "change": c.change, "before": c.before, "after": c.after, "reason": c.reason}))
+                        .collect(),
+                )),
+                Output::Text => {
+                    println!("{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} REASON", "VERSION", "AT", "ACTOR", "CHANGE", "BEFORE", "AFTER");
+                    for c in &changes {
+                        println!("{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} {}", c.version, time(c.changed_at), c.actor, c.change, c.before, c.after, c.reason);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        RolloutCommand::Watch => {
+            let mut updates = client
+                .watch_rollout(WatchRolloutRequest {})
+                .await
+                .map_err(|s| failed("cannot watch the rollout", s))?
+                .into_inner();
+            while let Some(update) = updates.next().await {
+                print_rollout(
+                    args.output,
+                    &update.map_err(|s| failed("lost the rollout stream", s))?,
+                );
+            }
+            return Ok(());
+        }
+    };
+    print_rollout(args.output, &changed);
+    Ok(())
+}
