@@ -97,7 +97,7 @@ impl RolloutView {
         Ok(())
     }
 
-    /// Refreshes every `interval` until `stop` turns true.
+    /// Refreshes on every pushed change and every `interval`, until `stop` turns true.
     pub async fn keep_fresh<S: EventStore>(
         self,
         store: Arc<S>,
@@ -106,9 +106,21 @@ impl RolloutView {
     ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Pushed changes (where the backend has them) arrive at once; polling heals the rest.
+        let mut pushed = store.change_signal();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                changed = async {
+                    match pushed.as_mut() {
+                        Some(signal) => signal.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed.is_err() {
+                        pushed = None;
+                    }
+                }
                 _ = stop.changed() => return,
             }
             if *stop.borrow() {

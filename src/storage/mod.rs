@@ -211,6 +211,12 @@ pub trait EventStore: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<AuditEntry>, StorageError>> + Send;
 
+    /// A signal that ticks whenever any replica commits a rollout or phase change, where the
+    /// backend can push one (PostgreSQL: LISTEN/NOTIFY). `None`: replicas rely on polling.
+    fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// Succeeds while the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 

@@ -5,8 +5,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
+use tokio::sync::watch;
 
 use super::{
     AuditRow, EventStore, FactsRow, LEGACY_ZERO_ROWS, PRECONDITION_FACTS, PhaseRow, PoolOptions,
@@ -198,6 +199,59 @@ async fn add_to_legacy(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// The channel rollout and phase changes are announced on.
+const CHANGES_CHANNEL: &str = "campaign_stats_changes";
+
+/// Announces a change to every replica when the transaction commits.
+async fn notify_change(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANGES_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Ticks `signal` on every announced change, for as long as anyone listens. A lost LISTEN
+/// connection ticks too (a change may have been missed while it was down) and is made again.
+async fn listen_for_changes(pool: PgPool, signal: watch::Sender<u64>) {
+    let mut ticks = 0u64;
+    let mut tick = |signal: &watch::Sender<u64>| {
+        ticks += 1;
+        signal.send_replace(ticks);
+    };
+    while !pool.is_closed() && !signal.is_closed() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for rollout changes; polling only");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(error) = listener.listen(CHANGES_CHANNEL).await {
+            tracing::warn!(%error, "cannot LISTEN for rollout changes; polling only");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            continue;
+        }
+        // Listening (again): whatever changed while no one listened is read now.
+        tick(&signal);
+        loop {
+            tokio::select! {
+                received = listener.try_recv() => match received {
+                    Ok(_) => tick(&signal),
+                    Err(error) => {
+                        tracing::warn!(%error, "lost the LISTEN connection; reconnecting");
+                        tick(&signal);
+                        break;
+                    }
+                },
+                () = signal.closed() => return,
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 fn month_of(day: NaiveDate) -> NaiveDate {
@@ -442,6 +496,7 @@ impl EventStore for PostgresStore {
         .bind(at)
         .execute(&mut *tx)
         .await?;
+        notify_change(&mut tx).await?;
         tx.commit().await?;
         Ok(PhaseState {
             phase: target,
@@ -857,6 +912,7 @@ impl EventStore for PostgresStore {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
+        notify_change(&mut tx).await?;
         tx.commit().await?;
         self.rollout().await
     }
@@ -875,6 +931,12 @@ impl EventStore for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(audit_entry).collect())
+    }
+
+    fn change_signal(&self) -> Option<watch::Receiver<u64>> {
+        let (signal, changes) = watch::channel(0);
+        tokio::spawn(listen_for_changes(self.pool.clone(), signal));
+        Some(changes)
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

@@ -516,3 +516,75 @@ async fn another_replica_applies_a_change_quickly(db: TestDb) {
     first.stop().await;
     second.stop().await;
 }
+
+/// PostgreSQL only: a change reaches another replica through LISTEN/NOTIFY, without waiting
+/// for its polling, and again after that replica's LISTEN connection was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_hear_changes_and_survive_a_cut_listener() {
+    let Some(db) = TestDb::create(crate::common::Backend::Postgres).await else {
+        return;
+    };
+    let db = db.in_phase(Phase::Verified);
+    let first = db.start_server().await;
+    // The second replica polls only every minute: what arrives sooner was pushed.
+    let store = campaign_stats::storage::PostgresStore::connect(&db.url, &Default::default())
+        .await
+        .expect("connect");
+    let config = campaign_stats::server::ServerConfig {
+        rollout_refresh_interval: Duration::from_secs(60),
+        ..TestServer::config()
+    };
+    let second = TestServer::start_with(store, config).await;
+    let mut watch = client(&second)
+        .await
+        .watch_rollout(WatchRolloutRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(
+        watch
+            .next()
+            .await
+            .expect("current")
+            .expect("rollout")
+            .version,
+        0
+    );
+    let mut controller = client(&first).await;
+
+    for (percent, version) in [(10.0, 1), (20.0, 2)] {
+        if version == 2 {
+            // Cut every LISTEN connection: the listener must reconnect for this change.
+            db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+            )
+            .await;
+        }
+        let changed = Instant::now();
+        controller
+            .set_rollout_percentage(percentage(percent, version - 1, false))
+            .await
+            .expect("change");
+        loop {
+            let update = tokio::time::timeout(Duration::from_secs(5), watch.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("version {version} did not reach the second replica within 5 s")
+                })
+                .expect("stream open")
+                .expect("rollout");
+            if update.version == version {
+                break;
+            }
+        }
+        let took = changed.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "version {version} took {took:?}"
+        );
+    }
+    drop(watch);
+    first.stop().await;
+    second.stop().await;
+}

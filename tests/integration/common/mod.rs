@@ -342,16 +342,25 @@ impl TestServer {
     /// Serves `store` on a free port. The listener is bound before this returns, so clients
     /// may connect at once: their calls wait until the server is ready.
     pub async fn start<S: EventStore>(store: S) -> Self {
+        Self::start_with(store, Self::config()).await
+    }
+
+    /// The settings test servers run with: quick health checks and rollout refreshes.
+    pub fn config() -> ServerConfig {
+        ServerConfig {
+            health_check_interval: std::time::Duration::from_millis(200),
+            shutdown_grace: std::time::Duration::from_secs(5),
+            rollout_refresh_interval: std::time::Duration::from_millis(100),
+        }
+    }
+
+    /// Serves `store` with `config` on a free port.
+    pub async fn start_with<S: EventStore>(store: S, config: ServerConfig) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a free port");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown, stop) = oneshot::channel::<()>();
-        let config = ServerConfig {
-            health_check_interval: std::time::Duration::from_millis(200),
-            shutdown_grace: std::time::Duration::from_secs(5),
-            rollout_refresh_interval: std::time::Duration::from_millis(100),
-        };
         let task = tokio::spawn(launch(listener, store, config, async {
             let _ = stop.await;
         }));
