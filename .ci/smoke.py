@@ -78,12 +78,15 @@ def fresh_postgres_database():
 
 
 def migration_walkthrough():
-    """Runs the commands of README's "Migrating from the legacy table" section as written,
+    """Runs the commands of README's "Migrating from the legacy table" and "Rolling out reads"
+    sections as written, one after the other on one server,
     with `cargo run --release --` standing for the built binary, in a scratch directory."""
     with open("README.md", encoding="utf-8") as readme:
         text = readme.read()
-    section = text.split("## Migrating from the legacy table", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    blocks = []
+    for heading in ("## Migrating from the legacy table", "## Rolling out reads"):
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        blocks += re.findall(r"```sh\n(.*?)```", section, flags=re.S)
     prefix = "cargo run --release --"
     commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith(prefix)]
     binary = os.path.abspath(BINARY)
@@ -105,11 +108,11 @@ def migration_walkthrough():
             if server is not None:
                 server.send_signal(signal.SIGTERM)
                 server.wait(timeout=30)
-    print(f"   {len(commands)} migration commands of README passed")
+    print(f"   {len(commands)} migration and rollout commands of README passed")
 
 
 with tempfile.TemporaryDirectory() as directory:
     smoke(f"sqlite://{directory}/smoke.db")
 smoke(fresh_postgres_database())
 migration_walkthrough()
-print("smoke: README's grpcurl calls worked on SQLite and on PostgreSQL, and its migration walkthrough on SQLite")
+print("smoke: README's grpcurl calls worked on SQLite and on PostgreSQL, and its migration and rollout walkthrough on SQLite")
