@@ -41,10 +41,12 @@ fn main() {
                     .await
                     .expect("PostgreSQL");
                 run("PostgreSQL", store).await;
+                propagation(&url).await;
             }
             _ => println!("\nPostgreSQL skipped: set STATS_TEST_POSTGRES_URL to include it."),
         }
     });
+    decision_cost();
 }
 
 /// Recreates the `cs_bench` database on the server and returns its URL.
@@ -210,4 +212,118 @@ fn report_latency(what: &str, samples: &mut [Duration]) {
         at(0.99),
         samples.len()
     );
+}
+
+/// What one rollout decision costs (the work every read does to pick a storage).
+fn decision_cost() {
+    use campaign_stats::migration::Phase;
+    use campaign_stats::rollout::{RolloutConfig, decide};
+    let users: Vec<String> = (0..10_000).map(|i| format!("user-{i:08}")).collect();
+    let config = RolloutConfig {
+        basis_points: 2_500,
+        kill_switch: false,
+        salt: "bench".into(),
+        version: 1,
+    };
+    let rounds = 200;
+    let started = Instant::now();
+    let mut on_new = 0u64;
+    for _ in 0..rounds {
+        for user in &users {
+            let decision = decide(Phase::Verified, &config, None, std::hint::black_box(user));
+            on_new += u64::from(decision.source == campaign_stats::domain::StorageSource::New);
+        }
+    }
+    let took = started.elapsed();
+    let calls = rounds * users.len();
+    println!("\n== rollout ==");
+    println!(
+        "{:<55} {:>9.1} ns/call  ({calls} calls, {:.1}% on NEW)",
+        "decide (bucket + decision)",
+        took.as_nanos() as f64 / calls as f64,
+        on_new as f64 * 100.0 / calls as f64
+    );
+}
+
+/// How long a rollout change made through one replica takes to be applied by another, on
+/// one PostgreSQL database (LISTEN/NOTIFY; the second replica's polling is set to a minute).
+async fn propagation(url: &str) {
+    use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+    use campaign_stats::grpc::proto::{SetRolloutPercentageRequest, WatchRolloutRequest};
+    use tokio_stream::StreamExt;
+
+    async fn start(
+        url: &str,
+        refresh: Duration,
+    ) -> (
+        RolloutServiceClient<Channel>,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), campaign_stats::server::LaunchError>>,
+    ) {
+        let store = PostgresStore::connect(url, &PoolOptions::default())
+            .await
+            .expect("PostgreSQL");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = ServerConfig {
+            rollout_refresh_interval: refresh,
+            ..ServerConfig::default()
+        };
+        let task = tokio::spawn(launch(listener, store, config, async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        (RolloutServiceClient::new(channel), stop, task)
+    }
+    let (mut first, stop_first, first_task) = start(url, Duration::from_millis(500)).await;
+    let (mut second, stop_second, second_task) = start(url, Duration::from_secs(60)).await;
+    let mut watch = second
+        .watch_rollout(WatchRolloutRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut version = watch
+        .next()
+        .await
+        .expect("current")
+        .expect("rollout")
+        .version;
+    let mut samples = Vec::new();
+    for i in 0..20 {
+        let changed = Instant::now();
+        first
+            .set_rollout_percentage(SetRolloutPercentageRequest {
+                percentage: f64::from(i % 2),
+                expected_version: version,
+                reason: "bench".into(),
+                force: true,
+                actor: "bench".into(),
+            })
+            .await
+            .expect("change");
+        version += 1;
+        while watch
+            .next()
+            .await
+            .expect("stream")
+            .expect("rollout")
+            .version
+            < version
+        {}
+        samples.push(changed.elapsed());
+    }
+    drop(watch);
+    report_latency(
+        "rollout change applied by another replica (PostgreSQL)",
+        &mut samples,
+    );
+    let _ = stop_first.send(());
+    let _ = stop_second.send(());
+    let _ = first_task.await;
+    let _ = second_task.await;
 }
