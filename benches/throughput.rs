@@ -106,8 +106,9 @@ async fn run<S: EventStore>(name: &str, store: S) {
         .connect()
         .await
         .expect("connect");
+    to_new_primary(channel.clone()).await;
     let mut client = StatsServiceClient::new(channel);
-    println!("\n== {name} ==");
+    println!("\n== {name} (NEW_PRIMARY: writes to both storages, reads from the new one) ==");
 
     let started = Instant::now();
     for batch in 0..BATCHES {
@@ -326,4 +327,56 @@ async fn propagation(url: &str) {
     let _ = stop_second.send(());
     let _ = first_task.await;
     let _ = second_task.await;
+}
+
+/// Takes the fresh database through the migration to NEW_PRIMARY, as an operator would (with
+/// an empty legacy table, the backfill and verify have nothing to do).
+async fn to_new_primary(channel: Channel) {
+    use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
+    use campaign_stats::grpc::proto::{
+        GetRunRequest, MigrationPhase, StartBackfillRequest, TransitionPhaseRequest,
+        VerifyConsistencyRequest,
+    };
+    use tokio_stream::StreamExt;
+
+    let mut client = MigrationServiceClient::new(channel);
+    let move_to = async |client: &mut MigrationServiceClient<Channel>, phase: MigrationPhase| {
+        client
+            .transition_phase(TransitionPhaseRequest {
+                target: phase.into(),
+                reason: "bench".into(),
+                actor: "bench".into(),
+            })
+            .await
+            .expect("transition");
+    };
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    let run_id = client
+        .start_backfill(StartBackfillRequest {
+            dry_run: false,
+            batch_size: 1000,
+            throttle_ms: 0,
+            actor: "bench".into(),
+        })
+        .await
+        .expect("backfill")
+        .into_inner()
+        .run_id;
+    let mut progress = client
+        .watch_run(GetRunRequest { run_id })
+        .await
+        .expect("watch")
+        .into_inner();
+    while progress.next().await.is_some() {}
+    move_to(&mut client, MigrationPhase::Backfilled).await;
+    client
+        .verify_consistency(VerifyConsistencyRequest {
+            start_date: String::new(),
+            end_date: String::new(),
+            actor: "bench".into(),
+        })
+        .await
+        .expect("verify");
+    move_to(&mut client, MigrationPhase::Verified).await;
+    move_to(&mut client, MigrationPhase::NewPrimary).await;
 }
