@@ -358,8 +358,8 @@ impl<S: EventStore> Rollout<S> {
 
     /// Where `user_id`'s reads go now, and the version that decided it.
     pub fn evaluate(&self, user_id: &str) -> (Decision, u64) {
-        let version = self.view.current().rollout.config.version;
-        (self.view.decide(user_id), version)
+        let (decision, applied) = self.view.decide(user_id);
+        (decision, applied.rollout.config.version)
     }
 
     /// Audited changes, newest first, older than `before_version` when given.

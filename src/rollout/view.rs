@@ -51,21 +51,22 @@ impl RolloutView {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Where `user_id`'s reads go now. Allocates nothing.
-    pub fn decide(&self, user_id: &str) -> Decision {
+    /// Where `user_id`'s reads go now, and the state that decided it. Allocates nothing.
+    pub fn decide(&self, user_id: &str) -> (Decision, Arc<Applied>) {
         let applied = self.current();
         let user_override = applied.rollout.overrides.get(user_id).copied();
-        decide(
+        let decision = decide(
             applied.phase,
             &applied.rollout.config,
             user_override,
             user_id,
-        )
+        );
+        (decision, applied)
     }
 
     /// The storage `user_id`'s reads go to now.
     pub fn read_source(&self, user_id: &str) -> StorageSource {
-        self.decide(user_id).source
+        self.decide(user_id).0.source
     }
 
     /// Every state applied from now on, in order.

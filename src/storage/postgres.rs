@@ -95,6 +95,11 @@ impl PostgresStore {
     }
 }
 
+/// One field of every event, as an array parameter for `UNNEST`.
+fn column<'a, T>(events: &[&'a Event], field: impl Fn(&'a Event) -> T) -> Vec<T> {
+    events.iter().map(|e| field(e)).collect()
+}
+
 /// Inserts raw events and grows their rollups.
 async fn insert_new_events(
     tx: &mut sqlx::PgConnection,
@@ -107,39 +112,14 @@ async fn insert_new_events(
          SELECT *, $8 FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
          $5::timestamptz[], $6::text[], $7::text[])",
     )
-    .bind(
-        events
-            .iter()
-            .map(|e| e.user_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        events
-            .iter()
-            .map(|e| e.campaign_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        events
-            .iter()
-            .map(|e| e.event_type.code())
-            .collect::<Vec<_>>(),
-    )
+    .bind(column(events, |e| e.user_id.as_str()))
+    .bind(column(events, |e| e.campaign_id.as_str()))
+    .bind(column(events, |e| e.event_type.code()))
     // Counts are at most 1,000,000, so they fit an int4.
-    .bind(events.iter().map(|e| e.count as i32).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
-    .bind(
-        events
-            .iter()
-            .map(|e| e.email_account_id.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        events
-            .iter()
-            .map(|e| e.idempotency_key.as_deref())
-            .collect::<Vec<_>>(),
-    )
+    .bind(column(events, |e| e.count as i32))
+    .bind(column(events, |e| e.occurred_at))
+    .bind(column(events, |e| e.email_account_id.as_deref()))
+    .bind(column(events, |e| e.idempotency_key.as_deref()))
     .bind(backfill_run)
     .execute(&mut *tx)
     .await?;
