@@ -1,4 +1,4 @@
-"""Runs every grpcurl command of README.md against a freshly started binary, on SQLite and on
+"""Runs every grpcurl (and metrics curl) command of README.md against a freshly started binary, on SQLite and on
 PostgreSQL, so that the README's commands stay true. Exits non-zero on the first failure."""
 
 import os
@@ -12,6 +12,7 @@ import time
 
 BINARY = sys.argv[1]
 ADDR = "127.0.0.1:50051"  # the default the README's commands use
+METRICS_PORT = 9464  # the metrics port the README's commands use
 POSTGRES = os.environ.get("STATS_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 
 
@@ -19,12 +20,15 @@ def readme_grpcurl_commands():
     """The shell blocks of README.md that call grpcurl, in order."""
     with open("README.md", encoding="utf-8") as readme:
         blocks = re.findall(r"```sh\n(.*?)```", readme.read(), flags=re.S)
-    return [block for block in blocks if "grpcurl" in block and "pip install" not in block]
+    return [
+        block for block in blocks
+        if ("grpcurl" in block or "/metrics" in block) and "pip install" not in block
+    ]
 
 
-def port_is_free():
+def port_is_free(port):
     with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", 50051)) != 0
+        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def wait_until_serving(server):
@@ -43,9 +47,10 @@ def wait_until_serving(server):
 
 def smoke(database_url):
     print(f"-- {database_url}")
-    if not port_is_free():
-        sys.exit("FAIL: something already listens on 127.0.0.1:50051; the README's commands need that port")
-    server = subprocess.Popen([BINARY, "--database-url", database_url])
+    for port in (50051, METRICS_PORT):
+        if not port_is_free(port):
+            sys.exit(f"FAIL: something already listens on 127.0.0.1:{port}; the README's commands need that port")
+    server = subprocess.Popen([BINARY, "--database-url", database_url, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"])
     try:
         wait_until_serving(server)
         outputs = []
@@ -55,7 +60,8 @@ def smoke(database_url):
                 sys.exit(f"FAIL: README command failed:\n{command}\n{run.stdout}{run.stderr}")
             outputs.append(run.stdout)
         everything = "\n".join(outputs)
-        for expected in ["stats.v1.StatsService", '"sent": "3"', '"stored": "2"', '"STORAGE_SOURCE_LEGACY"', "MIGRATION_PHASE_DUAL_WRITE"]:
+        for expected in ["stats.v1.StatsService", '"sent": "3"', '"stored": "2"', '"STORAGE_SOURCE_LEGACY"', "MIGRATION_PHASE_DUAL_WRITE",
+                         "campaign_stats_rollout_applied_version ", 'campaign_stats_migration_phase{phase="DUAL_WRITE"} 1']:
             if expected not in everything:
                 sys.exit(f"FAIL: no {expected} in the README commands' output:\n{everything}")
     finally:

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 
@@ -17,12 +17,14 @@ use crate::migration::verify::{VerifyOutcome, compare};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{ALL_USERS, Applied, AuditEntry, Decision, RolloutChange, RolloutView};
 use crate::storage::{EventStore, RecordOutcome, StorageError, TableSize};
+use crate::telemetry::ServerMetrics;
 
 /// The statistics use cases over one store, with reads routed by the rollout.
 #[derive(Debug)]
 pub struct Stats<S> {
     store: Arc<S>,
     rollout: RolloutView,
+    metrics: Arc<ServerMetrics>,
 }
 
 impl<S> Clone for Stats<S> {
@@ -30,13 +32,18 @@ impl<S> Clone for Stats<S> {
         Self {
             store: Arc::clone(&self.store),
             rollout: self.rollout.clone(),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
 
 impl<S: EventStore> Stats<S> {
-    pub fn new(store: Arc<S>, rollout: RolloutView) -> Self {
-        Self { store, rollout }
+    pub fn new(store: Arc<S>, rollout: RolloutView, metrics: Arc<ServerMetrics>) -> Self {
+        Self {
+            store,
+            rollout,
+            metrics,
+        }
     }
 
     /// Stores validated events atomically; see [`EventStore::record_events`].
@@ -44,7 +51,9 @@ impl<S: EventStore> Stats<S> {
         if events.is_empty() {
             return Ok(RecordOutcome::default());
         }
-        self.store.record_events(events).await
+        let outcome = self.store.record_events(events).await?;
+        self.metrics.observe_batch(events.len());
+        Ok(outcome)
     }
 
     /// Totals of each requested campaign, in request order; zeros for a campaign without
@@ -54,10 +63,13 @@ impl<S: EventStore> Stats<S> {
         query: &CampaignStatsQuery,
     ) -> Result<Answer<Vec<(CampaignId, Metrics)>>, StorageError> {
         let source = self.rollout.read_source(query.user.as_str());
+        let started = Instant::now();
         let totals = self
             .store
             .campaign_totals(source, &query.user, &query.campaigns, query.range)
             .await?;
+        self.metrics
+            .observe_read("campaign_totals", source, started.elapsed());
         let value = query
             .campaigns
             .iter()
@@ -73,10 +85,13 @@ impl<S: EventStore> Stats<S> {
     ) -> Result<Answer<Vec<(NaiveDate, Metrics)>>, StorageError> {
         let user = query.scope.user.as_ref().map_or(ALL_USERS, UserId::as_str);
         let source = self.rollout.read_source(user);
+        let started = Instant::now();
         let daily = self
             .store
             .daily_totals(source, &query.scope, query.range)
             .await?;
+        self.metrics
+            .observe_read("daily_totals", source, started.elapsed());
         Ok(Answer {
             value: bucket_series(daily, query.range, query.granularity, query.fill_empty),
             source,

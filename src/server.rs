@@ -20,6 +20,7 @@ use crate::health;
 use crate::migration::runner::Jobs;
 use crate::rollout::RolloutView;
 use crate::storage::{EventStore, StorageError};
+use crate::telemetry::{RpcMetricsLayer, ServerMetrics, serve_metrics};
 
 /// Settings of a running server that are not about the database.
 #[derive(Debug, Clone)]
@@ -44,6 +45,35 @@ impl Default for ServerConfig {
     }
 }
 
+/// The sockets a server answers on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC API.
+    pub grpc: TcpListener,
+    /// Prometheus metrics (`GET /metrics`), when wanted.
+    pub metrics: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    /// gRPC only, no metrics endpoint.
+    fn from(grpc: TcpListener) -> Self {
+        Self {
+            grpc,
+            metrics: None,
+        }
+    }
+}
+
+/// The encoded descriptors of everything served: reflection describes them, and the metrics
+/// label calls by the methods they define.
+const DESCRIPTOR_SETS: [&[u8]; 5] = [
+    grpc::proto::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_types::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
+
 /// Why a server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -53,19 +83,42 @@ pub enum LaunchError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    #[error("the metrics endpoint failed")]
+    Metrics(#[source] std::io::Error),
 }
 
-/// Migrates `store`, then serves every service on `listener` until `shutdown` completes;
+/// Migrates `store`, then serves every service on `listeners` until `shutdown` completes;
 /// in-flight calls are finished before it returns, and the database pools are closed.
 pub async fn launch<S: EventStore>(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     store: S,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), LaunchError> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+    } = listeners.into();
     store.migrate().await?;
     let store = Arc::new(store);
     let rollout = RolloutView::load(store.as_ref()).await?;
+    let metrics = Arc::new(ServerMetrics::new(&DESCRIPTOR_SETS));
+    let (stop_metrics, metrics_stopping) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = match metrics_listener {
+        Some(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving metrics");
+            }
+            let (metrics, view, store) =
+                (Arc::clone(&metrics), rollout.clone(), Arc::clone(&store));
+            let scrape = move || metrics.render(&view.current(), &store.pool_use());
+            let stopping = async {
+                let _ = metrics_stopping.await;
+            };
+            Some(tokio::spawn(serve_metrics(listener, scrape, stopping)))
+        }
+        None => None,
+    };
 
     let jobs = Jobs::default();
     {
@@ -84,19 +137,15 @@ pub async fn launch<S: EventStore>(
     // Both reflection versions describe everything served, themselves included, plus
     // `google.rpc.BadRequest` so that clients can decode error details.
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .include_reflection_service(false)
-            .register_encoded_file_descriptor_set(grpc::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(
-                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-            )
+        DESCRIPTOR_SETS.into_iter().fold(
+            tonic_reflection::server::Builder::configure().include_reflection_service(false),
+            tonic_reflection::server::Builder::register_encoded_file_descriptor_set,
+        )
     };
     let stats = StatsServiceServer::new(StatsApi::new(Stats::new(
         Arc::clone(&store),
         rollout.clone(),
+        Arc::clone(&metrics),
     )))
     .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES);
 
@@ -131,6 +180,7 @@ pub async fn launch<S: EventStore>(
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(trace_layer())
+        .layer(RpcMetricsLayer::new(Arc::clone(&metrics)))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -151,9 +201,16 @@ pub async fn launch<S: EventStore>(
     health_checks.abort();
     // Background runs stop after their current batch; a stopped backfill resumes later.
     jobs.stop(config.shutdown_grace).await;
+    // Metrics are served until the very end, so the last scrape sees the shutdown.
+    let _ = stop_metrics.send(());
+    let metrics_served = match metrics_task {
+        Some(task) => task.await.unwrap_or(Ok(())),
+        None => Ok(()),
+    };
     store.close().await;
     tracing::info!("server stopped");
-    Ok(served?)
+    served?;
+    metrics_served.map_err(LaunchError::Metrics)
 }
 
 /// Request tracing. Statuses that report the caller's mistake or a normal outcome are not

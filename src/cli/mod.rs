@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::server::{ServerConfig, launch};
+use crate::server::{Listeners, ServerConfig, launch};
 use crate::storage::{Backend, EventStore, PoolOptions, PostgresStore, SqliteStore};
 use crate::telemetry::{self, LogFormat};
 
@@ -101,6 +101,9 @@ pub struct ServeArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "STATS_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
     pub listen_addr: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`); none when not given.
+    #[arg(long, env = "STATS_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Seconds in-flight calls may take to finish after SIGTERM before they are closed.
     #[arg(long, env = "STATS_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -141,9 +144,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::init(args.log.log_format);
-    let listener = TcpListener::bind(args.listen_addr)
-        .await
-        .with_context(|| format!("could not listen on {}", args.listen_addr))?;
+    let listeners = Listeners {
+        grpc: bind(args.listen_addr).await?,
+        metrics: match args.metrics_addr {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        },
+    };
     let config = ServerConfig {
         health_check_interval: Duration::from_millis(args.health_check_interval_ms.max(10)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
@@ -156,14 +163,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     match Backend::from_url(url)? {
         Backend::Sqlite => {
             let store = SqliteStore::connect(url, &options).await?;
-            launch(listener, store, config, shutdown_signal()).await?
+            launch(listeners, store, config, shutdown_signal()).await?
         }
         Backend::Postgres => {
             let store = PostgresStore::connect(url, &options).await?;
-            launch(listener, store, config, shutdown_signal()).await?
+            launch(listeners, store, config, shutdown_signal()).await?
         }
     }
     Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("could not listen on {addr}"))
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {

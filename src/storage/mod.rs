@@ -26,6 +26,31 @@ pub use error::StorageError;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+/// How one connection pool is used right now (for the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    /// Which pool: `main`, or SQLite's `writer` and `reader`.
+    pub pool: &'static str,
+    /// Connections open.
+    pub size: u32,
+    /// Open connections waiting for work.
+    pub idle: u32,
+    /// Most connections the pool may open.
+    pub max: u32,
+}
+
+impl PoolUse {
+    /// The use of `pool`, named `name`.
+    pub fn of<DB: sqlx::Database>(name: &'static str, pool: &sqlx::Pool<DB>) -> Self {
+        Self {
+            pool: name,
+            size: pool.size(),
+            idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+            max: pool.options().get_max_connections(),
+        }
+    }
+}
+
 /// The size of one table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSize {
@@ -216,6 +241,9 @@ pub trait EventStore: Send + Sync + 'static {
     fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+
+    /// How the connection pools are used now.
+    fn pool_use(&self) -> Vec<PoolUse>;
 
     /// Succeeds while the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;

@@ -11,10 +11,10 @@ use tokio::sync::watch;
 
 use super::{
     AuditRow, EventStore, FactsRow, LEGACY_ZERO_ROWS, PRECONDITION_FACTS, PhaseRow, PoolOptions,
-    ROLLOUT_STATE, RUN_COLUMNS, RecordOutcome, RolloutRow, RunRow, StorageError, TableSize,
-    TransitionRow, TransitionStep, VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, audit_entry, batch,
-    mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config, rollout_snapshot,
-    source_from_name, source_name, transition_from_row, verify_data_from_rows,
+    PoolUse, ROLLOUT_STATE, RUN_COLUMNS, RecordOutcome, RolloutRow, RunRow, StorageError,
+    TableSize, TransitionRow, TransitionStep, VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW,
+    audit_entry, batch, mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config,
+    rollout_snapshot, source_from_name, source_name, transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
@@ -917,6 +917,10 @@ impl EventStore for PostgresStore {
         let (signal, changes) = watch::channel(0);
         tokio::spawn(listen_for_changes(self.pool.clone(), signal));
         Some(changes)
+    }
+
+    fn pool_use(&self) -> Vec<PoolUse> {
+        vec![PoolUse::of("main", &self.pool)]
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

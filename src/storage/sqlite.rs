@@ -13,10 +13,10 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
     AuditRow, EventStore, FactsRow, LEGACY_ZERO_ROWS, PRECONDITION_FACTS, PhaseRow, PoolOptions,
-    ROLLOUT_STATE, RUN_COLUMNS, RecordOutcome, RolloutRow, RunRow, StorageError, TableSize,
-    TransitionRow, TransitionStep, VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW, audit_entry, batch,
-    mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config, rollout_snapshot,
-    source_from_name, source_name, transition_from_row, verify_data_from_rows,
+    PoolUse, ROLLOUT_STATE, RUN_COLUMNS, RecordOutcome, RolloutRow, RunRow, StorageError,
+    TableSize, TransitionRow, TransitionStep, VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW,
+    audit_entry, batch, mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config,
+    rollout_snapshot, source_from_name, source_name, transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
@@ -810,6 +810,13 @@ impl EventStore for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         Ok(rows.into_iter().map(audit_entry).collect())
+    }
+
+    fn pool_use(&self) -> Vec<PoolUse> {
+        vec![
+            PoolUse::of("writer", &self.writer),
+            PoolUse::of("reader", &self.reader),
+        ]
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

@@ -4,6 +4,7 @@
 mod backfill;
 mod cli;
 mod common;
+mod metrics;
 mod migration;
 mod read;
 mod record;

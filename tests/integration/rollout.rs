@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::{TestDb, TestServer, assert_names_fields, event};
+use crate::common::{ServerProcess, TestDb, TestServer, assert_names_fields, event};
 
 crate::on_both_backends!(
     changes_are_versioned_audited_and_bounded_by_the_phase,
@@ -467,11 +467,43 @@ async fn a_watcher_sees_the_current_state_then_each_change(db: TestDb) {
     server.stop().await;
 }
 
+/// The version a replica applies, as its metrics report it.
+async fn applied_version_metric(replica: &ServerProcess) -> f64 {
+    replica
+        .metrics()
+        .await
+        .get("campaign_stats_rollout_applied_version")
+}
+
+/// Waits on `watch` (a second replica's WatchRollout) until it applies `version`; returns
+/// how long that took since `since`, failing after 5 s.
+async fn until_applied(
+    watch: &mut tonic::Streaming<Rollout>,
+    version: u64,
+    since: Instant,
+) -> Duration {
+    loop {
+        let update = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("version {version} did not reach the second replica within 5 s")
+            })
+            .expect("stream open")
+            .expect("rollout");
+        if update.version >= version {
+            assert_eq!(update.applied_version, update.version);
+            return since.elapsed();
+        }
+    }
+}
+
+/// A second server *process* on the same database follows a change made through the first,
+/// and says so in GetRollout, EvaluateUser and its metrics.
 async fn another_replica_applies_a_change_quickly(db: TestDb) {
     let db = db.in_phase(Phase::Verified);
     let first = db.start_server().await;
-    let second = db.start_server_keeping_phase().await;
-    let mut on_second = client(&second).await;
+    let second = ServerProcess::start(&db.url, &[]).await;
+    let mut on_second = RolloutServiceClient::new(second.channel().await);
     let mut watch = on_second
         .watch_rollout(WatchRolloutRequest {})
         .await
@@ -486,6 +518,7 @@ async fn another_replica_applies_a_change_quickly(db: TestDb) {
             .version,
         0
     );
+    assert_eq!(applied_version_metric(&second).await, 0.0);
 
     let changed = Instant::now();
     client(&first)
@@ -493,17 +526,20 @@ async fn another_replica_applies_a_change_quickly(db: TestDb) {
         .set_rollout_percentage(percentage(25.0, 0, false))
         .await
         .expect("change on the first replica");
-    let applied = tokio::time::timeout(Duration::from_secs(5), watch.next())
-        .await
-        .expect("the second replica applied the change within 5 s")
-        .expect("stream open")
-        .expect("rollout");
-    let took = changed.elapsed();
+    let took = until_applied(&mut watch, 1, changed).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let applied = current(&mut on_second).await;
     assert_eq!(
         (applied.version, applied.applied_version, applied.percentage),
         (1, 1, 25.0)
     );
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(applied_version_metric(&second).await, 1.0);
+    let metrics = second.metrics().await;
+    assert_eq!(metrics.get("campaign_stats_rollout_percentage"), 25.0);
+    assert_eq!(
+        metrics.get(r#"campaign_stats_migration_phase{phase="VERIFIED"}"#),
+        1.0
+    );
     let evaluated = on_second
         .evaluate_user(EvaluateUserRequest {
             user_id: "u".into(),
@@ -517,8 +553,8 @@ async fn another_replica_applies_a_change_quickly(db: TestDb) {
     second.stop().await;
 }
 
-/// PostgreSQL only: a change reaches another replica through LISTEN/NOTIFY, without waiting
-/// for its polling, and again after that replica's LISTEN connection was cut.
+/// PostgreSQL only: a change reaches another server process through LISTEN/NOTIFY, without
+/// waiting for its polling, and again after that process's LISTEN connection was cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_hear_changes_and_survive_a_cut_listener() {
     let Some(db) = TestDb::create(crate::common::Backend::Postgres).await else {
@@ -527,16 +563,8 @@ async fn postgres_replicas_hear_changes_and_survive_a_cut_listener() {
     let db = db.in_phase(Phase::Verified);
     let first = db.start_server().await;
     // The second replica polls only every minute: what arrives sooner was pushed.
-    let store = campaign_stats::storage::PostgresStore::connect(&db.url, &Default::default())
-        .await
-        .expect("connect");
-    let config = campaign_stats::server::ServerConfig {
-        rollout_refresh_interval: Duration::from_secs(60),
-        ..TestServer::config()
-    };
-    let second = TestServer::start_with(store, config).await;
-    let mut watch = client(&second)
-        .await
+    let second = ServerProcess::start(&db.url, &["--rollout-refresh-ms", "60000"]).await;
+    let mut watch = RolloutServiceClient::new(second.channel().await)
         .watch_rollout(WatchRolloutRequest {})
         .await
         .expect("watch")
@@ -555,34 +583,25 @@ async fn postgres_replicas_hear_changes_and_survive_a_cut_listener() {
     for (percent, version) in [(10.0, 1), (20.0, 2)] {
         if version == 2 {
             // Cut every LISTEN connection: the listener must reconnect for this change.
-            db.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
-            )
-            .await;
+            let cut = db
+                .scalar(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+                )
+                .await;
+            assert!(cut >= 2, "both replicas listen; cut {cut}");
         }
         let changed = Instant::now();
         controller
             .set_rollout_percentage(percentage(percent, version - 1, false))
             .await
             .expect("change");
-        loop {
-            let update = tokio::time::timeout(Duration::from_secs(5), watch.next())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("version {version} did not reach the second replica within 5 s")
-                })
-                .expect("stream open")
-                .expect("rollout");
-            if update.version == version {
-                break;
-            }
-        }
-        let took = changed.elapsed();
+        let took = until_applied(&mut watch, version, changed).await;
         assert!(
             took < Duration::from_secs(5),
             "version {version} took {took:?}"
         );
+        assert_eq!(applied_version_metric(&second).await, version as f64);
     }
     drop(watch);
     first.stop().await;

@@ -3,7 +3,12 @@
 
 #![allow(dead_code)]
 
+pub mod metrics;
+pub mod process;
 pub mod proxy;
+
+pub use metrics::Metrics;
+pub use process::ServerProcess;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,7 +19,7 @@ use campaign_stats::domain::StorageSource;
 use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{self, Event, EventType};
 use campaign_stats::migration::Phase;
-use campaign_stats::server::{LaunchError, ServerConfig, launch};
+use campaign_stats::server::{LaunchError, Listeners, ServerConfig, launch};
 use campaign_stats::storage::{EventStore, PoolOptions, PostgresStore, SqliteStore};
 use sqlx::Connection;
 use tokio::net::TcpListener;
@@ -334,6 +339,8 @@ impl Drop for TestDb {
 /// A running server and the means to stop it.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Where its Prometheus metrics are served.
+    pub metrics_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), LaunchError>>,
 }
@@ -356,27 +363,37 @@ impl TestServer {
 
     /// Serves `store` with `config` on a free port.
     pub async fn start_with<S: EventStore>(store: S, config: ServerConfig) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a free port");
-        let addr = listener.local_addr().expect("bound address");
+        let bind = || async {
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind a free port");
+            let addr = listener.local_addr().expect("bound address");
+            (listener, addr)
+        };
+        let ((grpc, addr), (metrics, metrics_addr)) = (bind().await, bind().await);
+        let listeners = Listeners {
+            grpc,
+            metrics: Some(metrics),
+        };
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(launch(listener, store, config, async {
+        let task = tokio::spawn(launch(listeners, store, config, async {
             let _ = stop.await;
         }));
         Self {
             addr,
+            metrics_addr,
             shutdown: Some(shutdown),
             task,
         }
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect to the test server")
+        connect(self.addr).await
+    }
+
+    /// Its metrics, as Prometheus scrapes them.
+    pub async fn metrics(&self) -> Metrics {
+        Metrics::scrape(self.metrics_addr).await
     }
 
     pub async fn stats(&self) -> StatsServiceClient<Channel> {
@@ -393,6 +410,15 @@ impl TestServer {
             .expect("server task")
             .expect("server stopped cleanly");
     }
+}
+
+/// A plaintext gRPC channel to a server listening on `addr`.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to the server at {addr}: {e}"))
 }
 
 /// A valid event of `user` on `campaign`, happening on `day` (`YYYY-MM-DD`) at noon UTC.

@@ -1,4 +1,11 @@
-//! Logs through `tracing`, as text for people or JSON for collectors.
+//! What the service tells its operators: logs through `tracing` (text for people, JSON for
+//! collectors) and Prometheus metrics on their own port.
+
+pub mod metrics;
+pub mod rpc;
+
+pub use metrics::{ServerMetrics, serve_metrics};
+pub use rpc::RpcMetricsLayer;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,0 +1,329 @@
+//! Prometheus metrics, served as text on their own port (`--metrics-addr`).
+//!
+//! Each server owns its registry: tests run many servers in one process, so nothing here is
+//! global. State that already lives elsewhere (the applied rollout, the phase, pool use) is
+//! sampled when Prometheus scrapes, so it can never drift from what the replica applies.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use prost::Message;
+use tokio::net::TcpListener;
+
+use crate::domain::StorageSource;
+use crate::migration::Phase;
+use crate::rollout::Applied;
+use crate::storage::PoolUse;
+
+/// The content type of [`ServerMetrics::render`]'s output.
+pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The method label of calls to paths no served service defines (keeps the label bounded
+/// whatever clients send).
+const UNKNOWN_METHOD: &str = "unknown";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    /// Full gRPC method path, e.g. `/stats.v1.StatsService/GetStats`.
+    method: String,
+    /// Status code name, e.g. `Ok`, `InvalidArgument`.
+    code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    method: &'static str,
+    source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: &'static str,
+    state: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// One server's metrics.
+#[derive(Debug)]
+pub struct ServerMetrics {
+    registry: Registry,
+    known_methods: HashSet<String>,
+    rpc_duration: HistogramFamily<RpcLabels>,
+    read_duration: HistogramFamily<ReadLabels>,
+    recorded_batch_events: Histogram,
+    rollout_applied_version: Gauge,
+    rollout_percentage: Gauge<f64, AtomicU64>,
+    rollout_kill_switch: Gauge,
+    migration_phase: Family<PhaseLabels, Gauge>,
+    pool_connections: Family<PoolLabels, Gauge>,
+}
+
+/// Latency buckets from 0.5 ms to ~16 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl ServerMetrics {
+    /// A registry with every metric, labelling calls by the methods that the encoded file
+    /// descriptor sets define (any other path is labelled `unknown`).
+    pub fn new(descriptor_sets: &[&[u8]]) -> Self {
+        let mut registry = Registry::with_prefix("campaign_stats");
+        let rpc_duration = HistogramFamily::<RpcLabels>::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "grpc_server_handling",
+            "Time until a call's response headers (for server streams: until the stream \
+             opened), by method and status code",
+            prometheus_client::registry::Unit::Seconds,
+            rpc_duration.clone(),
+        );
+        let read_duration = HistogramFamily::<ReadLabels>::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "read",
+            "Reads by method and the storage that answered, with their storage time",
+            prometheus_client::registry::Unit::Seconds,
+            read_duration.clone(),
+        );
+        let recorded_batch_events = Histogram::new(exponential_buckets(1.0, 4.0, 8));
+        registry.register(
+            "recorded_batch_events",
+            "Events per stored batch (RecordEvent, RecordEvents, each StreamEvents chunk)",
+            recorded_batch_events.clone(),
+        );
+        let rollout_applied_version = Gauge::default();
+        registry.register(
+            "rollout_applied_version",
+            "Version of the rollout this replica routes reads by",
+            rollout_applied_version.clone(),
+        );
+        let rollout_percentage = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "rollout_percentage",
+            "Share of users whose reads go to the new storage (as applied here), in percent",
+            rollout_percentage.clone(),
+        );
+        let rollout_kill_switch = Gauge::default();
+        registry.register(
+            "rollout_kill_switch",
+            "1 while the kill switch is engaged (as applied here)",
+            rollout_kill_switch.clone(),
+        );
+        let migration_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "migration_phase",
+            "1 for the migration phase this replica applies, 0 for the others",
+            migration_phase.clone(),
+        );
+        let pool_connections = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "db_pool_connections",
+            "Database connections by pool and state (idle, in_use, max)",
+            pool_connections.clone(),
+        );
+        Self {
+            registry,
+            known_methods: known_methods(descriptor_sets),
+            rpc_duration,
+            read_duration,
+            recorded_batch_events,
+            rollout_applied_version,
+            rollout_percentage,
+            rollout_kill_switch,
+            migration_phase,
+            pool_connections,
+        }
+    }
+
+    /// Counts a finished call to `path` (the HTTP/2 path of the gRPC method).
+    pub fn observe_rpc(&self, path: &str, code: tonic::Code, took: Duration) {
+        let method = if self.known_methods.contains(path) {
+            path
+        } else {
+            UNKNOWN_METHOD
+        };
+        let labels = RpcLabels {
+            method: method.to_owned(),
+            code: format!("{code:?}"),
+        };
+        self.rpc_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a read answered by `source`.
+    pub fn observe_read(&self, method: &'static str, source: StorageSource, took: Duration) {
+        let labels = ReadLabels {
+            method,
+            source: match source {
+                StorageSource::Legacy => "legacy",
+                StorageSource::New => "new",
+            },
+        };
+        self.read_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a stored batch of `events` events.
+    pub fn observe_batch(&self, events: usize) {
+        self.recorded_batch_events.observe(events as f64);
+    }
+
+    /// The metrics as OpenMetrics text, with the sampled state set from `applied` and `pools`.
+    pub fn render(&self, applied: &Applied, pools: &[PoolUse]) -> String {
+        let config = &applied.rollout.config;
+        self.rollout_applied_version
+            .set(i64::try_from(config.version).unwrap_or(i64::MAX));
+        self.rollout_percentage
+            .set(f64::from(config.basis_points) / 100.0);
+        self.rollout_kill_switch.set(i64::from(config.kill_switch));
+        for phase in Phase::ALL {
+            let labels = PhaseLabels {
+                phase: phase.name(),
+            };
+            self.migration_phase
+                .get_or_create(&labels)
+                .set(i64::from(phase == applied.phase));
+        }
+        for pool in pools {
+            for (state, connections) in [
+                ("idle", pool.idle),
+                ("in_use", pool.size.saturating_sub(pool.idle)),
+                ("max", pool.max),
+            ] {
+                let labels = PoolLabels {
+                    pool: pool.pool,
+                    state,
+                };
+                self.pool_connections
+                    .get_or_create(&labels)
+                    .set(i64::from(connections));
+            }
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Every `/package.Service/Method` path the descriptor sets define.
+fn known_methods(descriptor_sets: &[&[u8]]) -> HashSet<String> {
+    let mut paths = HashSet::new();
+    for set in descriptor_sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(*set) else {
+            continue;
+        };
+        for file in set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    let service_name = match package {
+                        "" => service.name().to_owned(),
+                        package => format!("{package}.{}", service.name()),
+                    };
+                    paths.insert(format!("/{service_name}/{}", method.name()));
+                }
+            }
+        }
+    }
+    paths
+}
+
+/// Serves `GET /metrics` on `listener` with what `scrape` renders, until `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    scrape: impl Fn() -> String + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let scrape = Arc::new(scrape);
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let scrape = Arc::clone(&scrape);
+            async move { ([(CONTENT_TYPE, OPENMETRICS_TEXT)], scrape()) }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_known_methods_by_path_and_the_rest_as_unknown() {
+        let metrics = ServerMetrics::new(&[crate::grpc::proto::FILE_DESCRIPTOR_SET]);
+        metrics.observe_rpc(
+            "/stats.v1.StatsService/GetStats",
+            tonic::Code::Ok,
+            Duration::from_millis(3),
+        );
+        metrics.observe_rpc(
+            "/made.up/Path",
+            tonic::Code::Unimplemented,
+            Duration::from_millis(1),
+        );
+        let applied = Applied {
+            phase: Phase::Verified,
+            rollout: crate::rollout::RolloutSnapshot {
+                config: crate::rollout::RolloutConfig {
+                    basis_points: 1_250,
+                    kill_switch: false,
+                    salt: "s".into(),
+                    version: 7,
+                },
+                updated_at: chrono::Utc::now(),
+                overrides: Default::default(),
+            },
+        };
+        let text = metrics.render(&applied, &[]);
+        assert!(
+            text.contains(
+                r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"campaign_stats_grpc_server_handling_seconds_count{method="unknown",code="Unimplemented"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("made.up"), "{text}");
+        assert!(
+            text.contains("campaign_stats_rollout_applied_version 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("campaign_stats_rollout_percentage 12.5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"campaign_stats_migration_phase{phase="VERIFIED"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"campaign_stats_migration_phase{phase="DUAL_WRITE"} 0"#),
+            "{text}"
+        );
+    }
+}
