@@ -31,6 +31,7 @@ pub enum Output {
 pub struct ClientArgs {
     /// The server's gRPC address.
     #[arg(
+        short,
         long,
         env = "STATS_SERVER",
         default_value = "http://127.0.0.1:50051",
@@ -38,7 +39,7 @@ pub struct ClientArgs {
     )]
     pub server: String,
     /// `text` for people, `json` for scripts.
-    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    #[arg(short, long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 }
 
@@ -57,6 +58,17 @@ impl ClientArgs {
     }
 }
 
+/// Why and who, kept in the audit trail of a change.
+#[derive(Debug, Clone, Args)]
+pub struct Audited {
+    /// Why (required; kept in the audit trail).
+    #[arg(long)]
+    pub reason: String,
+    /// Who (kept in the audit trail); defaults to $USER.
+    #[arg(long, env = "USER", default_value = "cli")]
+    pub actor: String,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum MigrationCommand {
     /// The phase, the moves allowed from it, and what it means for reads and writes.
@@ -66,12 +78,8 @@ pub enum MigrationCommand {
         /// The target phase, e.g. DUAL_WRITE (or dual-write).
         #[arg(value_parser = parse_phase)]
         phase: Phase,
-        /// Why (kept in the history).
-        #[arg(long)]
-        reason: String,
-        /// Who (kept in the history); defaults to $USER.
-        #[arg(long, env = "USER", default_value = "cli")]
-        actor: String,
+        #[command(flatten)]
+        audit: Audited,
     },
     /// Every phase change, newest first.
     History {
@@ -184,8 +192,7 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
             .into_inner(),
         MigrationCommand::Transition {
             phase,
-            reason,
-            actor,
+            audit: Audited { reason, actor },
         } => client
             .transition_phase(TransitionPhaseRequest {
                 target: to_proto(phase).into(),

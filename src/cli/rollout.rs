@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::admin::{ClientArgs, Output, failed, print_json, time};
+use super::admin::{Audited, ClientArgs, Output, failed, print_json, time};
 use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
 use crate::grpc::proto::{
     self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, KillSwitchRequest,
@@ -34,6 +34,8 @@ pub enum RolloutCommand {
     Get,
     /// Set the share of users reading NEW (0 to 100, in 0.01 steps).
     Set {
+        /// Percent of users reading NEW, e.g. 12.5 (or 12.5%).
+        #[arg(value_parser = parse_percent)]
         percent: f64,
         /// Refuse the change unless the rollout is at this version (default: the version
         /// read just before).
@@ -42,45 +44,42 @@ pub enum RolloutCommand {
         /// Stage a percentage before VERIFIED (it takes effect from VERIFIED).
         #[arg(long)]
         force: bool,
-        #[arg(long)]
-        reason: String,
-        #[arg(long, env = "USER", default_value = "cli")]
-        actor: String,
+        #[command(flatten)]
+        audit: Audited,
     },
     /// Send a user's reads to one storage whatever the percentage.
     Override {
+        /// The user id.
         user: String,
+        /// Where the user's reads go.
         storage: Storage,
-        #[arg(long)]
-        reason: String,
-        #[arg(long, env = "USER", default_value = "cli")]
-        actor: String,
+        #[command(flatten)]
+        audit: Audited,
     },
     /// Remove a user's override.
     ClearOverride {
+        /// The user id.
         user: String,
-        #[arg(long)]
-        reason: String,
-        #[arg(long, env = "USER", default_value = "cli")]
-        actor: String,
+        #[command(flatten)]
+        audit: Audited,
     },
     /// Engage (every read to LEGACY) or release the kill switch.
     KillSwitch {
+        /// `on`: every read to LEGACY; `off`: back to the percentage.
         state: Switch,
-        #[arg(long)]
-        reason: String,
-        #[arg(long, env = "USER", default_value = "cli")]
-        actor: String,
+        #[command(flatten)]
+        audit: Audited,
     },
     /// A new salt: every user gets a new bucket.
     ResetSalt {
-        #[arg(long)]
-        reason: String,
-        #[arg(long, env = "USER", default_value = "cli")]
-        actor: String,
+        #[command(flatten)]
+        audit: Audited,
     },
     /// Where a user's reads go now, and why.
-    Evaluate { user: String },
+    Evaluate {
+        /// The user id (`*` for the all-users view).
+        user: String,
+    },
     /// Every change, newest first.
     History {
         #[arg(long, default_value_t = 50)]
@@ -136,6 +135,16 @@ async fn get(client: &mut RolloutServiceClient<Channel>) -> anyhow::Result<Rollo
         .context("the server sent no rollout")
 }
 
+/// `12.5` or `12.5%`; the server checks the range and the 0.01 steps.
+fn parse_percent(value: &str) -> Result<f64, String> {
+    let number = value.trim().trim_end_matches('%').trim_end();
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|p| p.is_finite())
+        .ok_or_else(|| format!("{value:?} is not a percentage (e.g. 12.5 or 12.5%)"))
+}
+
 /// Runs a `rollout …` command.
 pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Result<()> {
     let mut client = connect(&args).await?;
@@ -145,8 +154,7 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
             percent,
             expected_version,
             force,
-            reason,
-            actor,
+            audit: Audited { reason, actor },
         } => {
             let expected_version = match expected_version {
                 Some(version) => version,
@@ -169,8 +177,7 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
         RolloutCommand::Override {
             user,
             storage,
-            reason,
-            actor,
+            audit: Audited { reason, actor },
         } => {
             let source = match storage {
                 Storage::New => StorageSource::New,
@@ -191,8 +198,7 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
         }
         RolloutCommand::ClearOverride {
             user,
-            reason,
-            actor,
+            audit: Audited { reason, actor },
         } => client
             .clear_user_override(ClearUserOverrideRequest {
                 user_id: user,
@@ -206,8 +212,7 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
             .context("the server sent no rollout")?,
         RolloutCommand::KillSwitch {
             state,
-            reason,
-            actor,
+            audit: Audited { reason, actor },
         } => client
             .kill_switch(KillSwitchRequest {
                 engaged: state == Switch::On,
@@ -219,7 +224,9 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
             .into_inner()
             .rollout
             .context("the server sent no rollout")?,
-        RolloutCommand::ResetSalt { reason, actor } => client
+        RolloutCommand::ResetSalt {
+            audit: Audited { reason, actor },
+        } => client
             .reset_salt(ResetSaltRequest { reason, actor })
             .await
             .map_err(|s| failed("cannot reset the salt", s))?

@@ -233,5 +233,26 @@ async fn controller_moves_the_rollout_with_the_cli(db: TestDb) {
         (got["version"].as_u64(), got["applied_version"].as_u64()),
         (Some(7), Some(7))
     );
+
+    // kubectl habits: short -s / -o, and a percentage may carry its sign.
+    let set = cli_json(&[
+        "rollout",
+        "set",
+        "12.5%",
+        "--reason",
+        "with a sign",
+        "-s",
+        address.as_str(),
+        "-o",
+        "json",
+    ])
+    .await;
+    assert_eq!(
+        (set["percentage"].as_f64(), set["version"].as_u64()),
+        (Some(12.5), Some(8))
+    );
+    let (ok, _, stderr) = cli(&with(&["rollout", "set", "ten", "--reason", "typo"])).await;
+    assert!(!ok);
+    assert!(stderr.contains("is not a percentage"), "{stderr}");
     server.stop().await;
 }
