@@ -80,6 +80,11 @@ impl ServerProcess {
         Metrics::scrape(self.metrics_addr).await
     }
 
+    /// Kills the process with SIGKILL: no shutdown, no flushing, as in a crash.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill -9 the server");
+    }
+
     /// Sends SIGTERM, as an orchestrator does, and asserts a clean exit.
     pub async fn stop(mut self) {
         let pid = self.child.id().expect("still running").to_string();
