@@ -283,24 +283,23 @@ async fn rollup_fingerprint(db: &TestDb) -> i64 {
     .await
 }
 
-async fn a_stopped_backfill_resumes_to_the_same_result(db: TestDb) {
-    let expected = uninterrupted_fingerprint(&db, 10, 3, 30).await;
-    let server = db.start_server().await;
-    let rows = seed_legacy(&db, 10, 3, 30).await;
-    let mut client = MigrationServiceClient::new(server.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+/// Starts a backfill in batches of 7 rows, `throttle_ms` apart, and returns its run id once
+/// at least 50 rows are done.
+async fn slow_backfill_under_way(
+    client: &mut MigrationServiceClient<Channel>,
+    throttle_ms: u32,
+) -> String {
     let run_id = client
         .start_backfill(StartBackfillRequest {
             dry_run: false,
             batch_size: 7,
-            throttle_ms: 20,
+            throttle_ms,
             actor: "tester".into(),
         })
         .await
         .expect("start")
         .into_inner()
         .run_id;
-    // Stop the server mid-run, once some batches are in.
     let mut updates = client
         .watch_run(GetRunRequest {
             run_id: run_id.clone(),
@@ -310,10 +309,20 @@ async fn a_stopped_backfill_resumes_to_the_same_result(db: TestDb) {
         .into_inner();
     while let Some(update) = updates.next().await {
         if update.expect("progress").processed >= 50 {
-            break;
+            return run_id;
         }
     }
-    drop(updates);
+    panic!("the backfill ended before 50 rows were done")
+}
+
+async fn a_stopped_backfill_resumes_to_the_same_result(db: TestDb) {
+    let expected = uninterrupted_fingerprint(&db, 10, 3, 30).await;
+    let server = db.start_server().await;
+    let rows = seed_legacy(&db, 10, 3, 30).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    // Stop the server mid-run, once some batches are in.
+    let run_id = slow_backfill_under_way(&mut client, 20).await;
     server.stop().await;
     let stopped = db
         .scalar(&format!(
@@ -369,29 +378,7 @@ async fn a_backfill_killed_mid_run_completes_to_the_same_result(db: TestDb) {
     let rows = seed_legacy(&db, 10, 3, 30).await;
     let mut client = MigrationServiceClient::new(process.channel().await);
     move_to(&mut client, MigrationPhase::DualWrite).await;
-    let run_id = client
-        .start_backfill(StartBackfillRequest {
-            dry_run: false,
-            batch_size: 7,
-            throttle_ms: 5,
-            actor: "tester".into(),
-        })
-        .await
-        .expect("start")
-        .into_inner()
-        .run_id;
-    let mut updates = client
-        .watch_run(GetRunRequest {
-            run_id: run_id.clone(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    while let Some(update) = updates.next().await {
-        if update.expect("progress").processed >= 50 {
-            break;
-        }
-    }
+    let run_id = slow_backfill_under_way(&mut client, 5).await;
     process.kill().await;
     let killed_at = db
         .scalar(&format!(
