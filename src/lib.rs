@@ -5,7 +5,7 @@
 //! * [`storage`] — the storage contract and its SQLite and PostgreSQL backends;
 //! * [`grpc`] — the gRPC services, conversions and the error mapping;
 //! * [`server`] — wiring it all into a running server ([`server::launch`]);
-//! * [`telemetry`] — logs;
+//! * [`telemetry`] — logs and Prometheus metrics;
 //! * [`app`] — the use cases the handlers call;
 //! * [`health`] — the health service follows the database;
 //! * [`cli`] — the command line.
