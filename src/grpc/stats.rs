@@ -12,7 +12,9 @@ use super::proto::{
 };
 use super::{ApiError, STREAM_CHUNK_EVENTS};
 use crate::app::Stats;
-use crate::domain::{CampaignStatsQuery, LimitExceeded, MAX_BATCH_EVENTS, SeriesQuery};
+use crate::domain::{
+    CampaignStatsQuery, LimitExceeded, MAX_BATCH_EVENTS, SeriesQuery, StorageSource,
+};
 use crate::storage::{EventStore, RecordOutcome};
 
 /// Trailer of a failed `StreamEvents` call: how many events of the stream were stored.
@@ -28,6 +30,14 @@ impl<S: EventStore> StatsApi<S> {
     pub fn new(stats: Stats<S>) -> Self {
         Self { stats }
     }
+}
+
+/// A read's response, carrying (as an extension, for the tower layers' metrics) the storage
+/// that answered.
+fn answered<T>(message: T, source: StorageSource) -> Response<T> {
+    let mut response = Response::new(message);
+    response.extensions_mut().insert(source);
+    response
 }
 
 fn record_response(outcome: RecordOutcome) -> RecordEventsResponse {
@@ -132,7 +142,7 @@ impl<S: EventStore> StatsService for StatsApi<S> {
                 source: super::proto::StorageSource::from(source).into(),
             })
             .ok_or_else(|| Status::internal("no answer for the campaign"))?;
-        Ok(Response::new(response))
+        Ok(answered(response, source))
     }
 
     async fn get_stats_for_campaigns(
@@ -142,7 +152,7 @@ impl<S: EventStore> StatsService for StatsApi<S> {
         let query = CampaignStatsQuery::try_from(request.into_inner())?;
         let answer = self.stats.campaign_stats(&query).await?;
         let source: i32 = super::proto::StorageSource::from(answer.source).into();
-        Ok(Response::new(GetStatsForCampaignsResponse {
+        let response = GetStatsForCampaignsResponse {
             stats: answer
                 .value
                 .into_iter()
@@ -153,7 +163,8 @@ impl<S: EventStore> StatsService for StatsApi<S> {
                 })
                 .collect(),
             source,
-        }))
+        };
+        Ok(answered(response, answer.source))
     }
 
     async fn get_aggregated_daily_stats(
@@ -162,9 +173,10 @@ impl<S: EventStore> StatsService for StatsApi<S> {
     ) -> Result<Response<GetAggregatedDailyStatsResponse>, Status> {
         let query = SeriesQuery::try_from(request.into_inner())?;
         let answer = self.stats.series(&query).await?;
-        Ok(Response::new(GetAggregatedDailyStatsResponse {
+        let response = GetAggregatedDailyStatsResponse {
             buckets: answer.value.into_iter().map(bucket_to_proto).collect(),
             source: super::proto::StorageSource::from(answer.source).into(),
-        }))
+        };
+        Ok(answered(response, answer.source))
     }
 }

@@ -39,6 +39,8 @@ struct RpcLabels {
     method: String,
     /// Status code name, e.g. `Ok`, `InvalidArgument`.
     code: String,
+    /// The storage that answered a read (`legacy`, `new`); `none` for other calls.
+    source: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,7 +91,7 @@ impl ServerMetrics {
         registry.register_with_unit(
             "grpc_server_handling",
             "Time until a call's response headers (for server streams: until the stream \
-             opened), by method and status code",
+             opened), by method, status code and the storage that answered a read",
             prometheus_client::registry::Unit::Seconds,
             rpc_duration.clone(),
         );
@@ -150,8 +152,15 @@ impl ServerMetrics {
         }
     }
 
-    /// Counts a finished call to `path` (the HTTP/2 path of the gRPC method).
-    pub fn observe_rpc(&self, path: &str, code: tonic::Code, took: Duration) {
+    /// Counts a finished call to `path` (the HTTP/2 path of the gRPC method), answered from
+    /// `source` when it was a read.
+    pub fn observe_rpc(
+        &self,
+        path: &str,
+        code: tonic::Code,
+        source: Option<StorageSource>,
+        took: Duration,
+    ) {
         let method = if self.known_methods.contains(path) {
             path
         } else {
@@ -160,6 +169,7 @@ impl ServerMetrics {
         let labels = RpcLabels {
             method: method.to_owned(),
             code: format!("{code:?}"),
+            source: source.map_or("none", source_label),
         };
         self.rpc_duration
             .get_or_create(&labels)
@@ -170,10 +180,7 @@ impl ServerMetrics {
     pub fn observe_read(&self, method: &'static str, source: StorageSource, took: Duration) {
         let labels = ReadLabels {
             method,
-            source: match source {
-                StorageSource::Legacy => "legacy",
-                StorageSource::New => "new",
-            },
+            source: source_label(source),
         };
         self.read_duration
             .get_or_create(&labels)
@@ -220,6 +227,13 @@ impl ServerMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+fn source_label(source: StorageSource) -> &'static str {
+    match source {
+        StorageSource::Legacy => "legacy",
+        StorageSource::New => "new",
     }
 }
 
@@ -275,11 +289,13 @@ mod tests {
         metrics.observe_rpc(
             "/stats.v1.StatsService/GetStats",
             tonic::Code::Ok,
+            Some(StorageSource::New),
             Duration::from_millis(3),
         );
         metrics.observe_rpc(
             "/made.up/Path",
             tonic::Code::Unimplemented,
+            None,
             Duration::from_millis(1),
         );
         let applied = Applied {
@@ -298,13 +314,13 @@ mod tests {
         let text = metrics.render(&applied, &[]);
         assert!(
             text.contains(
-                r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok"} 1"#
+                r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok",source="new"} 1"#
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"campaign_stats_grpc_server_handling_seconds_count{method="unknown",code="Unimplemented"} 1"#
+                r#"campaign_stats_grpc_server_handling_seconds_count{method="unknown",code="Unimplemented",source="none"} 1"#
             ),
             "{text}"
         );

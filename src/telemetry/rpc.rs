@@ -8,8 +8,10 @@ use futures::future::BoxFuture;
 use tower::{Layer, Service};
 
 use super::ServerMetrics;
+use crate::domain::StorageSource;
 
-/// Times each call until its response headers and records it in [`ServerMetrics`].
+/// Times each call until its response headers and records it in [`ServerMetrics`], with the
+/// storage that answered when a read handler says so (a [`StorageSource`] response extension).
 ///
 /// Unary and client-streaming calls carry their failure status in the headers
 /// (a trailers-only response), so their code is exact; a server stream is counted as
@@ -65,11 +67,14 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;
-            let code = match &response {
-                Ok(response) => status_in_headers(response.headers()),
-                Err(_) => tonic::Code::Internal,
+            let (code, source) = match &response {
+                Ok(response) => (
+                    status_in_headers(response.headers()),
+                    response.extensions().get::<StorageSource>().copied(),
+                ),
+                Err(_) => (tonic::Code::Internal, None),
             };
-            metrics.observe_rpc(&path, code, started.elapsed());
+            metrics.observe_rpc(&path, code, source, started.elapsed());
             response
         })
     }

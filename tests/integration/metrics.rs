@@ -12,8 +12,10 @@ use crate::common::{TestDb, event};
 
 crate::on_both_backends!(metrics_show_the_applied_rollout_and_the_traffic);
 
-const GET_STATS_OK: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok"}"#;
-const GET_STATS_INVALID: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="InvalidArgument"}"#;
+const GET_STATS_OK_NEW: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok",source="new"}"#;
+const GET_STATS_OK_LEGACY: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok",source="legacy"}"#;
+const RECORD_OK: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/RecordEvents",code="Ok",source="none"}"#;
+const GET_STATS_INVALID: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="InvalidArgument",source="none"}"#;
 const READS_NEW: &str =
     r#"campaign_stats_read_seconds_count{method="campaign_totals",source="new"}"#;
 const READS_LEGACY: &str =
@@ -34,7 +36,7 @@ async fn metrics_show_the_applied_rollout_and_the_traffic(db: TestDb) {
         before.get(r#"campaign_stats_migration_phase{phase="LEGACY_ONLY"}"#),
         0.0
     );
-    assert_eq!(before.value(GET_STATS_OK), None);
+    assert_eq!(before.value(GET_STATS_OK_NEW), None);
 
     // Two changes through this replica: it applies each at once.
     let mut rollout = RolloutServiceClient::new(server.channel().await);
@@ -98,7 +100,9 @@ async fn metrics_show_the_applied_rollout_and_the_traffic(db: TestDb) {
     let after = server.metrics().await;
     assert_eq!(after.get("campaign_stats_rollout_applied_version"), 2.0);
     assert_eq!(after.get("campaign_stats_rollout_kill_switch"), 1.0);
-    assert_eq!(after.get(GET_STATS_OK), 2.0);
+    assert_eq!(after.get(GET_STATS_OK_NEW), 1.0);
+    assert_eq!(after.get(GET_STATS_OK_LEGACY), 1.0);
+    assert_eq!(after.get(RECORD_OK), 1.0);
     assert_eq!(after.get(GET_STATS_INVALID), 1.0);
     assert_eq!(after.get(READS_NEW), 1.0);
     assert_eq!(after.get(READS_LEGACY), 1.0);
