@@ -27,6 +27,10 @@ pub const ALL_USERS: &str = "*";
 pub struct RolloutView {
     current: Arc<RwLock<Arc<Applied>>>,
     changes: broadcast::Sender<Arc<Applied>>,
+    /// Held from a refresh's read until its apply: refreshes run one after another, so an
+    /// older read (a phase change does not bump the rollout version) never lands after a
+    /// newer one.
+    refreshing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RolloutView {
@@ -36,6 +40,7 @@ impl RolloutView {
         Ok(Self {
             current: Arc::new(RwLock::new(applied)),
             changes: broadcast::channel(256).0,
+            refreshing: Arc::default(),
         })
     }
 
@@ -94,6 +99,7 @@ impl RolloutView {
     /// Re-reads the database now: the one step of the refresh loop, and what a replica does
     /// right after a change made through it.
     pub async fn refresh<S: EventStore>(&self, store: &S) -> Result<(), StorageError> {
+        let _one_at_a_time = self.refreshing.lock().await;
         self.apply(Self::read(store).await?);
         Ok(())
     }
