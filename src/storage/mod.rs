@@ -7,6 +7,7 @@
 mod batch;
 mod error;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::collections::HashMap;
@@ -58,11 +59,6 @@ pub struct TableSize {
     pub rows: u64,
     pub bytes: u64,
 }
-
-/// Legacy rows whose five counts are all zero.
-const LEGACY_ZERO_ROWS: &str = "SELECT COUNT(*) FROM campaign_daily_stat_entries \
-    WHERE COALESCE(sent, 0) = 0 AND COALESCE(opened, 0) = 0 AND COALESCE(replied, 0) = 0 \
-    AND COALESCE(positive_replies, 0) = 0 AND COALESCE(bounced, 0) = 0";
 
 /// What a write did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -265,17 +261,7 @@ type PhaseRow = (
     Option<chrono::DateTime<chrono::Utc>>,
 );
 
-/// The finish times [`PreconditionFacts`] needs: the last real backfill, and the latest
-/// verify if it was clean. No parameters, so both backends run it as is.
-const PRECONDITION_FACTS: &str = "SELECT \
-    (SELECT MAX(finished_at) FROM migration_runs \
-     WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
-    (SELECT MAX(finished_at) FROM migration_runs \
-     WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0 \
-     AND finished_at = (SELECT MAX(finished_at) FROM migration_runs \
-                        WHERE kind = 'verify' AND state = 'completed'))";
-
-/// A row of [`PRECONDITION_FACTS`].
+/// A row of [`sql::PRECONDITION_FACTS`].
 type FactsRow = (
     Option<chrono::DateTime<chrono::Utc>>,
     Option<chrono::DateTime<chrono::Utc>>,
@@ -346,11 +332,6 @@ fn transition_from_row(
     })
 }
 
-/// The columns of `migration_runs` as [`RunRow`] reads them (the same on both backends).
-const RUN_COLUMNS: &str = "run_id, kind, actor, dry_run, state, started_at, finished_at, \
-    CAST(batch_size AS BIGINT) AS batch_size, processed, copied, skipped, ambiguous, failed, \
-    compared, mismatches, checkpoint_campaign, checkpoint_date, last_error";
-
 /// A `migration_runs` row.
 #[derive(Debug, sqlx::FromRow)]
 struct RunRow {
@@ -409,19 +390,6 @@ fn new_run_id(kind: RunKind) -> String {
     format!("{}-{}", kind.name(), uuid::Uuid::now_v7())
 }
 
-/// The legacy side of verify: key and the five counts (NULL as 0).
-const VERIFY_LEGACY: &str = "SELECT user_id, campaign_id, stat_date, \
-    CAST(COALESCE(sent, 0) AS BIGINT), CAST(COALESCE(opened, 0) AS BIGINT), \
-    CAST(COALESCE(replied, 0) AS BIGINT), CAST(COALESCE(positive_replies, 0) AS BIGINT), \
-    CAST(COALESCE(bounced, 0) AS BIGINT) FROM campaign_daily_stat_entries WHERE true";
-/// The new side of verify: the rollups of the five shared event types.
-const VERIFY_NEW: &str = "SELECT user_id, campaign_id, day, event_type, total FROM daily_rollups \
-    WHERE event_type IN (1, 2, 4, 5, 6)";
-/// The `(campaign, day)` keys the last completed real backfill reported.
-const VERIFY_AMBIGUOUS: &str = "SELECT campaign_id, stat_date FROM migration_run_issues \
-    WHERE run_id = (SELECT run_id FROM migration_runs WHERE kind = 'backfill' AND NOT dry_run \
-    AND state = 'completed' ORDER BY finished_at DESC LIMIT 1)";
-
 /// A verify legacy row.
 type VerifyLegacyRow = (String, String, NaiveDate, i64, i64, i64, i64, i64);
 
@@ -448,11 +416,7 @@ fn mismatch_reason(m: &crate::migration::verify::Mismatch) -> String {
     format!("{}: legacy {}, new {}", m.metric, m.legacy, m.new)
 }
 
-/// The rollout row: basis points, kill switch, salt, version, last change.
-const ROLLOUT_STATE: &str = "SELECT CAST(basis_points AS BIGINT), kill_switch, salt, \
-    CAST(version AS BIGINT), updated_at FROM rollout_state WHERE id = 1";
-
-/// A row of [`ROLLOUT_STATE`].
+/// A row of [`sql::ROLLOUT_STATE`].
 type RolloutRow = (i64, bool, String, i64, chrono::DateTime<chrono::Utc>);
 
 fn rollout_config(

@@ -12,11 +12,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::{
-    AuditRow, EventStore, FactsRow, LEGACY_ZERO_ROWS, PRECONDITION_FACTS, PhaseRow, PoolOptions,
-    PoolUse, ROLLOUT_STATE, RUN_COLUMNS, RecordOutcome, RolloutRow, RunRow, StorageError,
-    TableSize, TransitionRow, TransitionStep, VERIFY_AMBIGUOUS, VERIFY_LEGACY, VERIFY_NEW,
-    audit_entry, batch, mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config,
-    rollout_snapshot, source_from_name, source_name, transition_from_row, verify_data_from_rows,
+    AuditRow, EventStore, FactsRow, PhaseRow, PoolOptions, PoolUse, RecordOutcome, RolloutRow,
+    RunRow, StorageError, TableSize, TransitionRow, TransitionStep, audit_entry, batch,
+    mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config, rollout_snapshot,
+    source_from_name, source_name, sql, transition_from_row, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
@@ -187,7 +186,7 @@ impl EventStore for SqliteStore {
 
     async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
         let mut tx = self.writer.begin().await?;
-        let phase: String = sqlx::query_scalar("SELECT phase FROM migration_state WHERE id = 1")
+        let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
             .fetch_one(&mut *tx)
             .await?;
         let targets = parse_phase(&phase)?.write_targets();
@@ -336,10 +335,9 @@ impl EventStore for SqliteStore {
     }
 
     async fn phase(&self) -> Result<PhaseState, StorageError> {
-        let (phase, changed_at): (String, DateTime<Utc>) =
-            sqlx::query_as("SELECT phase, changed_at FROM migration_state WHERE id = 1")
-                .fetch_one(&self.reader)
-                .await?;
+        let (phase, changed_at): (String, DateTime<Utc>) = sqlx::query_as(sql::PHASE_STATE)
+            .fetch_one(&self.reader)
+            .await?;
         Ok(PhaseState {
             phase: parse_phase(&phase)?,
             changed_at,
@@ -359,7 +357,7 @@ impl EventStore for SqliteStore {
         )
         .fetch_one(&mut *tx)
         .await?;
-        let facts: FactsRow = sqlx::query_as(PRECONDITION_FACTS)
+        let facts: FactsRow = sqlx::query_as(sql::PRECONDITION_FACTS)
             .fetch_one(&mut *tx)
             .await?;
         let (from, at, dual_write_started_at) = match plan_transition(phase, facts, target)? {
@@ -370,26 +368,20 @@ impl EventStore for SqliteStore {
                 dual_write_started_at,
             } => (from, at, dual_write_started_at),
         };
-        sqlx::query(
-            "UPDATE migration_state SET phase = ?, changed_at = ?, dual_write_started_at = ? \
-                     WHERE id = 1",
-        )
-        .bind(target.name())
-        .bind(at)
-        .bind(dual_write_started_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO migration_transitions (from_phase, to_phase, actor, reason, at) \
-                     VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(from.name())
-        .bind(target.name())
-        .bind(actor)
-        .bind(reason)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql::SET_PHASE)
+            .bind(target.name())
+            .bind(at)
+            .bind(dual_write_started_at)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::INSERT_TRANSITION)
+            .bind(from.name())
+            .bind(target.name())
+            .bind(actor)
+            .bind(reason)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(PhaseState {
             phase: target,
@@ -398,13 +390,10 @@ impl EventStore for SqliteStore {
     }
 
     async fn transitions(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
-        let rows: Vec<TransitionRow> = sqlx::query_as(
-            "SELECT from_phase, to_phase, actor, reason, at FROM migration_transitions \
-             ORDER BY id DESC LIMIT ?",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<TransitionRow> = sqlx::query_as(sql::TRANSITIONS)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         rows.into_iter().map(transition_from_row).collect()
     }
 
@@ -436,12 +425,10 @@ impl EventStore for SqliteStore {
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
-        let row: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM migration_runs WHERE run_id = ?"
-        )))
-        .bind(run_id)
-        .fetch_optional(&self.reader)
-        .await?;
+        let row: Option<RunRow> = sqlx::query_as(sql::RUN_BY_ID)
+            .bind(run_id)
+            .fetch_optional(&self.reader)
+            .await?;
         row.map(Run::try_from).transpose()
     }
 
@@ -451,28 +438,20 @@ impl EventStore for SqliteStore {
         stale_after: std::time::Duration,
     ) -> Result<Option<Run>, StorageError> {
         let stale_before = Utc::now() - chrono::Duration::from_std(stale_after).unwrap_or_default();
-        let row: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM migration_runs \
-             WHERE kind = 'backfill' AND dry_run = ? AND state <> 'completed' \
-             AND (state <> 'running' OR heartbeat_at < ?) \
-             ORDER BY started_at DESC LIMIT 1"
-        )))
-        .bind(dry_run)
-        .bind(stale_before)
-        .fetch_optional(&self.reader)
-        .await?;
+        let row: Option<RunRow> = sqlx::query_as(sql::UNFINISHED_BACKFILL)
+            .bind(dry_run)
+            .bind(stale_before)
+            .fetch_optional(&self.reader)
+            .await?;
         row.map(Run::try_from).transpose()
     }
 
     async fn resume_run(&self, run_id: &str) -> Result<(), StorageError> {
-        sqlx::query(
-            "UPDATE migration_runs SET state = 'running', finished_at = NULL, heartbeat_at = ? \
-             WHERE run_id = ?",
-        )
-        .bind(Utc::now())
-        .bind(run_id)
-        .execute(&self.writer)
-        .await?;
+        sqlx::query(sql::RESUME_RUN)
+            .bind(Utc::now())
+            .bind(run_id)
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
@@ -533,23 +512,17 @@ impl EventStore for SqliteStore {
         }
         let outcome = plan.outcome;
         let (checkpoint_campaign, checkpoint_date) = outcome.last_key.clone().unzip();
-        sqlx::query(
-            "UPDATE migration_runs SET processed = processed + ?, copied = copied + ?, \
-             skipped = skipped + ?, ambiguous = ambiguous + ?, \
-             checkpoint_campaign = COALESCE(?, checkpoint_campaign), \
-             checkpoint_date = COALESCE(?, checkpoint_date), heartbeat_at = ? \
-             WHERE run_id = ?",
-        )
-        .bind(outcome.processed as i64)
-        .bind(outcome.copied as i64)
-        .bind(outcome.skipped as i64)
-        .bind(outcome.ambiguous as i64)
-        .bind(checkpoint_campaign)
-        .bind(checkpoint_date)
-        .bind(Utc::now())
-        .bind(&run.run_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql::BATCH_PROGRESS)
+            .bind(outcome.processed as i64)
+            .bind(outcome.copied as i64)
+            .bind(outcome.skipped as i64)
+            .bind(outcome.ambiguous as i64)
+            .bind(checkpoint_campaign)
+            .bind(checkpoint_date)
+            .bind(Utc::now())
+            .bind(&run.run_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -576,21 +549,18 @@ impl EventStore for SqliteStore {
     }
 
     async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
-        let rows: Vec<(String, String, NaiveDate, String)> = sqlx::query_as(
-            "SELECT campaign_id, user_id, stat_date, reason FROM migration_run_issues \
-             WHERE run_id = ? ORDER BY id LIMIT ?",
-        )
-        .bind(run_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<(String, String, NaiveDate, String)> = sqlx::query_as(sql::RUN_ISSUES)
+            .bind(run_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
     }
 
     async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
-        let mut legacy = QueryBuilder::<Sqlite>::new(VERIFY_LEGACY);
-        let mut new = QueryBuilder::<Sqlite>::new(VERIFY_NEW);
-        let mut ambiguous = QueryBuilder::<Sqlite>::new(VERIFY_AMBIGUOUS);
+        let mut legacy = QueryBuilder::<Sqlite>::new(sql::VERIFY_LEGACY);
+        let mut new = QueryBuilder::<Sqlite>::new(sql::VERIFY_NEW);
+        let mut ambiguous = QueryBuilder::<Sqlite>::new(sql::VERIFY_AMBIGUOUS);
         if let Some(range) = range {
             for (query, column) in [
                 (&mut legacy, "stat_date"),
@@ -670,7 +640,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn legacy_zero_rows(&self) -> Result<u64, StorageError> {
-        let rows: i64 = sqlx::query_scalar(LEGACY_ZERO_ROWS)
+        let rows: i64 = sqlx::query_scalar(sql::LEGACY_ZERO_ROWS)
             .fetch_one(&self.reader)
             .await?;
         Ok(rows.max(0) as u64)
@@ -700,13 +670,12 @@ impl EventStore for SqliteStore {
     }
 
     async fn rollout(&self) -> Result<RolloutSnapshot, StorageError> {
-        let row: RolloutRow = sqlx::query_as(ROLLOUT_STATE)
+        let row: RolloutRow = sqlx::query_as(sql::ROLLOUT_STATE)
             .fetch_one(&self.reader)
             .await?;
-        let overrides: Vec<(String, String)> =
-            sqlx::query_as("SELECT user_id, source FROM rollout_overrides")
-                .fetch_all(&self.reader)
-                .await?;
+        let overrides: Vec<(String, String)> = sqlx::query_as(sql::OVERRIDES)
+            .fetch_all(&self.reader)
+            .await?;
         rollout_snapshot(row, overrides)
     }
 
@@ -718,7 +687,9 @@ impl EventStore for SqliteStore {
         reason: &str,
     ) -> Result<RolloutSnapshot, StorageError> {
         let mut tx = self.writer.begin().await?;
-        let row: RolloutRow = sqlx::query_as(ROLLOUT_STATE).fetch_one(&mut *tx).await?;
+        let row: RolloutRow = sqlx::query_as(sql::ROLLOUT_STATE)
+            .fetch_one(&mut *tx)
+            .await?;
         let current = rollout_config(&row);
         if let Some(expected) = expected_version.filter(|v| *v != current.version) {
             return Err(RolloutRefused::VersionConflict {
@@ -727,71 +698,59 @@ impl EventStore for SqliteStore {
             }
             .into());
         }
-        let phase: String = sqlx::query_scalar("SELECT phase FROM migration_state WHERE id = 1")
+        let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
             .fetch_one(&mut *tx)
             .await?;
         check_change(change, parse_phase(&phase)?)?;
         let current_override = match change_user(change) {
             Some(user) => {
-                let source: Option<String> =
-                    sqlx::query_scalar("SELECT source FROM rollout_overrides WHERE user_id = ?")
-                        .bind(user)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                let source: Option<String> = sqlx::query_scalar(sql::OVERRIDE_OF_USER)
+                    .bind(user)
+                    .fetch_optional(&mut *tx)
+                    .await?;
                 source.as_deref().map(source_from_name).transpose()?
             }
             None => None,
         };
         let (next, what, before, after) = apply(change, &current, current_override);
         let now = Utc::now();
-        sqlx::query(
-            "UPDATE rollout_state SET basis_points = ?, kill_switch = ?, salt = ?, \
-             version = ?, updated_at = ? WHERE id = 1",
-        )
-        .bind(i64::from(next.basis_points))
-        .bind(next.kill_switch)
-        .bind(&next.salt)
-        .bind(next.version as i64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql::SET_ROLLOUT)
+            .bind(i64::from(next.basis_points))
+            .bind(next.kill_switch)
+            .bind(&next.salt)
+            .bind(next.version as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         match change {
             RolloutChange::SetOverride { user_id, source } => {
-                sqlx::query(
-                    "INSERT INTO rollout_overrides (user_id, source, reason, actor, created_at) \
-                     VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET \
-                     source = excluded.source, reason = excluded.reason, actor = excluded.actor, \
-                     created_at = excluded.created_at",
-                )
-                .bind(user_id)
-                .bind(source_name(*source))
-                .bind(reason)
-                .bind(actor)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(sql::UPSERT_OVERRIDE)
+                    .bind(user_id)
+                    .bind(source_name(*source))
+                    .bind(reason)
+                    .bind(actor)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
             }
             RolloutChange::ClearOverride { user_id } => {
-                sqlx::query("DELETE FROM rollout_overrides WHERE user_id = ?")
+                sqlx::query(sql::DELETE_OVERRIDE)
                     .bind(user_id)
                     .execute(&mut *tx)
                     .await?;
             }
             _ => {}
         }
-        sqlx::query(
-            "INSERT INTO rollout_audit (version, actor, at, change, before, after, reason) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(next.version as i64)
-        .bind(actor)
-        .bind(now)
-        .bind(what)
-        .bind(before)
-        .bind(after)
-        .bind(reason)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql::INSERT_AUDIT)
+            .bind(next.version as i64)
+            .bind(actor)
+            .bind(now)
+            .bind(what)
+            .bind(before)
+            .bind(after)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         self.rollout().await
     }
@@ -801,14 +760,11 @@ impl EventStore for SqliteStore {
         before_version: Option<u64>,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StorageError> {
-        let rows: Vec<AuditRow> = sqlx::query_as(
-            "SELECT CAST(version AS BIGINT), actor, at, change, before, after, reason FROM rollout_audit \
-             WHERE version < ? ORDER BY version DESC LIMIT ?",
-        )
-        .bind(before_version.map_or(i64::MAX, |v| v as i64))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<AuditRow> = sqlx::query_as(sql::AUDIT_PAGE)
+            .bind(before_version.map_or(i64::MAX, |v| v as i64))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows.into_iter().map(audit_entry).collect())
     }
 
@@ -820,7 +776,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        sqlx::query(sql::PING).execute(&self.reader).await?;
         Ok(())
     }
 

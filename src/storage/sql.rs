@@ -1,0 +1,111 @@
+//! SQL that both backends run as written, so that the two can never drift apart.
+//!
+//! Parameters are `$1, $2, …`: PostgreSQL's own style, which SQLite (through sqlx) binds by
+//! number too. Statements that differ between the backends (bulk inserts, locking, partitions,
+//! `ANY` against `IN` lists) stay in the backend modules.
+
+/// The columns of `migration_runs` as `RunRow` reads them.
+macro_rules! run_columns {
+    () => {
+        "run_id, kind, actor, dry_run, state, started_at, finished_at, \
+         CAST(batch_size AS BIGINT) AS batch_size, processed, copied, skipped, ambiguous, failed, \
+         compared, mismatches, checkpoint_campaign, checkpoint_date, last_error"
+    };
+}
+
+/// The rollout row: basis points, kill switch, salt, version, last change.
+macro_rules! rollout_state {
+    () => {
+        "SELECT CAST(basis_points AS BIGINT), kill_switch, salt, \
+         CAST(version AS BIGINT), updated_at FROM rollout_state WHERE id = 1"
+    };
+}
+
+// Health.
+
+pub const PING: &str = "SELECT 1";
+
+// The migration phase and its history.
+
+/// The phase's name (read inside a write transaction: writes follow it).
+pub const PHASE_NAME: &str = "SELECT phase FROM migration_state WHERE id = 1";
+pub const PHASE_STATE: &str = "SELECT phase, changed_at FROM migration_state WHERE id = 1";
+pub const SET_PHASE: &str = "UPDATE migration_state SET phase = $1, changed_at = $2, \
+    dual_write_started_at = $3 WHERE id = 1";
+pub const INSERT_TRANSITION: &str = "INSERT INTO migration_transitions \
+    (from_phase, to_phase, actor, reason, at) VALUES ($1, $2, $3, $4, $5)";
+pub const TRANSITIONS: &str = "SELECT from_phase, to_phase, actor, reason, at \
+    FROM migration_transitions ORDER BY id DESC LIMIT $1";
+
+/// The finish times `PreconditionFacts` needs: the last real backfill, and the latest
+/// verify if it was clean.
+pub const PRECONDITION_FACTS: &str = "SELECT \
+    (SELECT MAX(finished_at) FROM migration_runs \
+     WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
+    (SELECT MAX(finished_at) FROM migration_runs \
+     WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0 \
+     AND finished_at = (SELECT MAX(finished_at) FROM migration_runs \
+                        WHERE kind = 'verify' AND state = 'completed'))";
+
+// Backfill and verify runs.
+
+pub const RUN_BY_ID: &str = concat!(
+    "SELECT ",
+    run_columns!(),
+    " FROM migration_runs WHERE run_id = $1"
+);
+/// The latest backfill of the kind (`$1`: dry run) that did not complete: stopped, failed,
+/// or still `running` with a heartbeat older than `$2` (its process died).
+pub const UNFINISHED_BACKFILL: &str = concat!(
+    "SELECT ",
+    run_columns!(),
+    " FROM migration_runs WHERE kind = 'backfill' AND dry_run = $1 AND state <> 'completed' \
+     AND (state <> 'running' OR heartbeat_at < $2) ORDER BY started_at DESC LIMIT 1"
+);
+pub const RESUME_RUN: &str = "UPDATE migration_runs SET state = 'running', finished_at = NULL, \
+    heartbeat_at = $1 WHERE run_id = $2";
+/// A backfill batch's counts and checkpoint, committed with the batch.
+pub const BATCH_PROGRESS: &str = "UPDATE migration_runs SET processed = processed + $1, \
+    copied = copied + $2, skipped = skipped + $3, ambiguous = ambiguous + $4, \
+    checkpoint_campaign = COALESCE($5, checkpoint_campaign), \
+    checkpoint_date = COALESCE($6, checkpoint_date), heartbeat_at = $7 WHERE run_id = $8";
+pub const RUN_ISSUES: &str = "SELECT campaign_id, user_id, stat_date, reason \
+    FROM migration_run_issues WHERE run_id = $1 ORDER BY id LIMIT $2";
+
+/// The legacy side of verify: key and the five counts (NULL as 0).
+pub const VERIFY_LEGACY: &str = "SELECT user_id, campaign_id, stat_date, \
+    CAST(COALESCE(sent, 0) AS BIGINT), CAST(COALESCE(opened, 0) AS BIGINT), \
+    CAST(COALESCE(replied, 0) AS BIGINT), CAST(COALESCE(positive_replies, 0) AS BIGINT), \
+    CAST(COALESCE(bounced, 0) AS BIGINT) FROM campaign_daily_stat_entries WHERE true";
+/// The new side of verify: the rollups of the five shared event types.
+pub const VERIFY_NEW: &str = "SELECT user_id, campaign_id, day, event_type, total \
+    FROM daily_rollups WHERE event_type IN (1, 2, 4, 5, 6)";
+/// The `(campaign, day)` keys the last completed real backfill reported.
+pub const VERIFY_AMBIGUOUS: &str = "SELECT campaign_id, stat_date FROM migration_run_issues \
+    WHERE run_id = (SELECT run_id FROM migration_runs WHERE kind = 'backfill' AND NOT dry_run \
+    AND state = 'completed' ORDER BY finished_at DESC LIMIT 1)";
+
+/// Legacy rows whose five counts are all zero.
+pub const LEGACY_ZERO_ROWS: &str = "SELECT COUNT(*) FROM campaign_daily_stat_entries \
+    WHERE COALESCE(sent, 0) = 0 AND COALESCE(opened, 0) = 0 AND COALESCE(replied, 0) = 0 \
+    AND COALESCE(positive_replies, 0) = 0 AND COALESCE(bounced, 0) = 0";
+
+// The rollout.
+
+pub const ROLLOUT_STATE: &str = rollout_state!();
+/// [`ROLLOUT_STATE`], locking the row until the transaction ends (PostgreSQL; SQLite's single
+/// writer serialises changes by itself).
+pub const ROLLOUT_STATE_FOR_UPDATE: &str = concat!(rollout_state!(), " FOR UPDATE");
+pub const SET_ROLLOUT: &str = "UPDATE rollout_state SET basis_points = $1, kill_switch = $2, \
+    salt = $3, version = $4, updated_at = $5 WHERE id = 1";
+pub const OVERRIDES: &str = "SELECT user_id, source FROM rollout_overrides";
+pub const OVERRIDE_OF_USER: &str = "SELECT source FROM rollout_overrides WHERE user_id = $1";
+pub const UPSERT_OVERRIDE: &str = "INSERT INTO rollout_overrides \
+    (user_id, source, reason, actor, created_at) VALUES ($1, $2, $3, $4, $5) \
+    ON CONFLICT (user_id) DO UPDATE SET source = excluded.source, reason = excluded.reason, \
+    actor = excluded.actor, created_at = excluded.created_at";
+pub const DELETE_OVERRIDE: &str = "DELETE FROM rollout_overrides WHERE user_id = $1";
+pub const INSERT_AUDIT: &str = "INSERT INTO rollout_audit \
+    (version, actor, at, change, before, after, reason) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub const AUDIT_PAGE: &str = "SELECT CAST(version AS BIGINT), actor, at, change, before, after, \
+    reason FROM rollout_audit WHERE version < $1 ORDER BY version DESC LIMIT $2";
