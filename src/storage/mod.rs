@@ -7,6 +7,7 @@
 mod batch;
 mod error;
 mod postgres;
+mod shared;
 mod sql;
 mod sqlite;
 

@@ -4,24 +4,21 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
-use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
+use chrono::{Datelike, Months, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use tokio::sync::watch;
 
+use super::shared::{Shared, Transitioned};
 use super::{
-    AuditRow, EventStore, FactsRow, PhaseRow, PoolOptions, PoolUse, RecordOutcome, RolloutRow,
-    RunRow, StorageError, TableSize, TransitionRow, TransitionStep, audit_entry, batch,
-    mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config, rollout_snapshot,
-    source_from_name, source_name, sql, transition_from_row, verify_data_from_rows,
+    EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
+    mismatch_reason, new_run_id, parse_phase, sql, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
 use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
-use crate::rollout::{
-    AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot, apply, change_user, check_change,
-};
+use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -420,13 +417,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn phase(&self) -> Result<PhaseState, StorageError> {
-        let (phase, changed_at): (String, DateTime<Utc>) = sqlx::query_as(sql::PHASE_STATE)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(PhaseState {
-            phase: parse_phase(&phase)?,
-            changed_at,
-        })
+        Shared::<Postgres>::phase(&self.pool).await
     }
 
     async fn transition(
@@ -437,51 +428,26 @@ impl EventStore for PostgresStore {
     ) -> Result<PhaseState, StorageError> {
         // Locks the phase: transitions queue, and no write sees a half-made change.
         let mut tx = self.pool.begin().await?;
-        let phase: PhaseRow = sqlx::query_as(
-            "SELECT phase, changed_at, dual_write_started_at FROM migration_state \
-             WHERE id = 1 FOR UPDATE",
+        match Shared::<Postgres>::transition(
+            &mut tx,
+            sql::PHASE_ROW_FOR_UPDATE,
+            target,
+            actor,
+            reason,
         )
-        .fetch_one(&mut *tx)
-        .await?;
-        let facts: FactsRow = sqlx::query_as(sql::PRECONDITION_FACTS)
-            .fetch_one(&mut *tx)
-            .await?;
-        let (from, at, dual_write_started_at) = match plan_transition(phase, facts, target)? {
-            TransitionStep::Stay(state) => return Ok(state),
-            TransitionStep::Move {
-                from,
-                at,
-                dual_write_started_at,
-            } => (from, at, dual_write_started_at),
-        };
-        sqlx::query(sql::SET_PHASE)
-            .bind(target.name())
-            .bind(at)
-            .bind(dual_write_started_at)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(sql::INSERT_TRANSITION)
-            .bind(from.name())
-            .bind(target.name())
-            .bind(actor)
-            .bind(reason)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-        notify_change(&mut tx).await?;
-        tx.commit().await?;
-        Ok(PhaseState {
-            phase: target,
-            changed_at: at,
-        })
+        .await?
+        {
+            Transitioned::Stayed(state) => Ok(state),
+            Transitioned::Moved(state) => {
+                notify_change(&mut tx).await?;
+                tx.commit().await?;
+                Ok(state)
+            }
+        }
     }
 
     async fn transitions(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
-        let rows: Vec<TransitionRow> = sqlx::query_as(sql::TRANSITIONS)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(transition_from_row).collect()
+        Shared::<Postgres>::transitions(&self.pool, limit).await
     }
 
     async fn create_run(
@@ -511,11 +477,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
-        let row: Option<RunRow> = sqlx::query_as(sql::RUN_BY_ID)
-            .bind(run_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(Run::try_from).transpose()
+        Shared::<Postgres>::run(&self.pool, run_id).await
     }
 
     async fn unfinished_backfill(
@@ -523,22 +485,11 @@ impl EventStore for PostgresStore {
         dry_run: bool,
         stale_after: std::time::Duration,
     ) -> Result<Option<Run>, StorageError> {
-        let stale_before = Utc::now() - chrono::Duration::from_std(stale_after).unwrap_or_default();
-        let row: Option<RunRow> = sqlx::query_as(sql::UNFINISHED_BACKFILL)
-            .bind(dry_run)
-            .bind(stale_before)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(Run::try_from).transpose()
+        Shared::<Postgres>::unfinished_backfill(&self.pool, dry_run, stale_after).await
     }
 
     async fn resume_run(&self, run_id: &str) -> Result<(), StorageError> {
-        sqlx::query(sql::RESUME_RUN)
-            .bind(Utc::now())
-            .bind(run_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        Shared::<Postgres>::resume_run(&self.pool, run_id).await
     }
 
     async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
@@ -642,12 +593,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
-        let rows: Vec<(String, String, NaiveDate, String)> = sqlx::query_as(sql::RUN_ISSUES)
-            .bind(run_id)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
+        Shared::<Postgres>::run_issues(&self.pool, run_id, limit).await
     }
 
     async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
@@ -735,10 +681,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn legacy_zero_rows(&self) -> Result<u64, StorageError> {
-        let rows: i64 = sqlx::query_scalar(sql::LEGACY_ZERO_ROWS)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(rows.max(0) as u64)
+        Shared::<Postgres>::legacy_zero_rows(&self.pool).await
     }
 
     async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
@@ -769,12 +712,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn rollout(&self) -> Result<RolloutSnapshot, StorageError> {
-        let row: RolloutRow = sqlx::query_as(sql::ROLLOUT_STATE)
-            .fetch_one(&self.pool)
-            .await?;
-        let overrides: Vec<(String, String)> =
-            sqlx::query_as(sql::OVERRIDES).fetch_all(&self.pool).await?;
-        rollout_snapshot(row, overrides)
+        Shared::<Postgres>::rollout(&self.pool).await
     }
 
     async fn change_rollout(
@@ -785,70 +723,15 @@ impl EventStore for PostgresStore {
         reason: &str,
     ) -> Result<RolloutSnapshot, StorageError> {
         let mut tx = self.pool.begin().await?;
-        let row: RolloutRow = sqlx::query_as(sql::ROLLOUT_STATE_FOR_UPDATE)
-            .fetch_one(&mut *tx)
-            .await?;
-        let current = rollout_config(&row);
-        if let Some(expected) = expected_version.filter(|v| *v != current.version) {
-            return Err(RolloutRefused::VersionConflict {
-                expected,
-                current: current.version,
-            }
-            .into());
-        }
-        let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
-            .fetch_one(&mut *tx)
-            .await?;
-        check_change(change, parse_phase(&phase)?)?;
-        let current_override = match change_user(change) {
-            Some(user) => {
-                let source: Option<String> = sqlx::query_scalar(sql::OVERRIDE_OF_USER)
-                    .bind(user)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                source.as_deref().map(source_from_name).transpose()?
-            }
-            None => None,
-        };
-        let (next, what, before, after) = apply(change, &current, current_override);
-        let now = Utc::now();
-        sqlx::query(sql::SET_ROLLOUT)
-            .bind(i64::from(next.basis_points))
-            .bind(next.kill_switch)
-            .bind(&next.salt)
-            .bind(next.version as i64)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        match change {
-            RolloutChange::SetOverride { user_id, source } => {
-                sqlx::query(sql::UPSERT_OVERRIDE)
-                    .bind(user_id)
-                    .bind(source_name(*source))
-                    .bind(reason)
-                    .bind(actor)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            RolloutChange::ClearOverride { user_id } => {
-                sqlx::query(sql::DELETE_OVERRIDE)
-                    .bind(user_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            _ => {}
-        }
-        sqlx::query(sql::INSERT_AUDIT)
-            .bind(next.version as i64)
-            .bind(actor)
-            .bind(now)
-            .bind(what)
-            .bind(before)
-            .bind(after)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+        Shared::<Postgres>::change_rollout(
+            &mut tx,
+            sql::ROLLOUT_STATE_FOR_UPDATE,
+            change,
+            expected_version,
+            actor,
+            reason,
+        )
+        .await?;
         notify_change(&mut tx).await?;
         tx.commit().await?;
         self.rollout().await
@@ -859,12 +742,7 @@ impl EventStore for PostgresStore {
         before_version: Option<u64>,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StorageError> {
-        let rows: Vec<AuditRow> = sqlx::query_as(sql::AUDIT_PAGE)
-            .bind(before_version.map_or(i64::MAX, |v| v as i64))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(audit_entry).collect())
+        Shared::<Postgres>::rollout_history(&self.pool, before_version, limit).await
     }
 
     fn change_signal(&self) -> Option<watch::Receiver<u64>> {
@@ -878,8 +756,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
-        sqlx::query(sql::PING).execute(&self.pool).await?;
-        Ok(())
+        Shared::<Postgres>::ping(&self.pool).await
     }
 
     async fn close(&self) {

@@ -34,6 +34,12 @@ pub const SET_PHASE: &str = "UPDATE migration_state SET phase = $1, changed_at =
     dual_write_started_at = $3 WHERE id = 1";
 pub const INSERT_TRANSITION: &str = "INSERT INTO migration_transitions \
     (from_phase, to_phase, actor, reason, at) VALUES ($1, $2, $3, $4, $5)";
+/// The phase row a transition starts from (SQLite: its single writer already serialises).
+pub const PHASE_ROW: &str =
+    "SELECT phase, changed_at, dual_write_started_at FROM migration_state WHERE id = 1";
+/// [`PHASE_ROW`], locking it until the transaction ends (PostgreSQL).
+pub const PHASE_ROW_FOR_UPDATE: &str = "SELECT phase, changed_at, dual_write_started_at \
+    FROM migration_state WHERE id = 1 FOR UPDATE";
 pub const TRANSITIONS: &str = "SELECT from_phase, to_phase, actor, reason, at \
     FROM migration_transitions ORDER BY id DESC LIMIT $1";
 

@@ -7,23 +7,20 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{NaiveDate, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
+use super::shared::{Shared, Transitioned};
 use super::{
-    AuditRow, EventStore, FactsRow, PhaseRow, PoolOptions, PoolUse, RecordOutcome, RolloutRow,
-    RunRow, StorageError, TableSize, TransitionRow, TransitionStep, audit_entry, batch,
-    mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config, rollout_snapshot,
-    source_from_name, source_name, sql, transition_from_row, verify_data_from_rows,
+    EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
+    mismatch_reason, new_run_id, parse_phase, sql, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
 use crate::migration::verify::{VerifyData, VerifyOutcome};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
-use crate::rollout::{
-    AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot, apply, change_user, check_change,
-};
+use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -335,13 +332,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn phase(&self) -> Result<PhaseState, StorageError> {
-        let (phase, changed_at): (String, DateTime<Utc>) = sqlx::query_as(sql::PHASE_STATE)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(PhaseState {
-            phase: parse_phase(&phase)?,
-            changed_at,
-        })
+        Shared::<Sqlite>::phase(&self.reader).await
     }
 
     async fn transition(
@@ -352,49 +343,17 @@ impl EventStore for SqliteStore {
     ) -> Result<PhaseState, StorageError> {
         // The single writer connection serialises transitions with every write.
         let mut tx = self.writer.begin().await?;
-        let phase: PhaseRow = sqlx::query_as(
-            "SELECT phase, changed_at, dual_write_started_at FROM migration_state WHERE id = 1",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        let facts: FactsRow = sqlx::query_as(sql::PRECONDITION_FACTS)
-            .fetch_one(&mut *tx)
-            .await?;
-        let (from, at, dual_write_started_at) = match plan_transition(phase, facts, target)? {
-            TransitionStep::Stay(state) => return Ok(state),
-            TransitionStep::Move {
-                from,
-                at,
-                dual_write_started_at,
-            } => (from, at, dual_write_started_at),
-        };
-        sqlx::query(sql::SET_PHASE)
-            .bind(target.name())
-            .bind(at)
-            .bind(dual_write_started_at)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(sql::INSERT_TRANSITION)
-            .bind(from.name())
-            .bind(target.name())
-            .bind(actor)
-            .bind(reason)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(PhaseState {
-            phase: target,
-            changed_at: at,
-        })
+        match Shared::<Sqlite>::transition(&mut tx, sql::PHASE_ROW, target, actor, reason).await? {
+            Transitioned::Stayed(state) => Ok(state),
+            Transitioned::Moved(state) => {
+                tx.commit().await?;
+                Ok(state)
+            }
+        }
     }
 
     async fn transitions(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
-        let rows: Vec<TransitionRow> = sqlx::query_as(sql::TRANSITIONS)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
-        rows.into_iter().map(transition_from_row).collect()
+        Shared::<Sqlite>::transitions(&self.reader, limit).await
     }
 
     async fn create_run(
@@ -425,11 +384,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
-        let row: Option<RunRow> = sqlx::query_as(sql::RUN_BY_ID)
-            .bind(run_id)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.map(Run::try_from).transpose()
+        Shared::<Sqlite>::run(&self.reader, run_id).await
     }
 
     async fn unfinished_backfill(
@@ -437,22 +392,11 @@ impl EventStore for SqliteStore {
         dry_run: bool,
         stale_after: std::time::Duration,
     ) -> Result<Option<Run>, StorageError> {
-        let stale_before = Utc::now() - chrono::Duration::from_std(stale_after).unwrap_or_default();
-        let row: Option<RunRow> = sqlx::query_as(sql::UNFINISHED_BACKFILL)
-            .bind(dry_run)
-            .bind(stale_before)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.map(Run::try_from).transpose()
+        Shared::<Sqlite>::unfinished_backfill(&self.reader, dry_run, stale_after).await
     }
 
     async fn resume_run(&self, run_id: &str) -> Result<(), StorageError> {
-        sqlx::query(sql::RESUME_RUN)
-            .bind(Utc::now())
-            .bind(run_id)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        Shared::<Sqlite>::resume_run(&self.writer, run_id).await
     }
 
     async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
@@ -549,12 +493,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
-        let rows: Vec<(String, String, NaiveDate, String)> = sqlx::query_as(sql::RUN_ISSUES)
-            .bind(run_id)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
-        Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
+        Shared::<Sqlite>::run_issues(&self.reader, run_id, limit).await
     }
 
     async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
@@ -640,10 +579,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn legacy_zero_rows(&self) -> Result<u64, StorageError> {
-        let rows: i64 = sqlx::query_scalar(sql::LEGACY_ZERO_ROWS)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(rows.max(0) as u64)
+        Shared::<Sqlite>::legacy_zero_rows(&self.reader).await
     }
 
     async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
@@ -670,13 +606,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn rollout(&self) -> Result<RolloutSnapshot, StorageError> {
-        let row: RolloutRow = sqlx::query_as(sql::ROLLOUT_STATE)
-            .fetch_one(&self.reader)
-            .await?;
-        let overrides: Vec<(String, String)> = sqlx::query_as(sql::OVERRIDES)
-            .fetch_all(&self.reader)
-            .await?;
-        rollout_snapshot(row, overrides)
+        Shared::<Sqlite>::rollout(&self.reader).await
     }
 
     async fn change_rollout(
@@ -687,70 +617,15 @@ impl EventStore for SqliteStore {
         reason: &str,
     ) -> Result<RolloutSnapshot, StorageError> {
         let mut tx = self.writer.begin().await?;
-        let row: RolloutRow = sqlx::query_as(sql::ROLLOUT_STATE)
-            .fetch_one(&mut *tx)
-            .await?;
-        let current = rollout_config(&row);
-        if let Some(expected) = expected_version.filter(|v| *v != current.version) {
-            return Err(RolloutRefused::VersionConflict {
-                expected,
-                current: current.version,
-            }
-            .into());
-        }
-        let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
-            .fetch_one(&mut *tx)
-            .await?;
-        check_change(change, parse_phase(&phase)?)?;
-        let current_override = match change_user(change) {
-            Some(user) => {
-                let source: Option<String> = sqlx::query_scalar(sql::OVERRIDE_OF_USER)
-                    .bind(user)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                source.as_deref().map(source_from_name).transpose()?
-            }
-            None => None,
-        };
-        let (next, what, before, after) = apply(change, &current, current_override);
-        let now = Utc::now();
-        sqlx::query(sql::SET_ROLLOUT)
-            .bind(i64::from(next.basis_points))
-            .bind(next.kill_switch)
-            .bind(&next.salt)
-            .bind(next.version as i64)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        match change {
-            RolloutChange::SetOverride { user_id, source } => {
-                sqlx::query(sql::UPSERT_OVERRIDE)
-                    .bind(user_id)
-                    .bind(source_name(*source))
-                    .bind(reason)
-                    .bind(actor)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            RolloutChange::ClearOverride { user_id } => {
-                sqlx::query(sql::DELETE_OVERRIDE)
-                    .bind(user_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            _ => {}
-        }
-        sqlx::query(sql::INSERT_AUDIT)
-            .bind(next.version as i64)
-            .bind(actor)
-            .bind(now)
-            .bind(what)
-            .bind(before)
-            .bind(after)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+        Shared::<Sqlite>::change_rollout(
+            &mut tx,
+            sql::ROLLOUT_STATE,
+            change,
+            expected_version,
+            actor,
+            reason,
+        )
+        .await?;
         tx.commit().await?;
         self.rollout().await
     }
@@ -760,12 +635,7 @@ impl EventStore for SqliteStore {
         before_version: Option<u64>,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StorageError> {
-        let rows: Vec<AuditRow> = sqlx::query_as(sql::AUDIT_PAGE)
-            .bind(before_version.map_or(i64::MAX, |v| v as i64))
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
-        Ok(rows.into_iter().map(audit_entry).collect())
+        Shared::<Sqlite>::rollout_history(&self.reader, before_version, limit).await
     }
 
     fn pool_use(&self) -> Vec<PoolUse> {
@@ -776,8 +646,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
-        sqlx::query(sql::PING).execute(&self.reader).await?;
-        Ok(())
+        Shared::<Sqlite>::ping(&self.reader).await
     }
 
     async fn close(&self) {

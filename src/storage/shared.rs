@@ -1,0 +1,261 @@
+//! Storage code both backends run alike, written once: generic over the sqlx driver, with what
+//! the code needs of a driver stated once, on the impl block. Each backend calls these with its
+//! own pool or transaction and keeps only what really differs (bulk writes, locking,
+//! partitions, change notifications).
+
+use std::marker::PhantomData;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
+
+use super::{
+    AuditRow, FactsRow, PhaseRow, RolloutRow, RunRow, StorageError, TransitionRow, TransitionStep,
+    audit_entry, batch, parse_phase, plan_transition, rollout_config, rollout_snapshot,
+    source_from_name, source_name, sql, transition_from_row,
+};
+use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
+use crate::rollout::{AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot};
+use crate::rollout::{apply, change_user, check_change};
+
+/// The shared queries over the driver `DB` (`Shared::<Sqlite>`, `Shared::<Postgres>`).
+pub(super) struct Shared<DB>(PhantomData<DB>);
+
+/// Whether a phase transition changed anything (a move to the current phase does not).
+pub(super) enum Transitioned {
+    Stayed(PhaseState),
+    Moved(PhaseState),
+}
+
+impl<DB> Shared<DB>
+where
+    DB: Database,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<DateTime<Utc>>: Encode<'q, DB> + Type<DB>,
+    for<'r> (String,): FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> (String, String): FromRow<'r, DB::Row>,
+    for<'r> (String, DateTime<Utc>): FromRow<'r, DB::Row>,
+    for<'r> (String, String, NaiveDate, String): FromRow<'r, DB::Row>,
+    for<'r> PhaseRow: FromRow<'r, DB::Row>,
+    for<'r> FactsRow: FromRow<'r, DB::Row>,
+    for<'r> TransitionRow: FromRow<'r, DB::Row>,
+    for<'r> RunRow: FromRow<'r, DB::Row>,
+    for<'r> RolloutRow: FromRow<'r, DB::Row>,
+    for<'r> AuditRow: FromRow<'r, DB::Row>,
+{
+    pub async fn ping(pool: &Pool<DB>) -> Result<(), StorageError> {
+        sqlx::query(sql::PING).execute(pool).await?;
+        Ok(())
+    }
+
+    pub async fn phase(pool: &Pool<DB>) -> Result<PhaseState, StorageError> {
+        let (phase, changed_at): (String, DateTime<Utc>) =
+            sqlx::query_as(sql::PHASE_STATE).fetch_one(pool).await?;
+        Ok(PhaseState {
+            phase: parse_phase(&phase)?,
+            changed_at,
+        })
+    }
+
+    /// Moves the phase inside `tx`, whose phase row `read_phase` reads (and, where the
+    /// backend needs it, locks). The caller commits.
+    pub async fn transition(
+        tx: &mut DB::Connection,
+        read_phase: &'static str,
+        target: Phase,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Transitioned, StorageError> {
+        let phase: PhaseRow = sqlx::query_as(read_phase).fetch_one(&mut *tx).await?;
+        let facts: FactsRow = sqlx::query_as(sql::PRECONDITION_FACTS)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (from, at, dual_write_started_at) = match plan_transition(phase, facts, target)? {
+            TransitionStep::Stay(state) => return Ok(Transitioned::Stayed(state)),
+            TransitionStep::Move {
+                from,
+                at,
+                dual_write_started_at,
+            } => (from, at, dual_write_started_at),
+        };
+        sqlx::query(sql::SET_PHASE)
+            .bind(target.name())
+            .bind(at)
+            .bind(dual_write_started_at)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::INSERT_TRANSITION)
+            .bind(from.name())
+            .bind(target.name())
+            .bind(actor)
+            .bind(reason)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        Ok(Transitioned::Moved(PhaseState {
+            phase: target,
+            changed_at: at,
+        }))
+    }
+
+    pub async fn transitions(pool: &Pool<DB>, limit: u32) -> Result<Vec<Transition>, StorageError> {
+        let rows: Vec<TransitionRow> = sqlx::query_as(sql::TRANSITIONS)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+        rows.into_iter().map(transition_from_row).collect()
+    }
+
+    pub async fn run(pool: &Pool<DB>, run_id: &str) -> Result<Option<Run>, StorageError> {
+        let row: Option<RunRow> = sqlx::query_as(sql::RUN_BY_ID)
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await?;
+        row.map(Run::try_from).transpose()
+    }
+
+    pub async fn unfinished_backfill(
+        pool: &Pool<DB>,
+        dry_run: bool,
+        stale_after: std::time::Duration,
+    ) -> Result<Option<Run>, StorageError> {
+        let stale_before = Utc::now() - chrono::Duration::from_std(stale_after).unwrap_or_default();
+        let row: Option<RunRow> = sqlx::query_as(sql::UNFINISHED_BACKFILL)
+            .bind(dry_run)
+            .bind(stale_before)
+            .fetch_optional(pool)
+            .await?;
+        row.map(Run::try_from).transpose()
+    }
+
+    pub async fn resume_run(pool: &Pool<DB>, run_id: &str) -> Result<(), StorageError> {
+        sqlx::query(sql::RESUME_RUN)
+            .bind(Utc::now())
+            .bind(run_id)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn run_issues(
+        pool: &Pool<DB>,
+        run_id: &str,
+        limit: u32,
+    ) -> Result<Vec<RunIssue>, StorageError> {
+        let rows: Vec<(String, String, NaiveDate, String)> = sqlx::query_as(sql::RUN_ISSUES)
+            .bind(run_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+        Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
+    }
+
+    pub async fn legacy_zero_rows(pool: &Pool<DB>) -> Result<u64, StorageError> {
+        let rows: i64 = sqlx::query_scalar(sql::LEGACY_ZERO_ROWS)
+            .fetch_one(pool)
+            .await?;
+        Ok(rows.max(0) as u64)
+    }
+
+    pub async fn rollout(pool: &Pool<DB>) -> Result<RolloutSnapshot, StorageError> {
+        let row: RolloutRow = sqlx::query_as(sql::ROLLOUT_STATE).fetch_one(pool).await?;
+        let overrides: Vec<(String, String)> =
+            sqlx::query_as(sql::OVERRIDES).fetch_all(pool).await?;
+        rollout_snapshot(row, overrides)
+    }
+
+    /// Applies `change` inside `tx`, whose rollout row `read_rollout` reads (and, where the
+    /// backend needs it, locks): checks the expected version and the phase, writes the new
+    /// state and its audit entry. The caller commits.
+    pub async fn change_rollout(
+        tx: &mut DB::Connection,
+        read_rollout: &'static str,
+        change: &RolloutChange,
+        expected_version: Option<u64>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(), StorageError> {
+        let row: RolloutRow = sqlx::query_as(read_rollout).fetch_one(&mut *tx).await?;
+        let current = rollout_config(&row);
+        if let Some(expected) = expected_version.filter(|v| *v != current.version) {
+            return Err(RolloutRefused::VersionConflict {
+                expected,
+                current: current.version,
+            }
+            .into());
+        }
+        let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
+            .fetch_one(&mut *tx)
+            .await?;
+        check_change(change, parse_phase(&phase)?)?;
+        let current_override = match change_user(change) {
+            Some(user) => {
+                let source: Option<String> = sqlx::query_scalar(sql::OVERRIDE_OF_USER)
+                    .bind(user)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                source.as_deref().map(source_from_name).transpose()?
+            }
+            None => None,
+        };
+        let (next, what, before, after) = apply(change, &current, current_override);
+        let now = Utc::now();
+        sqlx::query(sql::SET_ROLLOUT)
+            .bind(i64::from(next.basis_points))
+            .bind(next.kill_switch)
+            .bind(next.salt.as_str())
+            .bind(next.version as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        match change {
+            RolloutChange::SetOverride { user_id, source } => {
+                sqlx::query(sql::UPSERT_OVERRIDE)
+                    .bind(user_id.as_str())
+                    .bind(source_name(*source))
+                    .bind(reason)
+                    .bind(actor)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            RolloutChange::ClearOverride { user_id } => {
+                sqlx::query(sql::DELETE_OVERRIDE)
+                    .bind(user_id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            _ => {}
+        }
+        sqlx::query(sql::INSERT_AUDIT)
+            .bind(next.version as i64)
+            .bind(actor)
+            .bind(now)
+            .bind(what)
+            .bind(before)
+            .bind(after)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rollout_history(
+        pool: &Pool<DB>,
+        before_version: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        let rows: Vec<AuditRow> = sqlx::query_as(sql::AUDIT_PAGE)
+            .bind(before_version.map_or(i64::MAX, |v| v as i64))
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+        Ok(rows.into_iter().map(audit_entry).collect())
+    }
+}
