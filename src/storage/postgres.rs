@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::shared::{Shared, Transitioned};
 use super::{
     EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
-    mismatch_reason, new_run_id, parse_phase, sql, verify_data_from_rows,
+    mismatch_reason, parse_phase, sql, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
@@ -457,23 +457,7 @@ impl EventStore for PostgresStore {
         dry_run: bool,
         batch_size: u32,
     ) -> Result<Run, StorageError> {
-        let run_id = new_run_id(kind);
-        let now = Utc::now();
-        sqlx::query(
-            "INSERT INTO migration_runs (run_id, kind, actor, dry_run, state, started_at, \
-             batch_size, heartbeat_at) VALUES ($1, $2, $3, $4, 'running', $5, $6, $5)",
-        )
-        .bind(&run_id)
-        .bind(kind.name())
-        .bind(actor)
-        .bind(dry_run)
-        .bind(now)
-        .bind(i64::from(batch_size))
-        .execute(&self.pool)
-        .await?;
-        self.run(&run_id)
-            .await?
-            .ok_or_else(|| StorageError::Corrupt(format!("run {run_id} vanished")))
+        Shared::<Postgres>::create_run(&self.pool, kind, actor, dry_run, batch_size).await
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
@@ -579,17 +563,7 @@ impl EventStore for PostgresStore {
         state: RunState,
         error: Option<&str>,
     ) -> Result<(), StorageError> {
-        sqlx::query(
-            "UPDATE migration_runs SET state = $1, finished_at = $2, heartbeat_at = $2, \
-             last_error = COALESCE($3, last_error) WHERE run_id = $4",
-        )
-        .bind(state.name())
-        .bind(Utc::now())
-        .bind(error)
-        .bind(run_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Shared::<Postgres>::finish_run(&self.pool, run_id, state, error).await
     }
 
     async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {

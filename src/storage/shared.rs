@@ -10,10 +10,10 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
 use super::{
     AuditRow, FactsRow, PhaseRow, RolloutRow, RunRow, StorageError, TransitionRow, TransitionStep,
-    audit_entry, batch, parse_phase, plan_transition, rollout_config, rollout_snapshot,
+    audit_entry, batch, new_run_id, parse_phase, plan_transition, rollout_config, rollout_snapshot,
     source_from_name, source_name, sql, transition_from_row,
 };
-use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
+use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot};
 use crate::rollout::{apply, change_user, check_change};
 
@@ -37,6 +37,7 @@ where
     for<'q> String: Encode<'q, DB> + Type<DB>,
     for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<DateTime<Utc>>: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
@@ -110,6 +111,44 @@ where
             .fetch_all(pool)
             .await?;
         rows.into_iter().map(transition_from_row).collect()
+    }
+
+    pub async fn create_run(
+        pool: &Pool<DB>,
+        kind: RunKind,
+        actor: &str,
+        dry_run: bool,
+        batch_size: u32,
+    ) -> Result<Run, StorageError> {
+        let run_id = new_run_id(kind);
+        sqlx::query(sql::CREATE_RUN)
+            .bind(run_id.as_str())
+            .bind(kind.name())
+            .bind(actor)
+            .bind(dry_run)
+            .bind(Utc::now())
+            .bind(i64::from(batch_size))
+            .execute(pool)
+            .await?;
+        Self::run(pool, &run_id)
+            .await?
+            .ok_or_else(|| StorageError::Corrupt(format!("run {run_id} vanished")))
+    }
+
+    pub async fn finish_run(
+        pool: &Pool<DB>,
+        run_id: &str,
+        state: RunState,
+        error: Option<&str>,
+    ) -> Result<(), StorageError> {
+        sqlx::query(sql::FINISH_RUN)
+            .bind(state.name())
+            .bind(Utc::now())
+            .bind(error)
+            .bind(run_id)
+            .execute(pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn run(pool: &Pool<DB>, run_id: &str) -> Result<Option<Run>, StorageError> {

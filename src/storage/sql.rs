@@ -55,6 +55,11 @@ pub const PRECONDITION_FACTS: &str = "SELECT \
 
 // Backfill and verify runs.
 
+pub const CREATE_RUN: &str = "INSERT INTO migration_runs (run_id, kind, actor, dry_run, state, \
+    started_at, batch_size, heartbeat_at) VALUES ($1, $2, $3, $4, 'running', $5, $6, $5)";
+/// Ends a run in `$1` (completed, failed, cancelled) at `$2`, keeping an error `$3` if any.
+pub const FINISH_RUN: &str = "UPDATE migration_runs SET state = $1, finished_at = $2, \
+    heartbeat_at = $2, last_error = COALESCE($3, last_error) WHERE run_id = $4";
 pub const RUN_BY_ID: &str = concat!(
     "SELECT ",
     run_columns!(),

@@ -14,7 +14,7 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use super::shared::{Shared, Transitioned};
 use super::{
     EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
-    mismatch_reason, new_run_id, parse_phase, sql, verify_data_from_rows,
+    mismatch_reason, parse_phase, sql, verify_data_from_rows,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
@@ -363,24 +363,7 @@ impl EventStore for SqliteStore {
         dry_run: bool,
         batch_size: u32,
     ) -> Result<Run, StorageError> {
-        let run_id = new_run_id(kind);
-        let now = Utc::now();
-        sqlx::query(
-            "INSERT INTO migration_runs (run_id, kind, actor, dry_run, state, started_at, \
-             batch_size, heartbeat_at) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
-        )
-        .bind(&run_id)
-        .bind(kind.name())
-        .bind(actor)
-        .bind(dry_run)
-        .bind(now)
-        .bind(i64::from(batch_size))
-        .bind(now)
-        .execute(&self.writer)
-        .await?;
-        self.run(&run_id)
-            .await?
-            .ok_or_else(|| StorageError::Corrupt(format!("run {run_id} vanished")))
+        Shared::<Sqlite>::create_run(&self.writer, kind, actor, dry_run, batch_size).await
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
@@ -477,19 +460,7 @@ impl EventStore for SqliteStore {
         state: RunState,
         error: Option<&str>,
     ) -> Result<(), StorageError> {
-        let now = Utc::now();
-        sqlx::query(
-            "UPDATE migration_runs SET state = ?, finished_at = ?, heartbeat_at = ?, \
-             last_error = COALESCE(?, last_error) WHERE run_id = ?",
-        )
-        .bind(state.name())
-        .bind(now)
-        .bind(now)
-        .bind(error)
-        .bind(run_id)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        Shared::<Sqlite>::finish_run(&self.writer, run_id, state, error).await
     }
 
     async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
