@@ -393,10 +393,12 @@ fn new_run_id(kind: RunKind) -> String {
 
 /// A verify legacy row.
 type VerifyLegacyRow = (String, String, NaiveDate, i64, i64, i64, i64, i64);
+/// A verify rollup row: user, campaign, day, event type, total.
+type VerifyNewRow = (String, String, NaiveDate, i16, i64);
 
 fn verify_data_from_rows(
     legacy: Vec<VerifyLegacyRow>,
-    new: Vec<(String, String, NaiveDate, i16, i64)>,
+    new: Vec<VerifyNewRow>,
     ambiguous: Vec<(String, NaiveDate)>,
 ) -> VerifyData {
     VerifyData {

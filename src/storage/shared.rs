@@ -6,13 +6,17 @@
 use std::marker::PhantomData;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Type};
 
 use super::{
     AuditRow, FactsRow, PhaseRow, RolloutRow, RunRow, StorageError, TransitionRow, TransitionStep,
-    audit_entry, batch, new_run_id, parse_phase, plan_transition, rollout_config, rollout_snapshot,
-    source_from_name, source_name, sql, transition_from_row,
+    VerifyLegacyRow, VerifyNewRow, audit_entry, batch, new_run_id, parse_phase, plan_transition,
+    rollout_config, rollout_snapshot, source_from_name, source_name, sql, transition_from_row,
+    verify_data_from_rows,
 };
+use crate::domain::DateRange;
+use crate::migration::backfill::BatchOutcome;
+use crate::migration::verify::VerifyData;
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot};
 use crate::rollout::{apply, change_user, check_change};
@@ -38,6 +42,9 @@ where
     for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<DateTime<Utc>>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
+    for<'q> NaiveDate: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<NaiveDate>: Encode<'q, DB> + Type<DB>,
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
@@ -49,6 +56,9 @@ where
     for<'r> RunRow: FromRow<'r, DB::Row>,
     for<'r> RolloutRow: FromRow<'r, DB::Row>,
     for<'r> AuditRow: FromRow<'r, DB::Row>,
+    for<'r> VerifyLegacyRow: FromRow<'r, DB::Row>,
+    for<'r> VerifyNewRow: FromRow<'r, DB::Row>,
+    for<'r> (String, NaiveDate): FromRow<'r, DB::Row>,
 {
     pub async fn ping(pool: &Pool<DB>) -> Result<(), StorageError> {
         sqlx::query(sql::PING).execute(pool).await?;
@@ -182,6 +192,27 @@ where
         Ok(())
     }
 
+    /// Records a backfill batch's counts and checkpoint inside the batch's transaction.
+    pub async fn record_batch_progress(
+        tx: &mut DB::Connection,
+        run_id: &str,
+        outcome: &BatchOutcome,
+    ) -> Result<(), StorageError> {
+        let (checkpoint_campaign, checkpoint_date) = outcome.last_key.clone().unzip();
+        sqlx::query(sql::BATCH_PROGRESS)
+            .bind(outcome.processed as i64)
+            .bind(outcome.copied as i64)
+            .bind(outcome.skipped as i64)
+            .bind(outcome.ambiguous as i64)
+            .bind(checkpoint_campaign)
+            .bind(checkpoint_date)
+            .bind(Utc::now())
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
     pub async fn run_issues(
         pool: &Pool<DB>,
         run_id: &str,
@@ -193,6 +224,33 @@ where
             .fetch_all(pool)
             .await?;
         Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
+    }
+
+    /// Both sides of verify over `range` (all history when `None`), read inside `tx`: the
+    /// caller makes it one snapshot.
+    pub async fn verify_data(
+        tx: &mut DB::Connection,
+        range: Option<DateRange>,
+    ) -> Result<VerifyData, StorageError> {
+        let mut legacy = QueryBuilder::<DB>::new(sql::VERIFY_LEGACY);
+        let mut new = QueryBuilder::<DB>::new(sql::VERIFY_NEW);
+        let mut ambiguous = QueryBuilder::<DB>::new(sql::VERIFY_AMBIGUOUS);
+        if let Some(range) = range {
+            for (query, column) in [
+                (&mut legacy, "stat_date"),
+                (&mut new, "day"),
+                (&mut ambiguous, "stat_date"),
+            ] {
+                query
+                    .push(format_args!(" AND {column} BETWEEN "))
+                    .push_bind(range.start);
+                query.push(" AND ").push_bind(range.end);
+            }
+        }
+        let legacy = legacy.build_query_as().fetch_all(&mut *tx).await?;
+        let new = new.build_query_as().fetch_all(&mut *tx).await?;
+        let ambiguous = ambiguous.build_query_as().fetch_all(&mut *tx).await?;
+        Ok(verify_data_from_rows(legacy, new, ambiguous))
     }
 
     pub async fn legacy_zero_rows(pool: &Pool<DB>) -> Result<u64, StorageError> {

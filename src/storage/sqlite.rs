@@ -14,7 +14,7 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use super::shared::{Shared, Transitioned};
 use super::{
     EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
-    mismatch_reason, parse_phase, sql, verify_data_from_rows,
+    mismatch_reason, parse_phase, sql,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
@@ -438,18 +438,7 @@ impl EventStore for SqliteStore {
             insert.build().execute(&mut *tx).await?;
         }
         let outcome = plan.outcome;
-        let (checkpoint_campaign, checkpoint_date) = outcome.last_key.clone().unzip();
-        sqlx::query(sql::BATCH_PROGRESS)
-            .bind(outcome.processed as i64)
-            .bind(outcome.copied as i64)
-            .bind(outcome.skipped as i64)
-            .bind(outcome.ambiguous as i64)
-            .bind(checkpoint_campaign)
-            .bind(checkpoint_date)
-            .bind(Utc::now())
-            .bind(&run.run_id)
-            .execute(&mut *tx)
-            .await?;
+        Shared::<Sqlite>::record_batch_progress(&mut tx, &run.run_id, &outcome).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -468,28 +457,11 @@ impl EventStore for SqliteStore {
     }
 
     async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
-        let mut legacy = QueryBuilder::<Sqlite>::new(sql::VERIFY_LEGACY);
-        let mut new = QueryBuilder::<Sqlite>::new(sql::VERIFY_NEW);
-        let mut ambiguous = QueryBuilder::<Sqlite>::new(sql::VERIFY_AMBIGUOUS);
-        if let Some(range) = range {
-            for (query, column) in [
-                (&mut legacy, "stat_date"),
-                (&mut new, "day"),
-                (&mut ambiguous, "stat_date"),
-            ] {
-                query
-                    .push(format_args!(" AND {column} BETWEEN "))
-                    .push_bind(range.start);
-                query.push(" AND ").push_bind(range.end);
-            }
-        }
         // One read transaction: one snapshot for both sides.
         let mut tx = self.reader.begin().await?;
-        let legacy = legacy.build_query_as().fetch_all(&mut *tx).await?;
-        let new = new.build_query_as().fetch_all(&mut *tx).await?;
-        let ambiguous = ambiguous.build_query_as().fetch_all(&mut *tx).await?;
+        let data = Shared::<Sqlite>::verify_data(&mut tx, range).await?;
         tx.commit().await?;
-        Ok(verify_data_from_rows(legacy, new, ambiguous))
+        Ok(data)
     }
 
     async fn complete_verify(
