@@ -3,6 +3,11 @@
 //! [`EventStore`] is the one contract every backend fulfils; [`SqliteStore`] and
 //! [`PostgresStore`] each own their pool and run their own migrations. The entry point picks
 //! one backend from the database URL ([`Backend::from_url`]); everything after it is generic.
+//!
+//! What the backends do alike is written once: the SQL in `sql`, the query code in `shared`
+//! (generic over the sqlx driver), write planning in `batch`. The backend modules keep what
+//! really differs: pools, bulk writes (multi-row `VALUES` against `UNNEST`), locking,
+//! partitions and change notifications.
 
 mod batch;
 mod error;
