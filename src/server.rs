@@ -103,22 +103,9 @@ pub async fn launch<S: EventStore>(
     let store = Arc::new(store);
     let rollout = RolloutView::load(store.as_ref()).await?;
     let metrics = Arc::new(ServerMetrics::new(&DESCRIPTOR_SETS));
-    let (stop_metrics, metrics_stopping) = tokio::sync::oneshot::channel::<()>();
-    let metrics_task = match metrics_listener {
-        Some(listener) => {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, "serving metrics");
-            }
-            let (metrics, view, store) =
-                (Arc::clone(&metrics), rollout.clone(), Arc::clone(&store));
-            let scrape = move || metrics.render(&view.current(), &store.pool_use());
-            let stopping = async {
-                let _ = metrics_stopping.await;
-            };
-            Some(tokio::spawn(serve_metrics(listener, scrape, stopping)))
-        }
-        None => None,
-    };
+    let metrics_endpoint = metrics_listener.map(|listener| {
+        MetricsEndpoint::start(listener, Arc::clone(&metrics), rollout.clone(), &store)
+    });
 
     let jobs = Jobs::default();
     {
@@ -202,15 +189,52 @@ pub async fn launch<S: EventStore>(
     // Background runs stop after their current batch; a stopped backfill resumes later.
     jobs.stop(config.shutdown_grace).await;
     // Metrics are served until the very end, so the last scrape sees the shutdown.
-    let _ = stop_metrics.send(());
-    let metrics_served = match metrics_task {
-        Some(task) => task.await.unwrap_or(Ok(())),
+    let metrics_served = match metrics_endpoint {
+        Some(endpoint) => endpoint.stop().await,
         None => Ok(()),
     };
     store.close().await;
     tracing::info!("server stopped");
     served?;
-    metrics_served.map_err(LaunchError::Metrics)
+    metrics_served
+}
+
+/// The Prometheus endpoint, running beside the gRPC server.
+struct MetricsEndpoint {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl MetricsEndpoint {
+    /// Serves `metrics` on `listener`, with the state `view` applies and the pools of `store`
+    /// sampled at each scrape.
+    fn start<S: EventStore>(
+        listener: TcpListener,
+        metrics: Arc<ServerMetrics>,
+        view: RolloutView,
+        store: &Arc<S>,
+    ) -> Self {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics");
+        }
+        let store = Arc::clone(store);
+        let scrape = move || metrics.render(&view.current(), &store.pool_use());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(serve_metrics(listener, scrape, stopped));
+        Self { stop, task }
+    }
+
+    /// Stops serving (after open scrapes finish) and reports how serving went.
+    async fn stop(self) -> Result<(), LaunchError> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .unwrap_or(Ok(()))
+            .map_err(LaunchError::Metrics)
+    }
 }
 
 /// Request tracing. Statuses that report the caller's mistake or a normal outcome are not
