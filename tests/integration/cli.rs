@@ -1,12 +1,18 @@
 //! The admin command line, run as a user runs it, against a real server.
 
-use serde_json::Value;
+use std::time::{Duration, Instant};
 
-use crate::common::TestDb;
+use campaign_stats::grpc::proto::WatchRolloutRequest;
+use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+use serde_json::Value;
+use tokio_stream::StreamExt;
+
+use crate::common::{ServerProcess, TestDb};
 
 crate::on_both_backends!(
     operator_migrates_with_the_cli_alone,
-    controller_moves_the_rollout_with_the_cli
+    controller_moves_the_rollout_with_the_cli,
+    a_controller_drives_two_server_processes_with_the_cli,
 );
 
 /// Runs `campaign-stats ARGS…` and returns its exit success and stdout.
@@ -255,4 +261,111 @@ async fn controller_moves_the_rollout_with_the_cli(db: TestDb) {
     assert!(!ok);
     assert!(stderr.contains("is not a percentage"), "{stderr}");
     server.stop().await;
+}
+
+/// Issue 4's "done when", as a controller does it: two server processes on one database, the
+/// CLI against the first moves the rollout 0% → 100% in steps, lets a beta user in, pulls and
+/// releases the kill switch; the second process applies each change within the bound, and
+/// reads back the whole audit trail.
+async fn a_controller_drives_two_server_processes_with_the_cli(db: TestDb) {
+    let db = db.in_phase(campaign_stats::migration::Phase::Verified);
+    // The first server prepares the database (schema, phase); then two real processes.
+    db.start_server().await.stop().await;
+    let first = ServerProcess::start(&db.url, &[]).await;
+    let second = ServerProcess::start(&db.url, &[]).await;
+    let controller = format!("http://{}", first.addr);
+    let on_second = format!("http://{}", second.addr);
+    let mut watch = RolloutServiceClient::new(second.channel().await)
+        .watch_rollout(WatchRolloutRequest {})
+        .await
+        .expect("watch the second replica")
+        .into_inner();
+    let mut applied_by_second = watch
+        .next()
+        .await
+        .expect("current")
+        .expect("rollout")
+        .version;
+    assert_eq!(applied_by_second, 0);
+
+    let steps: [&[&str]; 8] = [
+        &["set", "1", "--reason", "first users"],
+        &["override", "beta-user", "new", "--reason", "beta tester"],
+        &["set", "10", "--reason", "no mismatches at 1%"],
+        &["kill-switch", "on", "--reason", "incident drill"],
+        &["kill-switch", "off", "--reason", "drill over"],
+        &["set", "50%", "--reason", "half"],
+        &["set", "100", "--reason", "everyone"],
+        &["clear-override", "beta-user", "--reason", "beta over"],
+    ];
+    let mut slowest = Duration::ZERO;
+    for step in steps {
+        let args = [
+            &["rollout"],
+            step,
+            &["-s", controller.as_str(), "-o", "json", "--actor", "ctl"],
+        ]
+        .concat();
+        let changed = Instant::now();
+        let version = cli_json(&args).await["version"].as_u64().expect("version");
+        while applied_by_second < version {
+            applied_by_second = tokio::time::timeout(Duration::from_secs(5), watch.next())
+                .await
+                .unwrap_or_else(|_| panic!("{step:?} did not reach the second replica in 5 s"))
+                .expect("stream open")
+                .expect("rollout")
+                .version;
+        }
+        slowest = slowest.max(changed.elapsed());
+        if step[0] == "kill-switch" && step[1] == "on" {
+            let evaluated = cli_json(&[
+                "rollout",
+                "evaluate",
+                "beta-user",
+                "-s",
+                &on_second,
+                "-o",
+                "json",
+            ])
+            .await;
+            assert_eq!(evaluated["source"], "legacy", "{evaluated}");
+        }
+    }
+    println!("slowest change to reach the second process: {slowest:?}");
+    assert_eq!(applied_by_second, 8);
+    let metrics = second.metrics().await;
+    assert_eq!(metrics.get("campaign_stats_rollout_applied_version"), 8.0);
+    assert_eq!(metrics.get("campaign_stats_rollout_percentage"), 100.0);
+
+    // The full audit trail, read from the other replica, newest first.
+    let history = cli_json(&["rollout", "history", "-s", &on_second, "-o", "json"]).await;
+    let entries: Vec<(u64, &str, &str, &str)> = history
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_u64().expect("version"),
+                e["actor"].as_str().expect("actor"),
+                e["change"].as_str().expect("change"),
+                e["reason"].as_str().expect("reason"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (8, "ctl", "override beta-user", "beta over"),
+            (7, "ctl", "percentage", "everyone"),
+            (6, "ctl", "percentage", "half"),
+            (5, "ctl", "kill switch", "drill over"),
+            (4, "ctl", "kill switch", "incident drill"),
+            (3, "ctl", "percentage", "no mismatches at 1%"),
+            (2, "ctl", "override beta-user", "beta tester"),
+            (1, "ctl", "percentage", "first users"),
+        ]
+    );
+    drop(watch);
+    first.stop().await;
+    second.stop().await;
 }
