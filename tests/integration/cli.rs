@@ -2,10 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use campaign_stats::grpc::proto::WatchRolloutRequest;
-use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use serde_json::Value;
-use tokio_stream::StreamExt;
 
 use crate::common::{ServerProcess, TestDb};
 
@@ -275,18 +272,8 @@ async fn a_controller_drives_two_server_processes_with_the_cli(db: TestDb) {
     let second = ServerProcess::start(&db.url, &[]).await;
     let controller = format!("http://{}", first.addr);
     let on_second = format!("http://{}", second.addr);
-    let mut watch = RolloutServiceClient::new(second.channel().await)
-        .watch_rollout(WatchRolloutRequest {})
-        .await
-        .expect("watch the second replica")
-        .into_inner();
-    let mut applied_by_second = watch
-        .next()
-        .await
-        .expect("current")
-        .expect("rollout")
-        .version;
-    assert_eq!(applied_by_second, 0);
+    let mut applied_by_second = second.watch_rollout().await;
+    assert_eq!(applied_by_second.version, 0);
 
     let steps: [&[&str]; 8] = [
         &["set", "1", "--reason", "first users"],
@@ -308,15 +295,8 @@ async fn a_controller_drives_two_server_processes_with_the_cli(db: TestDb) {
         .concat();
         let changed = Instant::now();
         let version = cli_json(&args).await["version"].as_u64().expect("version");
-        while applied_by_second < version {
-            applied_by_second = tokio::time::timeout(Duration::from_secs(5), watch.next())
-                .await
-                .unwrap_or_else(|_| panic!("{step:?} did not reach the second replica in 5 s"))
-                .expect("stream open")
-                .expect("rollout")
-                .version;
-        }
-        slowest = slowest.max(changed.elapsed());
+        let took = applied_by_second.until_applied(version, changed).await;
+        slowest = slowest.max(took);
         if step[0] == "kill-switch" && step[1] == "on" {
             let evaluated = cli_json(&[
                 "rollout",
@@ -332,7 +312,7 @@ async fn a_controller_drives_two_server_processes_with_the_cli(db: TestDb) {
         }
     }
     println!("slowest change to reach the second process: {slowest:?}");
-    assert_eq!(applied_by_second, 8);
+    assert_eq!(applied_by_second.version, 8);
     let metrics = second.metrics().await;
     assert_eq!(metrics.get("campaign_stats_rollout_applied_version"), 8.0);
     assert_eq!(metrics.get("campaign_stats_rollout_percentage"), 100.0);
@@ -365,7 +345,7 @@ async fn a_controller_drives_two_server_processes_with_the_cli(db: TestDb) {
             (1, "ctl", "percentage", "first users"),
         ]
     );
-    drop(watch);
+    drop(applied_by_second);
     first.stop().await;
     second.stop().await;
 }

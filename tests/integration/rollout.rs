@@ -475,28 +475,6 @@ async fn applied_version_metric(replica: &ServerProcess) -> f64 {
         .get("campaign_stats_rollout_applied_version")
 }
 
-/// Waits on `watch` (a second replica's WatchRollout) until it applies `version`; returns
-/// how long that took since `since`, failing after 5 s.
-async fn until_applied(
-    watch: &mut tonic::Streaming<Rollout>,
-    version: u64,
-    since: Instant,
-) -> Duration {
-    loop {
-        let update = tokio::time::timeout(Duration::from_secs(5), watch.next())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("version {version} did not reach the second replica within 5 s")
-            })
-            .expect("stream open")
-            .expect("rollout");
-        if update.version >= version {
-            assert_eq!(update.applied_version, update.version);
-            return since.elapsed();
-        }
-    }
-}
-
 /// A second server *process* on the same database follows a change made through the first,
 /// and says so in GetRollout, EvaluateUser and its metrics.
 async fn another_replica_applies_a_change_quickly(db: TestDb) {
@@ -504,20 +482,8 @@ async fn another_replica_applies_a_change_quickly(db: TestDb) {
     let first = db.start_server().await;
     let second = ServerProcess::start(&db.url, &[]).await;
     let mut on_second = RolloutServiceClient::new(second.channel().await);
-    let mut watch = on_second
-        .watch_rollout(WatchRolloutRequest {})
-        .await
-        .expect("watch")
-        .into_inner();
-    assert_eq!(
-        watch
-            .next()
-            .await
-            .expect("current")
-            .expect("rollout")
-            .version,
-        0
-    );
+    let mut watch = second.watch_rollout().await;
+    assert_eq!(watch.version, 0);
     assert_eq!(applied_version_metric(&second).await, 0.0);
 
     let changed = Instant::now();
@@ -526,7 +492,7 @@ async fn another_replica_applies_a_change_quickly(db: TestDb) {
         .set_rollout_percentage(percentage(25.0, 0, false))
         .await
         .expect("change on the first replica");
-    let took = until_applied(&mut watch, 1, changed).await;
+    let took = watch.until_applied(1, changed).await;
     assert!(took < Duration::from_secs(5), "{took:?}");
     let applied = current(&mut on_second).await;
     assert_eq!(
@@ -564,20 +530,8 @@ async fn postgres_replicas_hear_changes_and_survive_a_cut_listener() {
     let first = db.start_server().await;
     // The second replica polls only every minute: what arrives sooner was pushed.
     let second = ServerProcess::start(&db.url, &["--rollout-refresh-ms", "60000"]).await;
-    let mut watch = RolloutServiceClient::new(second.channel().await)
-        .watch_rollout(WatchRolloutRequest {})
-        .await
-        .expect("watch")
-        .into_inner();
-    assert_eq!(
-        watch
-            .next()
-            .await
-            .expect("current")
-            .expect("rollout")
-            .version,
-        0
-    );
+    let mut watch = second.watch_rollout().await;
+    assert_eq!(watch.version, 0);
     let mut controller = client(&first).await;
 
     for (percent, version) in [(10.0, 1), (20.0, 2)] {
@@ -596,7 +550,7 @@ async fn postgres_replicas_hear_changes_and_survive_a_cut_listener() {
             .set_rollout_percentage(percentage(percent, version - 1, false))
             .await
             .expect("change");
-        let took = until_applied(&mut watch, version, changed).await;
+        let took = watch.until_applied(version, changed).await;
         assert!(
             took < Duration::from_secs(5),
             "version {version} took {took:?}"

@@ -2,10 +2,15 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
+use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+use campaign_stats::grpc::proto::{Rollout, WatchRolloutRequest};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio_stream::StreamExt;
+use tonic::Streaming;
 use tonic::transport::Channel;
 
 use super::Metrics;
@@ -80,6 +85,22 @@ impl ServerProcess {
         Metrics::scrape(self.metrics_addr).await
     }
 
+    /// Follows the rollout versions this process applies (WatchRollout).
+    pub async fn watch_rollout(&self) -> AppliedVersions {
+        let mut stream = RolloutServiceClient::new(self.channel().await)
+            .watch_rollout(WatchRolloutRequest {})
+            .await
+            .expect("watch the replica's rollout")
+            .into_inner();
+        let version = stream
+            .next()
+            .await
+            .expect("the current state")
+            .expect("rollout")
+            .version;
+        AppliedVersions { stream, version }
+    }
+
     /// Kills the process with SIGKILL: no shutdown, no flushing, as in a crash.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill -9 the server");
@@ -96,5 +117,30 @@ impl ServerProcess {
         assert!(signalled.success(), "kill -TERM {pid} failed");
         let status = self.child.wait().await.expect("wait for the server");
         assert!(status.success(), "the server exited with {status}");
+    }
+}
+
+/// A replica's WatchRollout stream and the last version it reported applying.
+pub struct AppliedVersions {
+    stream: Streaming<Rollout>,
+    pub version: u64,
+}
+
+impl AppliedVersions {
+    /// Waits until the replica applies `version`; returns how long that took since `since`,
+    /// failing after 5 s.
+    pub async fn until_applied(&mut self, version: u64, since: Instant) -> Duration {
+        while self.version < version {
+            let update = tokio::time::timeout(Duration::from_secs(5), self.stream.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("version {version} did not reach the second replica within 5 s")
+                })
+                .expect("stream open")
+                .expect("rollout");
+            assert_eq!(update.applied_version, update.version);
+            self.version = update.version;
+        }
+        since.elapsed()
     }
 }
