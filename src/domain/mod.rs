@@ -38,6 +38,23 @@ pub enum StorageSource {
     New,
 }
 
+impl StorageSource {
+    /// `legacy` or `new`: as stored, logged, labelled and audited.
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageSource::Legacy => "legacy",
+            StorageSource::New => "new",
+        }
+    }
+
+    /// The storage [`StorageSource::name`] spells `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [StorageSource::Legacy, StorageSource::New]
+            .into_iter()
+            .find(|source| source.name() == name)
+    }
+}
+
 /// A read's result together with the storage that produced it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer<T> {

@@ -66,11 +66,7 @@ fn percent(basis_points: u32) -> String {
 }
 
 fn source_name(source: Option<StorageSource>) -> &'static str {
-    match source {
-        Some(StorageSource::Legacy) => "legacy",
-        Some(StorageSource::New) => "new",
-        None => "none",
-    }
+    source.map_or("none", StorageSource::name)
 }
 
 /// What applying `change` to `config` (with the override currently stored for the user the

@@ -439,18 +439,8 @@ fn rollout_config(
 }
 
 fn source_from_name(name: &str) -> Result<StorageSource, StorageError> {
-    match name {
-        "legacy" => Ok(StorageSource::Legacy),
-        "new" => Ok(StorageSource::New),
-        other => Err(StorageError::Corrupt(format!("unknown storage {other:?}"))),
-    }
-}
-
-fn source_name(source: StorageSource) -> &'static str {
-    match source {
-        StorageSource::Legacy => "legacy",
-        StorageSource::New => "new",
-    }
+    StorageSource::from_name(name)
+        .ok_or_else(|| StorageError::Corrupt(format!("unknown storage {name:?}")))
 }
 
 fn rollout_snapshot(

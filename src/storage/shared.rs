@@ -11,7 +11,7 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilde
 use super::{
     AuditRow, FactsRow, PhaseRow, RolloutRow, RunRow, StorageError, TransitionRow, TransitionStep,
     VerifyLegacyRow, VerifyNewRow, audit_entry, batch, new_run_id, parse_phase, plan_transition,
-    rollout_config, rollout_snapshot, source_from_name, source_name, sql, transition_from_row,
+    rollout_config, rollout_snapshot, source_from_name, sql, transition_from_row,
     verify_data_from_rows,
 };
 use crate::domain::DateRange;
@@ -315,7 +315,7 @@ where
             RolloutChange::SetOverride { user_id, source } => {
                 sqlx::query(sql::UPSERT_OVERRIDE)
                     .bind(user_id.as_str())
-                    .bind(source_name(*source))
+                    .bind(source.name())
                     .bind(reason)
                     .bind(actor)
                     .bind(now)

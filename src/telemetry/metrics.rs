@@ -169,7 +169,7 @@ impl ServerMetrics {
         let labels = RpcLabels {
             method: method.to_owned(),
             code: format!("{code:?}"),
-            source: source.map_or("none", source_label),
+            source: source.map_or("none", StorageSource::name),
         };
         self.rpc_duration
             .get_or_create(&labels)
@@ -180,7 +180,7 @@ impl ServerMetrics {
     pub fn observe_read(&self, method: &'static str, source: StorageSource, took: Duration) {
         let labels = ReadLabels {
             method,
-            source: source_label(source),
+            source: source.name(),
         };
         self.read_duration
             .get_or_create(&labels)
@@ -227,13 +227,6 @@ impl ServerMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
-    }
-}
-
-fn source_label(source: StorageSource) -> &'static str {
-    match source {
-        StorageSource::Legacy => "legacy",
-        StorageSource::New => "new",
     }
 }
 
