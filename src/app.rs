@@ -93,7 +93,7 @@ impl<S: EventStore> Stats<S> {
         self.metrics
             .observe_read("daily_totals", source, started.elapsed());
         Ok(Answer {
-            value: bucket_series(daily, query.range, query.granularity, query.fill_empty),
+            value: bucket_series(daily, query.range, query.granularity, query.fill_empty)?,
             source,
         })
     }

@@ -36,6 +36,18 @@ impl EventType {
         self != EventType::Clicked
     }
 
+    /// The legacy table's column for this type (`clicked` has none and says so).
+    pub fn legacy_column(self) -> &'static str {
+        match self {
+            EventType::Sent => "sent",
+            EventType::Opened => "opened",
+            EventType::Clicked => "clicked (no legacy column)",
+            EventType::Replied => "replied",
+            EventType::PositiveReply => "positive_replies",
+            EventType::Bounced => "bounced",
+        }
+    }
+
     /// The type stored under `code`, if any.
     pub fn from_code(code: i16) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.code() == code)

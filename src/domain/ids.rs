@@ -1,6 +1,7 @@
 use std::fmt;
 
 use super::FieldViolation;
+use super::text::validate_text;
 
 /// Longest id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -10,19 +11,7 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), FieldViolation> {
     if value.is_empty() {
         return Err(FieldViolation::new(field, "must not be empty"));
     }
-    if value.len() > MAX_ID_BYTES {
-        return Err(FieldViolation::new(
-            field,
-            format!("must be at most {MAX_ID_BYTES} bytes, got {}", value.len()),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(FieldViolation::new(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    Ok(())
+    validate_text(field, value, MAX_ID_BYTES)
 }
 
 macro_rules! id_type {

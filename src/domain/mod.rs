@@ -6,14 +6,16 @@ mod ids;
 mod metrics;
 mod query;
 mod range;
+mod text;
 mod validation;
 
 pub use event::{Event, EventType, MAX_EVENT_COUNT, RawEvent, event_time_window};
 pub use ids::{CampaignId, MAX_ID_BYTES, UserId, validate_id};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, TotalOverflow};
 pub use query::{CampaignStatsQuery, SeriesQuery};
 pub use range::{DateRange, Granularity, MAX_RANGE_DAYS, bucket_series, parse_date};
-pub use validation::{FieldViolation, LimitExceeded, ValidationError};
+pub use text::{MAX_TEXT_BYTES, UNKNOWN_ACTOR, parse_actor, parse_reason, validate_text};
+pub use validation::{ECHO_CHARS, FieldViolation, LimitExceeded, ValidationError, echo};
 
 /// Most events one `RecordEvents` call may carry.
 pub const MAX_BATCH_EVENTS: usize = 10_000;

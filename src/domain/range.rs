@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use chrono::{Datelike, Days, Months, NaiveDate};
 
-use super::{FieldViolation, Metrics, ValidationError};
+use super::{FieldViolation, Metrics, TotalOverflow, ValidationError, echo};
 
 /// Longest date range a read may cover, in days (both ends included).
 pub const MAX_RANGE_DAYS: i64 = 3_660;
@@ -12,7 +12,7 @@ pub fn parse_date(field: &str, value: &str) -> Result<NaiveDate, FieldViolation>
     let bad = || {
         FieldViolation::new(
             field,
-            format!("must be a date as YYYY-MM-DD, got {value:?}"),
+            format!("must be a date as YYYY-MM-DD, got {}", echo(value)),
         )
     };
     // chrono accepts unpadded fields ("2026-1-5"); the contract is the strict form.
@@ -99,13 +99,14 @@ impl Granularity {
 
 /// Sums daily totals into the buckets of `granularity`, in date order. Days outside `range`
 /// are ignored. With `fill_empty`, every bucket touching the range is present (zeros where
-/// nothing happened); without it, only buckets with activity are.
+/// nothing happened); without it, only buckets with activity are. A bucket whose total
+/// would pass `u64::MAX` fails the series.
 pub fn bucket_series(
     daily: impl IntoIterator<Item = (NaiveDate, Metrics)>,
     range: DateRange,
     granularity: Granularity,
     fill_empty: bool,
-) -> Vec<(NaiveDate, Metrics)> {
+) -> Result<Vec<(NaiveDate, Metrics)>, TotalOverflow> {
     let mut buckets: BTreeMap<NaiveDate, Metrics> = BTreeMap::new();
     if fill_empty {
         let last = granularity.bucket_start(range.end);
@@ -117,10 +118,13 @@ pub fn bucket_series(
     }
     for (day, metrics) in daily {
         if range.contains(day) && !metrics.is_zero() {
-            *buckets.entry(granularity.bucket_start(day)).or_default() += metrics;
+            buckets
+                .entry(granularity.bucket_start(day))
+                .or_default()
+                .add_all(metrics)?;
         }
     }
-    buckets.into_iter().collect()
+    Ok(buckets.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -185,7 +189,7 @@ mod tests {
             (d("2026-03-16"), sent),
             (d("2026-05-01"), sent),
         ];
-        let filled = bucket_series(daily, range, Granularity::Month, true);
+        let filled = bucket_series(daily, range, Granularity::Month, true).unwrap();
         let starts: Vec<_> = filled.iter().map(|(s, _)| *s).collect();
         assert_eq!(
             starts,
@@ -198,7 +202,7 @@ mod tests {
         );
         assert_eq!(filled[2].1.sent, 4);
         assert!(filled[0].1.is_zero());
-        let sparse = bucket_series(daily, range, Granularity::Month, false);
+        let sparse = bucket_series(daily, range, Granularity::Month, false).unwrap();
         assert_eq!(
             sparse,
             vec![(
@@ -208,6 +212,21 @@ mod tests {
                     ..Metrics::default()
                 }
             )]
+        );
+    }
+
+    #[test]
+    fn a_bucket_past_u64_is_an_error() {
+        let range = DateRange::new(d("2026-03-01"), d("2026-03-31")).unwrap();
+        let huge = Metrics {
+            sent: u64::MAX / 2 + 1,
+            ..Metrics::default()
+        };
+        let daily = [(d("2026-03-15"), huge), (d("2026-03-16"), huge)];
+        assert!(bucket_series(daily, range, Granularity::Day, false).is_ok());
+        assert_eq!(
+            bucket_series(daily, range, Granularity::Month, false),
+            Err(TotalOverflow)
         );
     }
 }

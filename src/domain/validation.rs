@@ -1,5 +1,21 @@
 use std::fmt;
 
+/// Longest prefix of a client's value echoed back in an error, in characters.
+pub const ECHO_CHARS: usize = 32;
+
+/// A client's value as an error message may quote it: escaped (no control characters reach
+/// a terminal or a log), and cut to [`ECHO_CHARS`] characters with its full size said, so
+/// that an error never grows with the input.
+pub fn echo(value: &str) -> String {
+    let mut chars = value.chars();
+    let prefix: String = chars.by_ref().take(ECHO_CHARS).collect();
+    if chars.next().is_none() {
+        format!("{prefix:?}")
+    } else {
+        format!("{:?}… ({} bytes)", prefix, value.len())
+    }
+}
+
 /// One rule broken by one field of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -64,6 +80,21 @@ impl fmt::Display for ValidationError {
             write!(f, "{violation}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_quotes_short_values_and_cuts_long_ones() {
+        assert_eq!(echo("2026-1-5"), "\"2026-1-5\"");
+        assert_eq!(echo("a\u{0}\u{1b}[31m"), "\"a\\0\\u{1b}[31m\"");
+        let long = "x".repeat(1 << 20);
+        let echoed = echo(&long);
+        assert!(echoed.len() < 64, "{echoed}");
+        assert!(echoed.ends_with("(1048576 bytes)"), "{echoed}");
     }
 }
 

@@ -19,7 +19,9 @@ use super::proto::{
     VerifyConsistencyResponse,
 };
 use crate::app::{BackfillRequest, Migration};
-use crate::domain::{DateRange, ValidationError, parse_date};
+use crate::domain::{
+    DateRange, ValidationError, parse_actor, parse_date, parse_reason, validate_id,
+};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
 use crate::storage::{EventStore, TableSize};
 
@@ -168,15 +170,18 @@ fn verify_range(start: &str, end: &str) -> Result<Option<DateRange>, ValidationE
 }
 
 fn run_id(request: GetRunRequest) -> Result<String, ValidationError> {
-    if request.run_id.is_empty() {
-        Err(ValidationError::single("run_id", "must not be empty"))
-    } else {
-        Ok(request.run_id)
-    }
+    validate_id("run_id", &request.run_id)
+        .map_err(|violation| ValidationError::from_failures([Some(violation)]))?;
+    Ok(request.run_id)
+}
+
+/// The actor of a request (`unknown` when empty).
+fn actor(value: String) -> Result<String, ValidationError> {
+    parse_actor(value).map_err(|violation| ValidationError::from_failures([Some(violation)]))
 }
 
 fn unknown_run(run_id: &str) -> Status {
-    ApiError::NotFound(format!("no run {run_id:?}")).into()
+    ApiError::NotFound(format!("no run {}", crate::domain::echo(run_id))).into()
 }
 
 /// The stream of `WatchRun`.
@@ -200,11 +205,7 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
             }
             n => n,
         };
-        let actor = if request.actor.is_empty() {
-            "unknown".to_owned()
-        } else {
-            request.actor
-        };
+        let actor = actor(request.actor)?;
         let run = self
             .migration
             .start_backfill(BackfillRequest {
@@ -255,12 +256,8 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
     ) -> Result<Response<VerifyConsistencyResponse>, Status> {
         let request = request.into_inner();
         let range = verify_range(&request.start_date, &request.end_date)?;
-        let actor = if request.actor.is_empty() {
-            "unknown"
-        } else {
-            request.actor.as_str()
-        };
-        let (run, outcome) = self.migration.verify(actor, range).await?;
+        let actor = actor(request.actor)?;
+        let (run, outcome) = self.migration.verify(&actor, range).await?;
         Ok(Response::new(VerifyConsistencyResponse {
             run_id: run.run_id,
             compared: outcome.compared,
@@ -365,31 +362,19 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
     ) -> Result<Response<GetMigrationStateResponse>, Status> {
         let request = request.into_inner();
         let target = phase_from_proto("target", request.target);
-        let reason = if request.reason.trim().is_empty() {
-            Err(ValidationError::single(
-                "reason",
-                "must say why the phase changes",
-            ))
-        } else {
-            Ok(request.reason)
-        };
-        let (target, reason) = match (target, reason) {
-            (Ok(target), Ok(reason)) => (target, reason),
-            (target, reason) => {
-                let violations = [target.err(), reason.err()]
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|e| e.violations)
-                    .collect();
-                return Err(ValidationError { violations }.into());
+        let reason = parse_reason(request.reason, "must say why the phase changes");
+        let actor = parse_actor(request.actor);
+        let (target, reason, actor) = match (target, reason, actor) {
+            (Ok(target), Ok(reason), Ok(actor)) => (target, reason, actor),
+            (target, reason, actor) => {
+                let mut error = ValidationError::from_failures([reason.err(), actor.err()]);
+                if let Err(target) = target {
+                    error.violations.splice(0..0, target.violations);
+                }
+                return Err(error.into());
             }
         };
-        let actor = if request.actor.is_empty() {
-            "unknown"
-        } else {
-            request.actor.as_str()
-        };
-        let state = self.migration.transition(target, actor, &reason).await?;
+        let state = self.migration.transition(target, &actor, &reason).await?;
         Ok(Response::new(state_response(state)))
     }
 

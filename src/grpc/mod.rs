@@ -7,7 +7,7 @@ mod migration;
 mod rollout;
 mod stats;
 
-pub use error::ApiError;
+pub use error::{ApiError, MAX_STATUS_BYTES};
 pub use migration::MigrationApi;
 pub use rollout::RolloutApi;
 pub use stats::StatsApi;

@@ -15,7 +15,7 @@ use super::proto::{
     SetRolloutPercentageRequest, SetUserOverrideRequest, UserOverride, WatchRolloutRequest,
 };
 use crate::app::Rollout;
-use crate::domain::{StorageSource, ValidationError, validate_id};
+use crate::domain::{StorageSource, ValidationError, parse_actor, parse_reason, validate_id};
 use crate::rollout::{Applied, RolloutChange};
 use crate::storage::EventStore;
 
@@ -66,14 +66,14 @@ fn basis_points(percentage: f64) -> Result<u32, ValidationError> {
     Ok(hundredths.round() as u32)
 }
 
-fn reason(value: String) -> Result<String, ValidationError> {
-    if value.trim().is_empty() {
-        Err(ValidationError::single(
-            "reason",
-            "must say why the rollout changes",
-        ))
-    } else {
-        Ok(value)
+/// The actor (`unknown` when empty) and the required reason of a change.
+fn audit(actor: String, reason: String) -> Result<(String, String), ValidationError> {
+    match (
+        parse_actor(actor),
+        parse_reason(reason, "must say why the rollout changes"),
+    ) {
+        (Ok(actor), Ok(reason)) => Ok((actor, reason)),
+        (actor, reason) => Err(ValidationError::from_failures([actor.err(), reason.err()])),
     }
 }
 
@@ -81,10 +81,6 @@ fn reason(value: String) -> Result<String, ValidationError> {
 fn user(value: String) -> Result<String, ValidationError> {
     validate_id("user_id", &value).map_err(|v| ValidationError::from_failures([Some(v)]))?;
     Ok(value)
-}
-
-fn actor(value: &str) -> &str {
-    if value.is_empty() { "unknown" } else { value }
 }
 
 /// Merges the checks of one request into one error naming every bad field.
@@ -131,20 +127,17 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<SetRolloutPercentageRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (basis_points, reason) =
-            all_valid(basis_points(request.percentage), reason(request.reason))?;
+        let (basis_points, (actor, reason)) = all_valid(
+            basis_points(request.percentage),
+            audit(request.actor, request.reason),
+        )?;
         let change = RolloutChange::Percentage {
             basis_points,
             forced: request.force,
         };
         let applied = self
             .rollout
-            .change(
-                change,
-                Some(request.expected_version),
-                actor(&request.actor),
-                &reason,
-            )
+            .change(change, Some(request.expected_version), &actor, &reason)
             .await?;
         Ok(response(&applied))
     }
@@ -162,16 +155,16 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
                 "must be STORAGE_SOURCE_LEGACY or STORAGE_SOURCE_NEW",
             )),
         };
-        let ((user_id, source), reason) = all_valid(
+        let ((user_id, source), (actor, reason)) = all_valid(
             all_valid(user(request.user_id), source),
-            reason(request.reason),
+            audit(request.actor, request.reason),
         )?;
         let applied = self
             .rollout
             .change(
                 RolloutChange::SetOverride { user_id, source },
                 None,
-                actor(&request.actor),
+                &actor,
                 &reason,
             )
             .await?;
@@ -183,13 +176,14 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<ClearUserOverrideRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (user_id, reason) = all_valid(user(request.user_id), reason(request.reason))?;
+        let (user_id, (actor, reason)) =
+            all_valid(user(request.user_id), audit(request.actor, request.reason))?;
         let applied = self
             .rollout
             .change(
                 RolloutChange::ClearOverride { user_id },
                 None,
-                actor(&request.actor),
+                &actor,
                 &reason,
             )
             .await?;
@@ -201,7 +195,7 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<KillSwitchRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let reason = reason(request.reason)?;
+        let (actor, reason) = audit(request.actor, request.reason)?;
         let applied = self
             .rollout
             .change(
@@ -209,7 +203,7 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
                     engaged: request.engaged,
                 },
                 None,
-                actor(&request.actor),
+                &actor,
                 &reason,
             )
             .await?;
@@ -221,16 +215,11 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<ResetSaltRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let reason = reason(request.reason)?;
+        let (actor, reason) = audit(request.actor, request.reason)?;
         let salt = uuid::Uuid::now_v7().simple().to_string();
         let applied = self
             .rollout
-            .change(
-                RolloutChange::Salt { salt },
-                None,
-                actor(&request.actor),
-                &reason,
-            )
+            .change(RolloutChange::Salt { salt }, None, &actor, &reason)
             .await?;
         Ok(response(&applied))
     }
@@ -254,6 +243,13 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<ListUserOverridesRequest>,
     ) -> Result<Response<ListUserOverridesResponse>, Status> {
         let request = request.into_inner();
+        // A token is a user id this service gave.
+        if !request.page_token.is_empty() && validate_id("page_token", &request.page_token).is_err()
+        {
+            return Err(
+                ValidationError::single("page_token", "is not a token this service gave").into(),
+            );
+        }
         let size = page_size(request.page_size);
         let applied = self.rollout.current();
         let mut users: Vec<(&String, &StorageSource)> = applied

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::NaiveDate;
 
+use super::error::{LEGACY_COLUMN_MAX, LegacyOverflow};
 use super::{RecordOutcome, StorageError};
-use crate::domain::{CampaignId, Event, EventType, Metrics, UserId};
+use crate::domain::{CampaignId, Event, EventType, Metrics, TotalOverflow, UserId};
 use crate::migration::WriteTargets;
 use crate::migration::backfill::{LegacyRow, ReadRow, RowContext};
 
@@ -134,17 +135,16 @@ impl LegacyCounts {
         *field += count;
     }
 
-    /// The counts as metrics (`clicked` 0); negative legacy counts read as 0.
-    pub fn to_metrics(self) -> Metrics {
-        let n = |v: i64| u64::try_from(v).unwrap_or(0);
-        Metrics {
-            sent: n(self.sent),
-            opened: n(self.opened),
-            clicked: 0,
-            replied: n(self.replied),
-            positive_replies: n(self.positive_replies),
-            bounced: n(self.bounced),
-        }
+    /// Each column's count with the event type it holds, in column order (`sent, opened,
+    /// replied, positive_replies, bounced`).
+    pub fn by_type(&self) -> [(EventType, i64); 5] {
+        [
+            (EventType::Sent, self.sent),
+            (EventType::Opened, self.opened),
+            (EventType::Replied, self.replied),
+            (EventType::PositiveReply, self.positive_replies),
+            (EventType::Bounced, self.bounced),
+        ]
     }
 }
 
@@ -153,8 +153,8 @@ impl LegacyCounts {
 /// all zeros are left out.
 pub(super) fn legacy_deltas<'a>(
     accepted: &[&'a Event],
-) -> BTreeMap<(&'a str, NaiveDate), (&'a str, LegacyCounts)> {
-    let mut deltas: BTreeMap<(&str, NaiveDate), (&str, LegacyCounts)> = BTreeMap::new();
+) -> BTreeMap<LegacyKey<'a>, (&'a str, LegacyCounts)> {
+    let mut deltas: BTreeMap<LegacyKey<'a>, (&str, LegacyCounts)> = BTreeMap::new();
     for event in accepted.iter().filter(|e| e.event_type.in_legacy()) {
         deltas
             .entry((event.campaign_id.as_str(), event.day()))
@@ -165,45 +165,165 @@ pub(super) fn legacy_deltas<'a>(
     deltas
 }
 
+/// Condition of the legacy upsert's `DO UPDATE` (target aliased `l`): every count still fits
+/// its `int` column. A row it refuses is not returned by `RETURNING`, so the write can tell
+/// and roll back instead of failing on the column (or, on SQLite, storing past it).
+pub(super) const LEGACY_COUNTS_FIT: &str = " WHERE \
+    CAST(COALESCE(l.sent, 0) AS BIGINT) + excluded.sent <= 2147483647 \
+    AND CAST(COALESCE(l.opened, 0) AS BIGINT) + excluded.opened <= 2147483647 \
+    AND CAST(COALESCE(l.replied, 0) AS BIGINT) + excluded.replied <= 2147483647 \
+    AND CAST(COALESCE(l.positive_replies, 0) AS BIGINT) + excluded.positive_replies <= 2147483647 \
+    AND CAST(COALESCE(l.bounced, 0) AS BIGINT) + excluded.bounced <= 2147483647 \
+    RETURNING campaign_id, stat_date";
+
+/// A legacy row's key.
+pub(super) type LegacyKey<'a> = (&'a str, NaiveDate);
+
+/// The legacy rows whose growth alone passes [`LEGACY_COLUMN_MAX`]: refused before any SQL.
+pub(super) fn oversized_legacy_deltas<'a>(
+    deltas: &BTreeMap<LegacyKey<'a>, (&'a str, LegacyCounts)>,
+) -> Vec<LegacyKey<'a>> {
+    deltas
+        .iter()
+        .filter(|(_, (_, counts))| counts.by_type().iter().any(|(_, n)| *n > LEGACY_COLUMN_MAX))
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+/// The legacy rows of `deltas` the upsert did not write (`written`: what it returned).
+pub(super) fn unwritten_legacy_rows<'a>(
+    deltas: &BTreeMap<LegacyKey<'a>, (&'a str, LegacyCounts)>,
+    written: &HashSet<(String, NaiveDate)>,
+) -> Vec<LegacyKey<'a>> {
+    deltas
+        .keys()
+        .filter(|(campaign, day)| !written.contains(&((*campaign).to_owned(), *day)))
+        .copied()
+        .collect()
+}
+
+/// A legacy row as read back after a refused write: campaign, day and the five counts.
+pub(super) type LegacyCountsRow = (String, NaiveDate, [Option<i64>; 5]);
+
+/// The columns of a legacy row read back after a refused write (see [`legacy_counts_row`]).
+pub(super) const LEGACY_COUNTS_SELECT: &str = "SELECT campaign_id, stat_date, \
+    CAST(sent AS BIGINT), CAST(opened AS BIGINT), CAST(replied AS BIGINT), \
+    CAST(positive_replies AS BIGINT), CAST(bounced AS BIGINT) FROM campaign_daily_stat_entries";
+
+/// A row of [`LEGACY_COUNTS_SELECT`].
+pub(super) type LegacyCountsColumns = (
+    String,
+    NaiveDate,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// A row of [`LEGACY_COUNTS_SELECT`] as a [`LegacyCountsRow`].
+pub(super) fn legacy_counts_row(
+    (campaign, day, s, o, r, p, b): LegacyCountsColumns,
+) -> LegacyCountsRow {
+    (campaign, day, [s, o, r, p, b])
+}
+
+/// Names every count the batch would take past [`LEGACY_COLUMN_MAX`], with the positions of
+/// the `events` (those `accepted`) adding to it; `current` holds the refused rows as stored.
+pub(super) fn legacy_overflows(
+    events: &[Event],
+    accepted: &[&Event],
+    deltas: &BTreeMap<LegacyKey<'_>, (&str, LegacyCounts)>,
+    current: &[LegacyCountsRow],
+) -> Vec<LegacyOverflow> {
+    let stored: HashMap<(&str, NaiveDate), [Option<i64>; 5]> = current
+        .iter()
+        .map(|(campaign, day, counts)| ((campaign.as_str(), *day), *counts))
+        .collect();
+    let mut overflows = Vec::new();
+    for (key, (_, growth)) in deltas {
+        let now = stored.get(key).copied().unwrap_or_default();
+        for (column, (event_type, delta)) in growth.by_type().into_iter().enumerate() {
+            let current = now[column].unwrap_or(0);
+            if current.saturating_add(delta) <= LEGACY_COLUMN_MAX {
+                continue;
+            }
+            let positions = events
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| {
+                    accepted.iter().any(|a| std::ptr::eq(*a, *e))
+                        && (e.campaign_id.as_str(), e.day()) == *key
+                        && e.event_type == event_type
+                })
+                .map(|(i, _)| i)
+                .collect();
+            overflows.push(LegacyOverflow {
+                events: positions,
+                campaign_id: key.0.to_owned(),
+                day: key.1,
+                event_type,
+                current,
+            });
+        }
+    }
+    overflows
+}
+
 /// Adds one `(event type code, total)` row read from the rollups into `metrics`. Codes this
 /// version does not know are ignored, so an older replica can read a newer schema's rows.
-pub(super) fn add_rollup_row(metrics: &mut Metrics, event_type: i16, total: i64) {
-    if let Some(event_type) = EventType::from_code(event_type) {
-        metrics.add(event_type, u64::try_from(total).unwrap_or(0));
+pub(super) fn add_rollup_row(
+    metrics: &mut Metrics,
+    event_type: i16,
+    total: i64,
+) -> Result<(), TotalOverflow> {
+    match EventType::from_code(event_type) {
+        Some(event_type) => metrics.add(event_type, u64::try_from(total).unwrap_or(0)),
+        None => Ok(()),
     }
 }
 
 /// Folds `(day, event type code, total)` rows, sorted by day, into one entry per day.
 pub(super) fn fold_daily_rows(
     rows: impl IntoIterator<Item = (NaiveDate, i16, i64)>,
-) -> Vec<(NaiveDate, Metrics)> {
+) -> Result<Vec<(NaiveDate, Metrics)>, TotalOverflow> {
     let mut days: Vec<(NaiveDate, Metrics)> = Vec::new();
     for (day, event_type, total) in rows {
         if days.last().is_none_or(|(last, _)| *last != day) {
             days.push((day, Metrics::default()));
         }
         if let Some((_, metrics)) = days.last_mut() {
-            add_rollup_row(metrics, event_type, total);
+            add_rollup_row(metrics, event_type, total)?;
         }
     }
-    days
+    Ok(days)
 }
 
-/// A legacy aggregate row: a key and the five summed counts.
-pub(super) type LegacySums<K> = (K, i64, i64, i64, i64, i64);
+/// The rows a read answered by LEGACY sums over: the legacy table's rows, and the clicks of
+/// the new storage, which the legacy table has no column for (clicks are recorded in the new
+/// storage in every phase, so an acknowledged click is always visible). Both arms have the
+/// same columns, so the callers' conditions on `user_id`, `campaign_id` and `stat_date`
+/// reach each arm's indexes.
+pub(super) const LEGACY_READ_ROWS: &str = "(SELECT user_id, campaign_id, stat_date,     sent, opened, replied, positive_replies, bounced, CAST(0 AS BIGINT) AS clicked     FROM campaign_daily_stat_entries     UNION ALL SELECT user_id, campaign_id, day, 0, 0, 0, 0, 0, total     FROM daily_rollups WHERE event_type = 3) AS l";
 
-/// The key and metrics of a legacy aggregate row.
+/// A legacy aggregate row: a key and the summed `sent, opened, replied, positive_replies,
+/// bounced, clicked`.
+pub(super) type LegacySums<K> = (K, i64, i64, i64, i64, i64, i64);
+
+/// The key and metrics of a legacy aggregate row; negative legacy sums read as 0.
 pub(super) fn legacy_row_metrics<K>(
-    (key, sent, opened, replied, positive_replies, bounced): LegacySums<K>,
+    (key, sent, opened, replied, positive_replies, bounced, clicked): LegacySums<K>,
 ) -> (K, Metrics) {
-    let counts = LegacyCounts {
-        sent,
-        opened,
-        replied,
-        positive_replies,
-        bounced,
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    let metrics = Metrics {
+        sent: n(sent),
+        opened: n(opened),
+        clicked: n(clicked),
+        replied: n(replied),
+        positive_replies: n(positive_replies),
+        bounced: n(bounced),
     };
-    (key, counts.to_metrics())
+    (key, metrics)
 }
 
 /// Folds legacy `(campaign, counts…)` rows into one entry per campaign.
@@ -304,15 +424,15 @@ pub(super) fn run_issue_from_row(
 /// Folds `(campaign, event type code, total)` rows into one entry per campaign.
 pub(super) fn fold_campaign_rows(
     rows: impl IntoIterator<Item = (String, i16, i64)>,
-) -> HashMap<CampaignId, Metrics> {
+) -> Result<HashMap<CampaignId, Metrics>, TotalOverflow> {
     let mut totals: HashMap<CampaignId, Metrics> = HashMap::new();
     for (campaign, event_type, total) in rows {
         // Stored ids were validated on the way in.
         if let Ok(campaign) = CampaignId::parse("campaign_id", campaign) {
-            add_rollup_row(totals.entry(campaign).or_default(), event_type, total);
+            add_rollup_row(totals.entry(campaign).or_default(), event_type, total)?;
         }
     }
-    totals
+    Ok(totals)
 }
 
 #[cfg(test)]

@@ -1,4 +1,19 @@
-use crate::domain::CampaignId;
+use crate::domain::{CampaignId, EventType, TotalOverflow};
+
+/// One legacy count a write would take past what its `int` column holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyOverflow {
+    /// Positions in the batch of the events adding to that count.
+    pub events: Vec<usize>,
+    pub campaign_id: String,
+    pub day: chrono::NaiveDate,
+    pub event_type: EventType,
+    /// The count the legacy row holds now.
+    pub current: i64,
+}
+
+/// Largest count a legacy column holds: the legacy table's columns are `int` (32 bits).
+pub const LEGACY_COLUMN_MAX: i64 = i32::MAX as i64;
 
 /// What can go wrong in the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -7,6 +22,12 @@ pub enum StorageError {
     /// campaign)` for each.
     #[error("campaigns owned by another user at batch positions {0:?}")]
     CampaignOwnedByAnotherUser(Vec<(usize, CampaignId)>),
+    /// The batch would take legacy counts past [`LEGACY_COLUMN_MAX`]; nothing was stored.
+    #[error("legacy counts would overflow: {0:?}")]
+    LegacyOverflow(Vec<LegacyOverflow>),
+    /// A total passes the range the service or the database sums in (64 bits).
+    #[error("a total is out of range: {0}")]
+    OutOfRange(String),
     /// The migration phase cannot move as asked.
     #[error(transparent)]
     TransitionRefused(#[from] crate::migration::TransitionRefused),
@@ -34,9 +55,32 @@ impl From<sqlx::Error> for StorageError {
     fn from(error: sqlx::Error) -> Self {
         if is_transient(&error) {
             StorageError::Unavailable(error)
+        } else if is_overflow(&error) {
+            StorageError::OutOfRange(error.to_string())
         } else {
             StorageError::Internal(error)
         }
+    }
+}
+
+impl From<TotalOverflow> for StorageError {
+    fn from(error: TotalOverflow) -> Self {
+        StorageError::OutOfRange(error.to_string())
+    }
+}
+
+/// A sum past 64 bits: PostgreSQL's `numeric_value_out_of_range` (22003), SQLite's
+/// "integer overflow" (raised by `SUM`).
+fn is_overflow(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                db.message().contains("integer overflow")
+            } else {
+                db.code().as_deref() == Some("22003")
+            }
+        }
+        _ => false,
     }
 }
 

@@ -29,7 +29,7 @@ use crate::migration::{
 };
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
-pub use error::StorageError;
+pub use error::{LEGACY_COLUMN_MAX, LegacyOverflow, StorageError};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 

@@ -91,6 +91,12 @@ impl PostgresStore {
     }
 }
 
+/// The sums of a read answered by LEGACY, in [`batch::LegacySums`] order, over
+/// [`batch::LEGACY_READ_ROWS`] (grouped by the caller).
+const LEGACY_SUMS: &str = "COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
+    COALESCE(SUM(replied), 0)::int8, COALESCE(SUM(positive_replies), 0)::int8, \
+    COALESCE(SUM(bounced), 0)::int8, COALESCE(SUM(clicked), 0)::int8";
+
 /// One field of every event, as an array parameter for `UNNEST`.
 fn column<'a, T>(events: &[&'a Event], field: impl Fn(&'a Event) -> T) -> Vec<T> {
     events.iter().map(|e| field(e)).collect()
@@ -137,44 +143,70 @@ async fn insert_new_events(
     Ok(())
 }
 
-/// Adds the events the legacy table has columns for to its `(campaign, day)` rows.
+/// Adds the events the legacy table has columns for to its `(campaign, day)` rows; refuses
+/// the batch with [`StorageError::LegacyOverflow`] when a count would pass its `int` column.
 async fn add_to_legacy(
     tx: &mut sqlx::PgConnection,
+    events: &[Event],
     accepted: &[&Event],
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StorageError> {
     let deltas = batch::legacy_deltas(accepted);
     if deltas.is_empty() {
         return Ok(());
     }
-    let column =
-        |f: fn(&batch::LegacyCounts) -> i64| deltas.values().map(|(_, c)| f(c)).collect::<Vec<_>>();
-    sqlx::query(
-        "INSERT INTO campaign_daily_stat_entries AS l (campaign_id, user_id, stat_date, sent, \
-         opened, replied, positive_replies, bounced, created_at, updated_at) \
-         SELECT campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
-         bounced, now(), now() \
-         FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], $6::int8[], \
-         $7::int8[], $8::int8[]) \
-         AS t(campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, bounced) \
-         ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
-         sent = COALESCE(l.sent, 0) + EXCLUDED.sent, \
-         opened = COALESCE(l.opened, 0) + EXCLUDED.opened, \
-         replied = COALESCE(l.replied, 0) + EXCLUDED.replied, \
-         positive_replies = COALESCE(l.positive_replies, 0) + EXCLUDED.positive_replies, \
-         bounced = COALESCE(l.bounced, 0) + EXCLUDED.bounced, \
-         updated_at = now()",
-    )
-    .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
-    .bind(deltas.values().map(|(user, _)| *user).collect::<Vec<_>>())
-    .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
-    .bind(column(|c| c.sent))
-    .bind(column(|c| c.opened))
-    .bind(column(|c| c.replied))
-    .bind(column(|c| c.positive_replies))
-    .bind(column(|c| c.bounced))
-    .execute(&mut *tx)
+    let mut refused = batch::oversized_legacy_deltas(&deltas);
+    if refused.is_empty() {
+        let column = |f: fn(&batch::LegacyCounts) -> i64| {
+            deltas.values().map(|(_, c)| f(c)).collect::<Vec<_>>()
+        };
+        let written: HashSet<(String, NaiveDate)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO campaign_daily_stat_entries AS l (campaign_id, user_id, stat_date, \
+             sent, opened, replied, positive_replies, bounced, created_at, updated_at) \
+             SELECT campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
+             bounced, now(), now() \
+             FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], \
+             $6::int8[], $7::int8[], $8::int8[]) \
+             AS t(campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
+             bounced) \
+             ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
+             sent = COALESCE(l.sent, 0) + EXCLUDED.sent, \
+             opened = COALESCE(l.opened, 0) + EXCLUDED.opened, \
+             replied = COALESCE(l.replied, 0) + EXCLUDED.replied, \
+             positive_replies = COALESCE(l.positive_replies, 0) + EXCLUDED.positive_replies, \
+             bounced = COALESCE(l.bounced, 0) + EXCLUDED.bounced, \
+             updated_at = now(){}",
+            batch::LEGACY_COUNTS_FIT
+        )))
+        .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
+        .bind(deltas.values().map(|(user, _)| *user).collect::<Vec<_>>())
+        .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
+        .bind(column(|c| c.sent))
+        .bind(column(|c| c.opened))
+        .bind(column(|c| c.replied))
+        .bind(column(|c| c.positive_replies))
+        .bind(column(|c| c.bounced))
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        refused = batch::unwritten_legacy_rows(&deltas, &written);
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<batch::LegacyCountsColumns> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{} WHERE (campaign_id, stat_date) IN (SELECT * FROM UNNEST($1::text[], $2::date[]))",
+        batch::LEGACY_COUNTS_SELECT
+    )))
+    .bind(refused.iter().map(|k| k.0).collect::<Vec<_>>())
+    .bind(refused.iter().map(|k| k.1).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
     .await?;
-    Ok(())
+    let current: Vec<batch::LegacyCountsRow> =
+        rows.into_iter().map(batch::legacy_counts_row).collect();
+    Err(StorageError::LegacyOverflow(batch::legacy_overflows(
+        events, accepted, &deltas, &current,
+    )))
 }
 
 /// The channel rollout and phase changes are announced on.
@@ -306,7 +338,7 @@ impl EventStore for PostgresStore {
             insert_new_events(&mut tx, &for_new, None).await?;
         }
         if targets.legacy {
-            add_to_legacy(&mut tx, &accepted).await?;
+            add_to_legacy(&mut tx, events, &accepted).await?;
         }
 
         tx.commit().await?;
@@ -337,22 +369,22 @@ impl EventStore for PostgresStore {
                 .bind(range.end)
                 .fetch_all(&self.pool)
                 .await?;
-                Ok(batch::fold_campaign_rows(rows))
+                Ok(batch::fold_campaign_rows(rows)?)
             }
             StorageSource::Legacy => {
-                let rows: Vec<batch::LegacySums<String>> = sqlx::query_as(
-                    "SELECT campaign_id, COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
-                     COALESCE(SUM(replied), 0)::int8, COALESCE(SUM(positive_replies), 0)::int8, \
-                     COALESCE(SUM(bounced), 0)::int8 FROM campaign_daily_stat_entries \
-                     WHERE user_id = $1 AND campaign_id = ANY($2) AND stat_date BETWEEN $3 AND $4 \
-                     GROUP BY campaign_id",
-                )
-                .bind(user.as_str())
-                .bind(campaigns)
-                .bind(range.start)
-                .bind(range.end)
-                .fetch_all(&self.pool)
-                .await?;
+                let rows: Vec<batch::LegacySums<String>> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT campaign_id, {LEGACY_SUMS} FROM {} \
+                         WHERE user_id = $1 AND campaign_id = ANY($2) \
+                         AND stat_date BETWEEN $3 AND $4 GROUP BY campaign_id",
+                        batch::LEGACY_READ_ROWS
+                    )))
+                    .bind(user.as_str())
+                    .bind(campaigns)
+                    .bind(range.start)
+                    .bind(range.end)
+                    .fetch_all(&self.pool)
+                    .await?;
                 Ok(batch::fold_legacy_campaign_rows(rows))
             }
         }
@@ -366,15 +398,13 @@ impl EventStore for PostgresStore {
     ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
         let (select, table, day) = match source {
             StorageSource::New => (
-                "SELECT day, event_type, SUM(total)::int8",
+                "SELECT day, event_type, SUM(total)::int8".to_owned(),
                 "daily_rollups",
                 "day",
             ),
             StorageSource::Legacy => (
-                "SELECT stat_date, COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
-                 COALESCE(SUM(replied), 0)::int8, COALESCE(SUM(positive_replies), 0)::int8, \
-                 COALESCE(SUM(bounced), 0)::int8",
-                "campaign_daily_stat_entries",
+                format!("SELECT stat_date, {LEGACY_SUMS}"),
+                batch::LEGACY_READ_ROWS,
                 "stat_date",
             ),
         };
@@ -405,7 +435,7 @@ impl EventStore for PostgresStore {
                 query.push(" GROUP BY day, event_type ORDER BY day");
                 let rows: Vec<(NaiveDate, i16, i64)> =
                     query.build_query_as().fetch_all(&self.pool).await?;
-                Ok(batch::fold_daily_rows(rows))
+                Ok(batch::fold_daily_rows(rows)?)
             }
             StorageSource::Legacy => {
                 query.push(" GROUP BY stat_date ORDER BY stat_date");

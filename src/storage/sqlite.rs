@@ -65,10 +65,11 @@ impl SqliteStore {
 
 /// Sums per event type from the rollups (grouped by the caller).
 const NEW_SUMS: &str = "event_type, SUM(total) FROM daily_rollups";
-/// Sums of the five legacy columns (grouped by the caller).
+/// Sums of the five legacy columns and the clicks (grouped by the caller), followed by
+/// [`batch::LEGACY_READ_ROWS`].
 const LEGACY_SUMS: &str = "COALESCE(SUM(sent), 0), COALESCE(SUM(opened), 0), \
-    COALESCE(SUM(replied), 0), COALESCE(SUM(positive_replies), 0), COALESCE(SUM(bounced), 0) \
-    FROM campaign_daily_stat_entries";
+    COALESCE(SUM(replied), 0), COALESCE(SUM(positive_replies), 0), COALESCE(SUM(bounced), 0), \
+    COALESCE(SUM(clicked), 0) FROM ";
 
 /// Most bound values in one statement (SQLite allows 32,766).
 const MAX_BINDS_PER_STATEMENT: usize = 32_000;
@@ -140,39 +141,68 @@ async fn insert_new_events(
     Ok(())
 }
 
-/// Adds the events the legacy table has columns for to its `(campaign, day)` rows.
+/// Adds the events the legacy table has columns for to its `(campaign, day)` rows; refuses
+/// the batch with [`StorageError::LegacyOverflow`] when a count would pass its `int` column
+/// (SQLite would store it, PostgreSQL could not: both refuse alike).
 async fn add_to_legacy(
     tx: &mut sqlx::SqliteConnection,
+    events: &[Event],
     accepted: &[&Event],
-) -> Result<(), sqlx::Error> {
-    let deltas: Vec<_> = batch::legacy_deltas(accepted).into_iter().collect();
-    for chunk in deltas.chunks(rows_per_statement(8)) {
-        let mut upsert = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO campaign_daily_stat_entries (campaign_id, stat_date, user_id, sent, \
-             opened, replied, positive_replies, bounced) ",
-        );
-        upsert.push_values(chunk, |mut row, ((campaign, day), (user, counts))| {
-            row.push_bind(*campaign)
-                .push_bind(*day)
-                .push_bind(*user)
-                .push_bind(counts.sent)
-                .push_bind(counts.opened)
-                .push_bind(counts.replied)
-                .push_bind(counts.positive_replies)
-                .push_bind(counts.bounced);
-        });
-        upsert.push(
-            " ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
-             sent = COALESCE(sent, 0) + excluded.sent, \
-             opened = COALESCE(opened, 0) + excluded.opened, \
-             replied = COALESCE(replied, 0) + excluded.replied, \
-             positive_replies = COALESCE(positive_replies, 0) + excluded.positive_replies, \
-             bounced = COALESCE(bounced, 0) + excluded.bounced, \
-             updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-        );
-        upsert.build().execute(&mut *tx).await?;
+) -> Result<(), StorageError> {
+    let deltas = batch::legacy_deltas(accepted);
+    let mut refused = batch::oversized_legacy_deltas(&deltas);
+    if refused.is_empty() {
+        let rows: Vec<_> = deltas.iter().collect();
+        let mut written = HashSet::new();
+        for chunk in rows.chunks(rows_per_statement(8)) {
+            let mut upsert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO campaign_daily_stat_entries AS l (campaign_id, stat_date, user_id, \
+                 sent, opened, replied, positive_replies, bounced) ",
+            );
+            upsert.push_values(chunk, |mut row, ((campaign, day), (user, counts))| {
+                row.push_bind(*campaign)
+                    .push_bind(*day)
+                    .push_bind(*user)
+                    .push_bind(counts.sent)
+                    .push_bind(counts.opened)
+                    .push_bind(counts.replied)
+                    .push_bind(counts.positive_replies)
+                    .push_bind(counts.bounced);
+            });
+            upsert.push(
+                " ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
+                 sent = COALESCE(l.sent, 0) + excluded.sent, \
+                 opened = COALESCE(l.opened, 0) + excluded.opened, \
+                 replied = COALESCE(l.replied, 0) + excluded.replied, \
+                 positive_replies = COALESCE(l.positive_replies, 0) + excluded.positive_replies, \
+                 bounced = COALESCE(l.bounced, 0) + excluded.bounced, \
+                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            );
+            upsert.push(batch::LEGACY_COUNTS_FIT);
+            let returned: Vec<(String, NaiveDate)> =
+                upsert.build_query_as().fetch_all(&mut *tx).await?;
+            written.extend(returned);
+        }
+        refused = batch::unwritten_legacy_rows(&deltas, &written);
     }
-    Ok(())
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let mut current: Vec<batch::LegacyCountsRow> = Vec::new();
+    for (campaign, day) in &refused {
+        let row: Option<batch::LegacyCountsColumns> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{} WHERE campaign_id = $1 AND stat_date = $2",
+            batch::LEGACY_COUNTS_SELECT
+        )))
+        .bind(*campaign)
+        .bind(*day)
+        .fetch_optional(&mut *tx)
+        .await?;
+        current.extend(row.map(batch::legacy_counts_row));
+    }
+    Err(StorageError::LegacyOverflow(batch::legacy_overflows(
+        events, accepted, &deltas, &current,
+    )))
 }
 
 impl EventStore for SqliteStore {
@@ -238,7 +268,7 @@ impl EventStore for SqliteStore {
         let for_new = batch::events_for_new_storage(&accepted, targets);
         insert_new_events(&mut tx, &for_new, None).await?;
         if targets.legacy {
-            add_to_legacy(&mut tx, &accepted).await?;
+            add_to_legacy(&mut tx, events, &accepted).await?;
         }
 
         tx.commit().await?;
@@ -255,12 +285,12 @@ impl EventStore for SqliteStore {
         if campaigns.is_empty() {
             return Ok(HashMap::new());
         }
-        let (select, day) = match source {
-            StorageSource::New => (NEW_SUMS, "day"),
-            StorageSource::Legacy => (LEGACY_SUMS, "stat_date"),
+        let (select, rows, day) = match source {
+            StorageSource::New => (NEW_SUMS, "", "day"),
+            StorageSource::Legacy => (LEGACY_SUMS, batch::LEGACY_READ_ROWS, "stat_date"),
         };
         let mut query = QueryBuilder::<Sqlite>::new("SELECT campaign_id, ");
-        query.push(select).push(" WHERE user_id = ");
+        query.push(select).push(rows).push(" WHERE user_id = ");
         query.push_bind(user.as_str().to_owned());
         query
             .push(format_args!(" AND {day} BETWEEN "))
@@ -276,7 +306,7 @@ impl EventStore for SqliteStore {
                 query.push(" GROUP BY campaign_id, event_type");
                 let rows: Vec<(String, i16, i64)> =
                     query.build_query_as().fetch_all(&self.reader).await?;
-                Ok(batch::fold_campaign_rows(rows))
+                Ok(batch::fold_campaign_rows(rows)?)
             }
             StorageSource::Legacy => {
                 query.push(" GROUP BY campaign_id");
@@ -293,12 +323,12 @@ impl EventStore for SqliteStore {
         scope: &Scope,
         range: DateRange,
     ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
-        let (select, day) = match source {
-            StorageSource::New => (NEW_SUMS, "day"),
-            StorageSource::Legacy => (LEGACY_SUMS, "stat_date"),
+        let (select, rows, day) = match source {
+            StorageSource::New => (NEW_SUMS, "", "day"),
+            StorageSource::Legacy => (LEGACY_SUMS, batch::LEGACY_READ_ROWS, "stat_date"),
         };
         let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {day}, "));
-        query.push(select);
+        query.push(select).push(rows);
         query
             .push(format_args!(" WHERE {day} BETWEEN "))
             .push_bind(range.start);
@@ -320,7 +350,7 @@ impl EventStore for SqliteStore {
                 query.push(" GROUP BY day, event_type ORDER BY day");
                 let rows: Vec<(NaiveDate, i16, i64)> =
                     query.build_query_as().fetch_all(&self.reader).await?;
-                Ok(batch::fold_daily_rows(rows))
+                Ok(batch::fold_daily_rows(rows)?)
             }
             StorageSource::Legacy => {
                 query.push(" GROUP BY stat_date ORDER BY stat_date");

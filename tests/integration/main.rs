@@ -4,8 +4,10 @@
 mod backfill;
 mod cli;
 mod common;
+mod limits;
 mod metrics;
 mod migration;
+mod overflow;
 mod read;
 mod record;
 mod rollout;

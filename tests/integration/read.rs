@@ -444,7 +444,8 @@ async fn fill_empty_zero_fills_every_bucket(db: TestDb) {
 }
 
 async fn series_for_a_subset_and_for_all_users(db: TestDb) {
-    let clicks = db.clicks_seen(8);
+    // Clicks are visible whichever storage answers (LEGACY takes them from the new storage).
+    let clicks = 8;
     let server = db.start_server().await;
     let mut client = server.stats().await;
     seed(

@@ -63,7 +63,8 @@ async fn recorded_event_is_read_back_at_once(db: TestDb) {
             metrics.positive_replies,
             metrics.bounced
         ),
-        (5, 3, db.clicks_seen(2), 2, 1, 4)
+        // Clicks are visible whichever storage answers (LEGACY takes them from the new storage).
+        (5, 3, 2, 2, 1, 4)
     );
     // The day before and after do not see it.
     let other_days = campaign_metrics(&mut client, "u1", "c1", "2026-03-11", "2026-03-20").await;

@@ -218,14 +218,6 @@ impl TestDb {
         }
     }
 
-    /// What reads show of `n` clicks: the legacy table has no column for them.
-    pub fn clicks_seen(&self, n: u64) -> u64 {
-        match self.read_source() {
-            StorageSource::Legacy => 0,
-            StorageSource::New => n,
-        }
-    }
-
     /// Starts a server on this database without touching its phase (a restart).
     pub async fn start_server_keeping_phase(&self) -> TestServer {
         let options = PoolOptions::default();
