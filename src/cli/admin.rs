@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
+use super::printable;
 use crate::grpc::proto::migration_service_client::MigrationServiceClient;
 use crate::grpc::proto::{
     self, GetMigrationStateRequest, GetRunRequest, GetStorageReportRequest,
@@ -29,7 +30,7 @@ pub enum Output {
 /// Where the server is and how to print.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// The server's gRPC address.
+    /// The server's gRPC address: `host:port` (as grpcurl takes it) or `http://host:port`.
     #[arg(
         short,
         long,
@@ -46,7 +47,7 @@ pub struct ClientArgs {
 impl ClientArgs {
     /// A connection to the server.
     pub(super) async fn channel(&self) -> anyhow::Result<Channel> {
-        Channel::from_shared(self.server.clone())
+        Channel::from_shared(endpoint_uri(&self.server))
             .with_context(|| format!("invalid server address {:?}", self.server))?
             .connect()
             .await
@@ -55,6 +56,15 @@ impl ClientArgs {
 
     async fn migration(&self) -> anyhow::Result<MigrationServiceClient<Channel>> {
         Ok(MigrationServiceClient::new(self.channel().await?))
+    }
+}
+
+/// The URI of a server address: a bare `host:port` means plaintext `http://host:port`.
+fn endpoint_uri(server: &str) -> String {
+    if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
     }
 }
 
@@ -169,16 +179,20 @@ pub(super) fn time(ts: Option<prost_types::Timestamp>) -> String {
     .unwrap_or_default()
 }
 
-pub(super) fn print_json(value: &Value) {
-    println!(
+pub(super) fn print_json(value: &Value) -> std::io::Result<()> {
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
-    );
+    )
 }
 
 /// A server error as the operator should read it.
 pub(super) fn failed(what: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{what}: {} ({:?})", status.message(), status.code())
+    anyhow::anyhow!(
+        "{what}: {} ({:?})",
+        super::printable(status.message()),
+        status.code()
+    )
 }
 
 /// Runs a `migration …` command.
@@ -214,21 +228,24 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
                 .map(|t| json!({"at": time(t.at), "from": phase_name(t.from), "to": phase_name(t.to), "actor": t.actor, "reason": t.reason}))
                 .collect();
             match client_args.output {
-                Output::Json => print_json(&Value::Array(rows)),
+                Output::Json => print_json(&Value::Array(rows))?,
                 Output::Text => {
-                    println!(
+                    outln!(
                         "{:<22} {:<15} {:<15} {:<20} REASON",
-                        "AT", "FROM", "TO", "ACTOR"
-                    );
+                        "AT",
+                        "FROM",
+                        "TO",
+                        "ACTOR"
+                    )?;
                     for t in &history {
-                        println!(
+                        outln!(
                             "{:<22} {:<15} {:<15} {:<20} {}",
                             time(t.at),
                             phase_name(t.from),
                             phase_name(t.to),
-                            t.actor,
-                            t.reason
-                        );
+                            printable(&t.actor),
+                            printable(&t.reason)
+                        )?;
                     }
                 }
             }
@@ -254,13 +271,13 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
             "reads": source_name(state.read_source),
             "writes_legacy": state.writes_legacy,
             "writes_new": state.writes_new,
-        })),
+        }))?,
         Output::Text => {
-            println!("phase:    {}", phase_name(state.phase));
-            println!("since:    {}", time(state.changed_at));
-            println!("reads:    {}", source_name(state.read_source));
-            println!("writes:   {writes}");
-            println!("can move: {}", allowed.join(", "));
+            outln!("phase:    {}", phase_name(state.phase))?;
+            outln!("since:    {}", time(state.changed_at))?;
+            outln!("reads:    {}", source_name(state.read_source))?;
+            outln!("writes:   {writes}")?;
+            outln!("can move: {}", allowed.join(", "))?;
         }
     }
     Ok(())
@@ -349,10 +366,10 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
     match args.client.output {
-        Output::Json => print_json(&summary),
+        Output::Json => print_json(&summary)?,
         Output::Text => {
-            println!("{:<12} {}", "run", run.run_id);
-            println!(
+            outln!("{:<12} {}", "run", printable(&run.run_id))?;
+            outln!(
                 "{:<12} {}{}",
                 "state",
                 run.state,
@@ -361,7 +378,7 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
                 } else {
                     ""
                 }
-            );
+            )?;
             for (name, value) in [
                 ("processed", run.processed),
                 ("copied", run.copied),
@@ -369,22 +386,25 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
                 ("ambiguous", run.ambiguous),
                 ("failed", run.failed),
             ] {
-                println!("{name:<12} {value:>12}");
+                outln!("{name:<12} {value:>12}")?;
             }
             for issue in report.ambiguous.iter().take(10) {
-                println!(
+                outln!(
                     "  ambiguous  {} {} {}: {}",
-                    issue.campaign_id, issue.user_id, issue.date, issue.reason
-                );
+                    printable(&issue.campaign_id),
+                    printable(&issue.user_id),
+                    issue.date,
+                    printable(&issue.reason)
+                )?;
             }
             if run.ambiguous > 10 {
-                println!(
+                outln!(
                     "  … {} more in the run's report (--report FILE)",
                     run.ambiguous - 10
-                );
+                )?;
             }
             if !run.last_error.is_empty() {
-                println!("{:<12} {}", "last error", run.last_error);
+                outln!("{:<12} {}", "last error", printable(&run.last_error))?;
             }
         }
     }
@@ -411,25 +431,36 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             "run_id": result.run_id, "compared": result.compared, "mismatches": result.mismatches,
             "ambiguous": result.ambiguous,
             "sample": result.sample.iter().map(|m| json!({"user_id": m.user_id, "campaign_id": m.campaign_id, "date": m.date, "metric": m.metric, "legacy": m.legacy, "new": m.new})).collect::<Vec<_>>(),
-        })),
+        }))?,
         Output::Text => {
-            println!("{:<11} {}", "run", result.run_id);
-            println!("{:<11} {:>12}", "compared", result.compared);
-            println!("{:<11} {:>12}", "mismatches", result.mismatches);
-            println!(
+            outln!("{:<11} {}", "run", result.run_id)?;
+            outln!("{:<11} {:>12}", "compared", result.compared)?;
+            outln!("{:<11} {:>12}", "mismatches", result.mismatches)?;
+            outln!(
                 "{:<11} {:>12}  (reported by the backfill; not compared)",
-                "ambiguous", result.ambiguous
-            );
+                "ambiguous",
+                result.ambiguous
+            )?;
             if !result.sample.is_empty() {
-                println!(
+                outln!(
                     "{:<12} {:<20} {:<11} {:<17} {:>8} {:>8}",
-                    "USER", "CAMPAIGN", "DATE", "METRIC", "LEGACY", "NEW"
-                );
+                    "USER",
+                    "CAMPAIGN",
+                    "DATE",
+                    "METRIC",
+                    "LEGACY",
+                    "NEW"
+                )?;
                 for m in &result.sample {
-                    println!(
+                    outln!(
                         "{:<12} {:<20} {:<11} {:<17} {:>8} {:>8}",
-                        m.user_id, m.campaign_id, m.date, m.metric, m.legacy, m.new
-                    );
+                        printable(&m.user_id),
+                        printable(&m.campaign_id),
+                        m.date,
+                        m.metric,
+                        m.legacy,
+                        m.new
+                    )?;
                 }
             }
         }
@@ -453,38 +484,50 @@ pub async fn storage_report(args: ClientArgs) -> anyhow::Result<()> {
             "legacy": {"rows": report.legacy_rows, "bytes": report.legacy_bytes, "all_zero_rows": report.legacy_zero_rows},
             "new": {"rows": report.new_rows, "bytes": report.new_bytes},
             "tables": report.tables.iter().map(|t| json!({"table": t.table, "storage": t.storage, "rows": t.rows, "bytes": t.bytes})).collect::<Vec<_>>(),
-        })),
+        }))?,
         Output::Text => {
-            println!(
+            outln!(
                 "{:<30} {:<7} {:>12} {:>14}",
-                "TABLE", "STORAGE", "ROWS", "BYTES"
-            );
+                "TABLE",
+                "STORAGE",
+                "ROWS",
+                "BYTES"
+            )?;
             for t in &report.tables {
-                println!(
+                outln!(
                     "{:<30} {:<7} {:>12} {:>14}",
-                    t.table, t.storage, t.rows, t.bytes
-                );
+                    t.table,
+                    t.storage,
+                    t.rows,
+                    t.bytes
+                )?;
             }
-            println!(
+            outln!(
                 "{:<30} {:<7} {:>12} {:>14}",
-                "total", "legacy", report.legacy_rows, report.legacy_bytes
-            );
-            println!(
+                "total",
+                "legacy",
+                report.legacy_rows,
+                report.legacy_bytes
+            )?;
+            outln!(
                 "{:<30} {:<7} {:>12} {:>14}",
-                "total", "new", report.new_rows, report.new_bytes
-            );
+                "total",
+                "new",
+                report.new_rows,
+                report.new_bytes
+            )?;
             if report.legacy_rows > 0 {
-                println!(
+                outln!(
                     "legacy rows all zeros: {} ({:.1}%)",
                     report.legacy_zero_rows,
                     report.legacy_zero_rows as f64 * 100.0 / report.legacy_rows as f64
-                );
+                )?;
             }
             if report.legacy_bytes > 0 {
-                println!(
+                outln!(
                     "new storage size: {:.1}% of legacy",
                     report.new_bytes as f64 * 100.0 / report.legacy_bytes as f64
-                );
+                )?;
             }
         }
     }

@@ -70,9 +70,11 @@ async fn fill<S: EventStore>(store: S, args: &GenerateArgs) -> anyhow::Result<()
     }
     bar.finish_and_clear();
     store.close().await;
-    println!(
+    outln!(
         "generated {total} legacy rows ({written} new) for {} campaigns of {} users over {} days",
-        args.campaigns, args.users, args.days
-    );
+        args.campaigns,
+        args.users,
+        args.days
+    )?;
     Ok(())
 }

@@ -1,6 +1,15 @@
 //! The command line: `serve` (the default), `migrate`, the data generator, and the admin
 //! commands that talk to a running server.
 
+/// `println!` that hands back the write's error instead of panicking, so that a reader that
+/// went away (`campaign-stats … | head`) ends the command quietly: see [`is_broken_pipe`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod admin;
 mod generate;
 mod rollout;
@@ -65,9 +74,12 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// `sqlite://FILE` (created if missing) or `postgres://USER@HOST:PORT/DB`.
+    ///
+    /// Its value may hold a password: `--help` never shows what the environment sets.
     #[arg(
         long,
         env = "STATS_DATABASE_URL",
+        hide_env_values = true,
         default_value = "sqlite://campaign-stats.db"
     )]
     pub database_url: String,
@@ -126,6 +138,36 @@ pub struct MigrateArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Whether `error` comes from writing to a stdout whose reader has gone (a closed pipe): the
+/// command then stops quietly with success, as `ls | head` and `rg | head` do.
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `text` with every control character escaped (`\n`, `\u{1b}`), for printing text that came
+/// from the server (a reason, an actor, an error): stored text must not fake rows or move the
+/// cursor on an operator's terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
 }
 
 /// Runs the command the user asked for.
@@ -224,4 +266,24 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown requested: finishing in-flight calls");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(printable("plain ✓"), "plain ✓");
+        assert_eq!(printable("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
+    }
+
+    #[test]
+    fn a_closed_pipe_is_told_apart() {
+        let closed = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(is_broken_pipe(
+            &anyhow::Error::from(closed).context("printing")
+        ));
+        assert!(!is_broken_pipe(&anyhow::anyhow!("other")));
+    }
 }

@@ -7,6 +7,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use super::admin::{Audited, ClientArgs, Output, failed, print_json, time};
+use super::printable;
 use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
 use crate::grpc::proto::{
     self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, KillSwitchRequest,
@@ -98,10 +99,10 @@ fn rollout_json(r: &Rollout) -> Value {
     })
 }
 
-fn print_rollout(output: Output, rollout: &Rollout) {
+fn print_rollout(output: Output, rollout: &Rollout) -> std::io::Result<()> {
     match output {
         Output::Json => print_json(&rollout_json(rollout)),
-        Output::Text => println!(
+        Output::Text => outln!(
             "version {} (applied {})  percentage {:.2}%  kill switch {}  overrides {}  phase {}  salt {}  updated {}",
             rollout.version,
             rollout.applied_version,
@@ -249,11 +250,14 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
             match args.output {
                 Output::Json => print_json(
                     &json!({"user_id": user, "source": source, "bucket": decision.bucket, "reason": decision.reason, "version": decision.version}),
-                ),
-                Output::Text => println!(
-                    "{user}: {source} (bucket {}; {}; version {})",
-                    decision.bucket, decision.reason, decision.version
-                ),
+                )?,
+                Output::Text => outln!(
+                    "{}: {source} (bucket {}; {}; version {})",
+                    printable(&user),
+                    decision.bucket,
+                    printable(&decision.reason),
+                    decision.version
+                )?,
             }
             return Ok(());
         }
@@ -273,11 +277,20 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
                         .iter()
                         .map(|c| json!({"version": c.version, "at": time(c.changed_at), "actor": c.actor, "change": c.change, "before": c.before, "after": c.after, "reason": c.reason}))
                         .collect(),
-                )),
+                ))?,
                 Output::Text => {
-                    println!("{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} REASON", "VERSION", "AT", "ACTOR", "CHANGE", "BEFORE", "AFTER");
+                    outln!("{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} REASON", "VERSION", "AT", "ACTOR", "CHANGE", "BEFORE", "AFTER")?;
                     for c in &changes {
-                        println!("{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} {}", c.version, time(c.changed_at), c.actor, c.change, c.before, c.after, c.reason);
+                        outln!(
+                            "{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} {}",
+                            c.version,
+                            time(c.changed_at),
+                            printable(&c.actor),
+                            printable(&c.change),
+                            printable(&c.before),
+                            printable(&c.after),
+                            printable(&c.reason)
+                        )?;
                     }
                 }
             }
@@ -293,11 +306,11 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
                 print_rollout(
                     args.output,
                     &update.map_err(|s| failed("lost the rollout stream", s))?,
-                );
+                )?;
             }
             return Ok(());
         }
     };
-    print_rollout(args.output, &changed);
+    print_rollout(args.output, &changed)?;
     Ok(())
 }

@@ -207,6 +207,20 @@ impl From<StorageError> for Status {
     }
 }
 
+/// The bytes `status` takes in the response headers it travels in (`grpc-message` and
+/// `grpc-status-details-bin`), encoded as sent: what [`MAX_STATUS_BYTES`] bounds.
+pub fn status_header_bytes(status: &Status) -> usize {
+    let mut headers = http::HeaderMap::new();
+    if status.add_header(&mut headers).is_err() {
+        return usize::MAX;
+    }
+    ["grpc-message", "grpc-status-details-bin"]
+        .iter()
+        .filter_map(|name| headers.get(*name))
+        .map(|value| value.len())
+        .sum()
+}
+
 /// A status without details; its message cut to [`MAX_MESSAGE_BYTES`].
 fn plain(code: Code, message: String, metadata: MetadataMap) -> Status {
     let mut status = Status::new(code, cut(message, MAX_MESSAGE_BYTES));
@@ -315,15 +329,8 @@ fn storage_status(error: &StorageError) -> (Code, &'static str) {
 mod tests {
     use super::*;
 
-    /// The bytes a status takes in the headers it is sent in.
     fn header_bytes(status: &Status) -> usize {
-        let mut headers = http::HeaderMap::new();
-        status.add_header(&mut headers).expect("status headers");
-        ["grpc-message", "grpc-status-details-bin"]
-            .iter()
-            .filter_map(|name| headers.get(*name))
-            .map(|value| value.len())
-            .sum()
+        status_header_bytes(status)
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod migration;
 mod rollout;
 mod stats;
 
-pub use error::{ApiError, MAX_STATUS_BYTES};
+pub use error::{ApiError, MAX_STATUS_BYTES, status_header_bytes};
 pub use migration::MigrationApi;
 pub use rollout::RolloutApi;
 pub use stats::StatsApi;

@@ -10,6 +10,9 @@ crate::on_both_backends!(
     operator_migrates_with_the_cli_alone,
     controller_moves_the_rollout_with_the_cli,
     a_controller_drives_two_server_processes_with_the_cli,
+    the_server_may_be_named_as_host_port,
+    a_closed_pipe_ends_the_cli_quietly,
+    stored_control_characters_are_escaped_on_output,
 );
 
 /// Runs `campaign-stats ARGS…` and returns its exit success and stdout.
@@ -348,4 +351,109 @@ async fn a_controller_drives_two_server_processes_with_the_cli(db: TestDb) {
     drop(applied_by_second);
     first.stop().await;
     second.stop().await;
+}
+
+/// `--help` shows env values of plain options, never of the database URL, which may hold a
+/// password.
+#[tokio::test]
+async fn help_never_shows_the_database_password() {
+    for command in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["migrate", "--help"],
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_campaign-stats"))
+            .args(command)
+            .env(
+                "STATS_DATABASE_URL",
+                "postgres://stats:s3cret-pw@db.internal:5432/stats",
+            )
+            .env("STATS_LISTEN_ADDR", "127.0.0.1:50999")
+            .output()
+            .await
+            .expect("run campaign-stats");
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{command:?}: {help}");
+        assert!(help.contains("STATS_DATABASE_URL"), "{help}");
+        assert!(
+            !help.contains("s3cret-pw"),
+            "{command:?} shows the password: {help}"
+        );
+        // Other options still show what the environment sets.
+        if help.contains("STATS_LISTEN_ADDR") {
+            assert!(help.contains("127.0.0.1:50999"), "{help}");
+        }
+    }
+}
+
+async fn the_server_may_be_named_as_host_port(db: TestDb) {
+    let server = db.start_server().await;
+    let bare = server.addr.to_string();
+    let with_scheme = format!("http://{}", server.addr);
+    for address in [bare.as_str(), with_scheme.as_str()] {
+        let status = cli_json(&["migration", "status", "-s", address, "-o", "json"]).await;
+        assert_eq!(status["phase"], "LEGACY_ONLY", "{address}");
+    }
+    server.stop().await;
+}
+
+/// Writes `count` phase changes straight into the history, each with `reason`.
+async fn fill_history(db: &TestDb, count: usize, reason: &str) {
+    let rows: Vec<String> = (0..count)
+        .map(|_| format!("('LEGACY_ONLY', 'DUAL_WRITE', 'ops', {reason}, '2026-03-01T00:00:00Z')"))
+        .collect();
+    db.execute(&format!(
+        "INSERT INTO migration_transitions (from_phase, to_phase, actor, reason, at) VALUES {}",
+        rows.join(", ")
+    ))
+    .await;
+}
+
+async fn a_closed_pipe_ends_the_cli_quietly(db: TestDb) {
+    use tokio::io::AsyncReadExt;
+
+    let server = db.start_server().await;
+    // Far more output than a pipe holds, so the CLI is still writing when the reader leaves.
+    fill_history(&db, 1_000, &format!("'{}'", "r".repeat(300))).await;
+    let address = server.addr.to_string();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_campaign-stats"))
+        .args(["migration", "history", "--limit", "1000", "-s", &address])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run campaign-stats");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 10];
+    stdout
+        .read_exact(&mut first)
+        .await
+        .expect("the first bytes");
+    drop(stdout); // as `head -c 10` does
+    let output = child.wait_with_output().await.expect("exit");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    server.stop().await;
+}
+
+async fn stored_control_characters_are_escaped_on_output(db: TestDb) {
+    let server = db.start_server().await;
+    // Text written before the service refused control characters, or by another tool: a
+    // newline and an ANSI colour that would fake a row of the listing.
+    let faked = match db.backend {
+        crate::common::Backend::Sqlite => {
+            "'real' || char(10) || char(27) || '[31m2026-01-01T00:00:00Z LEGACY_ONLY NEW_PRIMARY'"
+        }
+        crate::common::Backend::Postgres => {
+            "'real' || chr(10) || chr(27) || '[31m2026-01-01T00:00:00Z LEGACY_ONLY NEW_PRIMARY'"
+        }
+    };
+    fill_history(&db, 1, faked).await;
+    let (ok, stdout, stderr) = cli(&["migration", "history", "-s", &server.addr.to_string()]).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "a header and one row: {stdout}");
+    assert!(!stdout.contains('\u{1b}'), "{stdout:?}");
+    assert!(stdout.contains("real\\n\\u{1b}[31m"), "{stdout:?}");
+    server.stop().await;
 }

@@ -2,7 +2,6 @@
 //! and text that storage could not hold or a terminal would misread is refused, naming the
 //! field, before anything is stored (issue 8, defects 2 to 4).
 
-use campaign_stats::grpc::MAX_STATUS_BYTES;
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
@@ -11,6 +10,7 @@ use campaign_stats::grpc::proto::{
     RecordEventsRequest, SetRolloutPercentageRequest, SetUserOverrideRequest, StartBackfillRequest,
     StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest,
 };
+use campaign_stats::grpc::{MAX_STATUS_BYTES, status_header_bytes};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -22,15 +22,9 @@ crate::on_both_backends!(
     free_text_has_a_length_limit,
 );
 
-/// The bytes `status` takes in the response headers it travels in, encoded as sent.
+/// The bytes `status` takes in the response headers it travels in, as the client got it.
 fn header_bytes(status: &tonic::Status) -> usize {
-    let mut headers = http::HeaderMap::new();
-    status.add_header(&mut headers).expect("status headers");
-    ["grpc-message", "grpc-status-details-bin"]
-        .iter()
-        .filter_map(|name| headers.get(*name))
-        .map(|value| value.len())
-        .sum()
+    status_header_bytes(status)
 }
 
 async fn a_status_stays_small_whatever_the_input(db: TestDb) {
