@@ -60,7 +60,7 @@ def smoke(database_url):
                 sys.exit(f"FAIL: README command failed:\n{command}\n{run.stdout}{run.stderr}")
             outputs.append(run.stdout)
         everything = "\n".join(outputs)
-        for expected in ["stats.v1.StatsService", '"sent": "3"', '"stored": "2"', '"STORAGE_SOURCE_LEGACY"', "MIGRATION_PHASE_DUAL_WRITE",
+        for expected in ["stats.v1.StatsService", '"sent": "3"', '"clicked": "2"', '"stored": "2"', '"STORAGE_SOURCE_LEGACY"', "MIGRATION_PHASE_DUAL_WRITE",
                          "campaign_stats_rollout_applied_version ", 'campaign_stats_migration_phase{phase="DUAL_WRITE"} 1']:
             if expected not in everything:
                 sys.exit(f"FAIL: no {expected} in the README commands' output:\n{everything}")

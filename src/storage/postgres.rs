@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use tokio::sync::watch;
 
-use super::shared::{Shared, Transitioned};
+use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
     EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
     mismatch_reason, parse_phase, sql,
@@ -21,6 +21,16 @@ use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Tran
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Migrations edited after they shipped (see [`EditedMigration`]): 20261121000002 no longer
+/// indexes a legacy table it did not create.
+const EDITED_MIGRATIONS: [EditedMigration; 1] = [EditedMigration {
+    version: 20261121000002,
+    shipped_checksum: "84be7f9b0e14047be920e6e1767ea2e43535fcbd76ddc09b7a7980436e262732e82a15f6dcd34e501ab4790e5b878e51",
+}];
+
+/// Selects whether the table `$1` exists.
+const TABLE_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
 
 /// How many months ahead of the current one `migrate` creates partitions for.
 const PARTITIONS_AHEAD: u32 = 2;
@@ -268,7 +278,15 @@ fn month_of(day: NaiveDate) -> NaiveDate {
 
 impl EventStore for PostgresStore {
     async fn migrate(&self) -> Result<(), StorageError> {
+        let before = Shared::<Postgres>::before_migrations(
+            &self.pool,
+            &MIGRATOR,
+            TABLE_EXISTS,
+            &EDITED_MIGRATIONS,
+        )
+        .await?;
         MIGRATOR.run(&self.pool).await?;
+        Shared::<Postgres>::after_migrations(&self.pool, before).await?;
         let this_month = month_of(Utc::now().date_naive());
         self.ensure_partitions((0..=PARTITIONS_AHEAD).map(|ahead| this_month + Months::new(ahead)))
             .await;

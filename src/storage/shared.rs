@@ -38,6 +38,7 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> bool: Encode<'q, DB> + Type<DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
     for<'q> String: Encode<'q, DB> + Type<DB>,
     for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<DateTime<Utc>>: Encode<'q, DB> + Type<DB>,
@@ -47,6 +48,7 @@ where
     for<'q> Option<NaiveDate>: Encode<'q, DB> + Type<DB>,
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> (bool,): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
     for<'r> (String, DateTime<Utc>): FromRow<'r, DB::Row>,
     for<'r> (String, String, NaiveDate, String): FromRow<'r, DB::Row>,
@@ -60,6 +62,60 @@ where
     for<'r> VerifyNewRow: FromRow<'r, DB::Row>,
     for<'r> (String, NaiveDate): FromRow<'r, DB::Row>,
 {
+    /// Readies a database for `migrator`: notes whether the legacy table is the legacy
+    /// system's, and lets migrations in `edited` pass the migrator's checksum check.
+    /// `table_exists` selects whether the table `$1` exists.
+    pub async fn before_migrations(
+        pool: &Pool<DB>,
+        migrator: &sqlx::migrate::Migrator,
+        table_exists: &str,
+        edited: &[EditedMigration],
+    ) -> Result<SchemaBefore, StorageError> {
+        let exists = async |table: &str| -> Result<bool, StorageError> {
+            let (exists,): (bool,) = sqlx::query_as(sqlx::AssertSqlSafe(table_exists.to_owned()))
+                .bind(table)
+                .fetch_one(pool)
+                .await?;
+            Ok(exists)
+        };
+        if exists("_sqlx_migrations").await? {
+            for migration in edited {
+                let shipped = hex::decode(migration.shipped_checksum).map_err(|e| {
+                    StorageError::Config(format!("bad shipped checksum in the build: {e}"))
+                })?;
+                let Some(current) = migrator.iter().find(|m| m.version == migration.version) else {
+                    continue;
+                };
+                sqlx::query(sql::ADOPT_EDITED_MIGRATION)
+                    .bind(current.checksum.as_ref())
+                    .bind(migration.version)
+                    .bind(shipped.as_slice())
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        Ok(SchemaBefore {
+            legacy_table_existed: exists("campaign_daily_stat_entries").await?,
+        })
+    }
+
+    /// Finishes what the migrations leave to code: the legacy index, only on a legacy table
+    /// the migrations just created (see [`sql::LEGACY_BY_USER_INDEX`]).
+    pub async fn after_migrations(
+        pool: &Pool<DB>,
+        before: SchemaBefore,
+    ) -> Result<(), StorageError> {
+        if before.legacy_table_existed {
+            tracing::info!(
+                "the legacy table is the legacy system's own: the service adds no index to it \
+                 (see README for the index legacy reads by user want)"
+            );
+        } else {
+            sqlx::query(sql::LEGACY_BY_USER_INDEX).execute(pool).await?;
+        }
+        Ok(())
+    }
+
     pub async fn ping(pool: &Pool<DB>) -> Result<(), StorageError> {
         sqlx::query(sql::PING).execute(pool).await?;
         Ok(())
@@ -355,4 +411,18 @@ where
             .await?;
         Ok(rows.into_iter().map(audit_entry).collect())
     }
+}
+
+/// A migration whose text changed after it shipped, without changing what it leaves behind
+/// for a database that already ran it: its version and its checksum before the edit.
+pub(super) struct EditedMigration {
+    pub version: i64,
+    /// SHA-384 of the text as first shipped, in hex.
+    pub shipped_checksum: &'static str,
+}
+
+/// What [`Shared::before_migrations`] found.
+pub(super) struct SchemaBefore {
+    /// Whether the legacy table existed before the migrations ran (the legacy system's own).
+    pub legacy_table_existed: bool,
 }

@@ -21,6 +21,20 @@ macro_rules! rollout_state {
     };
 }
 
+// Schema.
+
+/// The index serving legacy reads by user. Made only together with a legacy table the
+/// service itself created (empty, so at once): on a legacy table that already exists, an
+/// index build would block every write to it for as long as it runs, so it is left to the
+/// operator (README, "Running on PostgreSQL").
+pub const LEGACY_BY_USER_INDEX: &str = "CREATE INDEX IF NOT EXISTS \
+    campaign_daily_stat_entries_by_user_date ON campaign_daily_stat_entries (user_id, stat_date)";
+
+/// Records that a migration applied under an earlier text (`$3`, its checksum then) stands
+/// for its current text (`$1`), so that the migrator accepts it.
+pub const ADOPT_EDITED_MIGRATION: &str =
+    "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3";
+
 // Health.
 
 pub const PING: &str = "SELECT 1";

@@ -11,7 +11,7 @@ use chrono::{NaiveDate, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
-use super::shared::{Shared, Transitioned};
+use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
     EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
     mismatch_reason, parse_phase, sql,
@@ -23,6 +23,17 @@ use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Tran
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Migrations edited after they shipped (see [`EditedMigration`]): 20261121000002 no longer
+/// indexes a legacy table it did not create.
+const EDITED_MIGRATIONS: [EditedMigration; 1] = [EditedMigration {
+    version: 20261121000002,
+    shipped_checksum: "70a603826d708d65752342cd9900def40a5a2ffa00aa1ef108158e0af9169b80be39035ed121688155d00120e62ca9ff",
+}];
+
+/// Selects whether the table `$1` exists.
+const TABLE_EXISTS: &str =
+    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)";
 
 /// The SQLite backend.
 #[derive(Debug, Clone)]
@@ -207,7 +218,15 @@ async fn add_to_legacy(
 
 impl EventStore for SqliteStore {
     async fn migrate(&self) -> Result<(), StorageError> {
+        let before = Shared::<Sqlite>::before_migrations(
+            &self.writer,
+            &MIGRATOR,
+            TABLE_EXISTS,
+            &EDITED_MIGRATIONS,
+        )
+        .await?;
         MIGRATOR.run(&self.writer).await?;
+        Shared::<Sqlite>::after_migrations(&self.writer, before).await?;
         Ok(())
     }
 

@@ -11,4 +11,5 @@ mod overflow;
 mod read;
 mod record;
 mod rollout;
+mod schema;
 mod service;

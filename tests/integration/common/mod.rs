@@ -488,7 +488,12 @@ impl TestDb {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         match self.backend {
             Backend::Sqlite => {
-                let mut connection = sqlx::SqliteConnection::connect(&self.url)
+                // Created if missing: a test may write as the legacy system before any server.
+                let options =
+                    <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&self.url)
+                        .expect("SQLite URL")
+                        .create_if_missing(true);
+                let mut connection = sqlx::SqliteConnection::connect_with(&options)
                     .await
                     .expect("open");
                 sqlx::raw_sql(sql)
