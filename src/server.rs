@@ -64,6 +64,26 @@ impl From<TcpListener> for Listeners {
     }
 }
 
+/// HTTP/2 flow control, sized for producers that stream many small events at once on one
+/// connection (grpcio sends each message in a DATA frame of its own).
+///
+/// h2 charges every buffered DATA frame under 256 bytes `256 - payload` bytes against a
+/// per-connection budget of half the connection window, and closes the connection (GOAWAY
+/// ENHANCE_YOUR_CALM "too_many_data_frames") when the budget runs out. Unread data per stream
+/// is bounded by the stream window, so in the worst case `streams × stream window` bytes of
+/// frames of `L` bytes wait unread, charging `(256 - L) / L` per byte. With hyper's defaults
+/// (1 MiB for both windows) 64 streams of ~60-byte events fill the connection window before
+/// their handlers run and trip the budget 6 times over. Here: 128 streams × 64 KiB = 8 MiB of
+/// unread data at most, which for events of 30 bytes and more charges at most 60 MiB, under
+/// the 64 MiB budget a 128 MiB connection window gives. The budget still caps what a client
+/// sending tinier frames can make a connection hold.
+const HTTP2_STREAM_WINDOW: u32 = 64 * 1024;
+/// See [`HTTP2_STREAM_WINDOW`].
+const HTTP2_CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
+/// Concurrent calls on one connection; further calls wait in the client. See
+/// [`HTTP2_STREAM_WINDOW`].
+const HTTP2_MAX_STREAMS: u32 = 128;
+
 /// The encoded descriptors of everything served: reflection describes them, and the metrics
 /// label calls by the methods they define.
 const DESCRIPTOR_SETS: [&[u8]; 5] = [
@@ -166,6 +186,9 @@ pub async fn launch<S: EventStore>(
         .with_keepalive(Some(Duration::from_secs(60)));
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_concurrent_streams(HTTP2_MAX_STREAMS)
         .layer(trace_layer())
         .layer(RpcMetricsLayer::new(Arc::clone(&metrics)))
         .add_service(health_service)

@@ -13,12 +13,30 @@ use super::proto::{
 use super::{ApiError, STREAM_CHUNK_EVENTS};
 use crate::app::Stats;
 use crate::domain::{
-    CampaignStatsQuery, LimitExceeded, MAX_BATCH_EVENTS, SeriesQuery, StorageSource,
+    CampaignStatsQuery, Event, LimitExceeded, MAX_BATCH_EVENTS, SeriesQuery, StorageSource,
 };
 use crate::storage::{EventStore, RecordOutcome};
 
 /// Trailer of a failed `StreamEvents` call: how many events of the stream were stored.
 pub const STORED_COUNT_METADATA: &str = "x-stored-count";
+
+/// Full chunks of a stream that may wait for the committer while the next is read: with the
+/// chunk being committed and the one being read, at most three chunks per stream are held.
+const QUEUED_CHUNKS: usize = 1;
+
+/// Why reading a `StreamEvents` stream stopped early.
+enum StreamFailure {
+    /// An event broke a rule.
+    Invalid(ApiError),
+    /// The stream itself failed (the client went away, a transport error).
+    Transport(Status),
+}
+
+impl From<Status> for StreamFailure {
+    fn from(status: Status) -> Self {
+        StreamFailure::Transport(status)
+    }
+}
 
 /// The `StatsService` handlers.
 #[derive(Debug)]
@@ -84,13 +102,57 @@ impl<S: EventStore> StatsService for StatsApi<S> {
         request: Request<Streaming<RecordEventRequest>>,
     ) -> Result<Response<RecordEventsResponse>, Status> {
         let mut stream = request.into_inner();
-        let mut stored = RecordOutcome::default();
-        // Position in the stream of the chunk's first event.
-        let mut chunk_start = 0;
-        let mut chunk = Vec::with_capacity(STREAM_CHUNK_EVENTS);
+        // Full chunks go to the committer below while the next one is read: reading never
+        // waits for the database unless chunks queue up. Frames a handler leaves unread pile
+        // up in HTTP/2's buffers, and h2 closes the whole connection (GOAWAY
+        // ENHANCE_YOUR_CALM "too_many_data_frames") once too many small ones wait there.
+        let (chunks, mut queued) = tokio::sync::mpsc::channel::<Vec<Event>>(QUEUED_CHUNKS);
+        let read = async move {
+            let mut position = 0;
+            let mut chunk = Vec::with_capacity(STREAM_CHUNK_EVENTS);
+            loop {
+                let Some(request) = stream.message().await? else {
+                    if !chunk.is_empty() {
+                        let _ = chunks.send(chunk).await;
+                    }
+                    return Ok(());
+                };
+                let event = event_from_request(request, &format!("events[{position}]"))
+                    .map_err(ApiError::from);
+                chunk.push(event.map_err(StreamFailure::Invalid)?);
+                position += 1;
+                if chunk.len() == STREAM_CHUNK_EVENTS {
+                    let full =
+                        std::mem::replace(&mut chunk, Vec::with_capacity(STREAM_CHUNK_EVENTS));
+                    if chunks.send(full).await.is_err() {
+                        return Ok(()); // the committer failed, and says why
+                    }
+                }
+            }
+        };
+        let commit = async {
+            let mut stored = RecordOutcome::default();
+            // Position in the stream of the chunk's first event.
+            let mut chunk_start = 0;
+            while let Some(chunk) = queued.recv().await {
+                match self.stats.record(&chunk).await {
+                    Ok(outcome) => stored += outcome,
+                    Err(error) => {
+                        let at = chunk_start;
+                        let error = ApiError::from_write(error, |i| format!("events[{}]", at + i));
+                        return (stored, Some(error));
+                    }
+                }
+                chunk_start += chunk.len();
+            }
+            (stored, None)
+        };
+        let (read, (stored, commit_error)): (Result<(), StreamFailure>, _) =
+            tokio::join!(read, commit);
         // Failures name the event's position in the whole stream and say how much of the
-        // stream was stored, so that a producer knows where to resume.
-        let fail = |error: ApiError, stored: RecordOutcome| {
+        // stream was stored, so that a producer knows where to resume. A failed commit comes
+        // first: its chunk precedes anything read after it.
+        let fail = |error: ApiError| {
             let mut trailers = MetadataMap::new();
             trailers.insert(
                 STORED_COUNT_METADATA,
@@ -98,30 +160,10 @@ impl<S: EventStore> StatsService for StatsApi<S> {
             );
             error.into_status_with(trailers)
         };
-        loop {
-            let next = stream.message().await?;
-            let end = next.is_none();
-            if let Some(request) = next {
-                let path = format!("events[{}]", chunk_start + chunk.len());
-                match event_from_request(request, &path) {
-                    Ok(event) => chunk.push(event),
-                    Err(error) => return Err(fail(error.into(), stored)),
-                }
-            }
-            if chunk.len() == STREAM_CHUNK_EVENTS || (end && !chunk.is_empty()) {
-                let outcome = self.stats.record(&chunk).await.map_err(|e| {
-                    fail(
-                        ApiError::from_write(e, |i| format!("events[{}]", chunk_start + i)),
-                        stored,
-                    )
-                })?;
-                stored += outcome;
-                chunk_start += chunk.len();
-                chunk.clear();
-            }
-            if end {
-                return Ok(Response::new(record_response(stored)));
-            }
+        match (commit_error, read) {
+            (Some(error), _) | (None, Err(StreamFailure::Invalid(error))) => Err(fail(error)),
+            (None, Err(StreamFailure::Transport(status))) => Err(status),
+            (None, Ok(())) => Ok(Response::new(record_response(stored))),
         }
     }
 

@@ -35,6 +35,12 @@ const EDITED_MIGRATIONS: [EditedMigration; 1] = [EditedMigration {
 const TABLE_EXISTS: &str =
     "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)";
 
+/// How long a write may wait for its turn on the one writer connection. Writes queue there by
+/// design, and under many concurrent producers the queue is long but moving (each write is
+/// bounded by the statement timeout), so waiting in it is not a sign of an unreachable
+/// database, which is what the pool's acquire timeout is for.
+const WRITER_QUEUE_WAIT: Duration = Duration::from_secs(60);
+
 /// The SQLite backend.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -56,7 +62,7 @@ impl SqliteStore {
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(options.acquire_timeout)
+            .acquire_timeout(options.acquire_timeout.max(WRITER_QUEUE_WAIT))
             .connect_with(connect.clone())
             .await?;
         // An in-memory database lives in one connection: readers must share it.

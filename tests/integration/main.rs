@@ -13,3 +13,4 @@ mod record;
 mod rollout;
 mod schema;
 mod service;
+mod streams;
