@@ -19,7 +19,7 @@ use crate::grpc::{self, MigrationApi, RolloutApi, StatsApi};
 use crate::health;
 use crate::migration::runner::Jobs;
 use crate::rollout::RolloutView;
-use crate::storage::{EventStore, StorageError};
+use crate::storage::{Bounded, EventStore, StorageError};
 use crate::telemetry::{RpcMetricsLayer, ServerMetrics, serve_metrics};
 
 /// Settings of a running server that are not about the database.
@@ -120,7 +120,8 @@ pub async fn launch<S: EventStore>(
         metrics: metrics_listener,
     } = listeners.into();
     store.migrate().await?;
-    let store = Arc::new(store);
+    // From here on every storage call is bounded by the statement timeout.
+    let store = Arc::new(Bounded::new(store));
     let rollout = RolloutView::load(store.as_ref()).await?;
     let metrics = Arc::new(ServerMetrics::new(&DESCRIPTOR_SETS));
     let metrics_endpoint = metrics_listener.map(|listener| {

@@ -89,6 +89,11 @@ pub struct DatabaseArgs {
     /// Seconds a call waits for a database connection before failing with UNAVAILABLE.
     #[arg(long, env = "STATS_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
     pub db_acquire_timeout_secs: u64,
+    /// Milliseconds one database statement may run (a lock wait included) before its call
+    /// fails with UNAVAILABLE and its transaction is rolled back; also bounds a call to a
+    /// database that stops answering.
+    #[arg(long, env = "STATS_DB_STATEMENT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub db_statement_timeout_ms: u64,
 }
 
 impl DatabaseArgs {
@@ -96,6 +101,7 @@ impl DatabaseArgs {
         PoolOptions {
             max_connections: self.db_max_connections,
             acquire_timeout: Duration::from_secs(self.db_acquire_timeout_secs),
+            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms.max(1)),
         }
     }
 }

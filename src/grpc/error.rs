@@ -289,6 +289,10 @@ fn storage_status(error: &StorageError) -> (Code, &'static str) {
             tracing::warn!(error = %source, "storage unavailable");
             (Code::Unavailable, "storage is unavailable, retry later")
         }
+        StorageError::TimedOut(limit) => {
+            tracing::warn!(?limit, "the database did not answer in time");
+            (Code::Unavailable, "storage is unavailable, retry later")
+        }
         StorageError::CampaignOwnedByAnotherUser(_) => {
             // Writes map this with the event's position (`ApiError::from_write`).
             (Code::PermissionDenied, "campaign belongs to another user")

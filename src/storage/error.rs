@@ -40,6 +40,10 @@ pub enum StorageError {
     /// The database cannot be reached or is overloaded; the call may be retried.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The database did not answer a call within its statement timeout (plus a margin); the
+    /// call may be retried.
+    #[error("the database did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
     /// The database URL or settings are unusable.
     #[error("database configuration: {0}")]
     Config(String),
@@ -100,8 +104,10 @@ fn is_transient(error: &sqlx::Error) -> bool {
                 matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6))
             } else {
                 // PostgreSQL SQLSTATE classes: 08 connection, 40 transaction rollback
-                // (serialization failure, deadlock), 53 insufficient resources, 57P0x shutdown.
-                ["08", "40", "53", "57P0"]
+                // (serialization failure, deadlock), 53 insufficient resources, 57P0x shutdown;
+                // and 57014 (a statement cancelled by `statement_timeout`), 55P03 (a lock not
+                // granted in time).
+                ["08", "40", "53", "57P0", "57014", "55P03"]
                     .iter()
                     .any(|class| code.starts_with(class))
             }

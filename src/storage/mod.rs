@@ -10,6 +10,7 @@
 //! partitions and change notifications.
 
 mod batch;
+mod bounded;
 mod error;
 mod postgres;
 mod shared;
@@ -29,6 +30,7 @@ use crate::migration::{
 };
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
+pub use bounded::Bounded;
 pub use error::{LEGACY_COLUMN_MAX, LegacyOverflow, StorageError};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -243,6 +245,9 @@ pub trait EventStore: Send + Sync + 'static {
     fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+
+    /// The longest one statement may run (see [`PoolOptions::statement_timeout`]).
+    fn statement_timeout(&self) -> std::time::Duration;
 
     /// How the connection pools are used now.
     fn pool_use(&self) -> Vec<PoolUse>;
@@ -508,6 +513,9 @@ pub struct PoolOptions {
     pub max_connections: u32,
     /// How long a call waits for a connection before it fails as unavailable.
     pub acquire_timeout: std::time::Duration,
+    /// The longest one database statement may run (a lock wait included): past it, the call
+    /// fails as unavailable and its transaction is rolled back. See [`Bounded`].
+    pub statement_timeout: std::time::Duration,
 }
 
 impl Default for PoolOptions {
@@ -515,6 +523,7 @@ impl Default for PoolOptions {
         Self {
             max_connections: 16,
             acquire_timeout: std::time::Duration::from_secs(5),
+            statement_timeout: std::time::Duration::from_secs(10),
         }
     }
 }

@@ -39,6 +39,7 @@ const PARTITIONS_AHEAD: u32 = 2;
 #[derive(Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+    statement_timeout: std::time::Duration,
     /// Months (their first day) whose event partition this process has made sure of.
     partitions: Mutex<HashSet<NaiveDate>>,
 }
@@ -52,10 +53,20 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect.application_name("campaign-stats"))
+            .connect_with(
+                connect
+                    .application_name("campaign-stats")
+                    // The database ends a statement (a lock wait included) that runs longer,
+                    // and the transaction with it.
+                    .options([(
+                        "statement_timeout",
+                        format!("{}ms", options.statement_timeout.as_millis().max(1)),
+                    )]),
+            )
             .await?;
         Ok(Self {
             pool,
+            statement_timeout: options.statement_timeout,
             partitions: Mutex::new(HashSet::new()),
         })
     }
@@ -743,6 +754,10 @@ impl EventStore for PostgresStore {
         let (signal, changes) = watch::channel(0);
         tokio::spawn(listen_for_changes(self.pool.clone(), signal));
         Some(changes)
+    }
+
+    fn statement_timeout(&self) -> std::time::Duration {
+        self.statement_timeout
     }
 
     fn pool_use(&self) -> Vec<PoolUse> {

@@ -46,6 +46,7 @@ const WRITER_QUEUE_WAIT: Duration = Duration::from_secs(60);
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    statement_timeout: Duration,
 }
 
 impl SqliteStore {
@@ -58,7 +59,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: an acknowledged write survives a power cut, not only a crash.
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(5))
+            // A statement waiting for another process's lock gives up after this.
+            .busy_timeout(options.statement_timeout)
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -76,7 +78,11 @@ impl SqliteStore {
                 .connect_with(connect)
                 .await?
         };
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            statement_timeout: options.statement_timeout,
+        })
     }
 }
 
@@ -634,6 +640,10 @@ impl EventStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StorageError> {
         Shared::<Sqlite>::rollout_history(&self.reader, before_version, limit).await
+    }
+
+    fn statement_timeout(&self) -> Duration {
+        self.statement_timeout
     }
 
     fn pool_use(&self) -> Vec<PoolUse> {

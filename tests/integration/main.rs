@@ -14,3 +14,4 @@ mod rollout;
 mod schema;
 mod service;
 mod streams;
+mod timeouts;

@@ -251,17 +251,23 @@ impl TestDb {
         let options = PoolOptions {
             max_connections: 8,
             acquire_timeout: std::time::Duration::from_secs(2),
+            ..PoolOptions::default()
         };
+        self.start_server_with(url, &options).await
+    }
+
+    /// Starts a server reaching this database through `url` with the pool `options`.
+    pub async fn start_server_with(&self, url: &str, options: &PoolOptions) -> TestServer {
         match self.backend {
             Backend::Sqlite => {
-                let store = SqliteStore::connect(url, &options)
+                let store = SqliteStore::connect(url, options)
                     .await
                     .expect("open SQLite");
                 self.prepare(&store).await;
                 TestServer::start(store).await
             }
             Backend::Postgres => {
-                let store = PostgresStore::connect(url, &options)
+                let store = PostgresStore::connect(url, options)
                     .await
                     .expect("connect to PostgreSQL");
                 self.prepare(&store).await;

@@ -1,15 +1,37 @@
 //! A TCP proxy a test can cut and restore, to make a database "go away" while the server
-//! keeps running.
+//! keeps running, or freeze, to make it stop answering while its connections stay open.
 
 use std::net::SocketAddr;
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 pub struct Proxy {
     pub addr: SocketAddr,
     open: watch::Sender<bool>,
+    flowing: watch::Sender<bool>,
+}
+
+/// Copies `from` to `to`, holding every byte while `flowing` says no.
+async fn forward(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut flowing: watch::Receiver<bool>,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if flowing.wait_for(|flowing| *flowing).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -18,25 +40,34 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let (open, _) = watch::channel(true);
-        let state = open.clone();
+        let (flowing, _) = watch::channel(true);
+        let (state, flow) = (open.clone(), flowing.clone());
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let mut open = state.subscribe();
                 if !*open.borrow() {
                     continue; // refused: dropping the socket closes it
                 }
+                let flow = flow.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
                     tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut server) => {}
+                        () = forward(client_read, server_write, flow.subscribe()) => {}
+                        () = forward(server_read, client_write, flow.subscribe()) => {}
                         _ = open.wait_for(|open| !*open) => {}
                     }
                 });
             }
         });
-        Self { addr, open }
+        Self {
+            addr,
+            open,
+            flowing,
+        }
     }
 
     /// Drops every connection and refuses new ones.
@@ -47,5 +78,16 @@ impl Proxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.open.send_replace(true);
+    }
+
+    /// Holds every byte in both directions, keeping the connections open: a database that
+    /// stops answering without closing anything.
+    pub fn freeze(&self) {
+        self.flowing.send_replace(false);
+    }
+
+    /// Lets the held bytes, and all after them, through again.
+    pub fn thaw(&self) {
+        self.flowing.send_replace(true);
     }
 }

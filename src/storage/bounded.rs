@@ -1,0 +1,217 @@
+//! Every storage call bounded in time, whatever the database does.
+//!
+//! Each backend sets its database's own statement timeout (PostgreSQL's `statement_timeout`,
+//! SQLite's busy timeout), so a slow statement or a lock wait ends in the database, which rolls
+//! the transaction back. That cannot help when the database stops answering while its TCP
+//! connection stays open: a call would wait for as long as the operating system keeps the
+//! connection. [`Bounded`] ends any call that outlives the statement timeout (plus a margin
+//! that lets the database's own timeout come first) with [`StorageError::Unavailable`]; the
+//! dropped transaction is rolled back (by the database when the connection closes, or by sqlx
+//! before the connection is used again).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+
+use super::{EventStore, PoolUse, RecordOutcome, StorageError, TableSize};
+use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::migration::backfill::{BatchOutcome, LegacyRow};
+use crate::migration::verify::{VerifyData, VerifyOutcome};
+use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
+use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
+
+/// How much longer than the statement timeout a call may take before it is cut here: the
+/// database's own timeout, which leaves a clear error, comes first when it still answers.
+const MARGIN: Duration = Duration::from_secs(1);
+
+/// `S` with every call (schema migrations aside) bounded by its statement timeout.
+#[derive(Debug)]
+pub struct Bounded<S> {
+    inner: S,
+}
+
+impl<S: EventStore> Bounded<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+
+    async fn bound<T>(
+        &self,
+        call: impl Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        let limit = self.inner.statement_timeout() + MARGIN;
+        tokio::time::timeout(limit, call)
+            .await
+            .unwrap_or(Err(StorageError::TimedOut(limit)))
+    }
+}
+
+impl<S: EventStore> EventStore for Bounded<S> {
+    async fn migrate(&self) -> Result<(), StorageError> {
+        // Migrations may rightly run long (the first start on a big database).
+        self.inner.migrate().await
+    }
+
+    async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
+        self.bound(self.inner.record_events(events)).await
+    }
+
+    async fn campaign_totals(
+        &self,
+        source: StorageSource,
+        user: &UserId,
+        campaigns: &[CampaignId],
+        range: DateRange,
+    ) -> Result<HashMap<CampaignId, Metrics>, StorageError> {
+        self.bound(self.inner.campaign_totals(source, user, campaigns, range))
+            .await
+    }
+
+    async fn daily_totals(
+        &self,
+        source: StorageSource,
+        scope: &Scope,
+        range: DateRange,
+    ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
+        self.bound(self.inner.daily_totals(source, scope, range))
+            .await
+    }
+
+    async fn phase(&self) -> Result<PhaseState, StorageError> {
+        self.bound(self.inner.phase()).await
+    }
+
+    async fn transition(
+        &self,
+        target: Phase,
+        actor: &str,
+        reason: &str,
+    ) -> Result<PhaseState, StorageError> {
+        self.bound(self.inner.transition(target, actor, reason))
+            .await
+    }
+
+    async fn transitions(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
+        self.bound(self.inner.transitions(limit)).await
+    }
+
+    async fn create_run(
+        &self,
+        kind: RunKind,
+        actor: &str,
+        dry_run: bool,
+        batch_size: u32,
+    ) -> Result<Run, StorageError> {
+        self.bound(self.inner.create_run(kind, actor, dry_run, batch_size))
+            .await
+    }
+
+    async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
+        self.bound(self.inner.run(run_id)).await
+    }
+
+    async fn unfinished_backfill(
+        &self,
+        dry_run: bool,
+        stale_after: std::time::Duration,
+    ) -> Result<Option<Run>, StorageError> {
+        self.bound(self.inner.unfinished_backfill(dry_run, stale_after))
+            .await
+    }
+
+    async fn resume_run(&self, run_id: &str) -> Result<(), StorageError> {
+        self.bound(self.inner.resume_run(run_id)).await
+    }
+
+    async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
+        self.bound(self.inner.backfill_batch(run)).await
+    }
+
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        state: RunState,
+        error: Option<&str>,
+    ) -> Result<(), StorageError> {
+        self.bound(self.inner.finish_run(run_id, state, error))
+            .await
+    }
+
+    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
+        self.bound(self.inner.run_issues(run_id, limit)).await
+    }
+
+    async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
+        self.bound(self.inner.verify_data(range)).await
+    }
+
+    async fn complete_verify(
+        &self,
+        run_id: &str,
+        outcome: &VerifyOutcome,
+    ) -> Result<(), StorageError> {
+        self.bound(self.inner.complete_verify(run_id, outcome))
+            .await
+    }
+
+    async fn table_sizes(&self, tables: &[&'static str]) -> Result<Vec<TableSize>, StorageError> {
+        self.bound(self.inner.table_sizes(tables)).await
+    }
+
+    async fn legacy_zero_rows(&self) -> Result<u64, StorageError> {
+        self.bound(self.inner.legacy_zero_rows()).await
+    }
+
+    async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
+        self.bound(self.inner.insert_legacy_rows(rows)).await
+    }
+
+    async fn rollout(&self) -> Result<RolloutSnapshot, StorageError> {
+        self.bound(self.inner.rollout()).await
+    }
+
+    async fn change_rollout(
+        &self,
+        change: &RolloutChange,
+        expected_version: Option<u64>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<RolloutSnapshot, StorageError> {
+        self.bound(
+            self.inner
+                .change_rollout(change, expected_version, actor, reason),
+        )
+        .await
+    }
+
+    async fn rollout_history(
+        &self,
+        before_version: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        self.bound(self.inner.rollout_history(before_version, limit))
+            .await
+    }
+
+    fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.change_signal()
+    }
+
+    fn statement_timeout(&self) -> Duration {
+        self.inner.statement_timeout()
+    }
+
+    fn pool_use(&self) -> Vec<PoolUse> {
+        self.inner.pool_use()
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.bound(self.inner.ping()).await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}

@@ -1,0 +1,179 @@
+//! Every database statement is bounded: a call that passes the statement timeout ends with
+//! UNAVAILABLE and its transaction is rolled back, whether the database is slow, waits for a
+//! lock, or stops answering altogether (issue 8, defect 7).
+
+use std::time::Duration;
+
+use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
+use campaign_stats::grpc::proto::{EventType, RecordEventRequest, RecordEventResponse};
+use campaign_stats::storage::PoolOptions;
+use sqlx::Connection;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::common::proxy::Proxy;
+use crate::common::{Backend, TestDb, campaign_metrics, event};
+
+crate::on_both_backends!(a_statement_past_the_timeout_is_unavailable_and_rolled_back);
+
+mod postgres_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_that_stops_answering_ends_calls_in_flight() {
+        if let Some(db) = crate::common::TestDb::create(crate::common::Backend::Postgres).await {
+            super::a_database_that_stops_answering_ends_calls_in_flight(db).await;
+        }
+    }
+}
+
+/// A short statement timeout, so that the tests wait little.
+fn short_timeouts() -> PoolOptions {
+    PoolOptions {
+        max_connections: 4,
+        acquire_timeout: Duration::from_secs(2),
+        statement_timeout: Duration::from_secs(1),
+    }
+}
+
+/// Far longer than any bound the service applies here: a call still running by then hangs.
+const HANGING: Duration = Duration::from_secs(30);
+
+fn keyed_sent(key: &str) -> RecordEventRequest {
+    let mut one = event("u1", "c1", EventType::Sent, 1, "2026-03-01");
+    one.idempotency_key = key.into();
+    RecordEventRequest { event: Some(one) }
+}
+
+/// Records `request`, retrying while the service says it is unavailable (as clients do).
+async fn record_retrying(
+    stats: &mut StatsServiceClient<Channel>,
+    request: RecordEventRequest,
+) -> RecordEventResponse {
+    for _ in 0..50 {
+        match stats.record_event(request.clone()).await {
+            Ok(response) => return response.into_inner(),
+            Err(status) if status.code() == Code::Unavailable => continue,
+            Err(status) => panic!("RecordEvent failed: {status:?}"),
+        }
+    }
+    panic!("the service stayed unavailable")
+}
+
+async fn a_statement_past_the_timeout_is_unavailable_and_rolled_back(db: TestDb) {
+    let server = db.start_server_with(&db.url, &short_timeouts()).await;
+    let mut stats = server.stats().await;
+    stats
+        .record_event(keyed_sent("first"))
+        .await
+        .expect("the legacy row exists");
+
+    // Another writer holds what the next write needs: the legacy row on PostgreSQL, the
+    // database's write lock on SQLite.
+    let held: Box<dyn std::any::Any + Send> = match db.backend {
+        Backend::Postgres => {
+            let mut writer = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+            sqlx::raw_sql(
+                "BEGIN; SELECT * FROM campaign_daily_stat_entries WHERE campaign_id = 'c1' \
+                 FOR UPDATE",
+            )
+            .execute(&mut writer)
+            .await
+            .expect("lock the row");
+            Box::new(writer)
+        }
+        Backend::Sqlite => {
+            let mut writer = sqlx::SqliteConnection::connect(&db.url)
+                .await
+                .expect("open");
+            sqlx::raw_sql("BEGIN IMMEDIATE")
+                .execute(&mut writer)
+                .await
+                .expect("take the write lock");
+            Box::new(writer)
+        }
+    };
+    let status = tokio::time::timeout(HANGING, stats.record_event(keyed_sent("blocked")))
+        .await
+        .expect("the call ends within its statement timeout")
+        .expect_err("a statement past its timeout fails");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    drop(held); // the other writer ends, rolling its transaction back
+
+    // Nothing of the failed call was kept: its retry is stored, and counted once.
+    let retried = record_retrying(&mut stats, keyed_sent("blocked")).await;
+    assert!(!retried.duplicate, "the timed-out call's key was kept");
+    let day = campaign_metrics(&mut stats, "u1", "c1", "2026-03-01", "2026-03-01").await;
+    assert_eq!(day.sent, 2);
+    server.stop().await;
+}
+
+async fn a_database_that_stops_answering_ends_calls_in_flight(db: TestDb) {
+    let upstream: std::net::SocketAddr = {
+        let url = url::Url::parse(&db.url).expect("URL");
+        let host = url.host_str().expect("host").to_owned();
+        tokio::net::lookup_host((host, url.port().unwrap_or(5432)))
+            .await
+            .expect("resolve")
+            .next()
+            .expect("an address")
+    };
+    let proxy = Proxy::start(upstream).await;
+    let mut via_proxy = url::Url::parse(&db.url).expect("URL");
+    via_proxy.set_port(Some(proxy.addr.port())).expect("port");
+    via_proxy.set_host(Some("127.0.0.1")).expect("host");
+    let server = db
+        .start_server_with(via_proxy.as_str(), &short_timeouts())
+        .await;
+    let mut stats = server.stats().await;
+    stats
+        .record_event(keyed_sent("first"))
+        .await
+        .expect("a first write");
+
+    // Each new key makes its write pause inside the database for a moment: long enough to
+    // stop the database from answering while the call is inside a query.
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::raw_sql(
+        "CREATE FUNCTION pause() RETURNS trigger AS $$ \
+         BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER pause BEFORE INSERT ON idempotency_keys \
+         FOR EACH ROW EXECUTE FUNCTION pause()",
+    )
+    .execute(&mut admin)
+    .await
+    .expect("a pausing trigger");
+
+    let mut in_flight = stats.clone();
+    let call = tokio::spawn(async move { in_flight.record_event(keyed_sent("frozen")).await });
+    // Wait until the call is inside its query, then stop the database from answering.
+    let mut inside = false;
+    for _ in 0..500 {
+        let pausing: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' \
+             AND application_name = 'campaign-stats'",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .expect("activity");
+        if pausing > 0 {
+            inside = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(inside, "the call never reached its query");
+    proxy.freeze();
+    let status = tokio::time::timeout(HANGING, call)
+        .await
+        .expect("a call in flight ends while the database does not answer")
+        .expect("call task")
+        .expect_err("it fails");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    proxy.thaw();
+    // The call was not acknowledged, and its transaction never committed: a retry stores it.
+    let retried = record_retrying(&mut stats, keyed_sent("frozen")).await;
+    assert!(!retried.duplicate, "the timed-out call's key was kept");
+    let day = campaign_metrics(&mut stats, "u1", "c1", "2026-03-01", "2026-03-01").await;
+    assert_eq!(day.sent, 2);
+    server.stop().await;
+}
