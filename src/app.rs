@@ -145,7 +145,13 @@ pub enum StartRefused {
 /// The tables of the legacy storage.
 pub const LEGACY_TABLES: &[&str] = &["campaign_daily_stat_entries"];
 /// The tables of the new storage.
-pub const NEW_TABLES: &[&str] = &["events", "daily_rollups", "idempotency_keys", "campaigns"];
+pub const NEW_TABLES: &[&str] = &[
+    "events",
+    "campaign_day_totals",
+    "all_day_totals",
+    "idempotency_keys",
+    "campaigns",
+];
 
 /// Sizes of both storages.
 #[derive(Debug, Clone)]

@@ -2,6 +2,9 @@ use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 
 use super::{CampaignId, FieldViolation, UserId, ValidationError, validate_id};
 
+/// Largest count a legacy column holds: the legacy table's columns are `int` (32 bits).
+pub const LEGACY_COLUMN_MAX: i64 = i32::MAX as i64;
+
 /// Largest `count` one event may carry.
 pub const MAX_EVENT_COUNT: u32 = 1_000_000;
 

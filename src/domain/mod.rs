@@ -9,7 +9,9 @@ mod range;
 mod text;
 mod validation;
 
-pub use event::{Event, EventType, MAX_EVENT_COUNT, RawEvent, event_time_window};
+pub use event::{
+    Event, EventType, LEGACY_COLUMN_MAX, MAX_EVENT_COUNT, RawEvent, event_time_window,
+};
 pub use ids::{CampaignId, MAX_ID_BYTES, UserId, validate_id};
 pub use metrics::{Metrics, TotalOverflow};
 pub use query::{CampaignStatsQuery, SeriesQuery};

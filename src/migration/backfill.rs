@@ -11,7 +11,7 @@
 
 use chrono::NaiveDate;
 
-use crate::domain::{EventType, MAX_EVENT_COUNT};
+use crate::domain::{EventType, LEGACY_COLUMN_MAX};
 
 /// The event types of the five legacy columns, in column order.
 pub const LEGACY_COLUMNS: [EventType; 5] = [
@@ -68,9 +68,9 @@ pub fn classify(row: &LegacyRow, context: &RowContext) -> Verdict {
             Some(n) if *n < 0 => {
                 return Verdict::Ambiguous(format!("{} is negative ({n})", NAMES[i]));
             }
-            Some(n) if *n > i64::from(MAX_EVENT_COUNT) => {
+            Some(n) if *n > LEGACY_COLUMN_MAX => {
                 return Verdict::Ambiguous(format!(
-                    "{} is {n}, above the event limit of {MAX_EVENT_COUNT}",
+                    "{} is {n}, more than a legacy int column holds ({LEGACY_COLUMN_MAX})",
                     NAMES[i]
                 ));
             }
@@ -115,6 +115,18 @@ pub fn classify(row: &LegacyRow, context: &RowContext) -> Verdict {
     } else {
         Verdict::Copy(missing)
     }
+}
+
+/// What a backfill adds to the new storage's rollups for one legacy row: the counts of each
+/// legacy column it lacks. Legacy counts are a day's aggregates, not events, so they are
+/// copied whole, however large (up to what the legacy column holds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollupCopy {
+    pub user_id: String,
+    pub campaign_id: String,
+    pub day: NaiveDate,
+    /// Per legacy column, in [`LEGACY_COLUMNS`] order.
+    pub missing: [i64; 5],
 }
 
 /// Totals of one backfill batch.
@@ -162,6 +174,12 @@ mod tests {
         };
         assert_eq!(classify(&legacy, &all), Verdict::AlreadyPresent);
         assert_eq!(classify(&row([Some(0); 5]), &empty), Verdict::AllZero);
+        // A big campaign's day is an aggregate, copied whole.
+        let huge = row([Some(5_000_000), Some(0), Some(0), Some(0), Some(0)]);
+        assert_eq!(
+            classify(&huge, &empty),
+            Verdict::Copy([5_000_000, 0, 0, 0, 0])
+        );
     }
 
     #[test]
@@ -178,8 +196,8 @@ mod tests {
                 "positive_replies (2) > replied (1)",
             ),
             (
-                [Some(2_000_000), Some(0), Some(0), Some(0), Some(0)],
-                "above the event limit",
+                [Some(3_000_000_000), Some(0), Some(0), Some(0), Some(0)],
+                "more than a legacy int column holds",
             ),
         ] {
             match classify(&row(counts), &empty) {
@@ -233,7 +251,7 @@ pub struct ReadRow {
 #[derive(Debug, Default)]
 pub struct BatchPlan {
     /// Events to add to the new storage (one per missing count).
-    pub copies: Vec<crate::domain::Event>,
+    pub copies: Vec<RollupCopy>,
     /// Rows reported instead of copied.
     pub issues: Vec<super::RunIssue>,
     pub outcome: BatchOutcome,
@@ -241,8 +259,8 @@ pub struct BatchPlan {
 
 /// Plans one batch: classifies each row and turns what is missing into events on the row's
 /// day (at 00:00 UTC).
-pub fn plan_batch(rows: Vec<ReadRow>, now: chrono::DateTime<chrono::Utc>) -> BatchPlan {
-    use crate::domain::{Event, RawEvent};
+pub fn plan_batch(rows: Vec<ReadRow>) -> BatchPlan {
+    use crate::domain::validate_id;
 
     let mut plan = BatchPlan::default();
     for ReadRow { row, context } in rows {
@@ -261,35 +279,23 @@ pub fn plan_batch(rows: Vec<ReadRow>, now: chrono::DateTime<chrono::Utc>) -> Bat
                 plan.issues.push(report(reason));
             }
             Verdict::Copy(missing) => {
-                let midnight = row.stat_date.and_time(chrono::NaiveTime::MIN).and_utc();
-                let events: Result<Vec<Event>, _> = LEGACY_COLUMNS
-                    .into_iter()
-                    .zip(missing)
-                    .filter(|(_, n)| *n > 0)
-                    .map(|(event_type, n)| {
-                        Event::validate(
-                            RawEvent {
-                                user_id: row.user_id.clone(),
-                                campaign_id: row.campaign_id.clone(),
-                                event_type: Some(event_type),
-                                // At most MAX_EVENT_COUNT: `classify` checked.
-                                count: u32::try_from(n).unwrap_or(u32::MAX),
-                                occurred_at: Some(midnight),
-                                ..RawEvent::default()
-                            },
-                            now,
-                        )
-                    })
-                    .collect();
-                match events {
-                    Ok(events) => {
+                // Ids the API would refuse stay out of the new storage too.
+                match validate_id("user_id", &row.user_id)
+                    .and_then(|()| validate_id("campaign_id", &row.campaign_id))
+                {
+                    Ok(()) => {
                         plan.outcome.copied += 1;
-                        plan.copies.extend(events);
+                        plan.copies.push(RollupCopy {
+                            user_id: row.user_id.clone(),
+                            campaign_id: row.campaign_id.clone(),
+                            day: row.stat_date,
+                            missing,
+                        });
                     }
                     Err(invalid) => {
                         plan.outcome.ambiguous += 1;
                         plan.issues
-                            .push(report(format!("not a valid event: {invalid}")));
+                            .push(report(format!("not a valid id: {invalid}")));
                     }
                 }
             }

@@ -10,9 +10,9 @@ use chrono::NaiveDate;
 
 use super::error::{LEGACY_COLUMN_MAX, LegacyOverflow};
 use super::{RecordOutcome, StorageError};
-use crate::domain::{CampaignId, Event, EventType, Metrics, TotalOverflow, UserId};
+use crate::domain::{CampaignId, Event, EventType, Metrics, Scope, StorageSource, UserId};
 use crate::migration::WriteTargets;
-use crate::migration::backfill::{LegacyRow, ReadRow, RowContext};
+use crate::migration::backfill::{LEGACY_COLUMNS, LegacyRow, ReadRow, RollupCopy, RowContext};
 
 /// Each campaign of the batch with the user that claims it (the first event's), sorted.
 pub(super) fn campaign_claims(events: &[Event]) -> Vec<(&CampaignId, &UserId)> {
@@ -93,22 +93,120 @@ pub(super) fn events_for_new_storage<'a>(
         .collect()
 }
 
-/// Key of one rollup row: user, campaign, UTC day, event type code.
-pub(super) type RollupKey<'a> = (&'a str, &'a str, NaiveDate, i16);
+/// The six totals of one rollup row, in column order: `sent, opened, clicked, replied,
+/// positive_replies, bounced` (see [`ROLLUP_COLUMNS`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct DayTotals(pub [i64; 6]);
 
-/// How much each rollup row grows, summed over the accepted events, sorted by key.
-pub(super) fn rollup_deltas<'a>(accepted: &[&'a Event]) -> BTreeMap<RollupKey<'a>, i64> {
-    let mut deltas = BTreeMap::new();
+/// The columns of a rollup row's totals, in [`DayTotals`] order.
+pub(super) const ROLLUP_COLUMNS: &str = "sent, opened, clicked, replied, positive_replies, bounced";
+
+/// How a rollup row grows on conflict (the target table aliased `t`).
+pub(super) const ROLLUP_GROWS: &str = " DO UPDATE SET sent = t.sent + excluded.sent, \
+    opened = t.opened + excluded.opened, clicked = t.clicked + excluded.clicked, \
+    replied = t.replied + excluded.replied, \
+    positive_replies = t.positive_replies + excluded.positive_replies, \
+    bounced = t.bounced + excluded.bounced";
+
+impl DayTotals {
+    /// Adds `count` events of `event_type`.
+    pub fn add(&mut self, event_type: EventType, count: i64) {
+        let column = match event_type {
+            EventType::Sent => 0,
+            EventType::Opened => 1,
+            EventType::Clicked => 2,
+            EventType::Replied => 3,
+            EventType::PositiveReply => 4,
+            EventType::Bounced => 5,
+        };
+        self.0[column] += count;
+    }
+
+    /// Adds every total of `other`.
+    pub fn add_all(&mut self, other: DayTotals) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
+    }
+
+    /// One column of every row, as an array parameter.
+    pub fn column<'a, K: 'a>(
+        rows: impl IntoIterator<Item = (K, &'a DayTotals)>,
+        index: usize,
+    ) -> Vec<i64> {
+        rows.into_iter()
+            .map(|(_, totals)| totals.0[index])
+            .collect()
+    }
+}
+
+/// Key of one campaign rollup row: user, campaign, UTC day.
+pub(super) type CampaignDayKey<'a> = (&'a str, &'a str, NaiveDate);
+
+/// How each campaign rollup row grows, summed over the accepted events, sorted by key (the
+/// order rows are locked in).
+pub(super) fn campaign_day_deltas<'a>(
+    accepted: &[&'a Event],
+) -> BTreeMap<CampaignDayKey<'a>, DayTotals> {
+    let mut deltas: BTreeMap<CampaignDayKey<'a>, DayTotals> = BTreeMap::new();
     for event in accepted {
-        let key = (
-            event.user_id.as_str(),
-            event.campaign_id.as_str(),
-            event.day(),
-            event.event_type.code(),
-        );
-        *deltas.entry(key).or_insert(0) += i64::from(event.count);
+        deltas
+            .entry((
+                event.user_id.as_str(),
+                event.campaign_id.as_str(),
+                event.day(),
+            ))
+            .or_default()
+            .add(event.event_type, i64::from(event.count));
     }
     deltas
+}
+
+/// How the campaign rollups grow with a backfill's `copies`, sorted by key.
+pub(super) fn copy_deltas(copies: &[RollupCopy]) -> BTreeMap<CampaignDayKey<'_>, DayTotals> {
+    let mut deltas: BTreeMap<CampaignDayKey<'_>, DayTotals> = BTreeMap::new();
+    for copy in copies {
+        let totals = deltas
+            .entry((copy.user_id.as_str(), copy.campaign_id.as_str(), copy.day))
+            .or_default();
+        for (event_type, count) in LEGACY_COLUMNS.into_iter().zip(copy.missing) {
+            totals.add(event_type, count);
+        }
+    }
+    deltas
+}
+
+/// Each campaign of a backfill's `copies` with its legacy user, sorted.
+pub(super) fn copy_claims(copies: &[RollupCopy]) -> Vec<(&str, &str)> {
+    let claims: BTreeMap<&str, &str> = copies
+        .iter()
+        .map(|c| (c.campaign_id.as_str(), c.user_id.as_str()))
+        .collect();
+    claims.into_iter().collect()
+}
+
+/// How each day's all-users row grows with `deltas`, sorted by day.
+pub(super) fn all_day_deltas(
+    deltas: &BTreeMap<CampaignDayKey<'_>, DayTotals>,
+) -> BTreeMap<NaiveDate, DayTotals> {
+    let mut days: BTreeMap<NaiveDate, DayTotals> = BTreeMap::new();
+    for ((_, _, day), totals) in deltas {
+        days.entry(*day).or_default().add_all(*totals);
+    }
+    days
+}
+
+/// How many rows each day of the all-users rollup is split into.
+pub(super) const ALL_DAY_STRIPES: u32 = 16;
+
+/// The stripe of the all-users rollup the next write adds to. Writes of one replica take
+/// turns, so that up to [`ALL_DAY_STRIPES`] concurrent transactions never wait on one
+/// another's row; reads sum the stripes, so the choice never changes an answer.
+pub(super) fn next_stripe() -> i16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let turn = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Always below 16, so it fits.
+    (turn % ALL_DAY_STRIPES) as i16
 }
 
 /// The five counts of one legacy row (`clicked` has no column there).
@@ -270,49 +368,39 @@ pub(super) fn legacy_overflows(
     overflows
 }
 
-/// Adds one `(event type code, total)` row read from the rollups into `metrics`. Codes this
-/// version does not know are ignored, so an older replica can read a newer schema's rows.
-pub(super) fn add_rollup_row(
-    metrics: &mut Metrics,
-    event_type: i16,
-    total: i64,
-) -> Result<(), TotalOverflow> {
-    match EventType::from_code(event_type) {
-        Some(event_type) => metrics.add(event_type, u64::try_from(total).unwrap_or(0)),
-        None => Ok(()),
-    }
-}
-
-/// Folds `(day, event type code, total)` rows, sorted by day, into one entry per day.
-pub(super) fn fold_daily_rows(
-    rows: impl IntoIterator<Item = (NaiveDate, i16, i64)>,
-) -> Result<Vec<(NaiveDate, Metrics)>, TotalOverflow> {
-    let mut days: Vec<(NaiveDate, Metrics)> = Vec::new();
-    for (day, event_type, total) in rows {
-        if days.last().is_none_or(|(last, _)| *last != day) {
-            days.push((day, Metrics::default()));
-        }
-        if let Some((_, metrics)) = days.last_mut() {
-            add_rollup_row(metrics, event_type, total)?;
-        }
-    }
-    Ok(days)
-}
-
 /// The rows a read answered by LEGACY sums over: the legacy table's rows, and the clicks of
 /// the new storage, which the legacy table has no column for (clicks are recorded in the new
 /// storage in every phase, so an acknowledged click is always visible). Both arms have the
 /// same columns, so the callers' conditions on `user_id`, `campaign_id` and `stat_date`
 /// reach each arm's indexes.
-pub(super) const LEGACY_READ_ROWS: &str = "(SELECT user_id, campaign_id, stat_date,     sent, opened, replied, positive_replies, bounced, CAST(0 AS BIGINT) AS clicked     FROM campaign_daily_stat_entries     UNION ALL SELECT user_id, campaign_id, day, 0, 0, 0, 0, 0, total     FROM daily_rollups WHERE event_type = 3) AS l";
+pub(super) const LEGACY_READ_ROWS: &str = "(SELECT user_id, campaign_id, stat_date, \
+    sent, opened, replied, positive_replies, bounced, CAST(0 AS BIGINT) AS clicked \
+    FROM campaign_daily_stat_entries \
+    UNION ALL SELECT user_id, campaign_id, day, 0, 0, 0, 0, 0, clicked \
+    FROM campaign_day_totals WHERE clicked > 0) AS l";
 
-/// A legacy aggregate row: a key and the summed `sent, opened, replied, positive_replies,
-/// bounced, clicked`.
-pub(super) type LegacySums<K> = (K, i64, i64, i64, i64, i64, i64);
+/// What a read of `source` sums, and its day column: the legacy rows (with the new
+/// storage's clicks), the all-users rollup for the operator's view of every campaign
+/// (`scope` of no user and no campaigns), or the campaign rollups.
+pub(super) fn read_rows(
+    source: StorageSource,
+    scope: Option<&Scope>,
+) -> (&'static str, &'static str) {
+    let every_campaign = scope.is_some_and(|s| s.user.is_none() && s.campaigns.is_empty());
+    match source {
+        StorageSource::Legacy => (LEGACY_READ_ROWS, "stat_date"),
+        StorageSource::New if every_campaign => ("all_day_totals", "day"),
+        StorageSource::New => ("campaign_day_totals", "day"),
+    }
+}
 
-/// The key and metrics of a legacy aggregate row; negative legacy sums read as 0.
-pub(super) fn legacy_row_metrics<K>(
-    (key, sent, opened, replied, positive_replies, bounced, clicked): LegacySums<K>,
+/// An aggregate row of either storage: a key and the summed `sent, opened, replied,
+/// positive_replies, bounced, clicked` (the legacy columns first).
+pub(super) type Sums<K> = (K, i64, i64, i64, i64, i64, i64);
+
+/// The key and metrics of an aggregate row; negative (legacy) sums read as 0.
+pub(super) fn sums_metrics<K>(
+    (key, sent, opened, replied, positive_replies, bounced, clicked): Sums<K>,
 ) -> (K, Metrics) {
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
     let metrics = Metrics {
@@ -326,12 +414,10 @@ pub(super) fn legacy_row_metrics<K>(
     (key, metrics)
 }
 
-/// Folds legacy `(campaign, counts…)` rows into one entry per campaign.
-pub(super) fn fold_legacy_campaign_rows(
-    rows: Vec<LegacySums<String>>,
-) -> HashMap<CampaignId, Metrics> {
+/// Aggregate `(campaign, sums…)` rows as one entry per campaign.
+pub(super) fn campaign_sums(rows: Vec<Sums<String>>) -> HashMap<CampaignId, Metrics> {
     rows.into_iter()
-        .map(legacy_row_metrics)
+        .map(sums_metrics)
         .filter_map(|(campaign, metrics)| {
             Some((CampaignId::parse("campaign_id", campaign).ok()?, metrics))
         })
@@ -345,18 +431,11 @@ pub(super) fn fold_legacy_campaign_rows(
 pub(super) const BACKFILL_SELECT: &str = "SELECT l.campaign_id, l.user_id, l.stat_date, \
     CAST(l.sent AS BIGINT), CAST(l.opened AS BIGINT), CAST(l.replied AS BIGINT), \
     CAST(l.positive_replies AS BIGINT), CAST(l.bounced AS BIGINT), \
-    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
-        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 1), 0) AS BIGINT), \
-    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
-        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 2), 0) AS BIGINT), \
-    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
-        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 4), 0) AS BIGINT), \
-    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
-        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 5), 0) AS BIGINT), \
-    CAST(COALESCE((SELECT r.total FROM daily_rollups r WHERE r.user_id = l.user_id \
-        AND r.campaign_id = l.campaign_id AND r.day = l.stat_date AND r.event_type = 6), 0) AS BIGINT), \
+    COALESCE(r.sent, 0), COALESCE(r.opened, 0), COALESCE(r.replied, 0), \
+    COALESCE(r.positive_replies, 0), COALESCE(r.bounced, 0), \
     (SELECT c.user_id FROM campaigns c WHERE c.campaign_id = l.campaign_id) \
-    FROM campaign_daily_stat_entries l";
+    FROM campaign_daily_stat_entries l LEFT JOIN campaign_day_totals r \
+    ON r.user_id = l.user_id AND r.campaign_id = l.campaign_id AND r.day = l.stat_date";
 
 /// A row of [`BACKFILL_SELECT`].
 pub(super) type BackfillRow = (
@@ -421,20 +500,6 @@ pub(super) fn run_issue_from_row(
     }
 }
 
-/// Folds `(campaign, event type code, total)` rows into one entry per campaign.
-pub(super) fn fold_campaign_rows(
-    rows: impl IntoIterator<Item = (String, i16, i64)>,
-) -> Result<HashMap<CampaignId, Metrics>, TotalOverflow> {
-    let mut totals: HashMap<CampaignId, Metrics> = HashMap::new();
-    for (campaign, event_type, total) in rows {
-        // Stored ids were validated on the way in.
-        if let Ok(campaign) = CampaignId::parse("campaign_id", campaign) {
-            add_rollup_row(totals.entry(campaign).or_default(), event_type, total)?;
-        }
-    }
-    Ok(totals)
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::{TimeZone, Utc};
@@ -487,7 +552,24 @@ mod tests {
                 duplicates: 1
             }
         );
-        let deltas = rollup_deltas(&accepted);
-        assert_eq!(deltas.values().copied().collect::<Vec<_>>(), [5]);
+        let deltas = campaign_day_deltas(&accepted);
+        assert_eq!(
+            deltas.values().copied().collect::<Vec<_>>(),
+            [DayTotals([5, 0, 0, 0, 0, 0])]
+        );
+        let days = all_day_deltas(&deltas);
+        assert_eq!(days.values().map(|t| t.0[0]).sum::<i64>(), 5);
+    }
+
+    #[test]
+    fn stripes_take_turns_within_their_range() {
+        let turns: std::collections::BTreeSet<i16> =
+            (0..ALL_DAY_STRIPES * 2).map(|_| next_stripe()).collect();
+        assert_eq!(turns.len(), ALL_DAY_STRIPES as usize);
+        assert!(
+            turns
+                .iter()
+                .all(|s| (0..ALL_DAY_STRIPES as i16).contains(s))
+        );
     }
 }

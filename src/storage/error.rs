@@ -12,8 +12,7 @@ pub struct LegacyOverflow {
     pub current: i64,
 }
 
-/// Largest count a legacy column holds: the legacy table's columns are `int` (32 bits).
-pub const LEGACY_COLUMN_MAX: i64 = i32::MAX as i64;
+pub use crate::domain::LEGACY_COLUMN_MAX;
 
 /// What can go wrong in the storage layer.
 #[derive(Debug, thiserror::Error)]

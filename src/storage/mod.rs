@@ -403,8 +403,8 @@ fn new_run_id(kind: RunKind) -> String {
 
 /// A verify legacy row.
 type VerifyLegacyRow = (String, String, NaiveDate, i64, i64, i64, i64, i64);
-/// A verify rollup row: user, campaign, day, event type, total.
-type VerifyNewRow = (String, String, NaiveDate, i16, i64);
+/// A verify rollup row: user, campaign, day and the five shared totals.
+type VerifyNewRow = VerifyLegacyRow;
 
 fn verify_data_from_rows(
     legacy: Vec<VerifyLegacyRow>,
@@ -418,7 +418,13 @@ fn verify_data_from_rows(
             .collect(),
         new: new
             .into_iter()
-            .map(|(u, c, d, t, n)| ((u, c, d), t, n))
+            .flat_map(|(u, c, d, s, o, r, p, b)| {
+                // The codes of the five shared event types, in legacy column order.
+                [(1, s), (2, o), (4, r), (5, p), (6, b)]
+                    .into_iter()
+                    .filter(|(_, total)| *total != 0)
+                    .map(move |(t, n)| ((u.clone(), c.clone(), d), t, n))
+            })
             .collect(),
         ambiguous: ambiguous.into_iter().collect(),
     }

@@ -1,7 +1,7 @@
 //! The production backend: PostgreSQL, with raw events partitioned by month and bulk writes
 //! through `UNNEST` arrays (a handful of statements per batch, whatever its size).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use chrono::{Datelike, Months, NaiveDate, Utc};
@@ -112,9 +112,9 @@ impl PostgresStore {
     }
 }
 
-/// The sums of a read answered by LEGACY, in [`batch::LegacySums`] order, over
-/// [`batch::LEGACY_READ_ROWS`] (grouped by the caller).
-const LEGACY_SUMS: &str = "COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
+/// The sums of a read, in [`batch::Sums`] order, over [`batch::LEGACY_READ_ROWS`] or the
+/// rollups (grouped by the caller).
+const SUMS: &str = "COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
     COALESCE(SUM(replied), 0)::int8, COALESCE(SUM(positive_replies), 0)::int8, \
     COALESCE(SUM(bounced), 0)::int8, COALESCE(SUM(clicked), 0)::int8";
 
@@ -123,16 +123,12 @@ fn column<'a, T>(events: &[&'a Event], field: impl Fn(&'a Event) -> T) -> Vec<T>
     events.iter().map(|e| field(e)).collect()
 }
 
-/// Inserts raw events and grows their rollups.
-async fn insert_new_events(
-    tx: &mut sqlx::PgConnection,
-    events: &[&Event],
-    backfill_run: Option<&str>,
-) -> Result<(), sqlx::Error> {
+/// Inserts raw events.
+async fn insert_events(tx: &mut sqlx::PgConnection, events: &[&Event]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
-         email_account_id, idempotency_key, backfill_run_id) \
-         SELECT *, $8 FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
+         email_account_id, idempotency_key) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
          $5::timestamptz[], $6::text[], $7::text[])",
     )
     .bind(column(events, |e| e.user_id.as_str()))
@@ -143,24 +139,52 @@ async fn insert_new_events(
     .bind(column(events, |e| e.occurred_at))
     .bind(column(events, |e| e.email_account_id.as_deref()))
     .bind(column(events, |e| e.idempotency_key.as_deref()))
-    .bind(backfill_run)
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
 
-    let deltas = batch::rollup_deltas(events);
-    sqlx::query(
-        "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int2[], $5::int8[]) \
-         ON CONFLICT (user_id, campaign_id, day, event_type) \
-         DO UPDATE SET total = daily_rollups.total + EXCLUDED.total",
-    )
+/// Grows the campaign rollups by `deltas`, and the all-users rollup by their sum per day.
+async fn add_to_rollups(
+    tx: &mut sqlx::PgConnection,
+    deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
+) -> Result<(), sqlx::Error> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let totals = |index| batch::DayTotals::column(deltas.iter(), index);
+    let campaigns = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], \
+         $6::int8[], $7::int8[], $8::int8[], $9::int8[]) \
+         ON CONFLICT (user_id, campaign_id, day){}",
+        batch::ROLLUP_COLUMNS,
+        batch::ROLLUP_GROWS
+    )))
     .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
     .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
-    .bind(deltas.keys().map(|k| k.2).collect::<Vec<_>>())
-    .bind(deltas.keys().map(|k| k.3).collect::<Vec<_>>())
-    .bind(deltas.values().copied().collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
+    .bind(deltas.keys().map(|k| k.2).collect::<Vec<_>>());
+    (0..6)
+        .fold(campaigns, |query, index| query.bind(totals(index)))
+        .execute(&mut *tx)
+        .await?;
+
+    let days = batch::all_day_deltas(deltas);
+    let totals = |index| batch::DayTotals::column(days.iter(), index);
+    let all_users = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO all_day_totals AS t (day, stripe, {}) \
+         SELECT d, $2, s, o, c, r, p, b FROM UNNEST($1::date[], $3::int8[], $4::int8[], \
+         $5::int8[], $6::int8[], $7::int8[], $8::int8[]) AS u(d, s, o, c, r, p, b) \
+         ON CONFLICT (day, stripe){}",
+        batch::ROLLUP_COLUMNS,
+        batch::ROLLUP_GROWS
+    )))
+    .bind(days.keys().copied().collect::<Vec<_>>())
+    .bind(batch::next_stripe());
+    (0..6)
+        .fold(all_users, |query, index| query.bind(totals(index)))
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 
@@ -364,7 +388,8 @@ impl EventStore for PostgresStore {
 
         let for_new = batch::events_for_new_storage(&accepted, targets);
         if !for_new.is_empty() {
-            insert_new_events(&mut tx, &for_new, None).await?;
+            insert_events(&mut tx, &for_new).await?;
+            add_to_rollups(&mut tx, &batch::campaign_day_deltas(&for_new)).await?;
         }
         if targets.legacy {
             add_to_legacy(&mut tx, events, &accepted).await?;
@@ -385,38 +410,19 @@ impl EventStore for PostgresStore {
             return Ok(HashMap::new());
         }
         let campaigns: Vec<&str> = campaigns.iter().map(CampaignId::as_str).collect();
-        match source {
-            StorageSource::New => {
-                let rows: Vec<(String, i16, i64)> = sqlx::query_as(
-                    "SELECT campaign_id, event_type, SUM(total)::int8 FROM daily_rollups \
-                     WHERE user_id = $1 AND campaign_id = ANY($2) AND day BETWEEN $3 AND $4 \
-                     GROUP BY campaign_id, event_type",
-                )
-                .bind(user.as_str())
-                .bind(campaigns)
-                .bind(range.start)
-                .bind(range.end)
-                .fetch_all(&self.pool)
-                .await?;
-                Ok(batch::fold_campaign_rows(rows)?)
-            }
-            StorageSource::Legacy => {
-                let rows: Vec<batch::LegacySums<String>> =
-                    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT campaign_id, {LEGACY_SUMS} FROM {} \
-                         WHERE user_id = $1 AND campaign_id = ANY($2) \
-                         AND stat_date BETWEEN $3 AND $4 GROUP BY campaign_id",
-                        batch::LEGACY_READ_ROWS
-                    )))
-                    .bind(user.as_str())
-                    .bind(campaigns)
-                    .bind(range.start)
-                    .bind(range.end)
-                    .fetch_all(&self.pool)
-                    .await?;
-                Ok(batch::fold_legacy_campaign_rows(rows))
-            }
-        }
+        let (rows, day) = batch::read_rows(source, None);
+        let sums: Vec<batch::Sums<String>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT campaign_id, {SUMS} FROM {rows} \
+             WHERE user_id = $1 AND campaign_id = ANY($2) AND {day} BETWEEN $3 AND $4 \
+             GROUP BY campaign_id"
+        )))
+        .bind(user.as_str())
+        .bind(campaigns)
+        .bind(range.start)
+        .bind(range.end)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(batch::campaign_sums(sums))
     }
 
     async fn daily_totals(
@@ -425,20 +431,9 @@ impl EventStore for PostgresStore {
         scope: &Scope,
         range: DateRange,
     ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
-        let (select, table, day) = match source {
-            StorageSource::New => (
-                "SELECT day, event_type, SUM(total)::int8".to_owned(),
-                "daily_rollups",
-                "day",
-            ),
-            StorageSource::Legacy => (
-                format!("SELECT stat_date, {LEGACY_SUMS}"),
-                batch::LEGACY_READ_ROWS,
-                "stat_date",
-            ),
-        };
-        let mut query = QueryBuilder::<Postgres>::new(select);
-        query.push(format_args!(" FROM {table} WHERE {day} BETWEEN "));
+        let (rows, day) = batch::read_rows(source, Some(scope));
+        let mut query = QueryBuilder::<Postgres>::new(format!("SELECT {day}, {SUMS}"));
+        query.push(format_args!(" FROM {rows} WHERE {day} BETWEEN "));
         query
             .push_bind(range.start)
             .push(" AND ")
@@ -459,20 +454,10 @@ impl EventStore for PostgresStore {
                 .push_bind(campaigns)
                 .push(")");
         }
-        match source {
-            StorageSource::New => {
-                query.push(" GROUP BY day, event_type ORDER BY day");
-                let rows: Vec<(NaiveDate, i16, i64)> =
-                    query.build_query_as().fetch_all(&self.pool).await?;
-                Ok(batch::fold_daily_rows(rows)?)
-            }
-            StorageSource::Legacy => {
-                query.push(" GROUP BY stat_date ORDER BY stat_date");
-                let rows: Vec<batch::LegacySums<NaiveDate>> =
-                    query.build_query_as().fetch_all(&self.pool).await?;
-                Ok(rows.into_iter().map(batch::legacy_row_metrics).collect())
-            }
-        }
+        query.push(format_args!(" GROUP BY {day} ORDER BY {day}"));
+        let sums: Vec<batch::Sums<NaiveDate>> =
+            query.build_query_as().fetch_all(&self.pool).await?;
+        Ok(sums.into_iter().map(batch::sums_metrics).collect())
     }
 
     async fn phase(&self) -> Result<PhaseState, StorageError> {
@@ -566,16 +551,11 @@ impl EventStore for PostgresStore {
         .await?
         .into_iter()
         .collect();
-        let plan = plan_batch(batch::backfill_rows(rows, &several_users), Utc::now());
+        let plan = plan_batch(batch::backfill_rows(rows, &several_users));
 
         if !run.dry_run && !plan.copies.is_empty() {
-            self.ensure_partitions(plan.copies.iter().map(|e| month_of(e.day())))
-                .await;
-            let copies: Vec<&Event> = plan.copies.iter().collect();
-            let (campaigns, owners): (Vec<&str>, Vec<&str>) = batch::campaign_claims(&plan.copies)
-                .into_iter()
-                .map(|(campaign, user)| (campaign.as_str(), user.as_str()))
-                .unzip();
+            let (campaigns, owners): (Vec<&str>, Vec<&str>) =
+                batch::copy_claims(&plan.copies).into_iter().unzip();
             sqlx::query(
                 "INSERT INTO campaigns (campaign_id, user_id) \
                  SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT (campaign_id) DO NOTHING",
@@ -584,7 +564,7 @@ impl EventStore for PostgresStore {
             .bind(&owners)
             .execute(&mut *tx)
             .await?;
-            insert_new_events(&mut tx, &copies, Some(&run.run_id)).await?;
+            add_to_rollups(&mut tx, &batch::copy_deltas(&plan.copies)).await?;
         }
         if !plan.issues.is_empty() {
             sqlx::query(

@@ -103,8 +103,9 @@ pub const VERIFY_LEGACY: &str = "SELECT user_id, campaign_id, stat_date, \
     CAST(COALESCE(replied, 0) AS BIGINT), CAST(COALESCE(positive_replies, 0) AS BIGINT), \
     CAST(COALESCE(bounced, 0) AS BIGINT) FROM campaign_daily_stat_entries WHERE true";
 /// The new side of verify: the rollups of the five shared event types.
-pub const VERIFY_NEW: &str = "SELECT user_id, campaign_id, day, event_type, total \
-    FROM daily_rollups WHERE event_type IN (1, 2, 4, 5, 6)";
+pub const VERIFY_NEW: &str = "SELECT user_id, campaign_id, day, sent, opened, replied, \
+    positive_replies, bounced FROM campaign_day_totals \
+    WHERE sent + opened + replied + positive_replies + bounced > 0";
 /// The `(campaign, day)` keys the last completed real backfill reported.
 pub const VERIFY_AMBIGUOUS: &str = "SELECT campaign_id, stat_date FROM migration_run_issues \
     WHERE run_id = (SELECT run_id FROM migration_runs WHERE kind = 'backfill' AND NOT dry_run \

@@ -3,7 +3,7 @@
 //! Writes go through a pool of one connection, so that they queue in the service instead of
 //! spinning on SQLite's file lock; reads use a pool of their own and never wait for writers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -86,13 +86,11 @@ impl SqliteStore {
     }
 }
 
-/// Sums per event type from the rollups (grouped by the caller).
-const NEW_SUMS: &str = "event_type, SUM(total) FROM daily_rollups";
-/// Sums of the five legacy columns and the clicks (grouped by the caller), followed by
-/// [`batch::LEGACY_READ_ROWS`].
-const LEGACY_SUMS: &str = "COALESCE(SUM(sent), 0), COALESCE(SUM(opened), 0), \
+/// The sums of a read, in [`batch::Sums`] order, over [`batch::LEGACY_READ_ROWS`] or the
+/// rollups (grouped by the caller).
+const SUMS: &str = "COALESCE(SUM(sent), 0), COALESCE(SUM(opened), 0), \
     COALESCE(SUM(replied), 0), COALESCE(SUM(positive_replies), 0), COALESCE(SUM(bounced), 0), \
-    COALESCE(SUM(clicked), 0) FROM ";
+    COALESCE(SUM(clicked), 0)";
 
 /// Most bound values in one statement (SQLite allows 32,766).
 const MAX_BINDS_PER_STATEMENT: usize = 32_000;
@@ -116,16 +114,15 @@ fn push_in_list<'a>(
     list.push_unseparated(")");
 }
 
-/// Inserts raw events and grows their rollups.
-async fn insert_new_events(
+/// Inserts raw events.
+async fn insert_events(
     tx: &mut sqlx::SqliteConnection,
     events: &[&Event],
-    backfill_run: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    for chunk in events.chunks(rows_per_statement(8)) {
+    for chunk in events.chunks(rows_per_statement(7)) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
-             email_account_id, idempotency_key, backfill_run_id) ",
+             email_account_id, idempotency_key) ",
         );
         insert.push_values(chunk, |mut row, event| {
             row.push_bind(event.user_id.as_str())
@@ -134,33 +131,51 @@ async fn insert_new_events(
                 .push_bind(event.count)
                 .push_bind(event.occurred_at)
                 .push_bind(event.email_account_id.as_deref())
-                .push_bind(event.idempotency_key.as_deref())
-                .push_bind(backfill_run);
+                .push_bind(event.idempotency_key.as_deref());
         });
         insert.build().execute(&mut *tx).await?;
     }
-    let deltas: Vec<_> = batch::rollup_deltas(events).into_iter().collect();
-    for chunk in deltas.chunks(rows_per_statement(5)) {
-        let mut upsert = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) ",
-        );
-        upsert.push_values(
-            chunk,
-            |mut row, ((user, campaign, day, event_type), delta)| {
-                row.push_bind(*user)
-                    .push_bind(*campaign)
-                    .push_bind(*day)
-                    .push_bind(*event_type)
-                    .push_bind(*delta);
-            },
-        );
-        upsert.push(
-            " ON CONFLICT (user_id, campaign_id, day, event_type) \
-             DO UPDATE SET total = total + excluded.total",
-        );
+    Ok(())
+}
+
+/// Grows the campaign rollups by `deltas`, and the all-users rollup by their sum per day.
+async fn add_to_rollups(
+    tx: &mut sqlx::SqliteConnection,
+    deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<_> = deltas.iter().collect();
+    for chunk in rows.chunks(rows_per_statement(9)) {
+        let mut upsert = QueryBuilder::<Sqlite>::new(format!(
+            "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) ",
+            batch::ROLLUP_COLUMNS
+        ));
+        upsert.push_values(chunk, |mut row, ((user, campaign, day), totals)| {
+            row.push_bind(*user).push_bind(*campaign).push_bind(*day);
+            for total in totals.0 {
+                row.push_bind(total);
+            }
+        });
+        upsert.push(" ON CONFLICT (user_id, campaign_id, day)");
+        upsert.push(batch::ROLLUP_GROWS);
         upsert.build().execute(&mut *tx).await?;
     }
-
+    let days: Vec<_> = batch::all_day_deltas(deltas).into_iter().collect();
+    let stripe = batch::next_stripe();
+    for chunk in days.chunks(rows_per_statement(8)) {
+        let mut upsert = QueryBuilder::<Sqlite>::new(format!(
+            "INSERT INTO all_day_totals AS t (day, stripe, {}) ",
+            batch::ROLLUP_COLUMNS
+        ));
+        upsert.push_values(chunk, |mut row, (day, totals)| {
+            row.push_bind(*day).push_bind(stripe);
+            for total in totals.0 {
+                row.push_bind(total);
+            }
+        });
+        upsert.push(" ON CONFLICT (day, stripe)");
+        upsert.push(batch::ROLLUP_GROWS);
+        upsert.build().execute(&mut *tx).await?;
+    }
     Ok(())
 }
 
@@ -297,7 +312,8 @@ impl EventStore for SqliteStore {
         let (accepted, outcome) = batch::accepted_events(events, fresh);
 
         let for_new = batch::events_for_new_storage(&accepted, targets);
-        insert_new_events(&mut tx, &for_new, None).await?;
+        insert_events(&mut tx, &for_new).await?;
+        add_to_rollups(&mut tx, &batch::campaign_day_deltas(&for_new)).await?;
         if targets.legacy {
             add_to_legacy(&mut tx, events, &accepted).await?;
         }
@@ -316,12 +332,10 @@ impl EventStore for SqliteStore {
         if campaigns.is_empty() {
             return Ok(HashMap::new());
         }
-        let (select, rows, day) = match source {
-            StorageSource::New => (NEW_SUMS, "", "day"),
-            StorageSource::Legacy => (LEGACY_SUMS, batch::LEGACY_READ_ROWS, "stat_date"),
-        };
-        let mut query = QueryBuilder::<Sqlite>::new("SELECT campaign_id, ");
-        query.push(select).push(rows).push(" WHERE user_id = ");
+        let (rows, day) = batch::read_rows(source, None);
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT campaign_id, {SUMS} FROM {rows} WHERE user_id = "
+        ));
         query.push_bind(user.as_str().to_owned());
         query
             .push(format_args!(" AND {day} BETWEEN "))
@@ -332,20 +346,9 @@ impl EventStore for SqliteStore {
             "campaign_id",
             campaigns.iter().map(CampaignId::as_str),
         );
-        match source {
-            StorageSource::New => {
-                query.push(" GROUP BY campaign_id, event_type");
-                let rows: Vec<(String, i16, i64)> =
-                    query.build_query_as().fetch_all(&self.reader).await?;
-                Ok(batch::fold_campaign_rows(rows)?)
-            }
-            StorageSource::Legacy => {
-                query.push(" GROUP BY campaign_id");
-                let rows: Vec<batch::LegacySums<String>> =
-                    query.build_query_as().fetch_all(&self.reader).await?;
-                Ok(batch::fold_legacy_campaign_rows(rows))
-            }
-        }
+        query.push(" GROUP BY campaign_id");
+        let sums: Vec<batch::Sums<String>> = query.build_query_as().fetch_all(&self.reader).await?;
+        Ok(batch::campaign_sums(sums))
     }
 
     async fn daily_totals(
@@ -354,15 +357,11 @@ impl EventStore for SqliteStore {
         scope: &Scope,
         range: DateRange,
     ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
-        let (select, rows, day) = match source {
-            StorageSource::New => (NEW_SUMS, "", "day"),
-            StorageSource::Legacy => (LEGACY_SUMS, batch::LEGACY_READ_ROWS, "stat_date"),
-        };
-        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {day}, "));
-        query.push(select).push(rows);
-        query
-            .push(format_args!(" WHERE {day} BETWEEN "))
-            .push_bind(range.start);
+        let (rows, day) = batch::read_rows(source, Some(scope));
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {day}, {SUMS} FROM {rows} WHERE {day} BETWEEN "
+        ));
+        query.push_bind(range.start);
         query.push(" AND ").push_bind(range.end);
         if let Some(user) = &scope.user {
             query
@@ -376,20 +375,10 @@ impl EventStore for SqliteStore {
                 scope.campaigns.iter().map(CampaignId::as_str),
             );
         }
-        match source {
-            StorageSource::New => {
-                query.push(" GROUP BY day, event_type ORDER BY day");
-                let rows: Vec<(NaiveDate, i16, i64)> =
-                    query.build_query_as().fetch_all(&self.reader).await?;
-                Ok(batch::fold_daily_rows(rows)?)
-            }
-            StorageSource::Legacy => {
-                query.push(" GROUP BY stat_date ORDER BY stat_date");
-                let rows: Vec<batch::LegacySums<NaiveDate>> =
-                    query.build_query_as().fetch_all(&self.reader).await?;
-                Ok(rows.into_iter().map(batch::legacy_row_metrics).collect())
-            }
-        }
+        query.push(format_args!(" GROUP BY {day} ORDER BY {day}"));
+        let sums: Vec<batch::Sums<NaiveDate>> =
+            query.build_query_as().fetch_all(&self.reader).await?;
+        Ok(sums.into_iter().map(batch::sums_metrics).collect())
     }
 
     async fn phase(&self) -> Result<PhaseState, StorageError> {
@@ -470,20 +459,19 @@ impl EventStore for SqliteStore {
             let shared: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
             several_users.extend(shared);
         }
-        let plan = plan_batch(batch::backfill_rows(rows, &several_users), Utc::now());
+        let plan = plan_batch(batch::backfill_rows(rows, &several_users));
 
         if !run.dry_run && !plan.copies.is_empty() {
-            let copies: Vec<&Event> = plan.copies.iter().collect();
-            for chunk in batch::campaign_claims(&plan.copies).chunks(rows_per_statement(2)) {
+            for chunk in batch::copy_claims(&plan.copies).chunks(rows_per_statement(2)) {
                 let mut insert =
                     QueryBuilder::<Sqlite>::new("INSERT INTO campaigns (campaign_id, user_id) ");
                 insert.push_values(chunk, |mut row, (campaign, user)| {
-                    row.push_bind(campaign.as_str()).push_bind(user.as_str());
+                    row.push_bind(*campaign).push_bind(*user);
                 });
                 insert.push(" ON CONFLICT (campaign_id) DO NOTHING");
                 insert.build().execute(&mut *tx).await?;
             }
-            insert_new_events(&mut tx, &copies, Some(&run.run_id)).await?;
+            add_to_rollups(&mut tx, &batch::copy_deltas(&plan.copies)).await?;
         }
         for chunk in plan.issues.chunks(rows_per_statement(5)) {
             let mut insert = QueryBuilder::<Sqlite>::new(

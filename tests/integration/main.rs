@@ -11,6 +11,7 @@ mod overflow;
 mod read;
 mod record;
 mod rollout;
+mod rollups;
 mod schema;
 mod service;
 mod streams;

@@ -231,7 +231,7 @@ async fn writes_follow_the_phase(db: TestDb) {
     stats.record_event(record(2)).await.expect("record");
     assert_eq!(storage_counts(&db).await, (2, 3));
     assert_eq!(
-        db.scalar("SELECT COALESCE(SUM(total), 0) FROM daily_rollups WHERE event_type = 1")
+        db.scalar("SELECT COALESCE(SUM(sent), 0) FROM campaign_day_totals")
             .await,
         2
     );
@@ -404,7 +404,8 @@ async fn a_failed_legacy_write_leaves_neither_storage_changed(db: TestDb) {
     );
     for table in [
         "events",
-        "daily_rollups",
+        "campaign_day_totals",
+        "all_day_totals",
         "campaign_daily_stat_entries",
         "idempotency_keys",
         "campaigns",
@@ -429,7 +430,7 @@ async fn a_failed_legacy_write_leaves_neither_storage_changed(db: TestDb) {
         3
     );
     assert_eq!(
-        db.scalar("SELECT COALESCE(SUM(total), 0) FROM daily_rollups")
+        db.scalar("SELECT COALESCE(SUM(sent + opened + clicked + replied + positive_replies + bounced), 0) FROM campaign_day_totals")
             .await,
         3
     );

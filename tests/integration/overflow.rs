@@ -47,7 +47,10 @@ async fn a_legacy_overflow_is_refused_as_a_whole(db: TestDb) {
     // Nothing of it was stored: not the event, not its key, not a count.
     assert_eq!(db.scalar("SELECT COUNT(*) FROM events").await, 0);
     assert_eq!(db.scalar("SELECT COUNT(*) FROM idempotency_keys").await, 0);
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM daily_rollups").await, 0);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM campaign_day_totals").await,
+        0
+    );
     assert_eq!(
         db.scalar("SELECT sent FROM campaign_daily_stat_entries WHERE campaign_id = 'c1'")
             .await,
@@ -123,10 +126,10 @@ async fn totals_past_64_bits_are_errors_not_wraps(db: TestDb) {
     let server = db.start_server().await;
     // Rollups as large as a BIGINT holds, on three days: each day fits, their sum does not.
     db.execute(
-        "INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) VALUES \
-         ('u1', 'c1', '2026-03-01', 1, 9000000000000000000), \
-         ('u1', 'c1', '2026-03-02', 1, 9000000000000000000), \
-         ('u1', 'c1', '2026-03-03', 1, 9000000000000000000)",
+        "INSERT INTO campaign_day_totals (user_id, campaign_id, day, sent) VALUES \
+         ('u1', 'c1', '2026-03-01', 9000000000000000000), \
+         ('u1', 'c1', '2026-03-02', 9000000000000000000), \
+         ('u1', 'c1', '2026-03-03', 9000000000000000000)",
     )
     .await;
     let mut stats = server.stats().await;

@@ -167,7 +167,13 @@ async fn migrate_command_creates_the_schema(db: TestDb) {
             tables
         }
     };
-    for table in ["campaigns", "events", "idempotency_keys", "daily_rollups"] {
+    for table in [
+        "campaigns",
+        "events",
+        "idempotency_keys",
+        "campaign_day_totals",
+        "all_day_totals",
+    ] {
         assert!(
             tables.iter().any(|t| t == table),
             "{table} missing from {tables:?}"

@@ -1,0 +1,198 @@
+//! The new storage's rollups (issue 9): a wide row per (user, campaign, day) and the striped
+//! all-users day totals stay exact under concurrent writers, and a database made by the
+//! previous shape (a row per event type) is upgraded in place with its data.
+
+use campaign_stats::grpc::proto::{
+    EventType, GetAggregatedDailyStatsRequest, Granularity, RecordEventsRequest,
+};
+use campaign_stats::migration::Phase;
+
+use crate::common::{Backend, TestDb, campaign_metrics, event};
+
+crate::on_both_backends!(
+    all_users_totals_stay_exact_under_concurrent_writers,
+    the_previous_rollup_shape_is_upgraded_in_place,
+);
+
+const WRITERS: usize = 8;
+const BATCHES_PER_WRITER: usize = 20;
+const USERS: usize = 20;
+const DAYS: [&str; 5] = [
+    "2026-03-01",
+    "2026-03-02",
+    "2026-03-03",
+    "2026-03-04",
+    "2026-03-05",
+];
+
+fn all_users(granularity: Granularity) -> GetAggregatedDailyStatsRequest {
+    GetAggregatedDailyStatsRequest {
+        user_id: String::new(),
+        start_date: "2026-03-01".into(),
+        end_date: "2026-03-31".into(),
+        granularity: granularity.into(),
+        campaign_ids: vec![],
+        fill_empty: false,
+    }
+}
+
+async fn all_users_totals_stay_exact_under_concurrent_writers(db: TestDb) {
+    let db = db.in_phase(Phase::NewPrimary);
+    let server = db.start_server().await;
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let mut stats = server.stats().await;
+        writers.push(tokio::spawn(async move {
+            for batch in 0..BATCHES_PER_WRITER {
+                // Every batch touches every day, for users that other writers touch too.
+                let events = (0..USERS)
+                    .map(|u| {
+                        let day = DAYS[(u + batch + writer) % DAYS.len()];
+                        event(&format!("u{u}"), &format!("c{u}"), EventType::Sent, 1, day)
+                    })
+                    .chain(
+                        DAYS.iter()
+                            .map(|day| event("u0", "c0", EventType::Clicked, 2, day)),
+                    )
+                    .collect();
+                stats
+                    .record_events(RecordEventsRequest { events })
+                    .await
+                    .expect("concurrent batch");
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let batches = (WRITERS * BATCHES_PER_WRITER) as u64;
+    let mut stats = server.stats().await;
+    let month = stats
+        .get_aggregated_daily_stats(all_users(Granularity::Month))
+        .await
+        .expect("all users by month")
+        .into_inner();
+    let metrics = month.buckets[0].metrics.expect("metrics");
+    assert_eq!(
+        (metrics.sent, metrics.clicked),
+        (batches * USERS as u64, batches * 2 * DAYS.len() as u64)
+    );
+    // Day by day, the all-users rollup agrees with the campaign rollups it summarises.
+    let days = stats
+        .get_aggregated_daily_stats(all_users(Granularity::Day))
+        .await
+        .expect("all users by day")
+        .into_inner();
+    assert_eq!(days.buckets.len(), DAYS.len());
+    for bucket in &days.buckets {
+        let sent = db
+            .scalar(&format!(
+                "SELECT SUM(sent) FROM campaign_day_totals WHERE day = '{}'",
+                bucket.bucket_start
+            ))
+            .await;
+        assert_eq!(
+            bucket.metrics.as_ref().expect("metrics").sent,
+            sent as u64,
+            "{}",
+            bucket.bucket_start
+        );
+    }
+    // One user's campaign, read from its wide row.
+    let c0 = campaign_metrics(&mut stats, "u0", "c0", "2026-03-01", "2026-03-31").await;
+    assert_eq!(c0.clicked, batches * 2 * DAYS.len() as u64);
+    // Concurrent writers spread over the stripes of a day.
+    assert!(
+        db.scalar("SELECT COUNT(DISTINCT stripe) FROM all_day_totals")
+            .await
+            > 1
+    );
+    server.stop().await;
+}
+
+/// The migrations of the previous storage shape, applied to `db` as that version would.
+async fn migrate_as_the_previous_version(db: &TestDb) {
+    let (source, extension) = match db.backend {
+        Backend::Sqlite => ("migrations/sqlite", "sqlite"),
+        Backend::Postgres => ("migrations/postgres", "postgres"),
+    };
+    let old = tempfile::tempdir().expect("directory");
+    for entry in std::fs::read_dir(source).expect("migrations") {
+        let path = entry.expect("migration").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.as_str() < "20261122000005" {
+            std::fs::copy(&path, old.path().join(&name)).expect("copy");
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(old.path())
+        .await
+        .unwrap_or_else(|e| panic!("{extension} migrations: {e}"));
+    match db.backend {
+        Backend::Sqlite => {
+            let options =
+                <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&db.url)
+                    .expect("URL")
+                    .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
+            migrator.run(&pool).await.expect("previous migrations");
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+            migrator.run(&pool).await.expect("previous migrations");
+            pool.close().await;
+        }
+    }
+}
+
+async fn the_previous_rollup_shape_is_upgraded_in_place(db: TestDb) {
+    migrate_as_the_previous_version(&db).await;
+    db.execute(
+        "INSERT INTO campaigns (campaign_id, user_id) VALUES ('c1', 'u1'), ('c2', 'u2'); \
+         INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) VALUES \
+         ('u1', 'c1', '2026-03-01', 1, 5), ('u1', 'c1', '2026-03-01', 3, 2), \
+         ('u1', 'c1', '2026-03-02', 2, 4), ('u2', 'c2', '2026-03-02', 4, 7), \
+         ('u2', 'c2', '2026-03-02', 5, 1)",
+    )
+    .await;
+    let db = db.in_phase(Phase::NewPrimary);
+    let server = db.start_server().await;
+    let mut stats = server.stats().await;
+    let c1 = campaign_metrics(&mut stats, "u1", "c1", "2026-03-01", "2026-03-31").await;
+    assert_eq!((c1.sent, c1.opened, c1.clicked), (5, 4, 2));
+    let c2 = campaign_metrics(&mut stats, "u2", "c2", "2026-03-01", "2026-03-31").await;
+    assert_eq!((c2.replied, c2.positive_replies), (7, 1));
+    let month = stats
+        .get_aggregated_daily_stats(all_users(Granularity::Month))
+        .await
+        .expect("all users")
+        .into_inner();
+    let all = month.buckets[0].metrics.expect("metrics");
+    assert_eq!(
+        (
+            all.sent,
+            all.opened,
+            all.clicked,
+            all.replied,
+            all.positive_replies
+        ),
+        (5, 4, 2, 7, 1)
+    );
+    // One wide row per (user, campaign, day); the old table is gone.
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM campaign_day_totals").await,
+        3
+    );
+    let old_tables = match db.backend {
+        Backend::Sqlite => {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'daily_rollups'"
+        }
+        Backend::Postgres => "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'daily_rollups'",
+    };
+    assert_eq!(db.scalar(old_tables).await, 0);
+    server.stop().await;
+}
