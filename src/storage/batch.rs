@@ -199,6 +199,10 @@ pub(super) fn all_day_deltas(
 /// How many rows each day of the all-users rollup is split into.
 pub(super) const ALL_DAY_STRIPES: u32 = 16;
 
+/// The stripe of the all-users rollup the backfill adds to: its batches take turns anyway, and
+/// one stripe keeps a day's backfilled history in one row (fewer rows for every read).
+pub(super) const BACKFILL_STRIPE: i16 = 0;
+
 /// The stripe of the all-users rollup the next write adds to. Writes of one replica take
 /// turns, so that up to [`ALL_DAY_STRIPES`] concurrent transactions never wait on one
 /// another's row; reads sum the stripes, so the choice never changes an answer.

@@ -144,10 +144,12 @@ async fn insert_events(tx: &mut sqlx::PgConnection, events: &[&Event]) -> Result
     Ok(())
 }
 
-/// Grows the campaign rollups by `deltas`, and the all-users rollup by their sum per day.
+/// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
+/// per day.
 async fn add_to_rollups(
     tx: &mut sqlx::PgConnection,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
+    stripe: i16,
 ) -> Result<(), sqlx::Error> {
     if deltas.is_empty() {
         return Ok(());
@@ -180,7 +182,7 @@ async fn add_to_rollups(
         batch::ROLLUP_GROWS
     )))
     .bind(days.keys().copied().collect::<Vec<_>>())
-    .bind(batch::next_stripe());
+    .bind(stripe);
     (0..6)
         .fold(all_users, |query, index| query.bind(totals(index)))
         .execute(&mut *tx)
@@ -389,7 +391,12 @@ impl EventStore for PostgresStore {
         let for_new = batch::events_for_new_storage(&accepted, targets);
         if !for_new.is_empty() {
             insert_events(&mut tx, &for_new).await?;
-            add_to_rollups(&mut tx, &batch::campaign_day_deltas(&for_new)).await?;
+            add_to_rollups(
+                &mut tx,
+                &batch::campaign_day_deltas(&for_new),
+                batch::next_stripe(),
+            )
+            .await?;
         }
         if targets.legacy {
             add_to_legacy(&mut tx, events, &accepted).await?;
@@ -564,7 +571,14 @@ impl EventStore for PostgresStore {
             .bind(&owners)
             .execute(&mut *tx)
             .await?;
-            add_to_rollups(&mut tx, &batch::copy_deltas(&plan.copies)).await?;
+            // Batches of a backfill run one at a time: they share one stripe, so a day's
+            // history stays in one row.
+            add_to_rollups(
+                &mut tx,
+                &batch::copy_deltas(&plan.copies),
+                batch::BACKFILL_STRIPE,
+            )
+            .await?;
         }
         if !plan.issues.is_empty() {
             sqlx::query(

@@ -138,10 +138,12 @@ async fn insert_events(
     Ok(())
 }
 
-/// Grows the campaign rollups by `deltas`, and the all-users rollup by their sum per day.
+/// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
+/// per day.
 async fn add_to_rollups(
     tx: &mut sqlx::SqliteConnection,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
+    stripe: i16,
 ) -> Result<(), sqlx::Error> {
     let rows: Vec<_> = deltas.iter().collect();
     for chunk in rows.chunks(rows_per_statement(9)) {
@@ -160,7 +162,6 @@ async fn add_to_rollups(
         upsert.build().execute(&mut *tx).await?;
     }
     let days: Vec<_> = batch::all_day_deltas(deltas).into_iter().collect();
-    let stripe = batch::next_stripe();
     for chunk in days.chunks(rows_per_statement(8)) {
         let mut upsert = QueryBuilder::<Sqlite>::new(format!(
             "INSERT INTO all_day_totals AS t (day, stripe, {}) ",
@@ -313,7 +314,12 @@ impl EventStore for SqliteStore {
 
         let for_new = batch::events_for_new_storage(&accepted, targets);
         insert_events(&mut tx, &for_new).await?;
-        add_to_rollups(&mut tx, &batch::campaign_day_deltas(&for_new)).await?;
+        add_to_rollups(
+            &mut tx,
+            &batch::campaign_day_deltas(&for_new),
+            batch::next_stripe(),
+        )
+        .await?;
         if targets.legacy {
             add_to_legacy(&mut tx, events, &accepted).await?;
         }
@@ -471,7 +477,14 @@ impl EventStore for SqliteStore {
                 insert.push(" ON CONFLICT (campaign_id) DO NOTHING");
                 insert.build().execute(&mut *tx).await?;
             }
-            add_to_rollups(&mut tx, &batch::copy_deltas(&plan.copies)).await?;
+            // Batches of a backfill run one at a time: they share one stripe, so a day's
+            // history stays in one row.
+            add_to_rollups(
+                &mut tx,
+                &batch::copy_deltas(&plan.copies),
+                batch::BACKFILL_STRIPE,
+            )
+            .await?;
         }
         for chunk in plan.issues.chunks(rows_per_statement(5)) {
             let mut insert = QueryBuilder::<Sqlite>::new(
