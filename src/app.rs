@@ -13,7 +13,7 @@ use crate::domain::{
     bucket_series,
 };
 use crate::migration::runner::{Jobs, run_backfill};
-use crate::migration::verify::{VerifyOutcome, compare};
+use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{ALL_USERS, Applied, AuditEntry, Decision, RolloutChange, RolloutView};
 use crate::storage::{EventStore, RecordOutcome, StorageError, TableSize};
@@ -250,8 +250,7 @@ impl<S: EventStore> Migration<S> {
             .create_run(RunKind::Verify, actor, false, 0)
             .await?;
         let result = async {
-            let data = self.store.verify_data(range).await?;
-            let outcome = compare(data, VERIFY_SAMPLE);
+            let outcome = self.store.verify(range, VERIFY_SAMPLE).await?;
             self.store.complete_verify(&run.run_id, &outcome).await?;
             Ok::<_, StorageError>(outcome)
         }

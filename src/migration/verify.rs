@@ -45,6 +45,18 @@ pub struct VerifyOutcome {
     pub sample: Vec<Mismatch>,
 }
 
+impl VerifyOutcome {
+    /// Adds the findings of another part of the same comparison (keys apart from this
+    /// one's), keeping at most `sample_limit` differences.
+    pub fn merge(&mut self, other: VerifyOutcome, sample_limit: usize) {
+        self.compared += other.compared;
+        self.mismatches += other.mismatches;
+        self.ambiguous += other.ambiguous;
+        let room = sample_limit.saturating_sub(self.sample.len());
+        self.sample.extend(other.sample.into_iter().take(room));
+    }
+}
+
 const METRICS: [&str; 5] = ["sent", "opened", "replied", "positive_replies", "bounced"];
 
 /// Compares both sides key by key; keeps at most `sample_limit` differences.

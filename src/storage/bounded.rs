@@ -18,7 +18,7 @@ use chrono::NaiveDate;
 use super::{EventStore, PoolUse, RecordOutcome, StorageError, TableSize};
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow};
-use crate::migration::verify::{VerifyData, VerifyOutcome};
+use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
@@ -143,8 +143,12 @@ impl<S: EventStore> EventStore for Bounded<S> {
         self.bound(self.inner.run_issues(run_id, limit)).await
     }
 
-    async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
-        self.bound(self.inner.verify_data(range)).await
+    async fn verify(
+        &self,
+        range: Option<DateRange>,
+        sample_limit: usize,
+    ) -> Result<VerifyOutcome, StorageError> {
+        self.bound(self.inner.verify(range, sample_limit)).await
     }
 
     async fn complete_verify(

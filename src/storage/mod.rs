@@ -189,12 +189,14 @@ pub trait EventStore: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<RunIssue>, StorageError>> + Send;
 
-    /// Both sides of the data verify compares over `range` (everything when `None`), with
-    /// the keys the last completed backfill reported as ambiguous.
-    fn verify_data(
+    /// Compares both storages over `range` (everything when `None`) per `(user, campaign,
+    /// day)`, in one snapshot and in bounded memory, setting apart the keys the last completed
+    /// backfill reported as ambiguous; keeps at most `sample_limit` differences.
+    fn verify(
         &self,
         range: Option<DateRange>,
-    ) -> impl Future<Output = Result<VerifyData, StorageError>> + Send;
+        sample_limit: usize,
+    ) -> impl Future<Output = Result<VerifyOutcome, StorageError>> + Send;
 
     /// Records a verify's findings on its run and completes it.
     fn complete_verify(
@@ -406,10 +408,48 @@ type VerifyLegacyRow = (String, String, NaiveDate, i64, i64, i64, i64, i64);
 /// A verify rollup row: user, campaign, day and the five shared totals.
 type VerifyNewRow = VerifyLegacyRow;
 
+/// Legacy keys (and new-only keys) verify reads at a time.
+const VERIFY_CHUNK: i64 = 10_000;
+
+/// A row of [`sql::VERIFY_LEGACY_CHUNK`]: the key, legacy's five counts and the new storage's.
+type VerifyJoinedRow = (
+    String,
+    String,
+    NaiveDate,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+);
+
+/// One chunk of [`sql::VERIFY_LEGACY_CHUNK`] as the data [`crate::migration::verify::compare`]
+/// takes.
+fn verify_data_from_joined(
+    rows: Vec<VerifyJoinedRow>,
+    ambiguous: &std::collections::HashSet<(String, NaiveDate)>,
+) -> VerifyData {
+    let (legacy, new) = rows
+        .into_iter()
+        .map(|(u, c, d, s, o, r, p, b, ns, no, nr, np, nb)| {
+            (
+                (u.clone(), c.clone(), d, s, o, r, p, b),
+                (u, c, d, ns, no, nr, np, nb),
+            )
+        })
+        .unzip();
+    verify_data_from_rows(legacy, new, ambiguous.clone())
+}
+
 fn verify_data_from_rows(
     legacy: Vec<VerifyLegacyRow>,
     new: Vec<VerifyNewRow>,
-    ambiguous: Vec<(String, NaiveDate)>,
+    ambiguous: std::collections::HashSet<(String, NaiveDate)>,
 ) -> VerifyData {
     VerifyData {
         legacy: legacy
@@ -426,7 +466,7 @@ fn verify_data_from_rows(
                     .map(move |(t, n)| ((u.clone(), c.clone(), d), t, n))
             })
             .collect(),
-        ambiguous: ambiguous.into_iter().collect(),
+        ambiguous,
     }
 }
 

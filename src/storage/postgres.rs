@@ -16,7 +16,7 @@ use super::{
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
-use crate::migration::verify::{VerifyData, VerifyOutcome};
+use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
@@ -612,15 +612,19 @@ impl EventStore for PostgresStore {
         Shared::<Postgres>::run_issues(&self.pool, run_id, limit).await
     }
 
-    async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
+    async fn verify(
+        &self,
+        range: Option<DateRange>,
+        sample_limit: usize,
+    ) -> Result<VerifyOutcome, StorageError> {
         // One snapshot for both sides, so that live dual writes cannot show as differences.
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let data = Shared::<Postgres>::verify_data(&mut tx, range).await?;
+        let outcome = Shared::<Postgres>::verify(&mut tx, range, sample_limit).await?;
         tx.commit().await?;
-        Ok(data)
+        Ok(outcome)
     }
 
     async fn complete_verify(

@@ -3,6 +3,7 @@
 //! own pool or transaction and keeps only what really differs (bulk writes, locking,
 //! partitions, change notifications).
 
+use std::collections::HashSet;
 use std::marker::PhantomData;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -10,13 +11,13 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilde
 
 use super::{
     AuditRow, FactsRow, PhaseRow, RolloutRow, RunRow, StorageError, TransitionRow, TransitionStep,
-    VerifyLegacyRow, VerifyNewRow, audit_entry, batch, new_run_id, parse_phase, plan_transition,
-    rollout_config, rollout_snapshot, source_from_name, sql, transition_from_row,
-    verify_data_from_rows,
+    VERIFY_CHUNK, VerifyJoinedRow, VerifyLegacyRow, VerifyNewRow, audit_entry, batch, new_run_id,
+    parse_phase, plan_transition, rollout_config, rollout_snapshot, source_from_name, sql,
+    transition_from_row, verify_data_from_joined, verify_data_from_rows,
 };
 use crate::domain::DateRange;
 use crate::migration::backfill::BatchOutcome;
-use crate::migration::verify::VerifyData;
+use crate::migration::verify::{VerifyOutcome, compare};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot};
 use crate::rollout::{apply, change_user, check_change};
@@ -60,6 +61,7 @@ where
     for<'r> AuditRow: FromRow<'r, DB::Row>,
     for<'r> VerifyLegacyRow: FromRow<'r, DB::Row>,
     for<'r> VerifyNewRow: FromRow<'r, DB::Row>,
+    for<'r> VerifyJoinedRow: FromRow<'r, DB::Row>,
     for<'r> (String, NaiveDate): FromRow<'r, DB::Row>,
 {
     /// Readies a database for `migrator`: notes whether the legacy table is the legacy
@@ -282,31 +284,66 @@ where
         Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
     }
 
-    /// Both sides of verify over `range` (all history when `None`), read inside `tx`: the
-    /// caller makes it one snapshot.
-    pub async fn verify_data(
+    /// Compares both storages over `range` (all history when `None`), reading inside `tx` (the
+    /// caller makes it one snapshot) [`VERIFY_CHUNK`] keys at a time, so that memory stays
+    /// flat whatever the history's size; keeps at most `sample_limit` differences.
+    pub async fn verify(
         tx: &mut DB::Connection,
         range: Option<DateRange>,
-    ) -> Result<VerifyData, StorageError> {
-        let mut legacy = QueryBuilder::<DB>::new(sql::VERIFY_LEGACY);
-        let mut new = QueryBuilder::<DB>::new(sql::VERIFY_NEW);
-        let mut ambiguous = QueryBuilder::<DB>::new(sql::VERIFY_AMBIGUOUS);
-        if let Some(range) = range {
-            for (query, column) in [
-                (&mut legacy, "stat_date"),
-                (&mut new, "day"),
-                (&mut ambiguous, "stat_date"),
-            ] {
+        sample_limit: usize,
+    ) -> Result<VerifyOutcome, StorageError> {
+        let ambiguous: HashSet<(String, NaiveDate)> = sqlx::query_as(sql::VERIFY_AMBIGUOUS)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        let within = |query: &mut QueryBuilder<DB>, column: &str| {
+            if let Some(range) = range {
                 query
                     .push(format_args!(" AND {column} BETWEEN "))
                     .push_bind(range.start);
                 query.push(" AND ").push_bind(range.end);
             }
+        };
+        let mut outcome = VerifyOutcome::default();
+        let mut after = batch::before_all_keys();
+        loop {
+            let mut query = QueryBuilder::<DB>::new(sql::VERIFY_LEGACY_CHUNK);
+            query.push("(").push_bind(after.0.clone()).push(", ");
+            query.push_bind(after.1).push(")");
+            within(&mut query, "l.stat_date");
+            query.push(" ORDER BY l.campaign_id, l.stat_date LIMIT ");
+            query.push_bind(VERIFY_CHUNK);
+            let rows: Vec<VerifyJoinedRow> = query.build_query_as().fetch_all(&mut *tx).await?;
+            let Some(last) = rows.last() else { break };
+            after = (last.1.clone(), last.2);
+            let full = rows.len() < VERIFY_CHUNK as usize;
+            let data = verify_data_from_joined(rows, &ambiguous);
+            outcome.merge(compare(data, sample_limit), sample_limit);
+            if full {
+                break;
+            }
         }
-        let legacy = legacy.build_query_as().fetch_all(&mut *tx).await?;
-        let new = new.build_query_as().fetch_all(&mut *tx).await?;
-        let ambiguous = ambiguous.build_query_as().fetch_all(&mut *tx).await?;
-        Ok(verify_data_from_rows(legacy, new, ambiguous))
+        let mut after = (String::new(), String::new(), batch::before_all_keys().1);
+        loop {
+            let mut query = QueryBuilder::<DB>::new(sql::VERIFY_NEW_ONLY_CHUNK);
+            query.push("(").push_bind(after.0.clone()).push(", ");
+            query.push_bind(after.1.clone()).push(", ");
+            query.push_bind(after.2).push(")");
+            within(&mut query, "r.day");
+            query.push(" ORDER BY r.user_id, r.campaign_id, r.day LIMIT ");
+            query.push_bind(VERIFY_CHUNK);
+            let rows: Vec<VerifyNewRow> = query.build_query_as().fetch_all(&mut *tx).await?;
+            let Some(last) = rows.last() else { break };
+            after = (last.0.clone(), last.1.clone(), last.2);
+            let full = rows.len() < VERIFY_CHUNK as usize;
+            let data = verify_data_from_rows(Vec::new(), rows, ambiguous.clone());
+            outcome.merge(compare(data, sample_limit), sample_limit);
+            if full {
+                break;
+            }
+        }
+        Ok(outcome)
     }
 
     pub async fn legacy_zero_rows(pool: &Pool<DB>) -> Result<u64, StorageError> {

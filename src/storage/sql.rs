@@ -97,15 +97,26 @@ pub const BATCH_PROGRESS: &str = "UPDATE migration_runs SET processed = processe
 pub const RUN_ISSUES: &str = "SELECT campaign_id, user_id, stat_date, reason \
     FROM migration_run_issues WHERE run_id = $1 ORDER BY id LIMIT $2";
 
-/// The legacy side of verify: key and the five counts (NULL as 0).
-pub const VERIFY_LEGACY: &str = "SELECT user_id, campaign_id, stat_date, \
-    CAST(COALESCE(sent, 0) AS BIGINT), CAST(COALESCE(opened, 0) AS BIGINT), \
-    CAST(COALESCE(replied, 0) AS BIGINT), CAST(COALESCE(positive_replies, 0) AS BIGINT), \
-    CAST(COALESCE(bounced, 0) AS BIGINT) FROM campaign_daily_stat_entries WHERE true";
-/// The new side of verify: the rollups of the five shared event types.
-pub const VERIFY_NEW: &str = "SELECT user_id, campaign_id, day, sent, opened, replied, \
-    positive_replies, bounced FROM campaign_day_totals \
-    WHERE sent + opened + replied + positive_replies + bounced > 0";
+/// A chunk of verify: legacy rows (the caller adds the condition "after the last key") in key order, each with its five
+/// counts (NULL as 0) and the new storage's five for the same `(user, campaign, day)`, found
+/// through the rollups' primary key. The caller adds an optional range and `LIMIT`.
+pub const VERIFY_LEGACY_CHUNK: &str = "SELECT l.user_id, l.campaign_id, l.stat_date, \
+    CAST(COALESCE(l.sent, 0) AS BIGINT), CAST(COALESCE(l.opened, 0) AS BIGINT), \
+    CAST(COALESCE(l.replied, 0) AS BIGINT), CAST(COALESCE(l.positive_replies, 0) AS BIGINT), \
+    CAST(COALESCE(l.bounced, 0) AS BIGINT), \
+    COALESCE(r.sent, 0), COALESCE(r.opened, 0), COALESCE(r.replied, 0), \
+    COALESCE(r.positive_replies, 0), COALESCE(r.bounced, 0) \
+    FROM campaign_daily_stat_entries l LEFT JOIN campaign_day_totals r \
+    ON r.user_id = l.user_id AND r.campaign_id = l.campaign_id AND r.day = l.stat_date \
+    WHERE (l.campaign_id, l.stat_date) > ";
+/// A chunk of the rollup rows legacy has no row for (the caller adds the key to start after),
+/// in key order: the differences a key-by-key walk of legacy cannot see.
+pub const VERIFY_NEW_ONLY_CHUNK: &str = "SELECT r.user_id, r.campaign_id, r.day, r.sent, \
+    r.opened, r.replied, r.positive_replies, r.bounced FROM campaign_day_totals r \
+    WHERE r.sent + r.opened + r.replied + r.positive_replies + r.bounced > 0 \
+    AND NOT EXISTS (SELECT 1 FROM campaign_daily_stat_entries l \
+        WHERE l.campaign_id = r.campaign_id AND l.stat_date = r.day AND l.user_id = r.user_id) \
+    AND (r.user_id, r.campaign_id, r.day) > ";
 /// The `(campaign, day)` keys the last completed real backfill reported.
 pub const VERIFY_AMBIGUOUS: &str = "SELECT campaign_id, stat_date FROM migration_run_issues \
     WHERE run_id = (SELECT run_id FROM migration_runs WHERE kind = 'backfill' AND NOT dry_run \

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
-use crate::migration::verify::{VerifyData, VerifyOutcome};
+use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
@@ -518,12 +518,16 @@ impl EventStore for SqliteStore {
         Shared::<Sqlite>::run_issues(&self.reader, run_id, limit).await
     }
 
-    async fn verify_data(&self, range: Option<DateRange>) -> Result<VerifyData, StorageError> {
+    async fn verify(
+        &self,
+        range: Option<DateRange>,
+        sample_limit: usize,
+    ) -> Result<VerifyOutcome, StorageError> {
         // One read transaction: one snapshot for both sides.
         let mut tx = self.reader.begin().await?;
-        let data = Shared::<Sqlite>::verify_data(&mut tx, range).await?;
+        let outcome = Shared::<Sqlite>::verify(&mut tx, range, sample_limit).await?;
         tx.commit().await?;
-        Ok(data)
+        Ok(outcome)
     }
 
     async fn complete_verify(

@@ -12,6 +12,7 @@ use crate::common::{Backend, TestDb, campaign_metrics, event};
 crate::on_both_backends!(
     all_users_totals_stay_exact_under_concurrent_writers,
     the_previous_rollup_shape_is_upgraded_in_place,
+    verify_walks_a_history_of_many_chunks,
 );
 
 const WRITERS: usize = 8;
@@ -194,5 +195,109 @@ async fn the_previous_rollup_shape_is_upgraded_in_place(db: TestDb) {
         Backend::Postgres => "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'daily_rollups'",
     };
     assert_eq!(db.scalar(old_tables).await, 0);
+    server.stop().await;
+}
+
+/// Campaigns × days of the history verify walks: 2.5 of its chunks of 10,000 keys.
+const VERIFY_CAMPAIGNS: u32 = 250;
+const VERIFY_DAYS: u32 = 100;
+
+async fn verify_walks_a_history_of_many_chunks(db: TestDb) {
+    use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
+    use campaign_stats::grpc::proto::{
+        GetRunRequest, MigrationPhase, StartBackfillRequest, TransitionPhaseRequest,
+        VerifyConsistencyRequest,
+    };
+    use tokio_stream::StreamExt;
+
+    let server = db.start_server().await;
+    let keys = match db.backend {
+        Backend::Postgres => format!(
+            "SELECT 'camp-' || lpad(c::text, 4, '0') AS campaign, DATE '2025-01-01' + d AS day \
+             FROM generate_series(0, {} - 1) c, generate_series(0, {} - 1) d",
+            VERIFY_CAMPAIGNS, VERIFY_DAYS
+        ),
+        Backend::Sqlite => format!(
+            "WITH RECURSIVE cs(c) AS (SELECT 0 UNION ALL SELECT c + 1 FROM cs WHERE c < {} - 1), \
+             ds(d) AS (SELECT 0 UNION ALL SELECT d + 1 FROM ds WHERE d < {} - 1) \
+             SELECT printf('camp-%04d', c) AS campaign, date('2025-01-01', '+' || d || ' days') \
+             AS day FROM cs, ds",
+            VERIFY_CAMPAIGNS, VERIFY_DAYS
+        ),
+    };
+    db.execute(&format!(
+        "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, stat_date, sent) \
+         SELECT campaign, 'u1', day, 1 FROM ({keys}) AS k"
+    ))
+    .await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    client
+        .transition_phase(TransitionPhaseRequest {
+            target: MigrationPhase::DualWrite.into(),
+            reason: "test".into(),
+            actor: "tester".into(),
+        })
+        .await
+        .expect("dual-write");
+    let run_id = client
+        .start_backfill(StartBackfillRequest {
+            dry_run: false,
+            batch_size: 10_000,
+            throttle_ms: 0,
+            actor: "tester".into(),
+        })
+        .await
+        .expect("backfill")
+        .into_inner()
+        .run_id;
+    let mut progress = client
+        .watch_run(GetRunRequest { run_id })
+        .await
+        .expect("watch")
+        .into_inner();
+    while let Some(update) = progress.next().await {
+        update.expect("progress");
+    }
+    let mut verify = async || {
+        client
+            .verify_consistency(VerifyConsistencyRequest {
+                start_date: String::new(),
+                end_date: String::new(),
+                actor: "tester".into(),
+            })
+            .await
+            .expect("verify")
+            .into_inner()
+    };
+    let clean = verify().await;
+    let keys = u64::from(VERIFY_CAMPAIGNS * VERIFY_DAYS);
+    assert_eq!((clean.compared, clean.mismatches), (keys, 0));
+
+    // Differences in the first chunk, the last, and a key only the new storage has.
+    db.execute(
+        "UPDATE campaign_daily_stat_entries SET sent = 2 WHERE campaign_id = 'camp-0000' \
+         AND stat_date = '2025-01-01'; \
+         UPDATE campaign_daily_stat_entries SET sent = 3 WHERE campaign_id = 'camp-0249' \
+         AND stat_date = '2025-04-10'; \
+         INSERT INTO campaign_day_totals (user_id, campaign_id, day, bounced) \
+         VALUES ('u1', 'zzz', '2025-06-01', 4)",
+    )
+    .await;
+    let found = verify().await;
+    assert_eq!((found.compared, found.mismatches), (keys + 1, 3));
+    let mut differences: Vec<(String, String, i64, i64)> = found
+        .sample
+        .into_iter()
+        .map(|m| (m.campaign_id, m.metric, m.legacy, m.new))
+        .collect();
+    differences.sort();
+    assert_eq!(
+        differences,
+        [
+            ("camp-0000".to_owned(), "sent".to_owned(), 2, 1),
+            ("camp-0249".to_owned(), "sent".to_owned(), 3, 1),
+            ("zzz".to_owned(), "bounced".to_owned(), 0, 4),
+        ]
+    );
     server.stop().await;
 }
