@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{Run, RunState};
-use crate::storage::{EventStore, StorageError};
+use crate::storage::EventStore;
 
 /// How often a failing batch is retried when the failure is transient.
 const TRANSIENT_RETRIES: u32 = 5;
@@ -75,7 +75,7 @@ pub async fn run_backfill<S: EventStore>(
                     Some(key) => run.checkpoint = Some(key),
                 }
             }
-            Err(StorageError::Unavailable(error)) if retries < TRANSIENT_RETRIES => {
+            Err(error) if error.is_retryable() && retries < TRANSIENT_RETRIES => {
                 retries += 1;
                 tracing::warn!(run_id = %run.run_id, %error, retries, "backfill batch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(retries))).await;

@@ -54,6 +54,17 @@ pub enum StorageError {
     Internal(#[source] sqlx::Error),
 }
 
+impl StorageError {
+    /// Whether trying the same work again may succeed: the database was unreachable, busy,
+    /// or did not answer in time.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Unavailable(_) | StorageError::TimedOut(_)
+        )
+    }
+}
+
 impl From<sqlx::Error> for StorageError {
     fn from(error: sqlx::Error) -> Self {
         if is_transient(&error) {
@@ -112,5 +123,18 @@ fn is_transient(error: &sqlx::Error) -> bool {
             }
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_and_silent_databases_are_retryable_refusals_are_not() {
+        assert!(StorageError::Unavailable(sqlx::Error::PoolTimedOut).is_retryable());
+        assert!(StorageError::TimedOut(std::time::Duration::from_secs(1)).is_retryable());
+        assert!(!StorageError::OutOfRange("sum".into()).is_retryable());
+        assert!(!StorageError::Corrupt("phase".into()).is_retryable());
     }
 }
