@@ -8,7 +8,7 @@ use super::proto;
 use crate::domain::{
     self, CampaignId, CampaignStatsQuery, DateRange, Event, EventType, FieldViolation, Granularity,
     LimitExceeded, MAX_CAMPAIGNS_PER_READ, Metrics, RawEvent, Scope, SeriesQuery, UserId,
-    ValidationError,
+    ValidationError, parse_actor, parse_reason,
 };
 
 impl From<proto::EventType> for Option<EventType> {
@@ -131,6 +131,27 @@ fn all_valid<A, B, C>(
                 .collect(),
         }),
     }
+}
+
+/// Merges the checks of two fields into one error naming every bad field.
+pub(super) fn both_valid<A, B>(
+    a: Result<A, ValidationError>,
+    b: Result<B, ValidationError>,
+) -> Result<(A, B), ValidationError> {
+    all_valid(a, b, Ok(())).map(|(a, b, ())| (a, b))
+}
+
+/// The actor (`unknown` when empty) and the required reason of an audited change; `why`
+/// says what the reason must explain.
+pub(super) fn audit(
+    actor: String,
+    reason: String,
+    why: &str,
+) -> Result<(String, String), ValidationError> {
+    both_valid(
+        parse_actor(actor).map_err(|v| ValidationError::from_failures([Some(v)])),
+        parse_reason(reason, why).map_err(|v| ValidationError::from_failures([Some(v)])),
+    )
 }
 
 fn user(field: &str, id: String) -> Result<UserId, ValidationError> {

@@ -333,10 +333,6 @@ fn storage_status(error: &StorageError) -> (Code, &'static str) {
 mod tests {
     use super::*;
 
-    fn header_bytes(status: &Status) -> usize {
-        status_header_bytes(status)
-    }
-
     #[test]
     fn hundreds_of_violations_stay_small_and_are_counted() {
         let violations = (0..400)
@@ -350,9 +346,9 @@ mod tests {
             .collect();
         let status = Status::from(ApiError::Invalid(ValidationError { violations }));
         assert!(
-            header_bytes(&status) < MAX_STATUS_BYTES,
+            status_header_bytes(&status) < MAX_STATUS_BYTES,
             "{}",
-            header_bytes(&status)
+            status_header_bytes(&status)
         );
         let listed = status
             .get_details_bad_request()
@@ -375,15 +371,15 @@ mod tests {
             huge.clone(),
         )));
         assert!(
-            header_bytes(&status) < MAX_STATUS_BYTES,
+            status_header_bytes(&status) < MAX_STATUS_BYTES,
             "{}",
-            header_bytes(&status)
+            status_header_bytes(&status)
         );
         let status = Status::from(ApiError::NotFound(huge));
         assert!(
-            header_bytes(&status) < MAX_STATUS_BYTES,
+            status_header_bytes(&status) < MAX_STATUS_BYTES,
             "{}",
-            header_bytes(&status)
+            status_header_bytes(&status)
         );
     }
 }

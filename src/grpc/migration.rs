@@ -11,6 +11,7 @@ use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::ApiError;
+use super::convert::{audit, both_valid};
 use super::proto::{
     self, GetMigrationStateRequest, GetMigrationStateResponse, GetRunRequest,
     GetStorageReportRequest, GetStorageReportResponse, ListPhaseTransitionsRequest,
@@ -19,9 +20,7 @@ use super::proto::{
     VerifyConsistencyResponse,
 };
 use crate::app::{BackfillRequest, Migration};
-use crate::domain::{
-    DateRange, ValidationError, parse_actor, parse_date, parse_reason, validate_id,
-};
+use crate::domain::{DateRange, ValidationError, parse_actor, parse_date, validate_id};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
 use crate::storage::{EventStore, TableSize};
 
@@ -361,19 +360,14 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
         request: Request<TransitionPhaseRequest>,
     ) -> Result<Response<GetMigrationStateResponse>, Status> {
         let request = request.into_inner();
-        let target = phase_from_proto("target", request.target);
-        let reason = parse_reason(request.reason, "must say why the phase changes");
-        let actor = parse_actor(request.actor);
-        let (target, reason, actor) = match (target, reason, actor) {
-            (Ok(target), Ok(reason), Ok(actor)) => (target, reason, actor),
-            (target, reason, actor) => {
-                let mut error = ValidationError::from_failures([reason.err(), actor.err()]);
-                if let Err(target) = target {
-                    error.violations.splice(0..0, target.violations);
-                }
-                return Err(error.into());
-            }
-        };
+        let (target, (actor, reason)) = both_valid(
+            phase_from_proto("target", request.target),
+            audit(
+                request.actor,
+                request.reason,
+                "must say why the phase changes",
+            ),
+        )?;
         let state = self.migration.transition(target, &actor, &reason).await?;
         Ok(Response::new(state_response(state)))
     }

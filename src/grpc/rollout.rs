@@ -7,6 +7,7 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
+use super::convert::{audit, both_valid};
 use super::proto::rollout_service_server::RolloutService;
 use super::proto::{
     self, ClearUserOverrideRequest, EvaluateUserRequest, EvaluateUserResponse, GetRolloutRequest,
@@ -15,7 +16,10 @@ use super::proto::{
     SetRolloutPercentageRequest, SetUserOverrideRequest, UserOverride, WatchRolloutRequest,
 };
 use crate::app::Rollout;
-use crate::domain::{StorageSource, ValidationError, parse_actor, parse_reason, validate_id};
+use crate::domain::{StorageSource, ValidationError, validate_id};
+
+/// What a rollout change's reason must say.
+const ROLLOUT_REASON: &str = "must say why the rollout changes";
 use crate::rollout::{Applied, RolloutChange};
 use crate::storage::EventStore;
 
@@ -66,38 +70,10 @@ fn basis_points(percentage: f64) -> Result<u32, ValidationError> {
     Ok(hundredths.round() as u32)
 }
 
-/// The actor (`unknown` when empty) and the required reason of a change.
-fn audit(actor: String, reason: String) -> Result<(String, String), ValidationError> {
-    match (
-        parse_actor(actor),
-        parse_reason(reason, "must say why the rollout changes"),
-    ) {
-        (Ok(actor), Ok(reason)) => Ok((actor, reason)),
-        (actor, reason) => Err(ValidationError::from_failures([actor.err(), reason.err()])),
-    }
-}
-
 /// A user id of a rollout request (the all-users pseudo-user `*` included).
 fn user(value: String) -> Result<String, ValidationError> {
     validate_id("user_id", &value).map_err(|v| ValidationError::from_failures([Some(v)]))?;
     Ok(value)
-}
-
-/// Merges the checks of one request into one error naming every bad field.
-fn all_valid<A, B>(
-    a: Result<A, ValidationError>,
-    b: Result<B, ValidationError>,
-) -> Result<(A, B), ValidationError> {
-    match (a, b) {
-        (Ok(a), Ok(b)) => Ok((a, b)),
-        (a, b) => Err(ValidationError {
-            violations: [a.err(), b.err()]
-                .into_iter()
-                .flatten()
-                .flat_map(|e| e.violations)
-                .collect(),
-        }),
-    }
 }
 
 fn source_to_proto(source: StorageSource) -> i32 {
@@ -127,9 +103,9 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<SetRolloutPercentageRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (basis_points, (actor, reason)) = all_valid(
+        let (basis_points, (actor, reason)) = both_valid(
             basis_points(request.percentage),
-            audit(request.actor, request.reason),
+            audit(request.actor, request.reason, ROLLOUT_REASON),
         )?;
         let change = RolloutChange::Percentage {
             basis_points,
@@ -155,9 +131,9 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
                 "must be STORAGE_SOURCE_LEGACY or STORAGE_SOURCE_NEW",
             )),
         };
-        let ((user_id, source), (actor, reason)) = all_valid(
-            all_valid(user(request.user_id), source),
-            audit(request.actor, request.reason),
+        let ((user_id, source), (actor, reason)) = both_valid(
+            both_valid(user(request.user_id), source),
+            audit(request.actor, request.reason, ROLLOUT_REASON),
         )?;
         let applied = self
             .rollout
@@ -176,8 +152,10 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<ClearUserOverrideRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (user_id, (actor, reason)) =
-            all_valid(user(request.user_id), audit(request.actor, request.reason))?;
+        let (user_id, (actor, reason)) = both_valid(
+            user(request.user_id),
+            audit(request.actor, request.reason, ROLLOUT_REASON),
+        )?;
         let applied = self
             .rollout
             .change(
@@ -195,7 +173,7 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<KillSwitchRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (actor, reason) = audit(request.actor, request.reason)?;
+        let (actor, reason) = audit(request.actor, request.reason, ROLLOUT_REASON)?;
         let applied = self
             .rollout
             .change(
@@ -215,7 +193,7 @@ impl<S: EventStore> RolloutService for RolloutApi<S> {
         request: Request<ResetSaltRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (actor, reason) = audit(request.actor, request.reason)?;
+        let (actor, reason) = audit(request.actor, request.reason, ROLLOUT_REASON)?;
         let salt = uuid::Uuid::now_v7().simple().to_string();
         let applied = self
             .rollout

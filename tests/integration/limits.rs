@@ -22,11 +22,6 @@ crate::on_both_backends!(
     free_text_has_a_length_limit,
 );
 
-/// The bytes `status` takes in the response headers it travels in, as the client got it.
-fn header_bytes(status: &tonic::Status) -> usize {
-    status_header_bytes(status)
-}
-
 async fn a_status_stays_small_whatever_the_input(db: TestDb) {
     let server = db.start_server().await;
     let mut stats = server.stats().await;
@@ -49,9 +44,9 @@ async fn a_status_stays_small_whatever_the_input(db: TestDb) {
         .expect_err("a batch of bad events is refused");
     assert_names_fields(&status, Code::InvalidArgument, &["events[0].campaign_id"]);
     assert!(
-        header_bytes(&status) < MAX_STATUS_BYTES,
+        status_header_bytes(&status) < MAX_STATUS_BYTES,
         "{} bytes",
-        header_bytes(&status)
+        status_header_bytes(&status)
     );
     let listed = status
         .get_details_bad_request()
@@ -77,9 +72,9 @@ async fn a_status_stays_small_whatever_the_input(db: TestDb) {
         .expect_err("a bad date is refused");
     assert_names_fields(&status, Code::InvalidArgument, &["start_date"]);
     assert!(
-        header_bytes(&status) < 1024,
+        status_header_bytes(&status) < 1024,
         "{} bytes",
-        header_bytes(&status)
+        status_header_bytes(&status)
     );
     assert!(
         status.message().contains("(1048576 bytes)"),
@@ -95,9 +90,9 @@ async fn a_status_stays_small_whatever_the_input(db: TestDb) {
         .expect_err("a huge run id is refused");
     assert_names_fields(&status, Code::InvalidArgument, &["run_id"]);
     assert!(
-        header_bytes(&status) < 1024,
+        status_header_bytes(&status) < 1024,
         "{} bytes",
-        header_bytes(&status)
+        status_header_bytes(&status)
     );
     server.stop().await;
 }
@@ -247,9 +242,9 @@ async fn free_text_has_a_length_limit(db: TestDb) {
             .expect_err("over 1 KiB is refused");
         assert_names_fields(&status, Code::InvalidArgument, &["reason", "actor"]);
         assert!(
-            header_bytes(&status) < 1024,
+            status_header_bytes(&status) < 1024,
             "{} bytes",
-            header_bytes(&status)
+            status_header_bytes(&status)
         );
     }
     let accepted = rollout
