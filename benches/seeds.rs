@@ -382,6 +382,7 @@ fn spawn_server<S: EventStore>(
 async fn move_to(client: &mut MigrationServiceClient<Channel>, phase: MigrationPhase) {
     client
         .transition_phase(TransitionPhaseRequest {
+            force: false,
             target: phase.into(),
             reason: "seeds benchmark".into(),
             actor: "bench".into(),

@@ -343,6 +343,7 @@ async fn to_new_primary(channel: Channel) {
     let move_to = async |client: &mut MigrationServiceClient<Channel>, phase: MigrationPhase| {
         client
             .transition_phase(TransitionPhaseRequest {
+                force: false,
                 target: phase.into(),
                 reason: "bench".into(),
                 actor: "bench".into(),

@@ -12,11 +12,12 @@ use crate::domain::{
     Answer, CampaignId, CampaignStatsQuery, DateRange, Event, Metrics, SeriesQuery, UserId,
     bucket_series,
 };
+use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::runner::{Jobs, run_backfill};
 use crate::migration::verify::VerifyOutcome;
-use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
+use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::{ALL_USERS, Applied, AuditEntry, Decision, RolloutChange, RolloutView};
-use crate::storage::{EventStore, RecordOutcome, StorageError, TableSize};
+use crate::storage::{EventStore, RecordOutcome, RunIssues, StorageError, TableSize};
 use crate::telemetry::ServerMetrics;
 
 /// The statistics use cases over one store, with reads routed by the rollout.
@@ -289,7 +290,7 @@ impl<S: EventStore> Migration<S> {
         &self,
         run_id: &str,
         limit: u32,
-    ) -> Result<Option<(Run, Vec<RunIssue>)>, StorageError> {
+    ) -> Result<Option<(Run, RunIssues)>, StorageError> {
         let Some(run) = self.store.run(run_id).await? else {
             return Ok(None);
         };
@@ -301,18 +302,47 @@ impl<S: EventStore> Migration<S> {
         self.store.phase().await
     }
 
-    /// Moves to `target` (see [`crate::migration::Phase::check_transition`]).
+    /// Moves to `target` (see [`crate::migration::Phase::check_transition`]; `force`: past
+    /// unresolved ambiguous rows).
     pub async fn transition(
         &self,
         target: Phase,
         actor: &str,
         reason: &str,
+        force: bool,
     ) -> Result<PhaseState, StorageError> {
-        let state = self.store.transition(target, actor, reason).await?;
+        let state = self.store.transition(target, actor, reason, force).await?;
         // This replica applies the new phase at once; the others within their refresh.
         self.rollout.refresh(self.store.as_ref()).await?;
         tracing::info!(phase = %state.phase, actor, reason, "migration phase set");
         Ok(state)
+    }
+
+    /// Resolves ambiguous rows of the last backfill as `request` says (see
+    /// [`EventStore::resolve_ambiguous`]).
+    pub async fn resolve(&self, request: &ResolveRequest) -> Result<ResolveOutcome, StorageError> {
+        let outcome = self.store.resolve_ambiguous(request).await?;
+        tracing::info!(
+            resolution = request.resolution.name(),
+            filter = %request.filter.describe(),
+            resolved = outcome.resolved,
+            copied = outcome.copied,
+            unresolved = outcome.unresolved,
+            actor = %request.actor,
+            reason = %request.reason,
+            "ambiguous rows resolved"
+        );
+        Ok(outcome)
+    }
+
+    /// The newest `limit` resolutions (0 means 100), newest first.
+    pub async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, StorageError> {
+        let limit = if limit == 0 {
+            100
+        } else {
+            limit.min(MAX_TRANSITIONS_LISTED)
+        };
+        self.store.resolutions(limit).await
     }
 
     /// The newest `limit` phase changes (0 means 100), newest first.

@@ -18,6 +18,7 @@ use crate::grpc::proto::{
     VerifyConsistencyRequest,
 };
 use crate::migration::Phase;
+use crate::migration::ambiguous::AmbiguityKind;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -90,12 +91,79 @@ pub enum MigrationCommand {
         phase: Phase,
         #[command(flatten)]
         audit: Audited,
+        /// Enter VERIFIED although the last backfill's ambiguous rows are not all resolved
+        /// (the history marks the move as forced).
+        #[arg(long)]
+        force: bool,
     },
     /// Every phase change, newest first.
     History {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Resolve ambiguous rows of the last backfill: copy them (NULL read as 0) or skip them
+    /// on purpose. Without --row or --kind, every unresolved row.
+    Resolve(ResolveArgs),
+    /// Every resolution of ambiguous rows, newest first.
+    Resolutions {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+/// What `migration resolve` resolves, and how.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("resolution").required(true).args(["copy", "skip"])))]
+pub struct ResolveArgs {
+    /// Copy the rows into the new storage (refused as a whole if any cannot be copied).
+    #[arg(long)]
+    copy: bool,
+    /// Leave the rows out of the new storage, on purpose.
+    #[arg(long)]
+    skip: bool,
+    /// Only this row, as CAMPAIGN/YYYY-MM-DD (repeatable).
+    #[arg(long = "row", value_name = "CAMPAIGN/DATE", value_parser = parse_row_key)]
+    rows: Vec<proto::LegacyRowKey>,
+    /// Only rows reported for this reason (repeatable), e.g. null-count.
+    #[arg(long = "kind", value_parser = parse_kind)]
+    kinds: Vec<AmbiguityKind>,
+    #[command(flatten)]
+    audit: Audited,
+}
+
+fn parse_row_key(value: &str) -> Result<proto::LegacyRowKey, String> {
+    let (campaign_id, date) = value
+        .rsplit_once('/')
+        .ok_or_else(|| format!("{value:?} is not CAMPAIGN/YYYY-MM-DD"))?;
+    Ok(proto::LegacyRowKey {
+        campaign_id: campaign_id.to_owned(),
+        date: date.to_owned(),
+    })
+}
+
+fn parse_kind(value: &str) -> Result<AmbiguityKind, String> {
+    AmbiguityKind::from_name(value).ok_or_else(|| {
+        let names: Vec<&str> = AmbiguityKind::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown kind {value:?}; one of: {}", names.join(", "))
+    })
+}
+
+/// The CLI's name for a kind a server sent (`-` for none).
+fn kind_name(value: i32) -> &'static str {
+    let kind = proto::AmbiguityKind::try_from(value).unwrap_or_default();
+    AmbiguityKind::ALL
+        .into_iter()
+        .find(|k| proto::AmbiguityKind::from(*k) == kind)
+        .map_or("-", AmbiguityKind::name)
+}
+
+/// The CLI's name for a resolution a server sent (`unresolved` for none).
+fn resolution_name(value: i32) -> &'static str {
+    match proto::AmbiguousResolution::try_from(value) {
+        Ok(proto::AmbiguousResolution::Copy) => "copy",
+        Ok(proto::AmbiguousResolution::Skip) => "skip",
+        _ => "unresolved",
+    }
 }
 
 /// Options of `backfill`.
@@ -207,11 +275,13 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
         MigrationCommand::Transition {
             phase,
             audit: Audited { reason, actor },
+            force,
         } => client
             .transition_phase(TransitionPhaseRequest {
                 target: to_proto(phase).into(),
                 reason,
                 actor,
+                force,
             })
             .await
             .map_err(|s| failed(&format!("cannot move to {phase}"), s))?
@@ -225,7 +295,7 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
                 .transitions;
             let rows: Vec<Value> = history
                 .iter()
-                .map(|t| json!({"at": time(t.at), "from": phase_name(t.from), "to": phase_name(t.to), "actor": t.actor, "reason": t.reason}))
+                .map(|t| json!({"at": time(t.at), "from": phase_name(t.from), "to": phase_name(t.to), "actor": t.actor, "reason": t.reason, "forced": t.forced}))
                 .collect();
             match client_args.output {
                 Output::Json => print_json(&Value::Array(rows))?,
@@ -239,17 +309,22 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
                     )?;
                     for t in &history {
                         outln!(
-                            "{:<22} {:<15} {:<15} {:<20} {}",
+                            "{:<22} {:<15} {:<15} {:<20} {}{}",
                             time(t.at),
                             phase_name(t.from),
                             phase_name(t.to),
                             printable(&t.actor),
+                            if t.forced { "(forced) " } else { "" },
                             printable(&t.reason)
                         )?;
                     }
                 }
             }
             return Ok(());
+        }
+        MigrationCommand::Resolve(args) => return resolve(&mut client, args, client_args).await,
+        MigrationCommand::Resolutions { limit } => {
+            return resolutions(&mut client, limit, client_args).await;
         }
     };
     let allowed: Vec<&str> = state
@@ -278,6 +353,97 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
             outln!("reads:    {}", source_name(state.read_source))?;
             outln!("writes:   {writes}")?;
             outln!("can move: {}", allowed.join(", "))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `migration resolve`.
+async fn resolve(
+    client: &mut MigrationServiceClient<Channel>,
+    args: ResolveArgs,
+    client_args: ClientArgs,
+) -> anyhow::Result<()> {
+    let resolution = if args.copy {
+        proto::AmbiguousResolution::Copy
+    } else {
+        proto::AmbiguousResolution::Skip
+    };
+    let outcome = client
+        .resolve_ambiguous_rows(proto::ResolveAmbiguousRowsRequest {
+            resolution: resolution.into(),
+            reason: args.audit.reason,
+            actor: args.audit.actor,
+            rows: args.rows,
+            kinds: args
+                .kinds
+                .into_iter()
+                .map(|k| proto::AmbiguityKind::from(k).into())
+                .collect(),
+        })
+        .await
+        .map_err(|s| failed("cannot resolve the rows", s))?
+        .into_inner();
+    match client_args.output {
+        Output::Json => print_json(&json!({
+            "resolution_id": outcome.resolution_id, "resolved": outcome.resolved,
+            "copied": outcome.copied, "unresolved": outcome.unresolved,
+        }))?,
+        Output::Text => {
+            outln!("{:<11} {:>12}", "resolved", outcome.resolved)?;
+            outln!("{:<11} {:>12}", "copied", outcome.copied)?;
+            outln!(
+                "{:<11} {:>12}  (left to resolve)",
+                "unresolved",
+                outcome.unresolved
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `migration resolutions`.
+async fn resolutions(
+    client: &mut MigrationServiceClient<Channel>,
+    limit: u32,
+    client_args: ClientArgs,
+) -> anyhow::Result<()> {
+    let list = client
+        .list_ambiguous_resolutions(proto::ListAmbiguousResolutionsRequest { limit })
+        .await
+        .map_err(|s| failed("cannot read the resolutions", s))?
+        .into_inner()
+        .resolutions;
+    match client_args.output {
+        Output::Json => print_json(&Value::Array(
+            list.iter()
+                .map(|r| json!({"id": r.id, "at": time(r.at), "resolution": resolution_name(r.resolution), "actor": r.actor, "reason": r.reason, "filter": r.filter, "rows": r.rows, "copied": r.copied}))
+                .collect(),
+        ))?,
+        Output::Text => {
+            outln!(
+                "{:<6} {:<22} {:<5} {:>8} {:>8} {:<20} {:<24} REASON",
+                "ID",
+                "AT",
+                "WHAT",
+                "ROWS",
+                "COPIED",
+                "ACTOR",
+                "FILTER"
+            )?;
+            for r in &list {
+                outln!(
+                    "{:<6} {:<22} {:<5} {:>8} {:>8} {:<20} {:<24} {}",
+                    r.id,
+                    time(r.at),
+                    resolution_name(r.resolution),
+                    r.rows,
+                    r.copied,
+                    printable(&r.actor),
+                    printable(&r.filter),
+                    printable(&r.reason)
+                )?;
+            }
         }
     }
     Ok(())
@@ -357,10 +523,12 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
     let ambiguous: Vec<Value> = report
         .ambiguous
         .iter()
-        .map(|i| json!({"campaign_id": i.campaign_id, "user_id": i.user_id, "date": i.date, "reason": i.reason}))
+        .map(|i| json!({"campaign_id": i.campaign_id, "user_id": i.user_id, "date": i.date, "reason": i.reason, "kind": kind_name(i.kind), "resolution": resolution_name(i.resolution)}))
         .collect();
     let mut summary = run_json(&run);
     summary["ambiguous_rows"] = Value::Array(ambiguous);
+    summary["resolved"] = report.resolved.into();
+    summary["unresolved"] = report.unresolved.into();
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
@@ -388,12 +556,21 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
             ] {
                 outln!("{name:<12} {value:>12}")?;
             }
+            if run.ambiguous > 0 {
+                outln!(
+                    "{:<12} {:>12}  (of the ambiguous; see `migration resolve`)",
+                    "unresolved",
+                    report.unresolved
+                )?;
+            }
             for issue in report.ambiguous.iter().take(10) {
                 outln!(
-                    "  ambiguous  {} {} {}: {}",
+                    "  ambiguous  {}/{} (user {}) {} [{}]: {}",
                     printable(&issue.campaign_id),
-                    printable(&issue.user_id),
                     issue.date,
+                    printable(&issue.user_id),
+                    kind_name(issue.kind),
+                    resolution_name(issue.resolution),
                     printable(&issue.reason)
                 )?;
             }
@@ -429,7 +606,8 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     match args.client.output {
         Output::Json => print_json(&json!({
             "run_id": result.run_id, "compared": result.compared, "mismatches": result.mismatches,
-            "ambiguous": result.ambiguous,
+            "ambiguous": result.ambiguous, "ambiguous_resolved": result.ambiguous_resolved,
+            "ambiguous_unresolved": result.ambiguous_unresolved,
             "sample": result.sample.iter().map(|m| json!({"user_id": m.user_id, "campaign_id": m.campaign_id, "date": m.date, "metric": m.metric, "legacy": m.legacy, "new": m.new})).collect::<Vec<_>>(),
         }))?,
         Output::Text => {
@@ -437,9 +615,11 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             outln!("{:<11} {:>12}", "compared", result.compared)?;
             outln!("{:<11} {:>12}", "mismatches", result.mismatches)?;
             outln!(
-                "{:<11} {:>12}  (reported by the backfill; not compared)",
+                "{:<11} {:>12}  (set apart, not compared: {} resolved as skipped, {} unresolved)",
                 "ambiguous",
-                result.ambiguous
+                result.ambiguous,
+                result.ambiguous_resolved,
+                result.ambiguous_unresolved
             )?;
             if !result.sample.is_empty() {
                 outln!(

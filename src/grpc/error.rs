@@ -158,6 +158,9 @@ impl ApiError {
             ApiError::Storage(StorageError::TransitionRefused(refused)) => {
                 return plain(Code::FailedPrecondition, refused.to_string(), metadata);
             }
+            ApiError::Storage(StorageError::ResolveRefused(refused)) => {
+                return plain(Code::FailedPrecondition, refused.to_string(), metadata);
+            }
             ApiError::Storage(error) => {
                 let (code, message) = storage_status(&error);
                 return plain(code, message.to_owned(), metadata);
@@ -304,6 +307,10 @@ fn storage_status(error: &StorageError) -> (Code, &'static str) {
         StorageError::TransitionRefused(_) => {
             // Handlers map this with its reason (`ApiError::Refused`).
             (Code::FailedPrecondition, "phase transition refused")
+        }
+        StorageError::ResolveRefused(_) => {
+            // Handlers map this with its reason.
+            (Code::FailedPrecondition, "resolution refused")
         }
         StorageError::LegacyOverflow(_) => {
             // Writes map this with the events' positions (`ApiError::from_write`).

@@ -20,7 +20,13 @@ use super::proto::{
     VerifyConsistencyResponse,
 };
 use crate::app::{BackfillRequest, Migration};
-use crate::domain::{DateRange, ValidationError, parse_actor, parse_date, validate_id};
+use crate::domain::{
+    DateRange, FieldViolation, LimitExceeded, MAX_TEXT_BYTES, ValidationError, parse_actor,
+    parse_date, validate_id, validate_text,
+};
+use crate::migration::ambiguous::{
+    AmbiguityKind, Resolution, ResolutionRecord, ResolveFilter, ResolveRequest,
+};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
 use crate::storage::{EventStore, TableSize};
 
@@ -103,6 +109,7 @@ fn transition_to_proto(transition: Transition) -> PhaseTransition {
         actor: transition.actor,
         reason: transition.reason,
         at: Some(timestamp(transition.at)),
+        forced: transition.forced,
     }
 }
 
@@ -146,6 +153,142 @@ fn issue_to_proto(issue: RunIssue) -> proto::RunIssue {
         user_id: issue.user_id,
         date: issue.stat_date.to_string(),
         reason: issue.reason,
+        kind: issue
+            .kind
+            .map_or(
+                proto::AmbiguityKind::Unspecified,
+                proto::AmbiguityKind::from,
+            )
+            .into(),
+        resolution: issue
+            .resolution
+            .map_or(proto::AmbiguousResolution::Unspecified, Into::into)
+            .into(),
+    }
+}
+
+impl From<AmbiguityKind> for proto::AmbiguityKind {
+    fn from(kind: AmbiguityKind) -> Self {
+        match kind {
+            AmbiguityKind::NullCount => proto::AmbiguityKind::NullCount,
+            AmbiguityKind::NegativeCount => proto::AmbiguityKind::NegativeCount,
+            AmbiguityKind::TooLarge => proto::AmbiguityKind::TooLarge,
+            AmbiguityKind::PositiveRepliesAboveReplied => {
+                proto::AmbiguityKind::PositiveRepliesAboveReplied
+            }
+            AmbiguityKind::SeveralUsers => proto::AmbiguityKind::SeveralUsers,
+            AmbiguityKind::OwnedByAnotherUser => proto::AmbiguityKind::OwnedByAnotherUser,
+            AmbiguityKind::NewStorageAhead => proto::AmbiguityKind::NewStorageAhead,
+            AmbiguityKind::InvalidId => proto::AmbiguityKind::InvalidId,
+        }
+    }
+}
+
+impl From<Resolution> for proto::AmbiguousResolution {
+    fn from(resolution: Resolution) -> Self {
+        match resolution {
+            Resolution::Copy => proto::AmbiguousResolution::Copy,
+            Resolution::Skip => proto::AmbiguousResolution::Skip,
+        }
+    }
+}
+
+/// Most rows one resolution may name.
+pub const MAX_RESOLVE_ROWS: usize = 10_000;
+
+impl TryFrom<proto::ResolveAmbiguousRowsRequest> for ResolveRequest {
+    type Error = ApiError;
+
+    fn try_from(request: proto::ResolveAmbiguousRowsRequest) -> Result<Self, ApiError> {
+        LimitExceeded::check("rows", MAX_RESOLVE_ROWS, request.rows.len())?;
+        let mut failures: Vec<Option<FieldViolation>> = Vec::new();
+        let resolution = match proto::AmbiguousResolution::try_from(request.resolution) {
+            Ok(proto::AmbiguousResolution::Copy) => Some(Resolution::Copy),
+            Ok(proto::AmbiguousResolution::Skip) => Some(Resolution::Skip),
+            _ => {
+                failures.push(Some(FieldViolation::new(
+                    "resolution",
+                    "must be AMBIGUOUS_RESOLUTION_COPY or AMBIGUOUS_RESOLUTION_SKIP",
+                )));
+                None
+            }
+        };
+        let audited = audit(
+            request.actor,
+            request.reason,
+            "must say why these rows are resolved so",
+        );
+        let mut rows = Vec::with_capacity(request.rows.len());
+        for (i, key) in request.rows.into_iter().enumerate() {
+            let campaign = validate_text(
+                &format!("rows[{i}].campaign_id"),
+                &key.campaign_id,
+                MAX_TEXT_BYTES,
+            )
+            .and_then(|()| {
+                if key.campaign_id.is_empty() {
+                    Err(FieldViolation::new(
+                        format!("rows[{i}].campaign_id"),
+                        "must not be empty",
+                    ))
+                } else {
+                    Ok(key.campaign_id)
+                }
+            });
+            match (campaign, parse_date(&format!("rows[{i}].date"), &key.date)) {
+                (Ok(campaign), Ok(day)) => rows.push((campaign, day)),
+                (campaign, day) => failures.extend([campaign.err(), day.err()]),
+            }
+        }
+        let mut kinds = Vec::with_capacity(request.kinds.len());
+        for (i, value) in request.kinds.into_iter().enumerate() {
+            match proto::AmbiguityKind::try_from(value)
+                .ok()
+                .and_then(kind_from_proto)
+            {
+                Some(kind) => kinds.push(kind),
+                None => failures.push(Some(FieldViolation::new(
+                    format!("kinds[{i}]"),
+                    format!("unknown kind {value}"),
+                ))),
+            }
+        }
+        let (actor, reason) = match audited {
+            Ok(audited) => Some(audited),
+            Err(invalid) => {
+                failures.extend(invalid.violations.into_iter().map(Some));
+                None
+            }
+        }
+        .unzip();
+        match (resolution, actor, reason) {
+            (Some(resolution), Some(actor), Some(reason)) if failures.is_empty() => Ok(Self {
+                resolution,
+                filter: ResolveFilter { rows, kinds },
+                actor,
+                reason,
+            }),
+            _ => Err(ValidationError::from_failures(failures).into()),
+        }
+    }
+}
+
+fn kind_from_proto(kind: proto::AmbiguityKind) -> Option<AmbiguityKind> {
+    AmbiguityKind::ALL
+        .into_iter()
+        .find(|k| proto::AmbiguityKind::from(*k) == kind)
+}
+
+fn resolution_to_proto(record: ResolutionRecord) -> proto::AmbiguousResolutionEntry {
+    proto::AmbiguousResolutionEntry {
+        id: record.id,
+        resolution: proto::AmbiguousResolution::from(record.resolution).into(),
+        actor: record.actor,
+        reason: record.reason,
+        filter: record.filter,
+        rows: record.rows,
+        copied: record.copied,
+        at: Some(timestamp(record.at)),
     }
 }
 
@@ -262,6 +405,8 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
             compared: outcome.compared,
             mismatches: outcome.mismatches,
             ambiguous: outcome.ambiguous,
+            ambiguous_resolved: outcome.resolved,
+            ambiguous_unresolved: outcome.ambiguous - outcome.resolved,
             sample: outcome
                 .sample
                 .into_iter()
@@ -302,7 +447,9 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
             .ok_or_else(|| unknown_run(&run_id))?;
         Ok(Response::new(RunReport {
             run: Some(run_to_proto(run)),
-            ambiguous: issues.into_iter().map(issue_to_proto).collect(),
+            ambiguous: issues.issues.into_iter().map(issue_to_proto).collect(),
+            resolved: issues.resolved,
+            unresolved: issues.unresolved,
         }))
     }
 
@@ -368,8 +515,38 @@ impl<S: EventStore> MigrationService for MigrationApi<S> {
                 "must say why the phase changes",
             ),
         )?;
-        let state = self.migration.transition(target, &actor, &reason).await?;
+        let state = self
+            .migration
+            .transition(target, &actor, &reason, request.force)
+            .await?;
         Ok(Response::new(state_response(state)))
+    }
+
+    async fn resolve_ambiguous_rows(
+        &self,
+        request: Request<proto::ResolveAmbiguousRowsRequest>,
+    ) -> Result<Response<proto::ResolveAmbiguousRowsResponse>, Status> {
+        let request = ResolveRequest::try_from(request.into_inner())?;
+        let outcome = self.migration.resolve(&request).await?;
+        Ok(Response::new(proto::ResolveAmbiguousRowsResponse {
+            resolution_id: outcome.resolution_id,
+            resolved: outcome.resolved,
+            copied: outcome.copied,
+            unresolved: outcome.unresolved,
+        }))
+    }
+
+    async fn list_ambiguous_resolutions(
+        &self,
+        request: Request<proto::ListAmbiguousResolutionsRequest>,
+    ) -> Result<Response<proto::ListAmbiguousResolutionsResponse>, Status> {
+        let resolutions = self
+            .migration
+            .resolutions(request.into_inner().limit)
+            .await?;
+        Ok(Response::new(proto::ListAmbiguousResolutionsResponse {
+            resolutions: resolutions.into_iter().map(resolution_to_proto).collect(),
+        }))
     }
 
     async fn list_phase_transitions(

@@ -11,6 +11,7 @@
 
 use chrono::NaiveDate;
 
+use super::ambiguous::{Ambiguity, AmbiguityKind, Resolution, ResolveRefused};
 use crate::domain::{EventType, LEGACY_COLUMN_MAX};
 
 /// The event types of the five legacy columns, in column order.
@@ -43,7 +44,7 @@ pub enum Verdict {
     /// Add these amounts (per legacy column) to the new storage.
     Copy([i64; 5]),
     /// Not copied; reported with the reason.
-    Ambiguous(String),
+    Ambiguous(Ambiguity),
 }
 
 /// What else the store knows about a legacy row's campaign.
@@ -55,24 +56,66 @@ pub struct RowContext {
     pub several_users: bool,
     /// The user the new storage says owns the campaign, if it knows it.
     pub owner: Option<String>,
+    /// What the operator decided for this `(campaign, day)`, if it was ambiguous before.
+    pub resolution: Option<Resolution>,
+}
+
+/// Which rules a row is judged by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rules {
+    /// A backfill's: anything that looks wrong is reported.
+    Strict,
+    /// An operator's COPY resolution: a NULL count reads as 0, and more positive replies than
+    /// replies is taken as it is. What would break a rule of the new storage (a negative
+    /// count, another owner, …) is still refused.
+    Copy,
 }
 
 const NAMES: [&str; 5] = ["sent", "opened", "replied", "positive_replies", "bounced"];
 
-/// Decides what to do with `row`.
+/// Decides what to do with `row` by the backfill's rules.
 pub fn classify(row: &LegacyRow, context: &RowContext) -> Verdict {
+    judge(row, context, Rules::Strict)
+}
+
+/// What an operator's COPY resolution adds for `row`: the missing counts (`None` when the new
+/// storage already holds them all), or why the row still cannot be copied.
+pub fn copy_on_resolution(
+    row: &LegacyRow,
+    context: &RowContext,
+) -> Result<Option<[i64; 5]>, Ambiguity> {
+    match judge(row, context, Rules::Copy) {
+        Verdict::Copy(missing) => match valid_ids(row) {
+            Ok(()) => Ok(Some(missing)),
+            Err(ambiguity) => Err(ambiguity),
+        },
+        Verdict::AllZero | Verdict::AlreadyPresent => Ok(None),
+        Verdict::Ambiguous(ambiguity) => Err(ambiguity),
+    }
+}
+
+fn judge(row: &LegacyRow, context: &RowContext, rules: Rules) -> Verdict {
+    use AmbiguityKind as Kind;
+    let ambiguous = |kind, detail: String| Verdict::Ambiguous(Ambiguity::new(kind, detail));
     let mut counts = [0i64; 5];
     for (i, count) in row.counts.iter().enumerate() {
         match count {
-            None => return Verdict::Ambiguous(format!("{} is NULL", NAMES[i])),
+            None if rules == Rules::Copy => counts[i] = 0,
+            None => return ambiguous(Kind::NullCount, format!("{} is NULL", NAMES[i])),
             Some(n) if *n < 0 => {
-                return Verdict::Ambiguous(format!("{} is negative ({n})", NAMES[i]));
+                return ambiguous(
+                    Kind::NegativeCount,
+                    format!("{} is negative ({n})", NAMES[i]),
+                );
             }
             Some(n) if *n > LEGACY_COLUMN_MAX => {
-                return Verdict::Ambiguous(format!(
-                    "{} is {n}, more than a legacy int column holds ({LEGACY_COLUMN_MAX})",
-                    NAMES[i]
-                ));
+                return ambiguous(
+                    Kind::TooLarge,
+                    format!(
+                        "{} is {n}, more than a legacy int column holds ({LEGACY_COLUMN_MAX})",
+                        NAMES[i]
+                    ),
+                );
             }
             Some(n) => counts[i] = *n,
         }
@@ -80,22 +123,27 @@ pub fn classify(row: &LegacyRow, context: &RowContext) -> Verdict {
     // Replies come days after sends, so replied > sent on one day is normal; a positive reply
     // is a kind of reply, so more positive replies than replies on one day is not.
     let [_, _, replied, positive_replies, _] = counts;
-    if positive_replies > replied {
-        return Verdict::Ambiguous(format!(
-            "positive_replies ({positive_replies}) > replied ({replied})"
-        ));
+    if positive_replies > replied && rules == Rules::Strict {
+        return ambiguous(
+            Kind::PositiveRepliesAboveReplied,
+            format!("positive_replies ({positive_replies}) > replied ({replied})"),
+        );
     }
     if context.several_users {
-        return Verdict::Ambiguous("the campaign appears under several users".to_owned());
+        return ambiguous(
+            Kind::SeveralUsers,
+            "the campaign appears under several users".to_owned(),
+        );
     }
     if let Some(owner) = context
         .owner
         .as_ref()
         .filter(|owner| **owner != row.user_id)
     {
-        return Verdict::Ambiguous(format!(
-            "the campaign belongs to user {owner:?} in the new storage"
-        ));
+        return ambiguous(
+            Kind::OwnedByAnotherUser,
+            format!("the campaign belongs to user {owner:?} in the new storage"),
+        );
     }
     if counts == [0; 5] {
         return Verdict::AllZero;
@@ -104,10 +152,13 @@ pub fn classify(row: &LegacyRow, context: &RowContext) -> Verdict {
     for i in 0..5 {
         missing[i] = counts[i] - context.in_new[i];
         if missing[i] < 0 {
-            return Verdict::Ambiguous(format!(
-                "the new storage has more {} ({}) than legacy ({})",
-                NAMES[i], context.in_new[i], counts[i]
-            ));
+            return ambiguous(
+                Kind::NewStorageAhead,
+                format!(
+                    "the new storage has more {} ({}) than legacy ({})",
+                    NAMES[i], context.in_new[i], counts[i]
+                ),
+            );
         }
     }
     if missing == [0; 5] {
@@ -115,6 +166,19 @@ pub fn classify(row: &LegacyRow, context: &RowContext) -> Verdict {
     } else {
         Verdict::Copy(missing)
     }
+}
+
+/// Ids the API would refuse stay out of the new storage too.
+fn valid_ids(row: &LegacyRow) -> Result<(), Ambiguity> {
+    use crate::domain::validate_id;
+    validate_id("user_id", &row.user_id)
+        .and_then(|()| validate_id("campaign_id", &row.campaign_id))
+        .map_err(|invalid| {
+            Ambiguity::new(
+                AmbiguityKind::InvalidId,
+                format!("not a valid id: {invalid}"),
+            )
+        })
 }
 
 /// What a backfill adds to the new storage's rollups for one legacy row: the counts of each
@@ -129,6 +193,17 @@ pub struct RollupCopy {
     pub missing: [i64; 5],
 }
 
+impl RollupCopy {
+    fn of(row: &LegacyRow, missing: [i64; 5]) -> Self {
+        Self {
+            user_id: row.user_id.clone(),
+            campaign_id: row.campaign_id.clone(),
+            day: row.stat_date,
+            missing,
+        }
+    }
+}
+
 /// Totals of one backfill batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
@@ -140,6 +215,9 @@ pub struct BatchOutcome {
     pub skipped: u64,
     /// Rows reported instead of copied.
     pub ambiguous: u64,
+    /// The key of the first row read (with `last_key`, the range this batch covered: the
+    /// provenance of what it copied).
+    pub first_key: Option<(String, NaiveDate)>,
     /// The key of the last row read: the checkpoint. `None` when there was nothing left.
     pub last_key: Option<(String, NaiveDate)>,
 }
@@ -201,7 +279,7 @@ mod tests {
             ),
         ] {
             match classify(&row(counts), &empty) {
-                Verdict::Ambiguous(why) => assert!(why.contains(reason), "{why}"),
+                Verdict::Ambiguous(why) => assert!(why.detail.contains(reason), "{why:?}"),
                 other => panic!("{counts:?}: {other:?}"),
             }
         }
@@ -257,49 +335,80 @@ pub struct BatchPlan {
     pub outcome: BatchOutcome,
 }
 
-/// Plans one batch: classifies each row and turns what is missing into events on the row's
-/// day (at 00:00 UTC).
+/// Plans one batch: classifies each row; what is missing from the new storage becomes a
+/// rollup copy. A row that looks wrong is reported; if the operator resolved its key as COPY
+/// before, what it lacks is copied as well.
 pub fn plan_batch(rows: Vec<ReadRow>) -> BatchPlan {
-    use crate::domain::validate_id;
-
     let mut plan = BatchPlan::default();
     for ReadRow { row, context } in rows {
         plan.outcome.processed += 1;
-        plan.outcome.last_key = Some((row.campaign_id.clone(), row.stat_date));
-        let report = |reason: String| super::RunIssue {
-            campaign_id: row.campaign_id.clone(),
-            user_id: row.user_id.clone(),
-            stat_date: row.stat_date,
-            reason,
+        let key = (row.campaign_id.clone(), row.stat_date);
+        plan.outcome.first_key.get_or_insert_with(|| key.clone());
+        plan.outcome.last_key = Some(key);
+        let verdict = match classify(&row, &context) {
+            Verdict::Copy(missing) => match valid_ids(&row) {
+                Ok(()) => Verdict::Copy(missing),
+                Err(ambiguity) => Verdict::Ambiguous(ambiguity),
+            },
+            verdict => verdict,
         };
-        match classify(&row, &context) {
+        match verdict {
             Verdict::AllZero | Verdict::AlreadyPresent => plan.outcome.skipped += 1,
-            Verdict::Ambiguous(reason) => {
-                plan.outcome.ambiguous += 1;
-                plan.issues.push(report(reason));
-            }
             Verdict::Copy(missing) => {
-                // Ids the API would refuse stay out of the new storage too.
-                match validate_id("user_id", &row.user_id)
-                    .and_then(|()| validate_id("campaign_id", &row.campaign_id))
+                plan.outcome.copied += 1;
+                plan.copies.push(RollupCopy::of(&row, missing));
+            }
+            Verdict::Ambiguous(ambiguity) => {
+                plan.outcome.ambiguous += 1;
+                if context.resolution == Some(Resolution::Copy)
+                    && let Ok(Some(missing)) = copy_on_resolution(&row, &context)
                 {
-                    Ok(()) => {
-                        plan.outcome.copied += 1;
-                        plan.copies.push(RollupCopy {
-                            user_id: row.user_id.clone(),
-                            campaign_id: row.campaign_id.clone(),
-                            day: row.stat_date,
-                            missing,
-                        });
-                    }
-                    Err(invalid) => {
-                        plan.outcome.ambiguous += 1;
-                        plan.issues
-                            .push(report(format!("not a valid id: {invalid}")));
-                    }
+                    plan.copies.push(RollupCopy::of(&row, missing));
                 }
+                plan.issues.push(super::RunIssue::reported(&row, ambiguity));
             }
         }
     }
     plan
+}
+
+/// What one COPY or SKIP resolution does.
+#[derive(Debug, Default)]
+pub struct ResolutionPlan {
+    /// The `(campaign, day)` keys resolved.
+    pub keys: Vec<(String, NaiveDate)>,
+    /// What COPY adds to the new storage.
+    pub copies: Vec<RollupCopy>,
+}
+
+/// Plans resolving the unresolved ambiguous `rows` (already filtered) as `resolution`. COPY is
+/// refused as a whole when any row cannot be copied.
+pub fn plan_resolution(
+    resolution: Resolution,
+    rows: Vec<ReadRow>,
+) -> Result<ResolutionPlan, ResolveRefused> {
+    let mut plan = ResolutionPlan::default();
+    let mut refused: Option<ResolveRefused> = None;
+    for ReadRow { row, context } in rows {
+        if resolution == Resolution::Copy {
+            match copy_on_resolution(&row, &context) {
+                Ok(Some(missing)) => plan.copies.push(RollupCopy::of(&row, missing)),
+                Ok(None) => {}
+                Err(why) => {
+                    let refusal = refused.get_or_insert_with(|| ResolveRefused {
+                        count: 0,
+                        campaign_id: row.campaign_id.clone(),
+                        day: row.stat_date,
+                        why: why.detail,
+                    });
+                    refusal.count += 1;
+                }
+            }
+        }
+        plan.keys.push((row.campaign_id, row.stat_date));
+    }
+    match refused {
+        Some(refusal) => Err(refusal),
+        None => Ok(plan),
+    }
 }

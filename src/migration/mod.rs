@@ -1,6 +1,7 @@
 //! The migration from the legacy wide table to the new storage: its phases and the rules
 //! that tie reads and writes to them.
 
+pub mod ambiguous;
 pub mod backfill;
 pub mod generate;
 mod phase;

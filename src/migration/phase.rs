@@ -89,13 +89,16 @@ impl Phase {
 
     /// Checks a move from `self` to `target`: backward moves always pass; a forward move
     /// must be one step, and into BACKFILLED or VERIFIED it needs the runs `facts` report.
+    /// VERIFIED also needs every ambiguous row of the last backfill resolved, unless `force`
+    /// is set. Answers whether the move is forced: `force` was set and was needed.
     pub fn check_transition(
         self,
         target: Phase,
         facts: &PreconditionFacts,
-    ) -> Result<(), TransitionRefused> {
+        force: bool,
+    ) -> Result<bool, TransitionRefused> {
         if target <= self {
-            return Ok(());
+            return Ok(false);
         }
         if Some(target) != self.next() {
             return Err(TransitionRefused::NotAllowed {
@@ -107,15 +110,21 @@ impl Phase {
             Phase::Backfilled => {
                 let since = facts.dual_write_started_at;
                 match facts.last_backfill_at {
-                    Some(done) if since.is_none_or(|since| done >= since) => Ok(()),
+                    Some(done) if since.is_none_or(|since| done >= since) => Ok(false),
                     _ => Err(TransitionRefused::NoBackfill),
                 }
             }
             Phase::Verified => match (facts.last_clean_verify_at, facts.last_backfill_at) {
-                (Some(verified), Some(backfilled)) if verified >= backfilled => Ok(()),
+                (Some(verified), Some(backfilled)) if verified >= backfilled => {
+                    match facts.unresolved_ambiguous {
+                        0 => Ok(false),
+                        _ if force => Ok(true),
+                        rows => Err(TransitionRefused::UnresolvedAmbiguous { rows }),
+                    }
+                }
                 _ => Err(TransitionRefused::NoCleanVerify),
             },
-            _ => Ok(()),
+            _ => Ok(false),
         }
     }
 }
@@ -137,6 +146,11 @@ pub enum TransitionRefused {
         "cannot enter VERIFIED: the latest verify since the last backfill must find zero mismatches"
     )]
     NoCleanVerify,
+    #[error(
+        "cannot enter VERIFIED: unresolved ambiguous rows of the last backfill: {rows} \
+         (resolve them with ResolveAmbiguousRows, or force the transition)"
+    )]
+    UnresolvedAmbiguous { rows: u64 },
 }
 
 /// What the database knows that phase preconditions depend on.
@@ -149,6 +163,8 @@ pub struct PreconditionFacts {
     /// When the latest completed verify finished, if it found zero mismatches (`None` when
     /// it found some, or none ran).
     pub last_clean_verify_at: Option<DateTime<Utc>>,
+    /// Rows the last completed backfill reported as ambiguous that have no resolution yet.
+    pub unresolved_ambiguous: u64,
 }
 
 /// The current phase.
@@ -166,6 +182,8 @@ pub struct Transition {
     pub actor: String,
     pub reason: String,
     pub at: DateTime<Utc>,
+    /// The move passed unresolved ambiguous rows because it was forced.
+    pub forced: bool,
 }
 
 #[cfg(test)]
@@ -192,12 +210,13 @@ mod tests {
             dual_write_started_at: t(1),
             last_backfill_at: t(2),
             last_clean_verify_at: t(3),
+            unresolved_ambiguous: 0,
         };
         for from in Phase::ALL {
             for to in Phase::ALL {
                 let allowed = from.allowed_transitions().contains(&to) || from == to;
                 assert_eq!(
-                    from.check_transition(to, &met).is_ok(),
+                    from.check_transition(to, &met, false).is_ok(),
                     allowed,
                     "{from} -> {to}"
                 );
@@ -211,7 +230,7 @@ mod tests {
         let t = |h: u32| Some(Utc.with_ymd_and_hms(2026, 1, 1, h, 0, 0).unwrap());
         let none = PreconditionFacts::default();
         assert_eq!(
-            DualWrite.check_transition(Backfilled, &none),
+            DualWrite.check_transition(Backfilled, &none, false),
             Err(TransitionRefused::NoBackfill)
         );
         let stale = PreconditionFacts {
@@ -220,7 +239,7 @@ mod tests {
             ..none.clone()
         };
         assert_eq!(
-            DualWrite.check_transition(Backfilled, &stale),
+            DualWrite.check_transition(Backfilled, &stale, false),
             Err(TransitionRefused::NoBackfill)
         );
         let fresh = PreconditionFacts {
@@ -228,9 +247,12 @@ mod tests {
             last_backfill_at: t(6),
             ..none.clone()
         };
-        assert_eq!(DualWrite.check_transition(Backfilled, &fresh), Ok(()));
         assert_eq!(
-            Backfilled.check_transition(Verified, &fresh),
+            DualWrite.check_transition(Backfilled, &fresh, false),
+            Ok(false)
+        );
+        assert_eq!(
+            Backfilled.check_transition(Verified, &fresh, false),
             Err(TransitionRefused::NoCleanVerify)
         );
         let old_verify = PreconditionFacts {
@@ -238,16 +260,35 @@ mod tests {
             ..fresh.clone()
         };
         assert_eq!(
-            Backfilled.check_transition(Verified, &old_verify),
+            Backfilled.check_transition(Verified, &old_verify, false),
             Err(TransitionRefused::NoCleanVerify)
         );
         let verified = PreconditionFacts {
             last_clean_verify_at: t(7),
             ..fresh
         };
-        assert_eq!(Backfilled.check_transition(Verified, &verified), Ok(()));
+        assert_eq!(
+            Backfilled.check_transition(Verified, &verified, false),
+            Ok(false)
+        );
+        // Unresolved ambiguous rows hold VERIFIED back, unless forced.
+        let unresolved = PreconditionFacts {
+            unresolved_ambiguous: 3,
+            ..verified
+        };
+        assert_eq!(
+            Backfilled.check_transition(Verified, &unresolved, false),
+            Err(TransitionRefused::UnresolvedAmbiguous { rows: 3 })
+        );
+        assert_eq!(
+            Backfilled.check_transition(Verified, &unresolved, true),
+            Ok(true)
+        );
         // Backward moves need nothing.
-        assert_eq!(LegacyRetired.check_transition(LegacyOnly, &none), Ok(()));
+        assert_eq!(
+            LegacyRetired.check_transition(LegacyOnly, &none, false),
+            Ok(false)
+        );
     }
 
     #[test]

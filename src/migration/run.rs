@@ -2,6 +2,9 @@ use std::fmt;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
+use super::ambiguous::{Ambiguity, AmbiguityKind, Resolution};
+use super::backfill::LegacyRow;
+
 /// What a run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunKind {
@@ -97,4 +100,23 @@ pub struct RunIssue {
     pub user_id: String,
     pub stat_date: NaiveDate,
     pub reason: String,
+    /// Why a backfill reported the row (`None` for verify's differences, and for rows
+    /// reported before kinds were kept).
+    pub kind: Option<AmbiguityKind>,
+    /// What the operator decided for the row's `(campaign, day)`, if anything yet.
+    pub resolution: Option<Resolution>,
+}
+
+impl RunIssue {
+    /// A legacy row a backfill reported for `ambiguity`.
+    pub fn reported(row: &LegacyRow, ambiguity: Ambiguity) -> Self {
+        Self {
+            campaign_id: row.campaign_id.clone(),
+            user_id: row.user_id.clone(),
+            stat_date: row.stat_date,
+            reason: ambiguity.detail,
+            kind: Some(ambiguity.kind),
+            resolution: None,
+        }
+    }
 }

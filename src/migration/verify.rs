@@ -1,7 +1,8 @@
 //! Verify: compares the legacy table and the new storage per `(user, campaign, day)` for the
 //! five metrics both hold.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use chrono::NaiveDate;
 
@@ -17,9 +18,14 @@ pub struct VerifyData {
     pub legacy: Vec<(Key, [i64; 5])>,
     /// New rollups: key, event type code and total.
     pub new: Vec<(Key, i16, i64)>,
-    /// `(campaign, day)` of the rows the last backfill reported as ambiguous.
-    pub ambiguous: HashSet<(String, NaiveDate)>,
+    /// The `(campaign, day)` keys set apart: the last backfill's unresolved ambiguous rows
+    /// (`false`) and the rows an operator resolved as skipped (`true`). Shared by the chunks
+    /// of one verify.
+    pub ambiguous: Arc<SetApart>,
 }
+
+/// Keys verify sets apart, each with whether an operator resolved it (as skipped).
+pub type SetApart = HashMap<(String, NaiveDate), bool>;
 
 /// One metric of one key that differs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +45,11 @@ pub struct VerifyOutcome {
     pub compared: u64,
     /// Keys whose counts differ.
     pub mismatches: u64,
-    /// Keys the last backfill reported as ambiguous: counted apart, not compared.
+    /// Keys set apart, not compared: the last backfill's ambiguous rows that no resolution
+    /// covers, and rows resolved as skipped.
     pub ambiguous: u64,
+    /// Of `ambiguous`, the keys resolved (as skipped on purpose).
+    pub resolved: u64,
     /// The first differences, metric by metric.
     pub sample: Vec<Mismatch>,
 }
@@ -52,6 +61,7 @@ impl VerifyOutcome {
         self.compared += other.compared;
         self.mismatches += other.mismatches;
         self.ambiguous += other.ambiguous;
+        self.resolved += other.resolved;
         let room = sample_limit.saturating_sub(self.sample.len());
         self.sample.extend(other.sample.into_iter().take(room));
     }
@@ -72,8 +82,9 @@ pub fn compare(data: VerifyData, sample_limit: usize) -> VerifyOutcome {
     }
     let mut outcome = VerifyOutcome::default();
     for ((user_id, campaign_id, date), (legacy, new)) in sides {
-        if data.ambiguous.contains(&(campaign_id.clone(), date)) {
+        if let Some(resolved) = data.ambiguous.get(&(campaign_id.clone(), date)) {
             outcome.ambiguous += 1;
+            outcome.resolved += u64::from(*resolved);
             continue;
         }
         outcome.compared += 1;
@@ -117,6 +128,7 @@ mod tests {
                 (key("zero", 1), [0; 5]),
                 (key("more-legacy", 1), [5, 0, 0, 0, 0]),
                 (key("odd", 1), [-1, 0, 0, 0, 0]),
+                (key("skipped", 1), [-2, 0, 0, 0, 0]),
             ],
             new: vec![
                 (key("same", 1), 1, 3),
@@ -126,15 +138,20 @@ mod tests {
                 (key("more-legacy", 1), 1, 4),
                 (key("only-new", 2), 6, 2),
             ],
-            ambiguous: HashSet::from([(
-                "odd".to_owned(),
-                NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
-            )]),
+            ambiguous: Arc::new(HashMap::from([
+                (("odd".to_owned(), key("odd", 1).2), false),
+                (("skipped".to_owned(), key("skipped", 1).2), true),
+            ])),
         };
         let outcome = compare(data, 10);
         assert_eq!(
-            (outcome.compared, outcome.mismatches, outcome.ambiguous),
-            (4, 2, 1)
+            (
+                outcome.compared,
+                outcome.mismatches,
+                outcome.ambiguous,
+                outcome.resolved
+            ),
+            (4, 2, 2, 1)
         );
         let found: Vec<(&str, &str, i64, i64)> = outcome
             .sample

@@ -12,6 +12,7 @@ use super::error::{LEGACY_COLUMN_MAX, LegacyOverflow};
 use super::{RecordOutcome, StorageError};
 use crate::domain::{CampaignId, Event, EventType, Metrics, Scope, StorageSource, UserId};
 use crate::migration::WriteTargets;
+use crate::migration::ambiguous::{AmbiguityKind, Resolution, ResolveFilter};
 use crate::migration::backfill::{LEGACY_COLUMNS, LegacyRow, ReadRow, RollupCopy, RowContext};
 
 /// Each campaign of the batch with the user that claims it (the first event's), sorted.
@@ -428,20 +429,24 @@ pub(super) fn campaign_sums(rows: Vec<Sums<String>>) -> HashMap<CampaignId, Metr
         .collect()
 }
 
-/// The select list and source of a backfill batch: each legacy row with the five counts the
-/// new storage holds for its `(user, campaign, day)` and the campaign's owner there. One
-/// statement, so that both sides come from one snapshot. Backends add the checkpoint
-/// condition, the order and the limit.
-pub(super) const BACKFILL_SELECT: &str = "SELECT l.campaign_id, l.user_id, l.stat_date, \
+/// The select list of a backfill batch: each legacy row with the five counts the new storage
+/// holds for its `(user, campaign, day)`, the campaign's owner there, and the resolution of
+/// its key if an operator resolved it. With [`BACKFILL_SOURCE`], one statement, so that both
+/// sides come from one snapshot. Backends add the checkpoint condition, the order and the
+/// limit.
+pub(super) const BACKFILL_COLUMNS: &str = "SELECT l.campaign_id, l.user_id, l.stat_date, \
     CAST(l.sent AS BIGINT), CAST(l.opened AS BIGINT), CAST(l.replied AS BIGINT), \
     CAST(l.positive_replies AS BIGINT), CAST(l.bounced AS BIGINT), \
     COALESCE(r.sent, 0), COALESCE(r.opened, 0), COALESCE(r.replied, 0), \
     COALESCE(r.positive_replies, 0), COALESCE(r.bounced, 0), \
-    (SELECT c.user_id FROM campaigns c WHERE c.campaign_id = l.campaign_id) \
-    FROM campaign_daily_stat_entries l LEFT JOIN campaign_day_totals r \
-    ON r.user_id = l.user_id AND r.campaign_id = l.campaign_id AND r.day = l.stat_date";
+    (SELECT c.user_id FROM campaigns c WHERE c.campaign_id = l.campaign_id), x.resolution";
+/// Where [`BACKFILL_COLUMNS`] come from.
+pub(super) const BACKFILL_SOURCE: &str = " FROM campaign_daily_stat_entries l \
+    LEFT JOIN campaign_day_totals r \
+    ON r.user_id = l.user_id AND r.campaign_id = l.campaign_id AND r.day = l.stat_date \
+    LEFT JOIN resolved_legacy_rows x ON x.campaign_id = l.campaign_id AND x.stat_date = l.stat_date";
 
-/// A row of [`BACKFILL_SELECT`].
+/// A row of [`BACKFILL_COLUMNS`].
 pub(super) type BackfillRow = (
     String,
     String,
@@ -457,7 +462,59 @@ pub(super) type BackfillRow = (
     i64,
     i64,
     Option<String>,
+    Option<String>,
 );
+
+/// An unresolved ambiguous row: [`BackfillRow`]'s columns and the kind it was reported for.
+pub(super) type UnresolvedRow = (
+    String,
+    String,
+    NaiveDate,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The unresolved ambiguous rows of the last completed backfill, as [`UnresolvedRow`]s.
+pub(super) fn unresolved_rows_query() -> String {
+    format!(
+        "{BACKFILL_COLUMNS}, i.kind{BACKFILL_SOURCE}{}",
+        super::sql::UNRESOLVED_ROWS_JOIN
+    )
+}
+
+/// The unresolved rows `filter` covers, with their context, as the backfill reads them.
+pub(super) fn unresolved_rows(
+    rows: Vec<UnresolvedRow>,
+    filter: &ResolveFilter,
+    several_users: &HashSet<String>,
+) -> Vec<ReadRow> {
+    let covered = rows
+        .into_iter()
+        .filter(|row| {
+            let kind = row.15.as_deref().and_then(AmbiguityKind::from_name);
+            filter.matches(&row.0, row.2, kind)
+        })
+        .map(
+            |(c, u, d, s, o, r, p, b, ns, no, nr, np, nb, owner, resolution, _)| {
+                (
+                    c, u, d, s, o, r, p, b, ns, no, nr, np, nb, owner, resolution,
+                )
+            },
+        )
+        .collect();
+    backfill_rows(covered, several_users)
+}
 
 /// The rows of a backfill batch with their context; `several_users` holds the batch's
 /// campaigns that appear under more than one user in the legacy table.
@@ -467,18 +524,37 @@ pub(super) fn backfill_rows(
 ) -> Vec<ReadRow> {
     rows.into_iter()
         .map(
-            |(campaign_id, user_id, stat_date, s, o, r, p, b, ns, no, nr, np, nb, owner)| ReadRow {
-                context: RowContext {
-                    in_new: [ns, no, nr, np, nb],
-                    several_users: several_users.contains(&campaign_id),
-                    owner,
-                },
-                row: LegacyRow {
-                    campaign_id,
-                    user_id,
-                    stat_date,
-                    counts: [s, o, r, p, b],
-                },
+            |(
+                campaign_id,
+                user_id,
+                stat_date,
+                s,
+                o,
+                r,
+                p,
+                b,
+                ns,
+                no,
+                nr,
+                np,
+                nb,
+                owner,
+                resolution,
+            )| {
+                ReadRow {
+                    context: RowContext {
+                        in_new: [ns, no, nr, np, nb],
+                        several_users: several_users.contains(&campaign_id),
+                        owner,
+                        resolution: resolution.as_deref().and_then(Resolution::from_name),
+                    },
+                    row: LegacyRow {
+                        campaign_id,
+                        user_id,
+                        stat_date,
+                        counts: [s, o, r, p, b],
+                    },
+                }
             },
         )
         .collect()
@@ -492,15 +568,26 @@ pub(super) fn before_all_keys() -> (String, NaiveDate) {
     )
 }
 
-/// A `(campaign, user, day, reason)` row of `migration_run_issues`.
+/// A row of [`super::sql::RUN_ISSUES`]: campaign, user, day, reason, kind, resolution.
+pub(super) type RunIssueRow = (
+    String,
+    String,
+    NaiveDate,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
 pub(super) fn run_issue_from_row(
-    (campaign_id, user_id, stat_date, reason): (String, String, NaiveDate, String),
+    (campaign_id, user_id, stat_date, reason, kind, resolution): RunIssueRow,
 ) -> crate::migration::RunIssue {
     crate::migration::RunIssue {
         campaign_id,
         user_id,
         stat_date,
         reason,
+        kind: kind.as_deref().and_then(AmbiguityKind::from_name),
+        resolution: resolution.as_deref().and_then(Resolution::from_name),
     }
 }
 

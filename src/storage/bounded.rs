@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 
-use super::{EventStore, PoolUse, RecordOutcome, StorageError, TableSize};
+use super::{EventStore, PoolUse, RecordOutcome, RunIssues, StorageError, TableSize};
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow};
 use crate::migration::verify::VerifyOutcome;
-use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
+use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 /// How much longer than the statement timeout a call may take before it is cut here: the
@@ -88,8 +89,9 @@ impl<S: EventStore> EventStore for Bounded<S> {
         target: Phase,
         actor: &str,
         reason: &str,
+        force: bool,
     ) -> Result<PhaseState, StorageError> {
-        self.bound(self.inner.transition(target, actor, reason))
+        self.bound(self.inner.transition(target, actor, reason, force))
             .await
     }
 
@@ -139,8 +141,19 @@ impl<S: EventStore> EventStore for Bounded<S> {
             .await
     }
 
-    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
+    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<RunIssues, StorageError> {
         self.bound(self.inner.run_issues(run_id, limit)).await
+    }
+
+    async fn resolve_ambiguous(
+        &self,
+        request: &ResolveRequest,
+    ) -> Result<ResolveOutcome, StorageError> {
+        self.bound(self.inner.resolve_ambiguous(request)).await
+    }
+
+    async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, StorageError> {
+        self.bound(self.inner.resolutions(limit)).await
     }
 
     async fn verify(

@@ -30,6 +30,9 @@ pub enum StorageError {
     /// The migration phase cannot move as asked.
     #[error(transparent)]
     TransitionRefused(#[from] crate::migration::TransitionRefused),
+    /// A resolution of ambiguous rows cannot be applied as asked; nothing was resolved.
+    #[error(transparent)]
+    ResolveRefused(#[from] crate::migration::ambiguous::ResolveRefused),
     /// The rollout cannot change as asked.
     #[error(transparent)]
     RolloutRefused(#[from] crate::rollout::RolloutRefused),

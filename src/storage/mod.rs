@@ -23,8 +23,9 @@ use std::future::Future;
 use chrono::NaiveDate;
 
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow};
-use crate::migration::verify::{VerifyData, VerifyOutcome};
+use crate::migration::verify::{SetApart, VerifyData, VerifyOutcome};
 use crate::migration::{
     Phase, PhaseState, PreconditionFacts, Run, RunIssue, RunKind, RunState, Transition,
 };
@@ -66,6 +67,16 @@ pub struct TableSize {
     pub table: &'static str,
     pub rows: u64,
     pub bytes: u64,
+}
+
+/// The rows a run reported (as many as asked for), and how many of all of them are resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunIssues {
+    pub issues: Vec<RunIssue>,
+    /// All the run's reported rows with a resolution.
+    pub resolved: u64,
+    /// All the run's reported rows without one.
+    pub unresolved: u64,
 }
 
 /// What a write did.
@@ -127,13 +138,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// The current migration phase.
     fn phase(&self) -> impl Future<Output = Result<PhaseState, StorageError>> + Send;
 
-    /// Moves to `target` if [`Phase::check_transition`] allows it, recording who, when and
-    /// why in the same transaction. Moving to the current phase changes nothing.
+    /// Moves to `target` if [`Phase::check_transition`] allows it (`force`: past unresolved
+    /// ambiguous rows), recording who, when, why and whether it was forced in the same
+    /// transaction. Moving to the current phase changes nothing.
     fn transition(
         &self,
         target: Phase,
         actor: &str,
         reason: &str,
+        force: bool,
     ) -> impl Future<Output = Result<PhaseState, StorageError>> + Send;
 
     /// The recorded phase changes, newest first, at most `limit`.
@@ -182,12 +195,28 @@ pub trait EventStore: Send + Sync + 'static {
         error: Option<&str>,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
-    /// The rows a run reported, oldest first, at most `limit`.
+    /// The rows a run reported, oldest first, at most `limit`, with how many of all its
+    /// rows are resolved.
     fn run_issues(
         &self,
         run_id: &str,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<RunIssue>, StorageError>> + Send;
+    ) -> impl Future<Output = Result<RunIssues, StorageError>> + Send;
+
+    /// Resolves the unresolved ambiguous rows of the last completed backfill that `request`
+    /// covers, in one transaction: COPY adds what they lack to the new storage (refused as a
+    /// whole when a row cannot be copied), SKIP leaves them out on purpose; both are kept per
+    /// legacy key and audited.
+    fn resolve_ambiguous(
+        &self,
+        request: &ResolveRequest,
+    ) -> impl Future<Output = Result<ResolveOutcome, StorageError>> + Send;
+
+    /// Audited resolutions, newest first, at most `limit`.
+    fn resolutions(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ResolutionRecord>, StorageError>> + Send;
 
     /// Compares both storages over `range` (everything when `None`) per `(user, campaign,
     /// day)`, in one snapshot and in bounded memory, setting apart the keys the last completed
@@ -278,6 +307,7 @@ type PhaseRow = (
 type FactsRow = (
     Option<chrono::DateTime<chrono::Utc>>,
     Option<chrono::DateTime<chrono::Utc>>,
+    i64,
 );
 
 /// What a transition does once the stored phase and facts are read.
@@ -289,14 +319,17 @@ enum TransitionStep {
         from: Phase,
         at: chrono::DateTime<chrono::Utc>,
         dual_write_started_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Forced past unresolved ambiguous rows.
+        forced: bool,
     },
 }
 
 /// Decides a transition to `target` (the same for every backend).
 fn plan_transition(
     (current, changed_at, dual_write_started_at): PhaseRow,
-    (last_backfill_at, last_clean_verify_at): FactsRow,
+    (last_backfill_at, last_clean_verify_at, unresolved_ambiguous): FactsRow,
     target: Phase,
+    force: bool,
 ) -> Result<TransitionStep, StorageError> {
     let current = parse_phase(&current)?;
     if current == target {
@@ -309,8 +342,9 @@ fn plan_transition(
         dual_write_started_at,
         last_backfill_at,
         last_clean_verify_at,
+        unresolved_ambiguous: u64::try_from(unresolved_ambiguous).unwrap_or(0),
     };
-    current.check_transition(target, &facts)?;
+    let forced = current.check_transition(target, &facts, force)?;
     let at = chrono::Utc::now();
     Ok(TransitionStep::Move {
         from: current,
@@ -321,20 +355,22 @@ fn plan_transition(
         } else {
             dual_write_started_at
         },
+        forced,
     })
 }
 
-/// A stored transition row: from, to, actor, reason, when.
+/// A stored transition row: from, to, actor, reason, when, forced.
 type TransitionRow = (
     String,
     String,
     String,
     String,
     chrono::DateTime<chrono::Utc>,
+    bool,
 );
 
 fn transition_from_row(
-    (from, to, actor, reason, at): TransitionRow,
+    (from, to, actor, reason, at, forced): TransitionRow,
 ) -> Result<Transition, StorageError> {
     Ok(Transition {
         from: parse_phase(&from)?,
@@ -342,6 +378,7 @@ fn transition_from_row(
         actor,
         reason,
         at,
+        forced,
     })
 }
 
@@ -432,7 +469,7 @@ type VerifyJoinedRow = (
 /// takes.
 fn verify_data_from_joined(
     rows: Vec<VerifyJoinedRow>,
-    ambiguous: &std::collections::HashSet<(String, NaiveDate)>,
+    ambiguous: std::sync::Arc<SetApart>,
 ) -> VerifyData {
     let (legacy, new) = rows
         .into_iter()
@@ -443,13 +480,13 @@ fn verify_data_from_joined(
             )
         })
         .unzip();
-    verify_data_from_rows(legacy, new, ambiguous.clone())
+    verify_data_from_rows(legacy, new, ambiguous)
 }
 
 fn verify_data_from_rows(
     legacy: Vec<VerifyLegacyRow>,
     new: Vec<VerifyNewRow>,
-    ambiguous: std::collections::HashSet<(String, NaiveDate)>,
+    ambiguous: std::sync::Arc<SetApart>,
 ) -> VerifyData {
     VerifyData {
         legacy: legacy

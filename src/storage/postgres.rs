@@ -11,13 +11,16 @@ use tokio::sync::watch;
 
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
-    mismatch_reason, parse_phase, sql,
+    EventStore, PoolOptions, PoolUse, RecordOutcome, RunIssues, StorageError, TableSize, batch,
+    parse_phase, sql,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
-use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
+use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
+use crate::migration::backfill::{
+    BatchOutcome, LegacyRow, RollupCopy, plan_batch, plan_resolution,
+};
 use crate::migration::verify::VerifyOutcome;
-use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
+use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -142,6 +145,39 @@ async fn insert_events(tx: &mut sqlx::PgConnection, events: &[&Event]) -> Result
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// Batches of concurrent backfill runs (say, on two replicas) and resolutions take turns: each
+/// then sees what the other copied, and nothing is copied twice.
+async fn lock_backfill(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('campaign_stats.backfill'))")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Adds legacy history (a backfill's or a resolution's `copies`) to the rollups, and claims
+/// each campaign for its legacy user where no one owns it yet.
+async fn copy_into_rollups(
+    tx: &mut sqlx::PgConnection,
+    copies: &[RollupCopy],
+) -> Result<(), sqlx::Error> {
+    if copies.is_empty() {
+        return Ok(());
+    }
+    let (campaigns, owners): (Vec<&str>, Vec<&str>) =
+        batch::copy_claims(copies).into_iter().unzip();
+    sqlx::query(
+        "INSERT INTO campaigns (campaign_id, user_id) \
+         SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT (campaign_id) DO NOTHING",
+    )
+    .bind(&campaigns)
+    .bind(&owners)
+    .execute(&mut *tx)
+    .await?;
+    // Copies take turns (see `lock_backfill`): they share one stripe, so a day's history
+    // stays in one row.
+    add_to_rollups(tx, &batch::copy_deltas(copies), batch::BACKFILL_STRIPE).await
 }
 
 /// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
@@ -476,6 +512,7 @@ impl EventStore for PostgresStore {
         target: Phase,
         actor: &str,
         reason: &str,
+        force: bool,
     ) -> Result<PhaseState, StorageError> {
         // Locks the phase: transitions queue, and no write sees a half-made change.
         let mut tx = self.pool.begin().await?;
@@ -485,6 +522,7 @@ impl EventStore for PostgresStore {
             target,
             actor,
             reason,
+            force,
         )
         .await?
         {
@@ -529,19 +567,16 @@ impl EventStore for PostgresStore {
 
     async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
         let mut tx = self.pool.begin().await?;
-        // Batches of concurrent runs (say, on two replicas) take turns: each then sees what
-        // the other copied, and nothing is copied twice.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('campaign_stats.backfill'))")
-            .execute(&mut *tx)
-            .await?;
+        lock_backfill(&mut tx).await?;
         let (after_campaign, after_date) = run
             .checkpoint
             .clone()
             .unwrap_or_else(batch::before_all_keys);
         let rows: Vec<batch::BackfillRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{} WHERE (l.campaign_id, l.stat_date) > ($1, $2) \
+            "{}{} WHERE (l.campaign_id, l.stat_date) > ($1, $2) \
              ORDER BY l.campaign_id, l.stat_date LIMIT $3",
-            batch::BACKFILL_SELECT
+            batch::BACKFILL_COLUMNS,
+            batch::BACKFILL_SOURCE
         )))
         .bind(after_campaign)
         .bind(after_date)
@@ -559,44 +594,12 @@ impl EventStore for PostgresStore {
         .into_iter()
         .collect();
         let plan = plan_batch(batch::backfill_rows(rows, &several_users));
-
-        if !run.dry_run && !plan.copies.is_empty() {
-            let (campaigns, owners): (Vec<&str>, Vec<&str>) =
-                batch::copy_claims(&plan.copies).into_iter().unzip();
-            sqlx::query(
-                "INSERT INTO campaigns (campaign_id, user_id) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT (campaign_id) DO NOTHING",
-            )
-            .bind(&campaigns)
-            .bind(&owners)
-            .execute(&mut *tx)
-            .await?;
-            // Batches of a backfill run one at a time: they share one stripe, so a day's
-            // history stays in one row.
-            add_to_rollups(
-                &mut tx,
-                &batch::copy_deltas(&plan.copies),
-                batch::BACKFILL_STRIPE,
-            )
-            .await?;
+        if !run.dry_run {
+            copy_into_rollups(&mut tx, &plan.copies).await?;
         }
-        if !plan.issues.is_empty() {
-            sqlx::query(
-                "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason) \
-                 SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::date[], $5::text[])",
-            )
-            .bind(&run.run_id)
-            .bind(plan.issues.iter().map(|i| i.campaign_id.as_str()).collect::<Vec<_>>())
-            .bind(plan.issues.iter().map(|i| i.user_id.as_str()).collect::<Vec<_>>())
-            .bind(plan.issues.iter().map(|i| i.stat_date).collect::<Vec<_>>())
-            .bind(plan.issues.iter().map(|i| i.reason.as_str()).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        let outcome = plan.outcome;
-        Shared::<Postgres>::record_batch_progress(&mut tx, &run.run_id, &outcome).await?;
+        Shared::<Postgres>::record_batch(&mut tx, run, &plan.outcome, &plan.issues).await?;
         tx.commit().await?;
-        Ok(outcome)
+        Ok(plan.outcome)
     }
 
     async fn finish_run(
@@ -608,8 +611,27 @@ impl EventStore for PostgresStore {
         Shared::<Postgres>::finish_run(&self.pool, run_id, state, error).await
     }
 
-    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
+    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<RunIssues, StorageError> {
         Shared::<Postgres>::run_issues(&self.pool, run_id, limit).await
+    }
+
+    async fn resolve_ambiguous(
+        &self,
+        request: &ResolveRequest,
+    ) -> Result<ResolveOutcome, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        // Resolutions and backfill batches take turns: a batch sees a resolution whole.
+        lock_backfill(&mut tx).await?;
+        let rows = Shared::<Postgres>::unresolved_rows(&mut tx, &request.filter).await?;
+        let plan = plan_resolution(request.resolution, rows)?;
+        copy_into_rollups(&mut tx, &plan.copies).await?;
+        let outcome = Shared::<Postgres>::record_resolution(&mut tx, request, &plan).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, StorageError> {
+        Shared::<Postgres>::resolutions(&self.pool, limit).await
     }
 
     async fn verify(
@@ -633,32 +655,7 @@ impl EventStore for PostgresStore {
         outcome: &VerifyOutcome,
     ) -> Result<(), StorageError> {
         let mut tx = self.pool.begin().await?;
-        if !outcome.sample.is_empty() {
-            let sample = &outcome.sample;
-            sqlx::query(
-                "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason) \
-                 SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::date[], $5::text[])",
-            )
-            .bind(run_id)
-            .bind(sample.iter().map(|m| m.campaign_id.as_str()).collect::<Vec<_>>())
-            .bind(sample.iter().map(|m| m.user_id.as_str()).collect::<Vec<_>>())
-            .bind(sample.iter().map(|m| m.date).collect::<Vec<_>>())
-            .bind(sample.iter().map(mismatch_reason).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
-            "UPDATE migration_runs SET state = 'completed', finished_at = $1, heartbeat_at = $1, \
-             processed = $2, compared = $3, mismatches = $4, ambiguous = $5 WHERE run_id = $6",
-        )
-        .bind(Utc::now())
-        .bind((outcome.compared + outcome.ambiguous) as i64)
-        .bind(outcome.compared as i64)
-        .bind(outcome.mismatches as i64)
-        .bind(outcome.ambiguous as i64)
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await?;
+        Shared::<Postgres>::complete_verify(&mut tx, run_id, outcome).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -5,19 +5,24 @@
 
 use std::collections::HashSet;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Type};
 
 use super::{
-    AuditRow, FactsRow, PhaseRow, RolloutRow, RunRow, StorageError, TransitionRow, TransitionStep,
-    VERIFY_CHUNK, VerifyJoinedRow, VerifyLegacyRow, VerifyNewRow, audit_entry, batch, new_run_id,
-    parse_phase, plan_transition, rollout_config, rollout_snapshot, source_from_name, sql,
-    transition_from_row, verify_data_from_joined, verify_data_from_rows,
+    AuditRow, FactsRow, PhaseRow, RolloutRow, RunIssues, RunRow, StorageError, TransitionRow,
+    TransitionStep, VERIFY_CHUNK, VerifyJoinedRow, VerifyLegacyRow, VerifyNewRow, audit_entry,
+    batch, mismatch_reason, new_run_id, parse_phase, plan_transition, rollout_config,
+    rollout_snapshot, source_from_name, sql, transition_from_row, verify_data_from_joined,
+    verify_data_from_rows,
 };
 use crate::domain::DateRange;
-use crate::migration::backfill::BatchOutcome;
-use crate::migration::verify::{VerifyOutcome, compare};
+use crate::migration::ambiguous::{
+    Resolution, ResolutionRecord, ResolveFilter, ResolveOutcome, ResolveRequest,
+};
+use crate::migration::backfill::{BatchOutcome, ReadRow, ResolutionPlan};
+use crate::migration::verify::{SetApart, VerifyData, VerifyOutcome, compare};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot};
 use crate::rollout::{apply, change_user, check_change};
@@ -52,7 +57,11 @@ where
     for<'r> (bool,): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
     for<'r> (String, DateTime<Utc>): FromRow<'r, DB::Row>,
-    for<'r> (String, String, NaiveDate, String): FromRow<'r, DB::Row>,
+    for<'r> batch::RunIssueRow: FromRow<'r, DB::Row>,
+    for<'r> batch::UnresolvedRow: FromRow<'r, DB::Row>,
+    for<'r> ResolutionRow: FromRow<'r, DB::Row>,
+    for<'r> (i64, i64): FromRow<'r, DB::Row>,
+    for<'r> (String, NaiveDate, i64): FromRow<'r, DB::Row>,
     for<'r> PhaseRow: FromRow<'r, DB::Row>,
     for<'r> FactsRow: FromRow<'r, DB::Row>,
     for<'r> TransitionRow: FromRow<'r, DB::Row>,
@@ -140,19 +149,22 @@ where
         target: Phase,
         actor: &str,
         reason: &str,
+        force: bool,
     ) -> Result<Transitioned, StorageError> {
         let phase: PhaseRow = sqlx::query_as(read_phase).fetch_one(&mut *tx).await?;
         let facts: FactsRow = sqlx::query_as(sql::PRECONDITION_FACTS)
             .fetch_one(&mut *tx)
             .await?;
-        let (from, at, dual_write_started_at) = match plan_transition(phase, facts, target)? {
-            TransitionStep::Stay(state) => return Ok(Transitioned::Stayed(state)),
-            TransitionStep::Move {
-                from,
-                at,
-                dual_write_started_at,
-            } => (from, at, dual_write_started_at),
-        };
+        let (from, at, dual_write_started_at, forced) =
+            match plan_transition(phase, facts, target, force)? {
+                TransitionStep::Stay(state) => return Ok(Transitioned::Stayed(state)),
+                TransitionStep::Move {
+                    from,
+                    at,
+                    dual_write_started_at,
+                    forced,
+                } => (from, at, dual_write_started_at, forced),
+            };
         sqlx::query(sql::SET_PHASE)
             .bind(target.name())
             .bind(at)
@@ -165,8 +177,12 @@ where
             .bind(actor)
             .bind(reason)
             .bind(at)
+            .bind(forced)
             .execute(&mut *tx)
             .await?;
+        if forced {
+            tracing::warn!(%actor, %reason, "entered VERIFIED past unresolved ambiguous rows (forced)");
+        }
         Ok(Transitioned::Moved(PhaseState {
             phase: target,
             changed_at: at,
@@ -250,12 +266,32 @@ where
         Ok(())
     }
 
-    /// Records a backfill batch's counts and checkpoint inside the batch's transaction.
-    pub async fn record_batch_progress(
+    /// Records a backfill batch inside its transaction: the rows it reported, its counts and
+    /// checkpoint, and (a real run) the key range it read with what it copied: the
+    /// provenance of the backfilled history.
+    pub async fn record_batch(
         tx: &mut DB::Connection,
-        run_id: &str,
+        run: &Run,
         outcome: &BatchOutcome,
+        issues: &[RunIssue],
     ) -> Result<(), StorageError> {
+        let run_id = run.run_id.as_str();
+        Self::insert_issues(tx, run_id, issues).await?;
+        if let (false, Some(first), Some(last)) =
+            (run.dry_run, &outcome.first_key, &outcome.last_key)
+        {
+            sqlx::query(sql::INSERT_BACKFILL_BATCH)
+                .bind(run_id)
+                .bind(first.0.as_str())
+                .bind(first.1)
+                .bind(last.0.as_str())
+                .bind(last.1)
+                .bind(outcome.processed as i64)
+                .bind(outcome.copied as i64)
+                .bind(Utc::now())
+                .execute(&mut *tx)
+                .await?;
+        }
         let (checkpoint_campaign, checkpoint_date) = outcome.last_key.clone().unzip();
         sqlx::query(sql::BATCH_PROGRESS)
             .bind(outcome.processed as i64)
@@ -271,17 +307,166 @@ where
         Ok(())
     }
 
+    /// Records rows a run reported (a backfill's ambiguous rows, a verify's differences).
+    pub async fn insert_issues(
+        tx: &mut DB::Connection,
+        run_id: &str,
+        issues: &[RunIssue],
+    ) -> Result<(), StorageError> {
+        // Six parameters a row, well under either backend's limit per statement.
+        for chunk in issues.chunks(2_000) {
+            let mut insert = QueryBuilder::<DB>::new(sql::INSERT_RUN_ISSUES);
+            insert.push_values(chunk, |mut row, issue| {
+                row.push_bind(run_id.to_owned())
+                    .push_bind(issue.campaign_id.clone())
+                    .push_bind(issue.user_id.clone())
+                    .push_bind(issue.stat_date)
+                    .push_bind(issue.reason.clone())
+                    .push_bind(issue.kind.map(|kind| kind.name().to_owned()));
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        Ok(())
+    }
+
     pub async fn run_issues(
         pool: &Pool<DB>,
         run_id: &str,
         limit: u32,
-    ) -> Result<Vec<RunIssue>, StorageError> {
-        let rows: Vec<(String, String, NaiveDate, String)> = sqlx::query_as(sql::RUN_ISSUES)
+    ) -> Result<RunIssues, StorageError> {
+        let rows: Vec<batch::RunIssueRow> = sqlx::query_as(sql::RUN_ISSUES)
             .bind(run_id)
             .bind(i64::from(limit))
             .fetch_all(pool)
             .await?;
-        Ok(rows.into_iter().map(batch::run_issue_from_row).collect())
+        let issues: Vec<RunIssue> = rows.into_iter().map(batch::run_issue_from_row).collect();
+        let is_backfill = Self::run(pool, run_id)
+            .await?
+            .is_some_and(|run| run.kind == RunKind::Backfill);
+        let (resolved, all): (i64, i64) = if is_backfill {
+            sqlx::query_as(sql::RUN_ISSUE_COUNTS)
+                .bind(run_id)
+                .fetch_one(pool)
+                .await?
+        } else {
+            // A verify's differences are not resolved.
+            let (all,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM migration_run_issues WHERE run_id = $1")
+                    .bind(run_id)
+                    .fetch_one(pool)
+                    .await?;
+            (0, all)
+        };
+        Ok(RunIssues {
+            issues,
+            resolved: resolved.max(0) as u64,
+            unresolved: (all - resolved).max(0) as u64,
+        })
+    }
+
+    /// Records a verify's findings on its run (the first differences as its reported rows)
+    /// and completes it.
+    pub async fn complete_verify(
+        tx: &mut DB::Connection,
+        run_id: &str,
+        outcome: &VerifyOutcome,
+    ) -> Result<(), StorageError> {
+        let differences: Vec<RunIssue> = outcome
+            .sample
+            .iter()
+            .map(|m| RunIssue {
+                campaign_id: m.campaign_id.clone(),
+                user_id: m.user_id.clone(),
+                stat_date: m.date,
+                reason: mismatch_reason(m),
+                kind: None,
+                resolution: None,
+            })
+            .collect();
+        Self::insert_issues(tx, run_id, &differences).await?;
+        let now = Utc::now();
+        sqlx::query(sql::COMPLETE_VERIFY)
+            .bind(now)
+            .bind(now)
+            .bind((outcome.compared + outcome.ambiguous) as i64)
+            .bind(outcome.compared as i64)
+            .bind(outcome.mismatches as i64)
+            .bind(outcome.ambiguous as i64)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    /// The unresolved ambiguous rows of the last completed backfill that `filter` covers,
+    /// read inside `tx` as the backfill reads legacy rows.
+    pub async fn unresolved_rows(
+        tx: &mut DB::Connection,
+        filter: &ResolveFilter,
+    ) -> Result<Vec<ReadRow>, StorageError> {
+        let rows: Vec<batch::UnresolvedRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(batch::unresolved_rows_query()))
+                .fetch_all(&mut *tx)
+                .await?;
+        let several_users: HashSet<String> = sqlx::query_scalar(sql::UNRESOLVED_SEVERAL_USERS)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(batch::unresolved_rows(rows, filter, &several_users))
+    }
+
+    /// Records a resolution inside `tx`: its audit entry and the resolution of each key it
+    /// covers. Nothing is recorded when it covers no row. The caller commits.
+    pub async fn record_resolution(
+        tx: &mut DB::Connection,
+        request: &ResolveRequest,
+        plan: &ResolutionPlan,
+    ) -> Result<ResolveOutcome, StorageError> {
+        let mut outcome = ResolveOutcome {
+            resolved: plan.keys.len() as u64,
+            copied: plan.copies.len() as u64,
+            ..ResolveOutcome::default()
+        };
+        if !plan.keys.is_empty() {
+            let id: i64 = sqlx::query_scalar(sql::INSERT_RESOLUTION)
+                .bind(request.resolution.name())
+                .bind(request.actor.as_str())
+                .bind(request.reason.as_str())
+                .bind(request.filter.describe())
+                .bind(outcome.resolved as i64)
+                .bind(outcome.copied as i64)
+                .bind(Utc::now())
+                .fetch_one(&mut *tx)
+                .await?;
+            for chunk in plan.keys.chunks(2_000) {
+                let mut insert = QueryBuilder::<DB>::new(sql::INSERT_RESOLVED_ROWS);
+                insert.push_values(chunk, |mut row, (campaign, day)| {
+                    row.push_bind(campaign.clone())
+                        .push_bind(*day)
+                        .push_bind(request.resolution.name())
+                        .push_bind(id);
+                });
+                insert.build().execute(&mut *tx).await?;
+            }
+            outcome.resolution_id = id.max(0) as u64;
+        }
+        let unresolved: i64 = sqlx::query_scalar(sql::UNRESOLVED_COUNT)
+            .fetch_one(&mut *tx)
+            .await?;
+        outcome.unresolved = unresolved.max(0) as u64;
+        Ok(outcome)
+    }
+
+    pub async fn resolutions(
+        pool: &Pool<DB>,
+        limit: u32,
+    ) -> Result<Vec<ResolutionRecord>, StorageError> {
+        let rows: Vec<ResolutionRow> = sqlx::query_as(sql::RESOLUTIONS)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+        rows.into_iter().map(resolution_from_row).collect()
     }
 
     /// Compares both storages over `range` (all history when `None`), reading inside `tx` (the
@@ -292,11 +477,15 @@ where
         range: Option<DateRange>,
         sample_limit: usize,
     ) -> Result<VerifyOutcome, StorageError> {
-        let ambiguous: HashSet<(String, NaiveDate)> = sqlx::query_as(sql::VERIFY_AMBIGUOUS)
+        let set_apart: Vec<(String, NaiveDate, i64)> = sqlx::query_as(sql::VERIFY_AMBIGUOUS)
             .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+            .await?;
+        let ambiguous: Arc<SetApart> = Arc::new(
+            set_apart
+                .into_iter()
+                .map(|(campaign, day, resolved)| ((campaign, day), resolved != 0))
+                .collect(),
+        );
         let within = |query: &mut QueryBuilder<DB>, column: &str| {
             if let Some(range) = range {
                 query
@@ -318,8 +507,12 @@ where
             let Some(last) = rows.last() else { break };
             after = (last.1.clone(), last.2);
             let full = rows.len() < VERIFY_CHUNK as usize;
-            let data = verify_data_from_joined(rows, &ambiguous);
-            outcome.merge(compare(data, sample_limit), sample_limit);
+            let ambiguous = Arc::clone(&ambiguous);
+            let found = compare_off_runtime(sample_limit, move || {
+                verify_data_from_joined(rows, ambiguous)
+            })
+            .await?;
+            outcome.merge(found, sample_limit);
             if full {
                 break;
             }
@@ -337,8 +530,12 @@ where
             let Some(last) = rows.last() else { break };
             after = (last.0.clone(), last.1.clone(), last.2);
             let full = rows.len() < VERIFY_CHUNK as usize;
-            let data = verify_data_from_rows(Vec::new(), rows, ambiguous.clone());
-            outcome.merge(compare(data, sample_limit), sample_limit);
+            let ambiguous = Arc::clone(&ambiguous);
+            let found = compare_off_runtime(sample_limit, move || {
+                verify_data_from_rows(Vec::new(), rows, ambiguous)
+            })
+            .await?;
+            outcome.merge(found, sample_limit);
             if full {
                 break;
             }
@@ -448,6 +645,36 @@ where
             .await?;
         Ok(rows.into_iter().map(audit_entry).collect())
     }
+}
+
+/// Builds one chunk's comparison data with `data` and compares it on tokio's blocking pool,
+/// so that a long verify never holds an async worker thread.
+async fn compare_off_runtime(
+    sample_limit: usize,
+    data: impl FnOnce() -> VerifyData + Send + 'static,
+) -> Result<VerifyOutcome, StorageError> {
+    tokio::task::spawn_blocking(move || compare(data(), sample_limit))
+        .await
+        .map_err(|failed| StorageError::Corrupt(format!("verify's comparison failed: {failed}")))
+}
+
+/// A row of [`sql::RESOLUTIONS`].
+pub(super) type ResolutionRow = (i64, String, String, String, String, i64, i64, DateTime<Utc>);
+
+fn resolution_from_row(
+    (id, resolution, actor, reason, filter, rows, copied, at): ResolutionRow,
+) -> Result<ResolutionRecord, StorageError> {
+    Ok(ResolutionRecord {
+        id: id.max(0) as u64,
+        resolution: Resolution::from_name(&resolution)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown resolution {resolution:?}")))?,
+        actor,
+        reason,
+        filter,
+        rows: rows.max(0) as u64,
+        copied: copied.max(0) as u64,
+        at,
+    })
 }
 
 /// A migration whose text changed after it shipped, without changing what it leaves behind

@@ -13,6 +13,28 @@ macro_rules! run_columns {
     };
 }
 
+/// The run id of the last completed real (not dry) backfill: the one whose ambiguous rows
+/// count.
+macro_rules! last_backfill {
+    () => {
+        "(SELECT run_id FROM migration_runs WHERE kind = 'backfill' AND NOT dry_run \
+         AND state = 'completed' ORDER BY finished_at DESC LIMIT 1)"
+    };
+}
+
+/// The rows of the last completed real backfill's report (alias `i`) that no resolution
+/// covers yet.
+macro_rules! unresolved_issues {
+    () => {
+        concat!(
+            "migration_run_issues i WHERE i.run_id = ",
+            last_backfill!(),
+            " AND NOT EXISTS (SELECT 1 FROM resolved_legacy_rows x \
+             WHERE x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date)"
+        )
+    };
+}
+
 /// The rollout row: basis points, kill switch, salt, version, last change.
 macro_rules! rollout_state {
     () => {
@@ -47,25 +69,30 @@ pub const PHASE_STATE: &str = "SELECT phase, changed_at FROM migration_state WHE
 pub const SET_PHASE: &str = "UPDATE migration_state SET phase = $1, changed_at = $2, \
     dual_write_started_at = $3 WHERE id = 1";
 pub const INSERT_TRANSITION: &str = "INSERT INTO migration_transitions \
-    (from_phase, to_phase, actor, reason, at) VALUES ($1, $2, $3, $4, $5)";
+    (from_phase, to_phase, actor, reason, at, forced) VALUES ($1, $2, $3, $4, $5, $6)";
 /// The phase row a transition starts from (SQLite: its single writer already serialises).
 pub const PHASE_ROW: &str =
     "SELECT phase, changed_at, dual_write_started_at FROM migration_state WHERE id = 1";
 /// [`PHASE_ROW`], locking it until the transaction ends (PostgreSQL).
 pub const PHASE_ROW_FOR_UPDATE: &str = "SELECT phase, changed_at, dual_write_started_at \
     FROM migration_state WHERE id = 1 FOR UPDATE";
-pub const TRANSITIONS: &str = "SELECT from_phase, to_phase, actor, reason, at \
+pub const TRANSITIONS: &str = "SELECT from_phase, to_phase, actor, reason, at, forced \
     FROM migration_transitions ORDER BY id DESC LIMIT $1";
 
-/// The finish times `PreconditionFacts` needs: the last real backfill, and the latest
-/// verify if it was clean.
-pub const PRECONDITION_FACTS: &str = "SELECT \
+/// What `PreconditionFacts` needs: the finish time of the last real backfill, the latest
+/// verify's if it was clean, and the last backfill's unresolved ambiguous rows.
+pub const PRECONDITION_FACTS: &str = concat!(
+    "SELECT \
     (SELECT MAX(finished_at) FROM migration_runs \
      WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
     (SELECT MAX(finished_at) FROM migration_runs \
      WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0 \
      AND finished_at = (SELECT MAX(finished_at) FROM migration_runs \
-                        WHERE kind = 'verify' AND state = 'completed'))";
+                        WHERE kind = 'verify' AND state = 'completed')), \
+    (SELECT COUNT(*) FROM ",
+    unresolved_issues!(),
+    ")"
+);
 
 // Backfill and verify runs.
 
@@ -94,8 +121,58 @@ pub const BATCH_PROGRESS: &str = "UPDATE migration_runs SET processed = processe
     copied = copied + $2, skipped = skipped + $3, ambiguous = ambiguous + $4, \
     checkpoint_campaign = COALESCE($5, checkpoint_campaign), \
     checkpoint_date = COALESCE($6, checkpoint_date), heartbeat_at = $7 WHERE run_id = $8";
-pub const RUN_ISSUES: &str = "SELECT campaign_id, user_id, stat_date, reason \
-    FROM migration_run_issues WHERE run_id = $1 ORDER BY id LIMIT $2";
+/// A run's reported rows, oldest first, with the resolution of their legacy key (backfill
+/// runs only: a verify's differences are not resolved).
+pub const RUN_ISSUES: &str = "SELECT i.campaign_id, i.user_id, i.stat_date, i.reason, i.kind, \
+    x.resolution FROM migration_run_issues i LEFT JOIN resolved_legacy_rows x \
+    ON x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date \
+    AND EXISTS (SELECT 1 FROM migration_runs m WHERE m.run_id = i.run_id AND m.kind = 'backfill') \
+    WHERE i.run_id = $1 ORDER BY i.id LIMIT $2";
+/// How many of a backfill run's reported rows are resolved, and how many in all.
+pub const RUN_ISSUE_COUNTS: &str = "SELECT COUNT(x.resolution), COUNT(*) \
+    FROM migration_run_issues i LEFT JOIN resolved_legacy_rows x \
+    ON x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date WHERE i.run_id = $1";
+/// Records rows a run reported; the caller adds `VALUES` rows.
+pub const INSERT_RUN_ISSUES: &str =
+    "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason, kind) ";
+/// Completes a verify run with its findings.
+pub const COMPLETE_VERIFY: &str = "UPDATE migration_runs SET state = 'completed', \
+    finished_at = $1, heartbeat_at = $2, processed = $3, compared = $4, mismatches = $5, \
+    ambiguous = $6 WHERE run_id = $7";
+/// Records the legacy key range one backfill batch read, and what it copied.
+pub const INSERT_BACKFILL_BATCH: &str = "INSERT INTO backfill_batches (run_id, first_campaign, \
+    first_date, last_campaign, last_date, processed, copied, at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+// Ambiguous rows and their resolutions.
+
+/// The unresolved ambiguous rows of the last completed real backfill, as the backfill reads
+/// legacy rows (`BACKFILL_SELECT`'s columns), with the kind they were reported for. The
+/// backend's backfill select is put in front.
+pub const UNRESOLVED_ROWS_JOIN: &str = concat!(
+    ", ",
+    unresolved_issues!(),
+    " AND i.campaign_id = l.campaign_id AND i.stat_date = l.stat_date \
+     AND i.user_id = l.user_id ORDER BY l.campaign_id, l.stat_date"
+);
+/// The campaigns among the unresolved rows that appear under several users in legacy.
+pub const UNRESOLVED_SEVERAL_USERS: &str = concat!(
+    "SELECT campaign_id FROM campaign_daily_stat_entries WHERE campaign_id IN \
+     (SELECT i.campaign_id FROM ",
+    unresolved_issues!(),
+    ") GROUP BY campaign_id HAVING COUNT(DISTINCT user_id) > 1"
+);
+/// Unresolved rows left.
+pub const UNRESOLVED_COUNT: &str = concat!("SELECT COUNT(*) FROM ", unresolved_issues!());
+pub const INSERT_RESOLUTION: &str = "INSERT INTO ambiguous_resolutions \
+    (resolution, actor, reason, selection, row_count, copied, at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
+/// Records the resolution of legacy keys; the caller adds `VALUES` rows.
+pub const INSERT_RESOLVED_ROWS: &str =
+    "INSERT INTO resolved_legacy_rows (campaign_id, stat_date, resolution, resolution_id) ";
+/// Audited resolutions, newest first.
+pub const RESOLUTIONS: &str = "SELECT id, resolution, actor, reason, selection, row_count, \
+    copied, at FROM ambiguous_resolutions ORDER BY id DESC LIMIT $1";
 
 /// A chunk of verify: legacy rows (the caller adds the condition "after the last key") in key order, each with its five
 /// counts (NULL as 0) and the new storage's five for the same `(user, campaign, day)`, found
@@ -117,10 +194,15 @@ pub const VERIFY_NEW_ONLY_CHUNK: &str = "SELECT r.user_id, r.campaign_id, r.day,
     AND NOT EXISTS (SELECT 1 FROM campaign_daily_stat_entries l \
         WHERE l.campaign_id = r.campaign_id AND l.stat_date = r.day AND l.user_id = r.user_id) \
     AND (r.user_id, r.campaign_id, r.day) > ";
-/// The `(campaign, day)` keys the last completed real backfill reported.
-pub const VERIFY_AMBIGUOUS: &str = "SELECT campaign_id, stat_date FROM migration_run_issues \
-    WHERE run_id = (SELECT run_id FROM migration_runs WHERE kind = 'backfill' AND NOT dry_run \
-    AND state = 'completed' ORDER BY finished_at DESC LIMIT 1)";
+/// The `(campaign, day)` keys verify sets apart, and whether each is resolved: the last
+/// completed real backfill's unresolved rows (0), and the keys skipped on purpose (1). Keys
+/// resolved by copying are compared like any other.
+pub const VERIFY_AMBIGUOUS: &str = concat!(
+    "SELECT i.campaign_id, i.stat_date, CAST(0 AS BIGINT) FROM ",
+    unresolved_issues!(),
+    " UNION ALL SELECT campaign_id, stat_date, CAST(1 AS BIGINT) FROM resolved_legacy_rows \
+     WHERE resolution = 'skip'"
+);
 
 /// Legacy rows whose five counts are all zero.
 pub const LEGACY_ZERO_ROWS: &str = "SELECT COUNT(*) FROM campaign_daily_stat_entries \

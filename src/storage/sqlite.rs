@@ -7,19 +7,22 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{NaiveDate, Utc};
+use chrono::NaiveDate;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    EventStore, PoolOptions, PoolUse, RecordOutcome, StorageError, TableSize, batch,
-    mismatch_reason, parse_phase, sql,
+    EventStore, PoolOptions, PoolUse, RecordOutcome, RunIssues, StorageError, TableSize, batch,
+    parse_phase, sql,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
-use crate::migration::backfill::{BatchOutcome, LegacyRow, plan_batch};
+use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
+use crate::migration::backfill::{
+    BatchOutcome, LegacyRow, RollupCopy, plan_batch, plan_resolution,
+};
 use crate::migration::verify::VerifyOutcome;
-use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
+use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -136,6 +139,26 @@ async fn insert_events(
         insert.build().execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// Adds legacy history (a backfill's or a resolution's `copies`) to the rollups, and claims
+/// each campaign for its legacy user where no one owns it yet.
+async fn copy_into_rollups(
+    tx: &mut sqlx::SqliteConnection,
+    copies: &[RollupCopy],
+) -> Result<(), sqlx::Error> {
+    for chunk in batch::copy_claims(copies).chunks(rows_per_statement(2)) {
+        let mut insert =
+            QueryBuilder::<Sqlite>::new("INSERT INTO campaigns (campaign_id, user_id) ");
+        insert.push_values(chunk, |mut row, (campaign, user)| {
+            row.push_bind(*campaign).push_bind(*user);
+        });
+        insert.push(" ON CONFLICT (campaign_id) DO NOTHING");
+        insert.build().execute(&mut *tx).await?;
+    }
+    // Copies take turns (one writer): they share one stripe, so a day's history stays in
+    // one row.
+    add_to_rollups(tx, &batch::copy_deltas(copies), batch::BACKFILL_STRIPE).await
 }
 
 /// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
@@ -396,10 +419,14 @@ impl EventStore for SqliteStore {
         target: Phase,
         actor: &str,
         reason: &str,
+        force: bool,
     ) -> Result<PhaseState, StorageError> {
         // The single writer connection serialises transitions with every write.
         let mut tx = self.writer.begin().await?;
-        match Shared::<Sqlite>::transition(&mut tx, sql::PHASE_ROW, target, actor, reason).await? {
+        let transitioned =
+            Shared::<Sqlite>::transition(&mut tx, sql::PHASE_ROW, target, actor, reason, force)
+                .await?;
+        match transitioned {
             Transitioned::Stayed(state) => Ok(state),
             Transitioned::Moved(state) => {
                 tx.commit().await?;
@@ -439,15 +466,17 @@ impl EventStore for SqliteStore {
     }
 
     async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
+        // The single writer serialises batches of concurrent runs and resolutions.
         let mut tx = self.writer.begin().await?;
         let (after_campaign, after_date) = run
             .checkpoint
             .clone()
             .unwrap_or_else(batch::before_all_keys);
         let rows: Vec<batch::BackfillRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{} WHERE (l.campaign_id, l.stat_date) > (?, ?) \
+            "{}{} WHERE (l.campaign_id, l.stat_date) > (?, ?) \
              ORDER BY l.campaign_id, l.stat_date LIMIT ?",
-            batch::BACKFILL_SELECT
+            batch::BACKFILL_COLUMNS,
+            batch::BACKFILL_SOURCE
         )))
         .bind(after_campaign)
         .bind(after_date)
@@ -466,43 +495,12 @@ impl EventStore for SqliteStore {
             several_users.extend(shared);
         }
         let plan = plan_batch(batch::backfill_rows(rows, &several_users));
-
-        if !run.dry_run && !plan.copies.is_empty() {
-            for chunk in batch::copy_claims(&plan.copies).chunks(rows_per_statement(2)) {
-                let mut insert =
-                    QueryBuilder::<Sqlite>::new("INSERT INTO campaigns (campaign_id, user_id) ");
-                insert.push_values(chunk, |mut row, (campaign, user)| {
-                    row.push_bind(*campaign).push_bind(*user);
-                });
-                insert.push(" ON CONFLICT (campaign_id) DO NOTHING");
-                insert.build().execute(&mut *tx).await?;
-            }
-            // Batches of a backfill run one at a time: they share one stripe, so a day's
-            // history stays in one row.
-            add_to_rollups(
-                &mut tx,
-                &batch::copy_deltas(&plan.copies),
-                batch::BACKFILL_STRIPE,
-            )
-            .await?;
+        if !run.dry_run {
+            copy_into_rollups(&mut tx, &plan.copies).await?;
         }
-        for chunk in plan.issues.chunks(rows_per_statement(5)) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason) ",
-            );
-            insert.push_values(chunk, |mut row, issue| {
-                row.push_bind(run.run_id.as_str())
-                    .push_bind(issue.campaign_id.as_str())
-                    .push_bind(issue.user_id.as_str())
-                    .push_bind(issue.stat_date)
-                    .push_bind(issue.reason.as_str());
-            });
-            insert.build().execute(&mut *tx).await?;
-        }
-        let outcome = plan.outcome;
-        Shared::<Sqlite>::record_batch_progress(&mut tx, &run.run_id, &outcome).await?;
+        Shared::<Sqlite>::record_batch(&mut tx, run, &plan.outcome, &plan.issues).await?;
         tx.commit().await?;
-        Ok(outcome)
+        Ok(plan.outcome)
     }
 
     async fn finish_run(
@@ -514,8 +512,26 @@ impl EventStore for SqliteStore {
         Shared::<Sqlite>::finish_run(&self.writer, run_id, state, error).await
     }
 
-    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<Vec<RunIssue>, StorageError> {
+    async fn run_issues(&self, run_id: &str, limit: u32) -> Result<RunIssues, StorageError> {
         Shared::<Sqlite>::run_issues(&self.reader, run_id, limit).await
+    }
+
+    async fn resolve_ambiguous(
+        &self,
+        request: &ResolveRequest,
+    ) -> Result<ResolveOutcome, StorageError> {
+        // The single writer serialises resolutions with backfill batches.
+        let mut tx = self.writer.begin().await?;
+        let rows = Shared::<Sqlite>::unresolved_rows(&mut tx, &request.filter).await?;
+        let plan = plan_resolution(request.resolution, rows)?;
+        copy_into_rollups(&mut tx, &plan.copies).await?;
+        let outcome = Shared::<Sqlite>::record_resolution(&mut tx, request, &plan).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, StorageError> {
+        Shared::<Sqlite>::resolutions(&self.reader, limit).await
     }
 
     async fn verify(
@@ -536,33 +552,7 @@ impl EventStore for SqliteStore {
         outcome: &VerifyOutcome,
     ) -> Result<(), StorageError> {
         let mut tx = self.writer.begin().await?;
-        for chunk in outcome.sample.chunks(rows_per_statement(5)) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason) ",
-            );
-            insert.push_values(chunk, |mut row, mismatch| {
-                row.push_bind(run_id)
-                    .push_bind(mismatch.campaign_id.as_str())
-                    .push_bind(mismatch.user_id.as_str())
-                    .push_bind(mismatch.date)
-                    .push_bind(mismatch_reason(mismatch));
-            });
-            insert.build().execute(&mut *tx).await?;
-        }
-        let now = Utc::now();
-        sqlx::query(
-            "UPDATE migration_runs SET state = 'completed', finished_at = ?, heartbeat_at = ?, \
-             processed = ?, compared = ?, mismatches = ?, ambiguous = ? WHERE run_id = ?",
-        )
-        .bind(now)
-        .bind(now)
-        .bind((outcome.compared + outcome.ambiguous) as i64)
-        .bind(outcome.compared as i64)
-        .bind(outcome.mismatches as i64)
-        .bind(outcome.ambiguous as i64)
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await?;
+        Shared::<Sqlite>::complete_verify(&mut tx, run_id, outcome).await?;
         tx.commit().await?;
         Ok(())
     }

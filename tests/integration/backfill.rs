@@ -3,15 +3,18 @@
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{
-    EventType, GetRunRequest, GetStatsForCampaignsRequest, GetStatsForCampaignsResponse,
-    MigrationPhase, RecordEventRequest, RecordEventsRequest, Run, StartBackfillRequest,
-    StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest, VerifyConsistencyResponse,
+    AmbiguityKind, AmbiguousResolution, EventType, GetRunRequest, GetStatsForCampaignsRequest,
+    GetStatsForCampaignsResponse, LegacyRowKey, ListAmbiguousResolutionsRequest,
+    ListPhaseTransitionsRequest, MigrationPhase, RecordEventRequest, RecordEventsRequest,
+    ResolveAmbiguousRowsRequest, ResolveAmbiguousRowsResponse, Run, RunReport,
+    StartBackfillRequest, StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest,
+    VerifyConsistencyResponse,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::{ServerProcess, TestDb, event};
+use crate::common::{ServerProcess, TestDb, assert_names_fields, event};
 
 crate::on_both_backends!(
     backfill_copies_history_once_and_reports_ambiguous_rows,
@@ -23,6 +26,7 @@ crate::on_both_backends!(
     legacy_to_new_primary_keeps_every_total_while_events_arrive,
     verify_names_a_difference_planted_in_either_storage,
     storage_report_compares_both_storages,
+    ambiguous_rows_are_resolved_by_copy_or_skip_and_hold_verified_back,
 );
 
 /// Legacy rows the way the legacy system left them: `campaigns` campaigns of `users` users
@@ -74,6 +78,7 @@ const AMBIGUOUS_ROWS: u64 = 5;
 async fn move_to(client: &mut MigrationServiceClient<Channel>, phase: MigrationPhase) {
     client
         .transition_phase(TransitionPhaseRequest {
+            force: false,
             target: phase.into(),
             reason: "test".into(),
             actor: "tester".into(),
@@ -231,6 +236,7 @@ async fn dry_run_counts_but_writes_nothing(db: TestDb) {
     move_to(&mut client, MigrationPhase::DualWrite).await;
     let status = client
         .transition_phase(TransitionPhaseRequest {
+            force: false,
             target: MigrationPhase::Backfilled.into(),
             reason: "dry run only".into(),
             actor: String::new(),
@@ -549,6 +555,13 @@ async fn legacy_to_new_primary_keeps_every_total_while_events_arrive(db: TestDb)
             .all(|a| a.source == i32::from(StorageSource::Legacy))
     );
 
+    // The operator looked at the reported rows and leaves them out.
+    let skipped = resolve(
+        &mut client,
+        resolve_request(AmbiguousResolution::Skip, &[], &[]),
+    )
+    .await;
+    assert_eq!((skipped.resolved, skipped.unresolved), (AMBIGUOUS_ROWS, 0));
     move_to(&mut client, MigrationPhase::Verified).await;
     move_to(&mut client, MigrationPhase::NewPrimary).await;
     let after = all_totals(&mut stats, 4, 12).await;
@@ -605,6 +618,7 @@ async fn verify_names_a_difference_planted_in_either_storage(db: TestDb) {
     move_to(&mut client, MigrationPhase::Backfilled).await;
     let status = client
         .transition_phase(TransitionPhaseRequest {
+            force: false,
             target: MigrationPhase::Verified.into(),
             reason: "x".into(),
             actor: String::new(),
@@ -705,5 +719,306 @@ async fn storage_report_compares_both_storages(db: TestDb) {
             .sum::<u64>()
     );
     assert!(report.legacy_bytes > 0 && report.new_bytes > 0);
+    server.stop().await;
+}
+
+fn resolve_request(
+    resolution: AmbiguousResolution,
+    kinds: &[AmbiguityKind],
+    rows: &[(&str, &str)],
+) -> ResolveAmbiguousRowsRequest {
+    ResolveAmbiguousRowsRequest {
+        resolution: resolution.into(),
+        reason: "checked with the campaign owner".into(),
+        actor: "ops@example.com".into(),
+        rows: rows
+            .iter()
+            .map(|(campaign, date)| LegacyRowKey {
+                campaign_id: (*campaign).into(),
+                date: (*date).into(),
+            })
+            .collect(),
+        kinds: kinds.iter().map(|k| (*k).into()).collect(),
+    }
+}
+
+async fn resolve(
+    client: &mut MigrationServiceClient<Channel>,
+    request: ResolveAmbiguousRowsRequest,
+) -> ResolveAmbiguousRowsResponse {
+    client
+        .resolve_ambiguous_rows(request)
+        .await
+        .expect("ResolveAmbiguousRows")
+        .into_inner()
+}
+
+async fn report(client: &mut MigrationServiceClient<Channel>, run_id: &str) -> RunReport {
+    client
+        .get_run_report(GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .expect("GetRunReport")
+        .into_inner()
+}
+
+/// The new storage's sent, replied and positive replies of one campaign (all days).
+async fn copied(db: &TestDb, campaign: &str) -> (i64, i64, i64) {
+    let sum = |column: &str| {
+        format!(
+            "SELECT COALESCE(SUM({column}), 0) FROM campaign_day_totals \
+             WHERE campaign_id = '{campaign}'"
+        )
+    };
+    (
+        db.scalar(&sum("sent")).await,
+        db.scalar(&sum("replied")).await,
+        db.scalar(&sum("positive_replies")).await,
+    )
+}
+
+/// Whether the newest phase change was forced.
+async fn last_move_forced(client: &mut MigrationServiceClient<Channel>) -> bool {
+    client
+        .list_phase_transitions(ListPhaseTransitionsRequest { limit: 1 })
+        .await
+        .expect("history")
+        .into_inner()
+        .transitions[0]
+        .forced
+}
+
+async fn ambiguous_rows_are_resolved_by_copy_or_skip_and_hold_verified_back(db: TestDb) {
+    let server = db.start_server().await;
+    seed_legacy(&db, 6, 2, 20).await;
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    let run = backfill(&mut client, false, 50).await;
+    assert_eq!(run.ambiguous, AMBIGUOUS_ROWS, "{run:?}");
+    let first = report(&mut client, &run.run_id).await;
+    assert_eq!((first.resolved, first.unresolved), (0, AMBIGUOUS_ROWS));
+    let mut kinds: Vec<(String, AmbiguityKind)> = first
+        .ambiguous
+        .iter()
+        .map(|i| (i.campaign_id.clone(), i.kind()))
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            ("bad-negative".into(), AmbiguityKind::NegativeCount),
+            ("bad-null".into(), AmbiguityKind::NullCount),
+            (
+                "bad-positive".into(),
+                AmbiguityKind::PositiveRepliesAboveReplied
+            ),
+            ("bad-shared".into(), AmbiguityKind::SeveralUsers),
+            ("bad-shared".into(), AmbiguityKind::SeveralUsers),
+        ]
+    );
+    move_to(&mut client, MigrationPhase::Backfilled).await;
+    let clean = verify(&mut client, "", "").await;
+    assert_eq!(clean.mismatches, 0, "{clean:?}");
+    assert_eq!(
+        (
+            clean.ambiguous,
+            clean.ambiguous_resolved,
+            clean.ambiguous_unresolved
+        ),
+        (AMBIGUOUS_ROWS, 0, AMBIGUOUS_ROWS)
+    );
+
+    // Unresolved rows hold VERIFIED back, with the count.
+    let refused = client
+        .transition_phase(TransitionPhaseRequest {
+            force: false,
+            target: MigrationPhase::Verified.into(),
+            reason: "test".into(),
+            actor: "tester".into(),
+        })
+        .await
+        .expect_err("unresolved rows");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains("ambiguous rows of the last backfill: 5"),
+        "{refused:?}"
+    );
+
+    // Bad requests name their fields, and resolve nothing.
+    let mut bad = resolve_request(
+        AmbiguousResolution::Unspecified,
+        &[],
+        &[("c", "2025-13-01")],
+    );
+    bad.reason = String::new();
+    let status = client
+        .resolve_ambiguous_rows(bad)
+        .await
+        .expect_err("invalid");
+    assert_names_fields(
+        &status,
+        Code::InvalidArgument,
+        &["resolution", "reason", "rows[0].date"],
+    );
+
+    // COPY of every row is refused as a whole: a negative count and a shared campaign
+    // cannot be copied.
+    let status = client
+        .resolve_ambiguous_rows(resolve_request(AmbiguousResolution::Copy, &[], &[]))
+        .await
+        .expect_err("uncopiable rows");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("cannot copy 3"), "{status:?}");
+    assert_eq!(
+        report(&mut client, &run.run_id).await.unresolved,
+        AMBIGUOUS_ROWS
+    );
+    assert_eq!(copied(&db, "bad-null").await, (0, 0, 0));
+
+    // COPY by kind: NULL read as 0, more positive replies than replies taken as they are.
+    let copy = resolve(
+        &mut client,
+        resolve_request(
+            AmbiguousResolution::Copy,
+            &[
+                AmbiguityKind::NullCount,
+                AmbiguityKind::PositiveRepliesAboveReplied,
+            ],
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!((copy.resolved, copy.copied, copy.unresolved), (2, 2, 3));
+    assert!(copy.resolution_id > 0);
+    assert_eq!(copied(&db, "bad-null").await, (1, 0, 0));
+    assert_eq!(copied(&db, "bad-positive").await, (5, 1, 2));
+    // Resolving the same rows again finds nothing left to do.
+    let again = resolve(
+        &mut client,
+        resolve_request(AmbiguousResolution::Copy, &[AmbiguityKind::NullCount], &[]),
+    )
+    .await;
+    assert_eq!((again.resolved, again.resolution_id), (0, 0));
+
+    // SKIP by row.
+    let skip = resolve(
+        &mut client,
+        resolve_request(
+            AmbiguousResolution::Skip,
+            &[],
+            &[("bad-negative", "2025-02-01")],
+        ),
+    )
+    .await;
+    assert_eq!((skip.resolved, skip.copied, skip.unresolved), (1, 0, 2));
+
+    // Verify compares the copied rows and sets the skipped and unresolved ones apart.
+    let after = verify(&mut client, "", "").await;
+    assert_eq!(after.mismatches, 0, "{after:?}");
+    assert_eq!(
+        (
+            after.ambiguous,
+            after.ambiguous_resolved,
+            after.ambiguous_unresolved
+        ),
+        (3, 1, 2)
+    );
+
+    // Forced past the two unresolved rows: allowed, and the history says so.
+    client
+        .transition_phase(TransitionPhaseRequest {
+            force: true,
+            target: MigrationPhase::Verified.into(),
+            reason: "shared campaigns are tracked in TICKET-1".into(),
+            actor: "tester".into(),
+        })
+        .await
+        .expect("forced transition");
+    assert!(last_move_forced(&mut client).await);
+
+    // Back, resolve the rest, and VERIFIED needs no force.
+    move_to(&mut client, MigrationPhase::Backfilled).await;
+    let rest = resolve(
+        &mut client,
+        resolve_request(AmbiguousResolution::Skip, &[], &[]),
+    )
+    .await;
+    assert_eq!((rest.resolved, rest.unresolved), (2, 0));
+    move_to(&mut client, MigrationPhase::Verified).await;
+    assert!(!last_move_forced(&mut client).await);
+
+    let done = report(&mut client, &run.run_id).await;
+    assert_eq!((done.resolved, done.unresolved), (AMBIGUOUS_ROWS, 0));
+    let mut resolutions: Vec<(String, AmbiguousResolution)> = done
+        .ambiguous
+        .iter()
+        .map(|i| (i.campaign_id.clone(), i.resolution()))
+        .collect();
+    resolutions.sort();
+    assert_eq!(
+        resolutions,
+        [
+            ("bad-negative".into(), AmbiguousResolution::Skip),
+            ("bad-null".into(), AmbiguousResolution::Copy),
+            ("bad-positive".into(), AmbiguousResolution::Copy),
+            ("bad-shared".into(), AmbiguousResolution::Skip),
+            ("bad-shared".into(), AmbiguousResolution::Skip),
+        ]
+    );
+
+    // Each call is audited: who, why, what it covered, how many.
+    let audit = client
+        .list_ambiguous_resolutions(ListAmbiguousResolutionsRequest { limit: 0 })
+        .await
+        .expect("resolutions")
+        .into_inner()
+        .resolutions;
+    let entries: Vec<(AmbiguousResolution, &str, u64, u64)> = audit
+        .iter()
+        .map(|r| (r.resolution(), r.filter.as_str(), r.rows, r.copied))
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (AmbiguousResolution::Skip, "all", 2, 0),
+            (
+                AmbiguousResolution::Skip,
+                "rows=bad-negative/2025-02-01",
+                1,
+                0
+            ),
+            (
+                AmbiguousResolution::Copy,
+                "kinds=null-count,positive-replies-above-replied",
+                2,
+                2
+            ),
+        ]
+    );
+    assert!(
+        audit
+            .iter()
+            .all(|r| r.actor == "ops@example.com" && r.reason == "checked with the campaign owner")
+    );
+
+    // A later backfill honours the resolutions: the rows are reported again, already
+    // resolved, and nothing is copied twice.
+    move_to(&mut client, MigrationPhase::DualWrite).await;
+    let later = backfill(&mut client, false, 50).await;
+    assert_eq!(
+        (later.ambiguous, later.copied),
+        (AMBIGUOUS_ROWS, 0),
+        "{later:?}"
+    );
+    let later_report = report(&mut client, &later.run_id).await;
+    assert_eq!(
+        (later_report.resolved, later_report.unresolved),
+        (AMBIGUOUS_ROWS, 0)
+    );
+    assert_eq!(copied(&db, "bad-null").await, (1, 0, 0));
+    assert_eq!(copied(&db, "bad-positive").await, (5, 1, 2));
     server.stop().await;
 }

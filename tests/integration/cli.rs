@@ -103,6 +103,27 @@ async fn operator_migrates_with_the_cli_alone(db: TestDb) {
     let verified = cli_json(&with(&["verify"])).await;
     assert_eq!(verified["mismatches"], 0);
     assert_eq!(verified["ambiguous"].as_u64(), Some(ambiguous));
+    assert_eq!(verified["ambiguous_unresolved"].as_u64(), Some(ambiguous));
+    assert_eq!(run["unresolved"].as_u64(), Some(ambiguous));
+
+    // The operator decides on the ambiguous rows: a resolve needs a reason and one of
+    // --copy and --skip, and is audited.
+    let (ok, _, stderr) = cli(&with(&["migration", "resolve", "--reason", "x"])).await;
+    assert!(!ok && stderr.contains("--copy"), "{stderr}");
+    let resolved = cli_json(&with(&[
+        "migration",
+        "resolve",
+        "--skip",
+        "--reason",
+        "rows the legacy system got wrong",
+    ]))
+    .await;
+    assert_eq!(resolved["resolved"].as_u64(), Some(ambiguous));
+    assert_eq!(resolved["unresolved"], 0);
+    let audit = cli_json(&with(&["migration", "resolutions"])).await;
+    assert_eq!(audit[0]["resolution"], "skip");
+    assert_eq!(audit[0]["rows"].as_u64(), Some(ambiguous));
+    assert_eq!(audit[0]["reason"], "rows the legacy system got wrong");
 
     for phase in ["BACKFILLED", "verified", "new_primary"] {
         cli_json(&with(&[

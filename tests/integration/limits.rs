@@ -142,6 +142,7 @@ async fn control_characters_are_refused_in_every_text_field(db: TestDb) {
         assert_names_fields(&status, Code::InvalidArgument, &["page_token"]);
         let status = migration
             .transition_phase(TransitionPhaseRequest {
+                force: false,
                 target: 2,
                 reason: bad.into(),
                 actor: bad.into(),

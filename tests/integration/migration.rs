@@ -22,6 +22,7 @@ crate::on_both_backends!(
 
 fn transition(target: MigrationPhase, reason: &str) -> TransitionPhaseRequest {
     TransitionPhaseRequest {
+        force: false,
         target: target.into(),
         reason: reason.into(),
         actor: "ops@example.com".into(),
@@ -164,6 +165,7 @@ async fn transition_names_bad_fields(db: TestDb) {
     for (request, fields) in [
         (
             TransitionPhaseRequest {
+                force: false,
                 target: 0,
                 reason: "x".into(),
                 actor: String::new(),
@@ -172,6 +174,7 @@ async fn transition_names_bad_fields(db: TestDb) {
         ),
         (
             TransitionPhaseRequest {
+                force: false,
                 target: 99,
                 reason: "x".into(),
                 actor: String::new(),
@@ -181,6 +184,7 @@ async fn transition_names_bad_fields(db: TestDb) {
         (transition(MigrationPhase::DualWrite, " "), vec!["reason"]),
         (
             TransitionPhaseRequest {
+                force: false,
                 target: 0,
                 reason: String::new(),
                 actor: String::new(),

@@ -233,6 +233,7 @@ async fn verify_walks_a_history_of_many_chunks(db: TestDb) {
     let mut client = MigrationServiceClient::new(server.channel().await);
     client
         .transition_phase(TransitionPhaseRequest {
+            force: false,
             target: MigrationPhase::DualWrite.into(),
             reason: "test".into(),
             actor: "tester".into(),
