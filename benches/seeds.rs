@@ -15,9 +15,10 @@ use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClien
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{
-    GetAggregatedDailyStatsRequest, GetRunRequest, GetStatsForCampaignsRequest, GetStatsRequest,
-    GetStorageReportRequest, Granularity, MigrationPhase, SetUserOverrideRequest,
-    StartBackfillRequest, StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest,
+    AmbiguousResolution, GetAggregatedDailyStatsRequest, GetRunRequest,
+    GetStatsForCampaignsRequest, GetStatsRequest, GetStorageReportRequest, Granularity,
+    MigrationPhase, ResolveAmbiguousRowsRequest, SetUserOverrideRequest, StartBackfillRequest,
+    StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest,
 };
 use campaign_stats::server::{ServerConfig, launch};
 use campaign_stats::storage::{EventStore, PoolOptions, PostgresStore, SqliteStore};
@@ -340,6 +341,20 @@ async fn run(backend: Backend, url: &str, scale: Scale) -> serde_json::Value {
     let verify = started.elapsed();
     let memory_growth = peak_memory().saturating_sub(memory_before);
     move_to(&mut migration, MigrationPhase::Backfilled).await;
+    // The rows planted to look wrong are skipped on purpose, as an operator would after
+    // reading the report; VERIFIED needs them resolved.
+    let resolved = migration
+        .resolve_ambiguous_rows(ResolveAmbiguousRowsRequest {
+            resolution: AmbiguousResolution::Skip.into(),
+            reason: "planted by the seeds benchmark".into(),
+            actor: "bench".into(),
+            rows: Vec::new(),
+            kinds: Vec::new(),
+        })
+        .await
+        .expect("ResolveAmbiguousRows")
+        .into_inner();
+    assert_eq!(resolved.resolved, run.ambiguous, "{resolved:?}");
     move_to(&mut migration, MigrationPhase::Verified).await;
     let sizes = migration
         .get_storage_report(GetStorageReportRequest {})

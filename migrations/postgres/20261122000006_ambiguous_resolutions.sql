@@ -28,16 +28,17 @@ CREATE TABLE IF NOT EXISTS resolved_legacy_rows (
 -- A transition into VERIFIED past unresolved ambiguous rows is forced, and says so.
 ALTER TABLE migration_transitions ADD COLUMN IF NOT EXISTS forced BOOLEAN NOT NULL DEFAULT false;
 
--- Provenance of backfilled history: one row per batch, the legacy key range it read and
--- what it copied from it (rollups do not say where their counts came from).
+-- Provenance of backfilled history: one row per batch, the legacy key range it read (after
+-- the `after_` key, up to and including the `last_` key) and what it copied from it (rollups
+-- do not say where their counts came from).
 CREATE TABLE IF NOT EXISTS backfill_batches (
     run_id         TEXT NOT NULL,
-    first_campaign TEXT NOT NULL,
-    first_date     DATE NOT NULL,
+    after_campaign TEXT NOT NULL,
+    after_date     DATE NOT NULL,
     last_campaign  TEXT NOT NULL,
     last_date      DATE NOT NULL,
     processed      BIGINT NOT NULL,
     copied         BIGINT NOT NULL,
     at             TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (run_id, first_campaign, first_date)
+    PRIMARY KEY (run_id, after_campaign, after_date)
 );

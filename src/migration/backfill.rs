@@ -215,9 +215,6 @@ pub struct BatchOutcome {
     pub skipped: u64,
     /// Rows reported instead of copied.
     pub ambiguous: u64,
-    /// The key of the first row read (with `last_key`, the range this batch covered: the
-    /// provenance of what it copied).
-    pub first_key: Option<(String, NaiveDate)>,
     /// The key of the last row read: the checkpoint. `None` when there was nothing left.
     pub last_key: Option<(String, NaiveDate)>,
 }
@@ -342,9 +339,7 @@ pub fn plan_batch(rows: Vec<ReadRow>) -> BatchPlan {
     let mut plan = BatchPlan::default();
     for ReadRow { row, context } in rows {
         plan.outcome.processed += 1;
-        let key = (row.campaign_id.clone(), row.stat_date);
-        plan.outcome.first_key.get_or_insert_with(|| key.clone());
-        plan.outcome.last_key = Some(key);
+        plan.outcome.last_key = Some((row.campaign_id.clone(), row.stat_date));
         let verdict = match classify(&row, &context) {
             Verdict::Copy(missing) => match valid_ids(&row) {
                 Ok(()) => Verdict::Copy(missing),

@@ -9,6 +9,7 @@
 //! really differs: pools, bulk writes (multi-row `VALUES` against `UNNEST`), locking,
 //! partitions and change notifications.
 
+mod backfill;
 mod batch;
 mod bounded;
 mod error;

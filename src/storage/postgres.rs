@@ -9,6 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use tokio::sync::watch;
 
+use super::backfill::{BackfillSql, CopyStatements};
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
     EventStore, PoolOptions, PoolUse, RecordOutcome, RunIssues, StorageError, TableSize, batch,
@@ -16,9 +17,7 @@ use super::{
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
-use crate::migration::backfill::{
-    BatchOutcome, LegacyRow, RollupCopy, plan_batch, plan_resolution,
-};
+use crate::migration::backfill::{BatchOutcome, LegacyRow, RollupCopy, plan_resolution};
 use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
@@ -154,6 +153,17 @@ async fn lock_backfill(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// The set-based backfill's statements: one writable `WITH` statement copies a batch.
+fn backfill_sql() -> &'static BackfillSql {
+    static SQL: std::sync::OnceLock<BackfillSql> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        BackfillSql::new(
+            "l.user_id ~ '^[ -~]{1,128}$' AND l.campaign_id ~ '^[ -~]{1,128}$'",
+            CopyStatements::One,
+        )
+    })
 }
 
 /// Adds legacy history (a backfill's or a resolution's `copies`) to the rollups, and claims
@@ -568,32 +578,7 @@ impl EventStore for PostgresStore {
     async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
         let mut tx = self.pool.begin().await?;
         lock_backfill(&mut tx).await?;
-        let (after_campaign, after_date) = run
-            .checkpoint
-            .clone()
-            .unwrap_or_else(batch::before_all_keys);
-        let rows: Vec<batch::BackfillRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{}{} WHERE (l.campaign_id, l.stat_date) > ($1, $2) \
-             ORDER BY l.campaign_id, l.stat_date LIMIT $3",
-            batch::BACKFILL_COLUMNS,
-            batch::BACKFILL_SOURCE
-        )))
-        .bind(after_campaign)
-        .bind(after_date)
-        .bind(i64::from(run.batch_size.max(1)))
-        .fetch_all(&mut *tx)
-        .await?;
-        let campaigns: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-        let several_users: HashSet<String> = sqlx::query_scalar(
-            "SELECT campaign_id FROM campaign_daily_stat_entries WHERE campaign_id = ANY($1) \
-             GROUP BY campaign_id HAVING COUNT(DISTINCT user_id) > 1",
-        )
-        .bind(&campaigns)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        let plan = plan_batch(batch::backfill_rows(rows, &several_users));
+        let plan = Shared::<Postgres>::backfill_batch(&mut tx, run, backfill_sql()).await?;
         if !run.dry_run {
             copy_into_rollups(&mut tx, &plan.copies).await?;
         }

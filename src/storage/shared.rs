@@ -10,6 +10,7 @@ use std::sync::Arc;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Type};
 
+use super::backfill::BackfillSql;
 use super::{
     AuditRow, FactsRow, PhaseRow, RolloutRow, RunIssues, RunRow, StorageError, TransitionRow,
     TransitionStep, VERIFY_CHUNK, VerifyJoinedRow, VerifyLegacyRow, VerifyNewRow, audit_entry,
@@ -21,7 +22,7 @@ use crate::domain::DateRange;
 use crate::migration::ambiguous::{
     Resolution, ResolutionRecord, ResolveFilter, ResolveOutcome, ResolveRequest,
 };
-use crate::migration::backfill::{BatchOutcome, ReadRow, ResolutionPlan};
+use crate::migration::backfill::{BatchOutcome, BatchPlan, ReadRow, ResolutionPlan, plan_batch};
 use crate::migration::verify::{SetApart, VerifyData, VerifyOutcome, compare};
 use crate::migration::{Phase, PhaseState, Run, RunIssue, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot};
@@ -72,6 +73,7 @@ where
     for<'r> VerifyNewRow: FromRow<'r, DB::Row>,
     for<'r> VerifyJoinedRow: FromRow<'r, DB::Row>,
     for<'r> (String, NaiveDate): FromRow<'r, DB::Row>,
+    for<'r> batch::BackfillRow: FromRow<'r, DB::Row>,
 {
     /// Readies a database for `migrator`: notes whether the legacy table is the legacy
     /// system's, and lets migrations in `edited` pass the migrator's checksum check.
@@ -266,6 +268,91 @@ where
         Ok(())
     }
 
+    /// Reads and, unless the run is a dry run, copies the next batch of legacy rows after the
+    /// run's checkpoint inside `tx`, set-based (see [`BackfillSql`]): the clean rows are
+    /// copied by `statements` without leaving the database; the rest come back judged by
+    /// the backfill's rules, with what the caller still has to copy. The caller records it.
+    pub async fn backfill_batch(
+        tx: &mut DB::Connection,
+        run: &Run,
+        statements: &BackfillSql,
+    ) -> Result<BatchPlan, StorageError> {
+        let after = run
+            .checkpoint
+            .clone()
+            .unwrap_or_else(batch::before_all_keys);
+        let full: Option<(String, NaiveDate)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(statements.end_of_full_batch.as_str()))
+                .bind(after.0.clone())
+                .bind(after.1)
+                .bind(i64::from(run.batch_size.max(1)) - 1)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let end = match full {
+            Some(end) => end,
+            None => {
+                let last: Option<(String, NaiveDate)> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(statements.last_key.as_str()))
+                        .bind(after.0.clone())
+                        .bind(after.1)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                match last {
+                    Some(last) => last,
+                    None => return Ok(BatchPlan::default()),
+                }
+            }
+        };
+        // Every statement below reads the batch's range: after `after`, up to `end`.
+        macro_rules! in_range {
+            ($query:expr) => {
+                $query
+                    .bind(after.0.clone())
+                    .bind(after.1)
+                    .bind(end.0.clone())
+                    .bind(end.1)
+            };
+        }
+        let statement = |sql: &str| sqlx::AssertSqlSafe(sql.to_owned());
+        let (rows, clean_to_copy): (i64, i64) =
+            in_range!(sqlx::query_as(statement(&statements.counts)))
+                .fetch_one(&mut *tx)
+                .await?;
+        if !run.dry_run && clean_to_copy > 0 {
+            for copy in &statements.copy {
+                in_range!(sqlx::query(statement(copy)))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let others: Vec<batch::BackfillRow> =
+            in_range!(sqlx::query_as(statement(&statements.others)))
+                .fetch_all(&mut *tx)
+                .await?;
+        let several_users: HashSet<String> = if others.is_empty() {
+            HashSet::new()
+        } else {
+            in_range!(sqlx::query_scalar(statement(&statements.several_users)))
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let mut plan = plan_batch(batch::backfill_rows(others, &several_users));
+        let outcome = &mut plan.outcome;
+        outcome.processed = u64::try_from(rows).unwrap_or(0).max(outcome.processed);
+        outcome.copied += u64::try_from(clean_to_copy).unwrap_or(0);
+        // Zero rows, clean rows already present, and the others the rules skipped (counted
+        // so, and not from the statements' own sums, so that a row a live write changed
+        // between two statements is still counted once).
+        outcome.skipped = outcome
+            .processed
+            .saturating_sub(outcome.copied + outcome.ambiguous);
+        outcome.processed = outcome.copied + outcome.skipped + outcome.ambiguous;
+        outcome.last_key = Some(end);
+        Ok(plan)
+    }
+
     /// Records a backfill batch inside its transaction: the rows it reported, its counts and
     /// checkpoint, and (a real run) the key range it read with what it copied: the
     /// provenance of the backfilled history.
@@ -277,13 +364,15 @@ where
     ) -> Result<(), StorageError> {
         let run_id = run.run_id.as_str();
         Self::insert_issues(tx, run_id, issues).await?;
-        if let (false, Some(first), Some(last)) =
-            (run.dry_run, &outcome.first_key, &outcome.last_key)
-        {
+        if let (false, Some(last)) = (run.dry_run, &outcome.last_key) {
+            let after = run
+                .checkpoint
+                .clone()
+                .unwrap_or_else(batch::before_all_keys);
             sqlx::query(sql::INSERT_BACKFILL_BATCH)
                 .bind(run_id)
-                .bind(first.0.as_str())
-                .bind(first.1)
+                .bind(after.0)
+                .bind(after.1)
                 .bind(last.0.as_str())
                 .bind(last.1)
                 .bind(outcome.processed as i64)

@@ -140,8 +140,8 @@ pub const COMPLETE_VERIFY: &str = "UPDATE migration_runs SET state = 'completed'
     finished_at = $1, heartbeat_at = $2, processed = $3, compared = $4, mismatches = $5, \
     ambiguous = $6 WHERE run_id = $7";
 /// Records the legacy key range one backfill batch read, and what it copied.
-pub const INSERT_BACKFILL_BATCH: &str = "INSERT INTO backfill_batches (run_id, first_campaign, \
-    first_date, last_campaign, last_date, processed, copied, at) \
+pub const INSERT_BACKFILL_BATCH: &str = "INSERT INTO backfill_batches (run_id, after_campaign, \
+    after_date, last_campaign, last_date, processed, copied, at) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 // Ambiguous rows and their resolutions.

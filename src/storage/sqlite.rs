@@ -11,6 +11,7 @@ use chrono::NaiveDate;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
+use super::backfill::{BackfillSql, CopyStatements};
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
     EventStore, PoolOptions, PoolUse, RecordOutcome, RunIssues, StorageError, TableSize, batch,
@@ -18,9 +19,7 @@ use super::{
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
-use crate::migration::backfill::{
-    BatchOutcome, LegacyRow, RollupCopy, plan_batch, plan_resolution,
-};
+use crate::migration::backfill::{BatchOutcome, LegacyRow, RollupCopy, plan_resolution};
 use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
@@ -139,6 +138,19 @@ async fn insert_events(
         insert.build().execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// The set-based backfill's statements: a statement per table (nothing else writes between
+/// them).
+fn backfill_sql() -> &'static BackfillSql {
+    static SQL: std::sync::OnceLock<BackfillSql> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        BackfillSql::new(
+            "length(l.user_id) BETWEEN 1 AND 128 AND l.user_id NOT GLOB '*[^ -~]*' \
+             AND length(l.campaign_id) BETWEEN 1 AND 128 AND l.campaign_id NOT GLOB '*[^ -~]*'",
+            CopyStatements::PerTable,
+        )
+    })
 }
 
 /// Adds legacy history (a backfill's or a resolution's `copies`) to the rollups, and claims
@@ -468,33 +480,7 @@ impl EventStore for SqliteStore {
     async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
         // The single writer serialises batches of concurrent runs and resolutions.
         let mut tx = self.writer.begin().await?;
-        let (after_campaign, after_date) = run
-            .checkpoint
-            .clone()
-            .unwrap_or_else(batch::before_all_keys);
-        let rows: Vec<batch::BackfillRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{}{} WHERE (l.campaign_id, l.stat_date) > (?, ?) \
-             ORDER BY l.campaign_id, l.stat_date LIMIT ?",
-            batch::BACKFILL_COLUMNS,
-            batch::BACKFILL_SOURCE
-        )))
-        .bind(after_campaign)
-        .bind(after_date)
-        .bind(i64::from(run.batch_size.max(1)))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut several_users = HashSet::new();
-        let campaigns: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-        for chunk in campaigns.chunks(rows_per_statement(1)) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "SELECT campaign_id FROM campaign_daily_stat_entries WHERE true",
-            );
-            push_in_list(&mut query, "campaign_id", chunk.iter().copied());
-            query.push(" GROUP BY campaign_id HAVING COUNT(DISTINCT user_id) > 1");
-            let shared: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
-            several_users.extend(shared);
-        }
-        let plan = plan_batch(batch::backfill_rows(rows, &several_users));
+        let plan = Shared::<Sqlite>::backfill_batch(&mut tx, run, backfill_sql()).await?;
         if !run.dry_run {
             copy_into_rollups(&mut tx, &plan.copies).await?;
         }

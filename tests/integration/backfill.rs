@@ -163,6 +163,15 @@ async fn backfill_copies_history_once_and_reports_ambiguous_rows(db: TestDb) {
             .await,
         5_000_000
     );
+    // The all-users rollup grew by exactly what the campaign rollups grew by.
+    let fingerprint = "SUM(sent) + SUM(opened) * 3 + SUM(replied) * 7 + SUM(positive_replies) * 11 \
+         + SUM(bounced) * 13";
+    assert_eq!(
+        db.scalar(&format!("SELECT {fingerprint} FROM all_day_totals"))
+            .await,
+        db.scalar(&format!("SELECT {fingerprint} FROM campaign_day_totals"))
+            .await
+    );
     // Nothing of the ambiguous rows was copied.
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM campaign_day_totals WHERE campaign_id LIKE 'bad-%'")
