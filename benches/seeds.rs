@@ -21,7 +21,7 @@ use campaign_stats::grpc::proto::{
     StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest,
 };
 use campaign_stats::server::{ServerConfig, launch};
-use campaign_stats::storage::{EventStore, PoolOptions, PostgresStore, SqliteStore};
+use campaign_stats::storage::{PoolOptions, PostgresStore, SqliteStore, Store};
 use serde_json::json;
 use sqlx::Connection;
 use tokio::net::TcpListener;
@@ -382,7 +382,7 @@ async fn run(backend: Backend, url: &str, scale: Scale) -> serde_json::Value {
     })
 }
 
-fn spawn_server<S: EventStore>(
+fn spawn_server<S: Store>(
     listener: TcpListener,
     store: S,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

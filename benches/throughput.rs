@@ -11,7 +11,7 @@ use campaign_stats::grpc::proto::{
     RecordEventRequest, RecordEventsRequest,
 };
 use campaign_stats::server::{ServerConfig, launch};
-use campaign_stats::storage::{EventStore, PoolOptions, PostgresStore, SqliteStore};
+use campaign_stats::storage::{PoolOptions, PostgresStore, SqliteStore, Store};
 use sqlx::Connection;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -94,7 +94,7 @@ fn event(i: u32) -> Event {
     }
 }
 
-async fn run<S: EventStore>(name: &str, store: S) {
+async fn run<S: Store>(name: &str, store: S) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

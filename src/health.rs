@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::storage::EventStore;
+use crate::storage::Store;
 
 /// The services whose health follows the database: the whole server (`""`) and each API.
 pub const HEALTH_SERVICES: &[&str] = &[
@@ -17,7 +17,7 @@ pub const HEALTH_SERVICES: &[&str] = &[
 ];
 
 /// Pings the database once (within `timeout`) and publishes the result.
-pub async fn check_once<S: EventStore>(
+pub async fn check_once<S: Store>(
     store: &S,
     reporter: &HealthReporter,
     timeout: Duration,
@@ -40,7 +40,7 @@ pub async fn check_once<S: EventStore>(
 }
 
 /// Re-checks the database every `interval`, forever; the server aborts it at shutdown.
-pub async fn watch_database<S: EventStore>(
+pub async fn watch_database<S: Store>(
     store: std::sync::Arc<S>,
     reporter: HealthReporter,
     interval: Duration,

@@ -11,15 +11,14 @@ use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
+use crate::app::{Jobs, RolloutView};
 use crate::app::{Migration, Rollout, Stats};
 use crate::grpc::proto::migration_service_server::MigrationServiceServer;
 use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
 use crate::grpc::proto::stats_service_server::StatsServiceServer;
 use crate::grpc::{self, MigrationApi, RolloutApi, StatsApi};
 use crate::health;
-use crate::migration::runner::Jobs;
-use crate::rollout::RolloutView;
-use crate::storage::{Bounded, EventStore, StorageError};
+use crate::storage::{Bounded, Database, StorageError, Store};
 use crate::telemetry::{RpcMetricsLayer, ServerMetrics, serve_metrics};
 
 /// Settings of a running server that are not about the database.
@@ -109,7 +108,7 @@ pub enum LaunchError {
 
 /// Migrates `store`, then serves every service on `listeners` until `shutdown` completes;
 /// in-flight calls are finished before it returns, and the database pools are closed.
-pub async fn launch<S: EventStore>(
+pub async fn launch<S: Store>(
     listeners: impl Into<Listeners>,
     store: S,
     config: ServerConfig,
@@ -232,7 +231,7 @@ struct MetricsEndpoint {
 impl MetricsEndpoint {
     /// Serves `metrics` on `listener`, with the state `view` applies and the pools of `store`
     /// sampled at each scrape.
-    fn start<S: EventStore>(
+    fn start<S: Store>(
         listener: TcpListener,
         metrics: Arc<ServerMetrics>,
         view: RolloutView,

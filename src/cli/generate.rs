@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::DatabaseArgs;
 use crate::migration::generate::{LegacyShape, legacy_rows};
-use crate::storage::{Backend, EventStore, PostgresStore, SqliteStore};
+use crate::storage::{Backend, PostgresStore, SqliteStore, Store};
 use crate::telemetry::{self, LogFormat};
 
 /// Rows written per statement batch.
@@ -42,7 +42,7 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn fill<S: EventStore>(store: S, args: &GenerateArgs) -> anyhow::Result<()> {
+async fn fill<S: Store>(store: S, args: &GenerateArgs) -> anyhow::Result<()> {
     // The schema (and so the legacy table, where absent) first.
     store.migrate().await?;
     let shape = LegacyShape {

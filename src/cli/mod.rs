@@ -22,7 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::server::{Listeners, ServerConfig, launch};
-use crate::storage::{Backend, EventStore, PoolOptions, PostgresStore, SqliteStore};
+use crate::storage::{Backend, PoolOptions, PostgresStore, SqliteStore, Store};
 use crate::telemetry::{self, LogFormat};
 
 /// Records campaign events and serves their statistics over gRPC.
@@ -207,7 +207,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let url = &args.database.database_url;
     let options = args.database.pool_options();
     tracing::info!(database = %telemetry::redact_url(url), "connecting to the database");
-    // The one place a backend is chosen; everything below is generic over `EventStore`.
+    // The one place a backend is chosen; everything below is generic over `Store`.
     match Backend::from_url(url)? {
         Backend::Sqlite => {
             let store = SqliteStore::connect(url, &options).await?;
@@ -239,7 +239,7 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate_store<S: EventStore>(store: S) -> anyhow::Result<()> {
+async fn migrate_store<S: Store>(store: S) -> anyhow::Result<()> {
     let migrated = store.migrate().await;
     store.close().await;
     Ok(migrated?)

@@ -28,7 +28,7 @@ use crate::migration::ambiguous::{
     AmbiguityKind, Resolution, ResolutionRecord, ResolveFilter, ResolveRequest,
 };
 use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
-use crate::storage::{EventStore, TableSize};
+use crate::storage::{Store, TableSize};
 
 /// The `MigrationService` handlers.
 #[derive(Debug)]
@@ -36,7 +36,7 @@ pub struct MigrationApi<S> {
     migration: Migration<S>,
 }
 
-impl<S: EventStore> MigrationApi<S> {
+impl<S: Store> MigrationApi<S> {
     pub fn new(migration: Migration<S>) -> Self {
         Self { migration }
     }
@@ -330,7 +330,7 @@ fn unknown_run(run_id: &str) -> Status {
 pub type RunStream = Pin<Box<dyn Stream<Item = Result<proto::Run, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl<S: EventStore> MigrationService for MigrationApi<S> {
+impl<S: Store> MigrationService for MigrationApi<S> {
     async fn start_backfill(
         &self,
         request: Request<StartBackfillRequest>,

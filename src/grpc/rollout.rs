@@ -21,7 +21,7 @@ use crate::domain::{StorageSource, ValidationError, validate_id};
 /// What a rollout change's reason must say.
 const ROLLOUT_REASON: &str = "must say why the rollout changes";
 use crate::rollout::{Applied, RolloutChange};
-use crate::storage::EventStore;
+use crate::storage::Store;
 
 /// The `RolloutService` handlers.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub struct RolloutApi<S> {
     rollout: Rollout<S>,
 }
 
-impl<S: EventStore> RolloutApi<S> {
+impl<S: Store> RolloutApi<S> {
     pub fn new(rollout: Rollout<S>) -> Self {
         Self { rollout }
     }
@@ -90,7 +90,7 @@ fn page_size(size: u32) -> usize {
 }
 
 #[tonic::async_trait]
-impl<S: EventStore> RolloutService for RolloutApi<S> {
+impl<S: Store> RolloutService for RolloutApi<S> {
     async fn get_rollout(
         &self,
         _: Request<GetRolloutRequest>,

@@ -15,7 +15,7 @@ use crate::app::Stats;
 use crate::domain::{
     CampaignStatsQuery, Event, LimitExceeded, MAX_BATCH_EVENTS, SeriesQuery, StorageSource,
 };
-use crate::storage::{EventStore, RecordOutcome};
+use crate::storage::{RecordOutcome, Store};
 
 /// Trailer of a failed `StreamEvents` call: how many events of the stream were stored.
 pub const STORED_COUNT_METADATA: &str = "x-stored-count";
@@ -44,7 +44,7 @@ pub struct StatsApi<S> {
     stats: Stats<S>,
 }
 
-impl<S: EventStore> StatsApi<S> {
+impl<S: Store> StatsApi<S> {
     pub fn new(stats: Stats<S>) -> Self {
         Self { stats }
     }
@@ -66,7 +66,7 @@ fn record_response(outcome: RecordOutcome) -> RecordEventsResponse {
 }
 
 #[tonic::async_trait]
-impl<S: EventStore> StatsService for StatsApi<S> {
+impl<S: Store> StatsService for StatsApi<S> {
     async fn record_event(
         &self,
         request: Request<RecordEventRequest>,

@@ -6,7 +6,6 @@ pub mod backfill;
 pub mod generate;
 mod phase;
 mod run;
-pub mod runner;
 pub mod verify;
 
 pub use phase::{

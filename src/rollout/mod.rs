@@ -6,11 +6,10 @@
 mod bucket;
 mod decision;
 mod state;
-mod view;
 
 pub use bucket::{BUCKETS, bucket};
 pub use decision::{Decision, Reason, RolloutConfig, decide};
 pub use state::{
-    AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot, apply, change_user, check_change,
+    ALL_USERS, Applied, AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot, apply,
+    change_user, check_change,
 };
-pub use view::{ALL_USERS, Applied, RolloutView};

@@ -154,3 +154,13 @@ pub fn change_user(change: &RolloutChange) -> Option<&str> {
         _ => None,
     }
 }
+
+/// The state a replica applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub phase: crate::migration::Phase,
+    pub rollout: RolloutSnapshot,
+}
+
+/// The pseudo-user the all-users view is routed as (so it can be overridden on its own).
+pub const ALL_USERS: &str = "*";

@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 
-use super::{EventStore, PoolUse, RecordOutcome, RunIssues, StorageError, TableSize};
+use super::{
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, RecordOutcome,
+    RolloutStore, RunIssues, RunStore, StorageError, Store, TableSize,
+};
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow};
@@ -33,7 +36,7 @@ pub struct Bounded<S> {
     inner: S,
 }
 
-impl<S: EventStore> Bounded<S> {
+impl<S: Store> Bounded<S> {
     pub fn new(inner: S) -> Self {
         Self { inner }
     }
@@ -49,12 +52,30 @@ impl<S: EventStore> Bounded<S> {
     }
 }
 
-impl<S: EventStore> EventStore for Bounded<S> {
+impl<S: Store> Database for Bounded<S> {
     async fn migrate(&self) -> Result<(), StorageError> {
         // Migrations may rightly run long (the first start on a big database).
         self.inner.migrate().await
     }
 
+    fn statement_timeout(&self) -> Duration {
+        self.inner.statement_timeout()
+    }
+
+    fn pool_use(&self) -> Vec<PoolUse> {
+        self.inner.pool_use()
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.bound(self.inner.ping()).await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+impl<S: Store> EventStore for Bounded<S> {
     async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
         self.bound(self.inner.record_events(events)).await
     }
@@ -79,7 +100,9 @@ impl<S: EventStore> EventStore for Bounded<S> {
         self.bound(self.inner.daily_totals(source, scope, range))
             .await
     }
+}
 
+impl<S: Store> PhaseStore for Bounded<S> {
     async fn phase(&self) -> Result<PhaseState, StorageError> {
         self.bound(self.inner.phase()).await
     }
@@ -98,7 +121,9 @@ impl<S: EventStore> EventStore for Bounded<S> {
     async fn transitions(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
         self.bound(self.inner.transitions(limit)).await
     }
+}
 
+impl<S: Store> RunStore for Bounded<S> {
     async fn create_run(
         &self,
         kind: RunKind,
@@ -127,10 +152,6 @@ impl<S: EventStore> EventStore for Bounded<S> {
         self.bound(self.inner.resume_run(run_id)).await
     }
 
-    async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
-        self.bound(self.inner.backfill_batch(run)).await
-    }
-
     async fn finish_run(
         &self,
         run_id: &str,
@@ -143,6 +164,12 @@ impl<S: EventStore> EventStore for Bounded<S> {
 
     async fn run_issues(&self, run_id: &str, limit: u32) -> Result<RunIssues, StorageError> {
         self.bound(self.inner.run_issues(run_id, limit)).await
+    }
+}
+
+impl<S: Store> CutoverStore for Bounded<S> {
+    async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
+        self.bound(self.inner.backfill_batch(run)).await
     }
 
     async fn resolve_ambiguous(
@@ -172,19 +199,9 @@ impl<S: EventStore> EventStore for Bounded<S> {
         self.bound(self.inner.complete_verify(run_id, outcome))
             .await
     }
+}
 
-    async fn table_sizes(&self, tables: &[&'static str]) -> Result<Vec<TableSize>, StorageError> {
-        self.bound(self.inner.table_sizes(tables)).await
-    }
-
-    async fn legacy_zero_rows(&self) -> Result<u64, StorageError> {
-        self.bound(self.inner.legacy_zero_rows()).await
-    }
-
-    async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
-        self.bound(self.inner.insert_legacy_rows(rows)).await
-    }
-
+impl<S: Store> RolloutStore for Bounded<S> {
     async fn rollout(&self) -> Result<RolloutSnapshot, StorageError> {
         self.bound(self.inner.rollout()).await
     }
@@ -215,20 +232,18 @@ impl<S: EventStore> EventStore for Bounded<S> {
     fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.change_signal()
     }
+}
 
-    fn statement_timeout(&self) -> Duration {
-        self.inner.statement_timeout()
+impl<S: Store> AdminStore for Bounded<S> {
+    async fn table_sizes(&self, tables: &[&'static str]) -> Result<Vec<TableSize>, StorageError> {
+        self.bound(self.inner.table_sizes(tables)).await
     }
 
-    fn pool_use(&self) -> Vec<PoolUse> {
-        self.inner.pool_use()
+    async fn legacy_zero_rows(&self) -> Result<u64, StorageError> {
+        self.bound(self.inner.legacy_zero_rows()).await
     }
 
-    async fn ping(&self) -> Result<(), StorageError> {
-        self.bound(self.inner.ping()).await
-    }
-
-    async fn close(&self) {
-        self.inner.close().await;
+    async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
+        self.bound(self.inner.insert_legacy_rows(rows)).await
     }
 }

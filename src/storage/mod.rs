@@ -1,7 +1,7 @@
 //! The storage contract and its backends.
 //!
-//! [`EventStore`] is the one contract every backend fulfils; [`SqliteStore`] and
-//! [`PostgresStore`] each own their pool and run their own migrations. The entry point picks
+//! [`Store`] is the contract every backend fulfils, split by concern into narrower traits;
+//! [`SqliteStore`] and [`PostgresStore`] each own their pool and run their own migrations. The entry point picks
 //! one backend from the database URL ([`Backend::from_url`]); everything after it is generic.
 //!
 //! What the backends do alike is written once: the SQL in `sql`, the query code in `shared`
@@ -96,15 +96,43 @@ impl std::ops::AddAssign for RecordOutcome {
     }
 }
 
-/// The storage contract: what the service needs from a database. One backend holds both
-/// storages (the legacy table and the new event store) in one database, so that a write to
-/// both is one transaction.
+/// The storage contract, whole: what the server needs from a database. One backend holds
+/// both storages (the legacy table and the new event store) in one database, so that a
+/// write to both is one transaction.
 ///
-/// Every method is one short unit of work; writes are atomic.
-pub trait EventStore: Send + Sync + 'static {
+/// It is split by concern ([`EventStore`], [`PhaseStore`], [`RunStore`], [`CutoverStore`],
+/// [`RolloutStore`], [`AdminStore`], all over [`Database`]), so that each part of the service
+/// asks for what it uses. Every method is one short unit of work; writes are atomic.
+pub trait Store:
+    EventStore + PhaseStore + RunStore + CutoverStore + RolloutStore + AdminStore
+{
+}
+
+impl<T> Store for T where
+    T: EventStore + PhaseStore + RunStore + CutoverStore + RolloutStore + AdminStore
+{
+}
+
+/// The database itself: schema, health, pools.
+pub trait Database: Send + Sync + 'static {
     /// Brings the schema up to date. Safe to run on every start and from several replicas.
     fn migrate(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 
+    /// The longest one statement may run (see [`PoolOptions::statement_timeout`]).
+    fn statement_timeout(&self) -> std::time::Duration;
+
+    /// How the connection pools are used now.
+    fn pool_use(&self) -> Vec<PoolUse>;
+
+    /// Succeeds while the database answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Closes the pools once in-flight work is done.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Events and the reads over both storages.
+pub trait EventStore: Database {
     /// Stores `events` in one transaction, in the storages the current migration phase
     /// writes (read in that same transaction): either every event is stored (or recognised
     /// as a duplicate by its idempotency key) everywhere it belongs, or nothing is.
@@ -135,7 +163,10 @@ pub trait EventStore: Send + Sync + 'static {
         scope: &Scope,
         range: DateRange,
     ) -> impl Future<Output = Result<Vec<(NaiveDate, Metrics)>, StorageError>> + Send;
+}
 
+/// The migration phase and its history.
+pub trait PhaseStore: Database {
     /// The current migration phase.
     fn phase(&self) -> impl Future<Output = Result<PhaseState, StorageError>> + Send;
 
@@ -155,7 +186,10 @@ pub trait EventStore: Send + Sync + 'static {
         &self,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Transition>, StorageError>> + Send;
+}
 
+/// Backfill and verify runs as recorded.
+pub trait RunStore: Database {
     /// Records a new run, in state `running`.
     fn create_run(
         &self,
@@ -179,15 +213,6 @@ pub trait EventStore: Send + Sync + 'static {
     /// Marks a run `running` again (heartbeat now) to resume it.
     fn resume_run(&self, run_id: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
 
-    /// Copies the next `batch_size` legacy rows after the run's checkpoint (in
-    /// `(campaign_id, stat_date)` order) into the new storage, as
-    /// [`crate::migration::backfill::plan_batch`] plans them, and advances the run's counters
-    /// and checkpoint, all in one transaction. A dry run only counts and reports.
-    fn backfill_batch(
-        &self,
-        run: &Run,
-    ) -> impl Future<Output = Result<BatchOutcome, StorageError>> + Send;
-
     /// Ends a run.
     fn finish_run(
         &self,
@@ -203,6 +228,18 @@ pub trait EventStore: Send + Sync + 'static {
         run_id: &str,
         limit: u32,
     ) -> impl Future<Output = Result<RunIssues, StorageError>> + Send;
+}
+
+/// Moving history between the storages: backfill batches, verify, resolutions of ambiguous rows.
+pub trait CutoverStore: Database {
+    /// Copies the next `batch_size` legacy rows after the run's checkpoint (in
+    /// `(campaign_id, stat_date)` order) into the new storage, as
+    /// [`crate::migration::backfill::plan_batch`] plans them, and advances the run's counters
+    /// and checkpoint, all in one transaction. A dry run only counts and reports.
+    fn backfill_batch(
+        &self,
+        run: &Run,
+    ) -> impl Future<Output = Result<BatchOutcome, StorageError>> + Send;
 
     /// Resolves the unresolved ambiguous rows of the last completed backfill that `request`
     /// covers, in one transaction: COPY adds what they lack to the new storage (refused as a
@@ -234,23 +271,10 @@ pub trait EventStore: Send + Sync + 'static {
         run_id: &str,
         outcome: &VerifyOutcome,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
+}
 
-    /// Rows and bytes (indexes included) of each of `tables`, in order.
-    fn table_sizes(
-        &self,
-        tables: &[&'static str],
-    ) -> impl Future<Output = Result<Vec<TableSize>, StorageError>> + Send;
-
-    /// Legacy rows whose five counts are all zero.
-    fn legacy_zero_rows(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
-
-    /// Writes rows straight into the legacy table, as the legacy system did (for the data
-    /// generator); rows whose `(campaign, day)` exists are left alone. Returns rows written.
-    fn insert_legacy_rows(
-        &self,
-        rows: &[LegacyRow],
-    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
-
+/// The stored, versioned rollout.
+pub trait RolloutStore: Database {
     /// The rollout as stored, with every per-user override.
     fn rollout(&self) -> impl Future<Output = Result<RolloutSnapshot, StorageError>> + Send;
 
@@ -277,18 +301,25 @@ pub trait EventStore: Send + Sync + 'static {
     fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+}
 
-    /// The longest one statement may run (see [`PoolOptions::statement_timeout`]).
-    fn statement_timeout(&self) -> std::time::Duration;
+/// Storage sizes and the legacy data generator.
+pub trait AdminStore: Database {
+    /// Rows and bytes (indexes included) of each of `tables`, in order.
+    fn table_sizes(
+        &self,
+        tables: &[&'static str],
+    ) -> impl Future<Output = Result<Vec<TableSize>, StorageError>> + Send;
 
-    /// How the connection pools are used now.
-    fn pool_use(&self) -> Vec<PoolUse>;
+    /// Legacy rows whose five counts are all zero.
+    fn legacy_zero_rows(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
-    /// Succeeds while the database answers.
-    fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
-
-    /// Closes the pools once in-flight work is done.
-    fn close(&self) -> impl Future<Output = ()> + Send;
+    /// Writes rows straight into the legacy table, as the legacy system did (for the data
+    /// generator); rows whose `(campaign, day)` exists are left alone. Returns rows written.
+    fn insert_legacy_rows(
+        &self,
+        rows: &[LegacyRow],
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
 }
 
 /// The phase stored under `name`.

@@ -74,6 +74,7 @@ where
     for<'r> VerifyJoinedRow: FromRow<'r, DB::Row>,
     for<'r> (String, NaiveDate): FromRow<'r, DB::Row>,
     for<'r> batch::BackfillRow: FromRow<'r, DB::Row>,
+    for<'r> (i64, i64, i64, i64): FromRow<'r, DB::Row>,
 {
     /// Readies a database for `migrator`: notes whether the legacy table is the legacy
     /// system's, and lets migrations in `edited` pass the migrator's checksum check.
@@ -303,7 +304,16 @@ where
                 }
             }
         };
-        // Every statement below reads the batch's range: after `after`, up to `end`.
+        let statement = |sql: &str| sqlx::AssertSqlSafe(sql.to_owned());
+        let several_users: Vec<String> = sqlx::query_scalar(statement(&statements.several_users))
+            .bind(after.0.clone())
+            .bind(end.0.clone())
+            .fetch_all(&mut *tx)
+            .await?;
+        let several_json = serde_json::to_string(&several_users)
+            .map_err(|e| StorageError::Corrupt(format!("campaign ids as JSON: {e}")))?;
+        // Every statement below reads the batch's range (after `after`, up to `end`) and
+        // leaves out the campaigns under several users.
         macro_rules! in_range {
             ($query:expr) => {
                 $query
@@ -311,10 +321,10 @@ where
                     .bind(after.1)
                     .bind(end.0.clone())
                     .bind(end.1)
+                    .bind(several_json.clone())
             };
         }
-        let statement = |sql: &str| sqlx::AssertSqlSafe(sql.to_owned());
-        let (rows, clean_to_copy): (i64, i64) =
+        let (rows, non_zero, clean, clean_to_copy): (i64, i64, i64, i64) =
             in_range!(sqlx::query_as(statement(&statements.counts)))
                 .fetch_one(&mut *tx)
                 .await?;
@@ -325,19 +335,15 @@ where
                     .await?;
             }
         }
-        let others: Vec<batch::BackfillRow> =
+        // Most batches have no row that is neither zero nor clean: nothing to read back.
+        let others: Vec<batch::BackfillRow> = if non_zero > clean {
             in_range!(sqlx::query_as(statement(&statements.others)))
                 .fetch_all(&mut *tx)
-                .await?;
-        let several_users: HashSet<String> = if others.is_empty() {
-            HashSet::new()
-        } else {
-            in_range!(sqlx::query_scalar(statement(&statements.several_users)))
-                .fetch_all(&mut *tx)
                 .await?
-                .into_iter()
-                .collect()
+        } else {
+            Vec::new()
         };
+        let several_users: HashSet<String> = several_users.into_iter().collect();
         let mut plan = plan_batch(batch::backfill_rows(others, &several_users));
         let outcome = &mut plan.outcome;
         outcome.processed = u64::try_from(rows).unwrap_or(0).max(outcome.processed);

@@ -14,8 +14,9 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use super::backfill::{BackfillSql, CopyStatements};
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    EventStore, PoolOptions, PoolUse, RecordOutcome, RunIssues, StorageError, TableSize, batch,
-    parse_phase, sql,
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse,
+    RecordOutcome, RolloutStore, RunIssues, RunStore, StorageError, TableSize, batch, parse_phase,
+    sql,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
@@ -148,6 +149,7 @@ fn backfill_sql() -> &'static BackfillSql {
         BackfillSql::new(
             "length(l.user_id) BETWEEN 1 AND 128 AND l.user_id NOT GLOB '*[^ -~]*' \
              AND length(l.campaign_id) BETWEEN 1 AND 128 AND l.campaign_id NOT GLOB '*[^ -~]*'",
+            "l.campaign_id NOT IN (SELECT value FROM json_each($5))",
             CopyStatements::PerTable,
         )
     })
@@ -279,7 +281,7 @@ async fn add_to_legacy(
     )))
 }
 
-impl EventStore for SqliteStore {
+impl Database for SqliteStore {
     async fn migrate(&self) -> Result<(), StorageError> {
         let before = Shared::<Sqlite>::before_migrations(
             &self.writer,
@@ -293,6 +295,28 @@ impl EventStore for SqliteStore {
         Ok(())
     }
 
+    fn statement_timeout(&self) -> Duration {
+        self.statement_timeout
+    }
+
+    fn pool_use(&self) -> Vec<PoolUse> {
+        vec![
+            PoolUse::of("writer", &self.writer),
+            PoolUse::of("reader", &self.reader),
+        ]
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        Shared::<Sqlite>::ping(&self.reader).await
+    }
+
+    async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+impl EventStore for SqliteStore {
     async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
         let mut tx = self.writer.begin().await?;
         let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
@@ -421,7 +445,9 @@ impl EventStore for SqliteStore {
             query.build_query_as().fetch_all(&self.reader).await?;
         Ok(sums.into_iter().map(batch::sums_metrics).collect())
     }
+}
 
+impl PhaseStore for SqliteStore {
     async fn phase(&self) -> Result<PhaseState, StorageError> {
         Shared::<Sqlite>::phase(&self.reader).await
     }
@@ -450,7 +476,9 @@ impl EventStore for SqliteStore {
     async fn transitions(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
         Shared::<Sqlite>::transitions(&self.reader, limit).await
     }
+}
 
+impl RunStore for SqliteStore {
     async fn create_run(
         &self,
         kind: RunKind,
@@ -477,18 +505,6 @@ impl EventStore for SqliteStore {
         Shared::<Sqlite>::resume_run(&self.writer, run_id).await
     }
 
-    async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
-        // The single writer serialises batches of concurrent runs and resolutions.
-        let mut tx = self.writer.begin().await?;
-        let plan = Shared::<Sqlite>::backfill_batch(&mut tx, run, backfill_sql()).await?;
-        if !run.dry_run {
-            copy_into_rollups(&mut tx, &plan.copies).await?;
-        }
-        Shared::<Sqlite>::record_batch(&mut tx, run, &plan.outcome, &plan.issues).await?;
-        tx.commit().await?;
-        Ok(plan.outcome)
-    }
-
     async fn finish_run(
         &self,
         run_id: &str,
@@ -500,6 +516,20 @@ impl EventStore for SqliteStore {
 
     async fn run_issues(&self, run_id: &str, limit: u32) -> Result<RunIssues, StorageError> {
         Shared::<Sqlite>::run_issues(&self.reader, run_id, limit).await
+    }
+}
+
+impl CutoverStore for SqliteStore {
+    async fn backfill_batch(&self, run: &Run) -> Result<BatchOutcome, StorageError> {
+        // The single writer serialises batches of concurrent runs and resolutions.
+        let mut tx = self.writer.begin().await?;
+        let plan = Shared::<Sqlite>::backfill_batch(&mut tx, run, backfill_sql()).await?;
+        if !run.dry_run {
+            copy_into_rollups(&mut tx, &plan.copies).await?;
+        }
+        Shared::<Sqlite>::record_batch(&mut tx, run, &plan.outcome, &plan.issues).await?;
+        tx.commit().await?;
+        Ok(plan.outcome)
     }
 
     async fn resolve_ambiguous(
@@ -542,7 +572,44 @@ impl EventStore for SqliteStore {
         tx.commit().await?;
         Ok(())
     }
+}
 
+impl RolloutStore for SqliteStore {
+    async fn rollout(&self) -> Result<RolloutSnapshot, StorageError> {
+        Shared::<Sqlite>::rollout(&self.reader).await
+    }
+
+    async fn change_rollout(
+        &self,
+        change: &RolloutChange,
+        expected_version: Option<u64>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<RolloutSnapshot, StorageError> {
+        let mut tx = self.writer.begin().await?;
+        Shared::<Sqlite>::change_rollout(
+            &mut tx,
+            sql::ROLLOUT_STATE,
+            change,
+            expected_version,
+            actor,
+            reason,
+        )
+        .await?;
+        tx.commit().await?;
+        self.rollout().await
+    }
+
+    async fn rollout_history(
+        &self,
+        before_version: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        Shared::<Sqlite>::rollout_history(&self.reader, before_version, limit).await
+    }
+}
+
+impl AdminStore for SqliteStore {
     async fn table_sizes(&self, tables: &[&'static str]) -> Result<Vec<TableSize>, StorageError> {
         let mut sizes = Vec::with_capacity(tables.len());
         for table in tables {
@@ -588,58 +655,5 @@ impl EventStore for SqliteStore {
         }
         tx.commit().await?;
         Ok(written)
-    }
-
-    async fn rollout(&self) -> Result<RolloutSnapshot, StorageError> {
-        Shared::<Sqlite>::rollout(&self.reader).await
-    }
-
-    async fn change_rollout(
-        &self,
-        change: &RolloutChange,
-        expected_version: Option<u64>,
-        actor: &str,
-        reason: &str,
-    ) -> Result<RolloutSnapshot, StorageError> {
-        let mut tx = self.writer.begin().await?;
-        Shared::<Sqlite>::change_rollout(
-            &mut tx,
-            sql::ROLLOUT_STATE,
-            change,
-            expected_version,
-            actor,
-            reason,
-        )
-        .await?;
-        tx.commit().await?;
-        self.rollout().await
-    }
-
-    async fn rollout_history(
-        &self,
-        before_version: Option<u64>,
-        limit: u32,
-    ) -> Result<Vec<AuditEntry>, StorageError> {
-        Shared::<Sqlite>::rollout_history(&self.reader, before_version, limit).await
-    }
-
-    fn statement_timeout(&self) -> Duration {
-        self.statement_timeout
-    }
-
-    fn pool_use(&self) -> Vec<PoolUse> {
-        vec![
-            PoolUse::of("writer", &self.writer),
-            PoolUse::of("reader", &self.reader),
-        ]
-    }
-
-    async fn ping(&self) -> Result<(), StorageError> {
-        Shared::<Sqlite>::ping(&self.reader).await
-    }
-
-    async fn close(&self) {
-        self.reader.close().await;
-        self.writer.close().await;
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use campaign_stats::storage::{EventStore, PoolOptions, PostgresStore, SqliteStore};
+use campaign_stats::storage::{Database, PoolOptions, PostgresStore, SqliteStore};
 use sqlx::Connection;
 
 use crate::common::{Backend, TestDb};

@@ -20,7 +20,7 @@ use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{self, Event, EventType};
 use campaign_stats::migration::Phase;
 use campaign_stats::server::{LaunchError, Listeners, ServerConfig, launch};
-use campaign_stats::storage::{EventStore, PoolOptions, PostgresStore, SqliteStore};
+use campaign_stats::storage::{PoolOptions, PostgresStore, SqliteStore, Store};
 use sqlx::Connection;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -277,7 +277,7 @@ impl TestDb {
     }
 
     /// Migrates the schema and puts the database in [`TestDb::phase`].
-    async fn prepare<S: EventStore>(&self, store: &S) {
+    async fn prepare<S: Store>(&self, store: &S) {
         store.migrate().await.expect("migrate");
         let sql = format!(
             "UPDATE migration_state SET phase = '{}' WHERE id = 1",
@@ -346,7 +346,7 @@ pub struct TestServer {
 impl TestServer {
     /// Serves `store` on a free port. The listener is bound before this returns, so clients
     /// may connect at once: their calls wait until the server is ready.
-    pub async fn start<S: EventStore>(store: S) -> Self {
+    pub async fn start<S: Store>(store: S) -> Self {
         Self::start_with(store, Self::config()).await
     }
 
@@ -360,7 +360,7 @@ impl TestServer {
     }
 
     /// Serves `store` with `config` on a free port.
-    pub async fn start_with<S: EventStore>(store: S, config: ServerConfig) -> Self {
+    pub async fn start_with<S: Store>(store: S, config: ServerConfig) -> Self {
         let bind = || async {
             let listener = TcpListener::bind("127.0.0.1:0")
                 .await

@@ -1,4 +1,4 @@
-//! Background runs: a backfill is a loop around one batch ([`EventStore::backfill_batch`]),
+//! Background runs: a backfill is a loop around one batch ([`CutoverStore::backfill_batch`]),
 //! run as a task the server stops cleanly at shutdown.
 
 use std::sync::{Arc, Mutex};
@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{Run, RunState};
-use crate::storage::EventStore;
+use crate::migration::{Run, RunState};
+use crate::storage::{CutoverStore, RunStore};
 
 /// How often a failing batch is retried when the failure is transient.
 const TRANSIENT_RETRIES: u32 = 5;
@@ -56,7 +56,7 @@ impl Jobs {
 /// Runs a backfill from its checkpoint to the end, one batch (one transaction) at a time,
 /// pausing `throttle` between batches. Stops with `cancelled` (resumable) when `stop` turns
 /// true, with `failed` on an error that retries do not cure.
-pub async fn run_backfill<S: EventStore>(
+pub async fn run_backfill<S: RunStore + CutoverStore>(
     store: Arc<S>,
     mut run: Run,
     throttle: Duration,

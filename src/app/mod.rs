@@ -2,6 +2,12 @@
 //! migration phase. Transport-free, so
 //! that every entry point (gRPC today, admin tools later) shares one behaviour.
 
+mod rollout_view;
+mod runner;
+
+pub use rollout_view::RolloutView;
+pub use runner::{Jobs, run_backfill};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,11 +19,11 @@ use crate::domain::{
     bucket_series,
 };
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
-use crate::migration::runner::{Jobs, run_backfill};
+
 use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
-use crate::rollout::{ALL_USERS, Applied, AuditEntry, Decision, RolloutChange, RolloutView};
-use crate::storage::{EventStore, RecordOutcome, RunIssues, StorageError, TableSize};
+use crate::rollout::{ALL_USERS, Applied, AuditEntry, Decision, RolloutChange};
+use crate::storage::{RecordOutcome, RunIssues, StorageError, Store, TableSize};
 use crate::telemetry::ServerMetrics;
 
 /// The statistics use cases over one store, with reads routed by the rollout.
@@ -38,7 +44,7 @@ impl<S> Clone for Stats<S> {
     }
 }
 
-impl<S: EventStore> Stats<S> {
+impl<S: Store> Stats<S> {
     pub fn new(store: Arc<S>, rollout: RolloutView, metrics: Arc<ServerMetrics>) -> Self {
         Self {
             store,
@@ -47,7 +53,7 @@ impl<S: EventStore> Stats<S> {
         }
     }
 
-    /// Stores validated events atomically; see [`EventStore::record_events`].
+    /// Stores validated events atomically; see [`crate::storage::EventStore::record_events`].
     pub async fn record(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
         if events.is_empty() {
             return Ok(RecordOutcome::default());
@@ -171,7 +177,7 @@ pub const STALE_RUN_AFTER: Duration = Duration::from_secs(30);
 /// Most phase changes one history read returns.
 pub const MAX_TRANSITIONS_LISTED: u32 = 1_000;
 
-impl<S: EventStore> Migration<S> {
+impl<S: Store> Migration<S> {
     /// The use cases over `store`; background runs go to `jobs`.
     pub fn new(store: Arc<S>, jobs: Jobs, rollout: RolloutView) -> Self {
         Self {
@@ -319,7 +325,7 @@ impl<S: EventStore> Migration<S> {
     }
 
     /// Resolves ambiguous rows of the last backfill as `request` says (see
-    /// [`EventStore::resolve_ambiguous`]).
+    /// [`crate::storage::CutoverStore::resolve_ambiguous`]).
     pub async fn resolve(&self, request: &ResolveRequest) -> Result<ResolveOutcome, StorageError> {
         let outcome = self.store.resolve_ambiguous(request).await?;
         tracing::info!(
@@ -372,7 +378,7 @@ impl<S> Clone for Rollout<S> {
     }
 }
 
-impl<S: EventStore> Rollout<S> {
+impl<S: Store> Rollout<S> {
     pub fn new(store: Arc<S>, view: RolloutView) -> Self {
         Self { store, view }
     }
@@ -382,7 +388,7 @@ impl<S: EventStore> Rollout<S> {
         self.view.current()
     }
 
-    /// Applies `change` (see [`EventStore::change_rollout`]); this replica applies the result
+    /// Applies `change` (see [`crate::storage::RolloutStore::change_rollout`]); this replica applies the result
     /// at once, the others within their refresh interval.
     pub async fn change(
         &self,

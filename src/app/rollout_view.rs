@@ -7,20 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
-use super::{Decision, RolloutSnapshot, decide};
 use crate::domain::StorageSource;
-use crate::migration::Phase;
-use crate::storage::{EventStore, StorageError};
-
-/// The state a replica applies.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub phase: Phase,
-    pub rollout: RolloutSnapshot,
-}
-
-/// The pseudo-user the all-users view is routed as (so it can be overridden on its own).
-pub const ALL_USERS: &str = "*";
+use crate::rollout::{Applied, Decision, decide};
+use crate::storage::{PhaseStore, RolloutStore, StorageError};
 
 /// A replica's applied rollout; cheap to clone.
 #[derive(Debug, Clone)]
@@ -35,7 +24,7 @@ pub struct RolloutView {
 
 impl RolloutView {
     /// Loads the state from the database.
-    pub async fn load<S: EventStore>(store: &S) -> Result<Self, StorageError> {
+    pub async fn load<S: PhaseStore + RolloutStore>(store: &S) -> Result<Self, StorageError> {
         let applied = Arc::new(Self::read(store).await?);
         Ok(Self {
             current: Arc::new(RwLock::new(applied)),
@@ -44,7 +33,7 @@ impl RolloutView {
         })
     }
 
-    async fn read<S: EventStore>(store: &S) -> Result<Applied, StorageError> {
+    async fn read<S: PhaseStore + RolloutStore>(store: &S) -> Result<Applied, StorageError> {
         Ok(Applied {
             phase: store.phase().await?.phase,
             rollout: store.rollout().await?,
@@ -98,14 +87,17 @@ impl RolloutView {
 
     /// Re-reads the database now: the one step of the refresh loop, and what a replica does
     /// right after a change made through it.
-    pub async fn refresh<S: EventStore>(&self, store: &S) -> Result<(), StorageError> {
+    pub async fn refresh<S: PhaseStore + RolloutStore>(
+        &self,
+        store: &S,
+    ) -> Result<(), StorageError> {
         let _one_at_a_time = self.refreshing.lock().await;
         self.apply(Self::read(store).await?);
         Ok(())
     }
 
     /// Refreshes on every pushed change and every `interval`, until `stop` turns true.
-    pub async fn keep_fresh<S: EventStore>(
+    pub async fn keep_fresh<S: PhaseStore + RolloutStore>(
         self,
         store: Arc<S>,
         interval: Duration,
