@@ -155,7 +155,6 @@ pub const LEGACY_TABLES: &[&str] = &["campaign_daily_stat_entries"];
 pub const NEW_TABLES: &[&str] = &[
     "events",
     "campaign_day_totals",
-    "user_day_totals",
     "all_day_totals",
     "idempotency_keys",
     "campaigns",
@@ -344,22 +343,22 @@ impl<S: Store> Migration<S> {
 
     /// The newest `limit` resolutions (0 means 100), newest first.
     pub async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, StorageError> {
-        self.store.resolutions(listed(limit)).await
+        let limit = if limit == 0 {
+            100
+        } else {
+            limit.min(MAX_TRANSITIONS_LISTED)
+        };
+        self.store.resolutions(limit).await
     }
 
     /// The newest `limit` phase changes (0 means 100), newest first.
     pub async fn history(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
-        self.store.transitions(listed(limit)).await
-    }
-}
-
-/// How many entries of a history a read asks for: 0 means 100, and at most
-/// [`MAX_TRANSITIONS_LISTED`].
-fn listed(limit: u32) -> u32 {
-    if limit == 0 {
-        100
-    } else {
-        limit.min(MAX_TRANSITIONS_LISTED)
+        let limit = if limit == 0 {
+            100
+        } else {
+            limit.min(MAX_TRANSITIONS_LISTED)
+        };
+        self.store.transitions(limit).await
     }
 }
 

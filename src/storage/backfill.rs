@@ -73,8 +73,7 @@ pub(super) struct BackfillSql {
     /// The range's rows; of them, the non-zero rows; of those, the clean rows; of those, the
     /// clean rows to copy.
     pub counts: String,
-    /// Copies the clean rows: adds them to the all-users rollup's backfill stripe and the
-    /// users' daily rollups, claims
+    /// Copies the clean rows: adds them to the all-users rollup's backfill stripe, claims
     /// their campaigns for their legacy user where no one owns them, and adds them to the
     /// campaign rollups. Run in order.
     pub copy: Vec<String>,
@@ -127,12 +126,6 @@ impl BackfillSql {
              ON CONFLICT (day, stripe){grows}",
             stripe = super::batch::BACKFILL_STRIPE,
         );
-        let user_days = format!(
-            "INSERT INTO user_day_totals AS t (user_id, day, {columns}) \
-             SELECT user_id, day, SUM(sent), SUM(opened), 0, SUM(replied), \
-             SUM(positive_replies), SUM(bounced) FROM copied WHERE true \
-             GROUP BY user_id, day ON CONFLICT (user_id, day){grows}"
-        );
         let claims = "INSERT INTO campaigns (campaign_id, user_id) \
              SELECT DISTINCT campaign_id, user_id FROM copied WHERE true \
              ON CONFLICT (campaign_id) DO NOTHING";
@@ -144,13 +137,12 @@ impl BackfillSql {
         let copy = match statements {
             CopyStatements::One => vec![format!(
                 "WITH copied AS MATERIALIZED ({copied}), \
-                 days AS ({all_days} RETURNING 1), users AS ({user_days} RETURNING 1), \
-                 claims AS ({claims} RETURNING 1) \
+                 days AS ({all_days} RETURNING 1), claims AS ({claims} RETURNING 1) \
                  {campaign_days}"
             )],
-            // Each statement reads the rows anew: the all-users and user rollups and the
-            // owners first, as the campaign rollups, once grown, no longer lack them.
-            CopyStatements::PerTable => [all_days, user_days, claims.to_owned(), campaign_days]
+            // Each statement reads the rows anew: the all-users rollup and the owners first,
+            // as the campaign rollups, once grown, no longer lack them.
+            CopyStatements::PerTable => [all_days, claims.to_owned(), campaign_days]
                 .into_iter()
                 .map(|statement| format!("WITH copied AS ({copied}) {statement}"))
                 .collect(),

@@ -186,17 +186,6 @@ pub(super) fn copy_claims(copies: &[RollupCopy]) -> Vec<(&str, &str)> {
     claims.into_iter().collect()
 }
 
-/// How each user's daily row grows with `deltas`, sorted by user and day.
-pub(super) fn user_day_deltas<'a>(
-    deltas: &BTreeMap<CampaignDayKey<'a>, DayTotals>,
-) -> BTreeMap<(&'a str, NaiveDate), DayTotals> {
-    let mut users: BTreeMap<(&str, NaiveDate), DayTotals> = BTreeMap::new();
-    for ((user, _, day), totals) in deltas {
-        users.entry((user, *day)).or_default().add_all(*totals);
-    }
-    users
-}
-
 /// How each day's all-users row grows with `deltas`, sorted by day.
 pub(super) fn all_day_deltas(
     deltas: &BTreeMap<CampaignDayKey<'_>, DayTotals>,
@@ -397,18 +386,15 @@ pub(super) const LEGACY_READ_ROWS: &str = "(SELECT user_id, campaign_id, stat_da
 
 /// What a read of `source` sums, and its day column: the legacy rows (with the new
 /// storage's clicks), the all-users rollup for the operator's view of every campaign
-/// (`scope` of no user and no campaigns), a user's daily rollup for the series of all of
-/// one user's campaigns, or the campaign rollups.
+/// (`scope` of no user and no campaigns), or the campaign rollups.
 pub(super) fn read_rows(
     source: StorageSource,
     scope: Option<&Scope>,
 ) -> (&'static str, &'static str) {
-    let every_campaign = scope.is_some_and(|s| s.campaigns.is_empty());
-    let every_user = scope.is_some_and(|s| s.user.is_none());
+    let every_campaign = scope.is_some_and(|s| s.user.is_none() && s.campaigns.is_empty());
     match source {
         StorageSource::Legacy => (LEGACY_READ_ROWS, "stat_date"),
-        StorageSource::New if every_campaign && every_user => ("all_day_totals", "day"),
-        StorageSource::New if every_campaign => ("user_day_totals", "day"),
+        StorageSource::New if every_campaign => ("all_day_totals", "day"),
         StorageSource::New => ("campaign_day_totals", "day"),
     }
 }

@@ -195,8 +195,8 @@ async fn copy_into_rollups(
     add_to_rollups(tx, &batch::copy_deltas(copies), batch::BACKFILL_STRIPE).await
 }
 
-/// Grows the campaign rollups by `deltas`, the users' daily rollups by their sum per user
-/// and day, and `stripe` of the all-users rollup by their sum per day.
+/// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
+/// per day.
 async fn add_to_rollups(
     tx: &mut sqlx::PgConnection,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
@@ -219,22 +219,6 @@ async fn add_to_rollups(
     .bind(deltas.keys().map(|k| k.2).collect::<Vec<_>>());
     (0..6)
         .fold(campaigns, |query, index| query.bind(totals(index)))
-        .execute(&mut *tx)
-        .await?;
-
-    let users = batch::user_day_deltas(deltas);
-    let totals = |index| batch::DayTotals::column(users.iter(), index);
-    let user_days = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO user_day_totals AS t (user_id, day, {}) \
-         SELECT * FROM UNNEST($1::text[], $2::date[], $3::int8[], $4::int8[], $5::int8[], \
-         $6::int8[], $7::int8[], $8::int8[]) ON CONFLICT (user_id, day){}",
-        batch::ROLLUP_COLUMNS,
-        batch::ROLLUP_GROWS
-    )))
-    .bind(users.keys().map(|k| k.0).collect::<Vec<_>>())
-    .bind(users.keys().map(|k| k.1).collect::<Vec<_>>());
-    (0..6)
-        .fold(user_days, |query, index| query.bind(totals(index)))
         .execute(&mut *tx)
         .await?;
 

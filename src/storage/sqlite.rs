@@ -175,8 +175,8 @@ async fn copy_into_rollups(
     add_to_rollups(tx, &batch::copy_deltas(copies), batch::BACKFILL_STRIPE).await
 }
 
-/// Grows the campaign rollups by `deltas`, the users' daily rollups by their sum per user
-/// and day, and `stripe` of the all-users rollup by their sum per day.
+/// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
+/// per day.
 async fn add_to_rollups(
     tx: &mut sqlx::SqliteConnection,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
@@ -195,22 +195,6 @@ async fn add_to_rollups(
             }
         });
         upsert.push(" ON CONFLICT (user_id, campaign_id, day)");
-        upsert.push(batch::ROLLUP_GROWS);
-        upsert.build().execute(&mut *tx).await?;
-    }
-    let users: Vec<_> = batch::user_day_deltas(deltas).into_iter().collect();
-    for chunk in users.chunks(rows_per_statement(8)) {
-        let mut upsert = QueryBuilder::<Sqlite>::new(format!(
-            "INSERT INTO user_day_totals AS t (user_id, day, {}) ",
-            batch::ROLLUP_COLUMNS
-        ));
-        upsert.push_values(chunk, |mut row, ((user, day), totals)| {
-            row.push_bind(*user).push_bind(*day);
-            for total in totals.0 {
-                row.push_bind(total);
-            }
-        });
-        upsert.push(" ON CONFLICT (user_id, day)");
         upsert.push(batch::ROLLUP_GROWS);
         upsert.build().execute(&mut *tx).await?;
     }

@@ -409,7 +409,6 @@ async fn a_failed_legacy_write_leaves_neither_storage_changed(db: TestDb) {
     for table in [
         "events",
         "campaign_day_totals",
-        "user_day_totals",
         "all_day_totals",
         "campaign_daily_stat_entries",
         "idempotency_keys",

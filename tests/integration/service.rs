@@ -172,7 +172,6 @@ async fn migrate_command_creates_the_schema(db: TestDb) {
         "events",
         "idempotency_keys",
         "campaign_day_totals",
-        "user_day_totals",
         "all_day_totals",
     ] {
         assert!(
