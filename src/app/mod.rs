@@ -343,22 +343,22 @@ impl<S: Store> Migration<S> {
 
     /// The newest `limit` resolutions (0 means 100), newest first.
     pub async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, StorageError> {
-        let limit = if limit == 0 {
-            100
-        } else {
-            limit.min(MAX_TRANSITIONS_LISTED)
-        };
-        self.store.resolutions(limit).await
+        self.store.resolutions(listed(limit)).await
     }
 
     /// The newest `limit` phase changes (0 means 100), newest first.
     pub async fn history(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
-        let limit = if limit == 0 {
-            100
-        } else {
-            limit.min(MAX_TRANSITIONS_LISTED)
-        };
-        self.store.transitions(limit).await
+        self.store.transitions(listed(limit)).await
+    }
+}
+
+/// How many entries of a history a read asks for: 0 means 100, and at most
+/// [`MAX_TRANSITIONS_LISTED`].
+fn listed(limit: u32) -> u32 {
+    if limit == 0 {
+        100
+    } else {
+        limit.min(MAX_TRANSITIONS_LISTED)
     }
 }
 
