@@ -11,7 +11,7 @@ use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
-use crate::app::{Jobs, RolloutView};
+use crate::app::{GroupCommit, GroupCommitSettings, Jobs, RolloutView};
 use crate::app::{Migration, Rollout, Stats};
 use crate::grpc::proto::migration_service_server::MigrationServiceServer;
 use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How often each replica re-reads the rollout and the phase from the database.
     pub rollout_refresh_interval: Duration,
+    /// How concurrent single-event writes are grouped into transactions.
+    pub group_commit: GroupCommitSettings,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +42,7 @@ impl Default for ServerConfig {
             health_check_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(20),
             rollout_refresh_interval: Duration::from_millis(500),
+            group_commit: GroupCommitSettings::default(),
         }
     }
 }
@@ -149,10 +152,17 @@ pub async fn launch<S: Store>(
             tonic_reflection::server::Builder::register_encoded_file_descriptor_set,
         )
     };
+    let group_commit = GroupCommit::start(
+        Arc::clone(&store),
+        config.group_commit,
+        &jobs,
+        Arc::clone(&metrics),
+    );
     let stats = StatsServiceServer::new(StatsApi::new(Stats::new(
         Arc::clone(&store),
         rollout.clone(),
         Arc::clone(&metrics),
+        group_commit.clone(),
     )))
     .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES);
 
@@ -163,6 +173,8 @@ pub async fn launch<S: Store>(
     let health_checks = health_task.abort_handle();
     let shutdown = async {
         shutdown.await;
+        // Single events in flight are written at once, not after their window.
+        group_commit.hurry();
         // Stop the checks and wait until they have stopped, so that none of them can set
         // SERVING again after the NOT_SERVING below.
         health_task.abort();

@@ -2,9 +2,11 @@
 //! migration phase. Transport-free, so
 //! that every entry point (gRPC today, admin tools later) shares one behaviour.
 
+mod group_commit;
 mod rollout_view;
 mod runner;
 
+pub use group_commit::{GroupCommit, GroupCommitSettings, IngestError};
 pub use rollout_view::RolloutView;
 pub use runner::{Jobs, run_backfill};
 
@@ -32,6 +34,7 @@ pub struct Stats<S> {
     store: Arc<S>,
     rollout: RolloutView,
     metrics: Arc<ServerMetrics>,
+    group_commit: GroupCommit,
 }
 
 impl<S> Clone for Stats<S> {
@@ -40,17 +43,31 @@ impl<S> Clone for Stats<S> {
             store: Arc::clone(&self.store),
             rollout: self.rollout.clone(),
             metrics: Arc::clone(&self.metrics),
+            group_commit: self.group_commit.clone(),
         }
     }
 }
 
 impl<S: Store> Stats<S> {
-    pub fn new(store: Arc<S>, rollout: RolloutView, metrics: Arc<ServerMetrics>) -> Self {
+    /// The use cases over `store`; single events go through `group_commit`.
+    pub fn new(
+        store: Arc<S>,
+        rollout: RolloutView,
+        metrics: Arc<ServerMetrics>,
+        group_commit: GroupCommit,
+    ) -> Self {
         Self {
             store,
             rollout,
             metrics,
+            group_commit,
         }
+    }
+
+    /// Stores one validated event, in one transaction with other callers' single events
+    /// (see [`GroupCommit`]); answers whether it was a duplicate.
+    pub async fn record_one(&self, event: Event) -> Result<bool, IngestError> {
+        self.group_commit.record(event).await
     }
 
     /// Stores validated events atomically; see [`crate::storage::EventStore::record_events`].

@@ -21,6 +21,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
+use crate::app::GroupCommitSettings;
 use crate::server::{Listeners, ServerConfig, launch};
 use crate::storage::{Backend, PoolOptions, PostgresStore, SqliteStore, Store};
 use crate::telemetry::{self, LogFormat};
@@ -132,6 +133,19 @@ pub struct ServeArgs {
     /// Milliseconds between database health checks.
     #[arg(long, env = "STATS_HEALTH_CHECK_INTERVAL_MS", default_value_t = 2_000)]
     pub health_check_interval_ms: u64,
+    /// Most single events (`RecordEvent` calls) written in one transaction.
+    #[arg(long, env = "STATS_GROUP_COMMIT_MAX_EVENTS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub group_commit_max_events: u32,
+    /// Microseconds the first queued single event waits for others before its transaction
+    /// is written (0: write what has queued at once).
+    #[arg(long, env = "STATS_GROUP_COMMIT_WINDOW_US", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub group_commit_window_us: u64,
+    /// Most single events queued at once; past it, `RecordEvent` answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "STATS_GROUP_COMMIT_QUEUE_EVENTS", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub group_commit_queue_events: u32,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -203,6 +217,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health_check_interval: Duration::from_millis(args.health_check_interval_ms.max(10)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         rollout_refresh_interval: Duration::from_millis(args.rollout_refresh_ms.max(10)),
+        group_commit: GroupCommitSettings {
+            max_events: args.group_commit_max_events as usize,
+            window: Duration::from_micros(args.group_commit_window_us),
+            queue_events: args.group_commit_queue_events as usize,
+        },
     };
     let url = &args.database.database_url;
     let options = args.database.pool_options();

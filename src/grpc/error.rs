@@ -14,6 +14,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::app::IngestError;
 use crate::app::StartRefused;
 use crate::domain::{FieldViolation, LimitExceeded, ValidationError, echo};
 use crate::rollout::RolloutRefused;
@@ -283,6 +284,20 @@ fn describe(message: &str, violations: &[FieldViolation], listed: usize) -> Stri
         ));
     }
     text
+}
+
+/// The status of a single event that was not acknowledged (`RecordEvent`).
+pub fn ingest_status(error: IngestError) -> Status {
+    match error {
+        IngestError::Storage(error) => ApiError::from_write(error, |_| "event".to_owned()).into(),
+        IngestError::Retry(_) => Status::unavailable("storage is unavailable, retry later"),
+        IngestError::QueueFull(events) => Status::resource_exhausted(format!(
+            "too many writes are queued on this replica ({events} events); retry later"
+        )),
+        IngestError::ShuttingDown => {
+            Status::unavailable("the server is shutting down; retry on another replica")
+        }
+    }
 }
 
 /// Code and client message for a storage failure; the details are logged here.

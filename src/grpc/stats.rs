@@ -4,6 +4,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{bucket_to_proto, event_from_request, events_from_proto};
+use super::error::ingest_status;
 use super::proto::stats_service_server::StatsService;
 use super::proto::{
     GetAggregatedDailyStatsRequest, GetAggregatedDailyStatsResponse, GetStatsForCampaignsRequest,
@@ -72,14 +73,8 @@ impl<S: Store> StatsService for StatsApi<S> {
         request: Request<RecordEventRequest>,
     ) -> Result<Response<RecordEventResponse>, Status> {
         let event = event_from_request(request.into_inner(), "event")?;
-        let outcome = self
-            .stats
-            .record(std::slice::from_ref(&event))
-            .await
-            .map_err(|e| ApiError::from_write(e, |_| "event".to_owned()))?;
-        Ok(Response::new(RecordEventResponse {
-            duplicate: outcome.duplicates > 0,
-        }))
+        let duplicate = self.stats.record_one(event).await.map_err(ingest_status)?;
+        Ok(Response::new(RecordEventResponse { duplicate }))
     }
 
     async fn record_events(

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::NaiveDate;
 
+use super::StorageError;
 use super::error::{LEGACY_COLUMN_MAX, LegacyOverflow};
-use super::{RecordOutcome, StorageError};
 use crate::domain::{CampaignId, Event, EventType, Metrics, Scope, StorageSource, UserId};
 use crate::migration::WriteTargets;
 use crate::migration::ambiguous::{AmbiguityKind, Resolution, ResolveFilter};
@@ -63,9 +63,9 @@ pub(super) fn idempotency_keys(events: &[Event]) -> Vec<(&UserId, &str)> {
 pub(super) fn accepted_events(
     events: &[Event],
     mut fresh: HashSet<(String, String)>,
-) -> (Vec<&Event>, RecordOutcome) {
+) -> (Vec<&Event>, Vec<bool>) {
     let mut accepted = Vec::with_capacity(events.len());
-    let mut outcome = RecordOutcome::default();
+    let mut duplicates = Vec::with_capacity(events.len());
     for event in events {
         let is_new = match &event.idempotency_key {
             None => true,
@@ -73,12 +73,10 @@ pub(super) fn accepted_events(
         };
         if is_new {
             accepted.push(event);
-            outcome.stored += 1;
-        } else {
-            outcome.duplicates += 1;
         }
+        duplicates.push(!is_new);
     }
-    (accepted, outcome)
+    (accepted, duplicates)
 }
 
 /// The accepted events the new storage receives: all of them while the phase writes it,
@@ -597,6 +595,7 @@ mod tests {
 
     use super::*;
     use crate::domain::RawEvent;
+    use crate::storage::RecordOutcome;
 
     fn event(user: &str, campaign: &str, key: Option<&str>, count: u32) -> Event {
         let now = Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap();
@@ -635,9 +634,10 @@ mod tests {
             event("u1", "c1", None, 3),
         ];
         let fresh = HashSet::from([("u1".to_owned(), "k".to_owned())]);
-        let (accepted, outcome) = accepted_events(&events, fresh);
+        let (accepted, duplicates) = accepted_events(&events, fresh);
+        assert_eq!(duplicates, [false, true, false]);
         assert_eq!(
-            outcome,
+            RecordOutcome::of(&duplicates),
             RecordOutcome {
                 stored: 2,
                 duplicates: 1

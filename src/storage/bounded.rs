@@ -16,8 +16,8 @@ use std::time::Duration;
 use chrono::NaiveDate;
 
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, RecordOutcome,
-    RolloutStore, RunIssues, RunStore, StorageError, Store, TableSize,
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, RolloutStore, RunIssues,
+    RunStore, StorageError, Store, TableSize,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
@@ -76,8 +76,8 @@ impl<S: Store> Database for Bounded<S> {
 }
 
 impl<S: Store> EventStore for Bounded<S> {
-    async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
-        self.bound(self.inner.record_events(events)).await
+    async fn record_events_each(&self, events: &[Event]) -> Result<Vec<bool>, StorageError> {
+        self.bound(self.inner.record_events_each(events)).await
     }
 
     async fn campaign_totals(

@@ -89,6 +89,17 @@ pub struct RecordOutcome {
     pub duplicates: u64,
 }
 
+impl RecordOutcome {
+    /// The counts of a batch whose events were duplicates where `duplicates` says so.
+    pub fn of(duplicates: &[bool]) -> Self {
+        let repeated = duplicates.iter().filter(|d| **d).count() as u64;
+        Self {
+            stored: duplicates.len() as u64 - repeated,
+            duplicates: repeated,
+        }
+    }
+}
+
 impl std::ops::AddAssign for RecordOutcome {
     fn add_assign(&mut self, other: Self) {
         self.stored += other.stored;
@@ -140,10 +151,23 @@ pub trait EventStore: Database {
     /// Refuses the whole batch with [`StorageError::CampaignOwnedByAnotherUser`] when an event
     /// names a campaign that belongs to another user; a campaign belongs to the first user
     /// that records an event for it, or to its user in the legacy table.
+    ///
+    /// Answers, event by event, whether it was a duplicate.
+    fn record_events_each(
+        &self,
+        events: &[Event],
+    ) -> impl Future<Output = Result<Vec<bool>, StorageError>> + Send;
+
+    /// [`Self::record_events_each`], counted.
     fn record_events(
         &self,
         events: &[Event],
-    ) -> impl Future<Output = Result<RecordOutcome, StorageError>> + Send;
+    ) -> impl Future<Output = Result<RecordOutcome, StorageError>> + Send {
+        async move {
+            let duplicates = self.record_events_each(events).await?;
+            Ok(RecordOutcome::of(&duplicates))
+        }
+    }
 
     /// Totals of each of `user`'s `campaigns` over `range`, from `source`. Campaigns without
     /// events (or that belong to another user) are absent from the map.

@@ -12,9 +12,8 @@ use tokio::sync::watch;
 use super::backfill::{BackfillSql, CopyStatements};
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse,
-    RecordOutcome, RolloutStore, RunIssues, RunStore, StorageError, TableSize, batch, parse_phase,
-    sql,
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, RolloutStore,
+    RunIssues, RunStore, StorageError, TableSize, batch, parse_phase, sql,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
@@ -399,7 +398,7 @@ impl Database for PostgresStore {
 }
 
 impl EventStore for PostgresStore {
-    async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
+    async fn record_events_each(&self, events: &[Event]) -> Result<Vec<bool>, StorageError> {
         self.ensure_partitions(events.iter().map(|e| month_of(e.day())))
             .await;
         let mut tx = self.pool.begin().await?;
@@ -455,7 +454,7 @@ impl EventStore for PostgresStore {
             .into_iter()
             .collect()
         };
-        let (accepted, outcome) = batch::accepted_events(events, fresh);
+        let (accepted, duplicates) = batch::accepted_events(events, fresh);
 
         let for_new = batch::events_for_new_storage(&accepted, targets);
         if !for_new.is_empty() {
@@ -472,7 +471,7 @@ impl EventStore for PostgresStore {
         }
 
         tx.commit().await?;
-        Ok(outcome)
+        Ok(duplicates)
     }
 
     async fn campaign_totals(

@@ -14,9 +14,8 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use super::backfill::{BackfillSql, CopyStatements};
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse,
-    RecordOutcome, RolloutStore, RunIssues, RunStore, StorageError, TableSize, batch, parse_phase,
-    sql,
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, RolloutStore,
+    RunIssues, RunStore, StorageError, TableSize, batch, parse_phase, sql,
 };
 use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
@@ -317,7 +316,7 @@ impl Database for SqliteStore {
 }
 
 impl EventStore for SqliteStore {
-    async fn record_events(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
+    async fn record_events_each(&self, events: &[Event]) -> Result<Vec<bool>, StorageError> {
         let mut tx = self.writer.begin().await?;
         let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
             .fetch_one(&mut *tx)
@@ -369,7 +368,7 @@ impl EventStore for SqliteStore {
                 insert.build_query_as().fetch_all(&mut *tx).await?;
             fresh.extend(inserted);
         }
-        let (accepted, outcome) = batch::accepted_events(events, fresh);
+        let (accepted, duplicates) = batch::accepted_events(events, fresh);
 
         let for_new = batch::events_for_new_storage(&accepted, targets);
         insert_events(&mut tx, &for_new).await?;
@@ -384,7 +383,7 @@ impl EventStore for SqliteStore {
         }
 
         tx.commit().await?;
-        Ok(outcome)
+        Ok(duplicates)
     }
 
     async fn campaign_totals(

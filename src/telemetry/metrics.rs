@@ -70,6 +70,7 @@ pub struct ServerMetrics {
     rpc_duration: HistogramFamily<RpcLabels>,
     read_duration: HistogramFamily<ReadLabels>,
     recorded_batch_events: Histogram,
+    group_commit_queued: Gauge,
     rollout_applied_version: Gauge,
     rollout_percentage: Gauge<f64, AtomicU64>,
     rollout_kill_switch: Gauge,
@@ -108,6 +109,12 @@ impl ServerMetrics {
             "Events per stored batch (RecordEvent, RecordEvents, each StreamEvents chunk)",
             recorded_batch_events.clone(),
         );
+        let group_commit_queued = Gauge::default();
+        registry.register(
+            "group_commit_queued_events",
+            "Single events (RecordEvent) queued for a group commit or being written",
+            group_commit_queued.clone(),
+        );
         let rollout_applied_version = Gauge::default();
         registry.register(
             "rollout_applied_version",
@@ -144,6 +151,7 @@ impl ServerMetrics {
             rpc_duration,
             read_duration,
             recorded_batch_events,
+            group_commit_queued,
             rollout_applied_version,
             rollout_percentage,
             rollout_kill_switch,
@@ -190,6 +198,11 @@ impl ServerMetrics {
     /// Counts a stored batch of `events` events.
     pub fn observe_batch(&self, events: usize) {
         self.recorded_batch_events.observe(events as f64);
+    }
+
+    /// The gauge of single events queued for a group commit (its owner adds and takes away).
+    pub fn group_commit_queued(&self) -> Gauge {
+        self.group_commit_queued.clone()
     }
 
     /// The metrics as OpenMetrics text, with the sampled state set from `applied` and `pools`.

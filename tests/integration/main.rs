@@ -4,6 +4,7 @@
 mod backfill;
 mod cli;
 mod common;
+mod group_commit;
 mod limits;
 mod metrics;
 mod migration;

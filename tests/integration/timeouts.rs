@@ -12,7 +12,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::common::proxy::Proxy;
-use crate::common::{Backend, TestDb, campaign_metrics, event};
+use crate::common::{TestDb, campaign_metrics, event};
 
 crate::on_both_backends!(a_statement_past_the_timeout_is_unavailable_and_rolled_back);
 
@@ -66,31 +66,8 @@ async fn a_statement_past_the_timeout_is_unavailable_and_rolled_back(db: TestDb)
         .await
         .expect("the legacy row exists");
 
-    // Another writer holds what the next write needs: the legacy row on PostgreSQL, the
-    // database's write lock on SQLite.
-    let held: Box<dyn std::any::Any + Send> = match db.backend {
-        Backend::Postgres => {
-            let mut writer = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-            sqlx::raw_sql(
-                "BEGIN; SELECT * FROM campaign_daily_stat_entries WHERE campaign_id = 'c1' \
-                 FOR UPDATE",
-            )
-            .execute(&mut writer)
-            .await
-            .expect("lock the row");
-            Box::new(writer)
-        }
-        Backend::Sqlite => {
-            let mut writer = sqlx::SqliteConnection::connect(&db.url)
-                .await
-                .expect("open");
-            sqlx::raw_sql("BEGIN IMMEDIATE")
-                .execute(&mut writer)
-                .await
-                .expect("take the write lock");
-            Box::new(writer)
-        }
-    };
+    // Another writer holds what the next write needs (see `hold_writes_to_c1`).
+    let held = db.hold_writes_to_c1().await;
     let status = tokio::time::timeout(HANGING, stats.record_event(keyed_sent("blocked")))
         .await
         .expect("the call ends within its statement timeout")

@@ -258,20 +258,62 @@ impl TestDb {
 
     /// Starts a server reaching this database through `url` with the pool `options`.
     pub async fn start_server_with(&self, url: &str, options: &PoolOptions) -> TestServer {
+        self.start_server_configured(url, options, TestServer::config())
+            .await
+    }
+
+    /// Starts a server reaching this database through `url` with the pool `options` and the
+    /// server settings `config`.
+    pub async fn start_server_configured(
+        &self,
+        url: &str,
+        options: &PoolOptions,
+        config: ServerConfig,
+    ) -> TestServer {
         match self.backend {
             Backend::Sqlite => {
                 let store = SqliteStore::connect(url, options)
                     .await
                     .expect("open SQLite");
                 self.prepare(&store).await;
-                TestServer::start(store).await
+                TestServer::start_with(store, config).await
             }
             Backend::Postgres => {
                 let store = PostgresStore::connect(url, options)
                     .await
                     .expect("connect to PostgreSQL");
                 self.prepare(&store).await;
-                TestServer::start(store).await
+                TestServer::start_with(store, config).await
+            }
+        }
+    }
+
+    /// Another writer holding what the next write to campaign `c1` needs, until dropped: the
+    /// legacy row on PostgreSQL (it must exist), the database's write lock on SQLite.
+    pub async fn hold_writes_to_c1(&self) -> Box<dyn std::any::Any + Send> {
+        match self.backend {
+            Backend::Postgres => {
+                let mut writer = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect");
+                sqlx::raw_sql(
+                    "BEGIN; SELECT * FROM campaign_daily_stat_entries WHERE campaign_id = 'c1' \
+                     FOR UPDATE",
+                )
+                .execute(&mut writer)
+                .await
+                .expect("lock the row");
+                Box::new(writer)
+            }
+            Backend::Sqlite => {
+                let mut writer = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open");
+                sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(&mut writer)
+                    .await
+                    .expect("take the write lock");
+                Box::new(writer)
             }
         }
     }
@@ -356,6 +398,7 @@ impl TestServer {
             health_check_interval: std::time::Duration::from_millis(200),
             shutdown_grace: std::time::Duration::from_secs(5),
             rollout_refresh_interval: std::time::Duration::from_millis(100),
+            ..ServerConfig::default()
         }
     }
 
