@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use campaign_stats::app::GroupCommitSettings;
 use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{
     Event, EventType, GetAggregatedDailyStatsRequest, GetStatsRequest, Granularity,
@@ -33,6 +34,11 @@ fn main() {
             .await
             .expect("SQLite");
         run("SQLite", store).await;
+        unary_comparison("SQLite", |options| {
+            let url = sqlite_url.clone();
+            async move { SqliteStore::connect(&url, &options).await.expect("SQLite") }
+        })
+        .await;
 
         match std::env::var("STATS_TEST_POSTGRES_URL") {
             Ok(server_url) if !server_url.is_empty() => {
@@ -41,6 +47,15 @@ fn main() {
                     .await
                     .expect("PostgreSQL");
                 run("PostgreSQL", store).await;
+                unary_comparison("PostgreSQL", |options| {
+                    let url = url.clone();
+                    async move {
+                        PostgresStore::connect(&url, &options)
+                            .await
+                            .expect("PostgreSQL")
+                    }
+                })
+                .await;
                 propagation(&url).await;
             }
             _ => println!("\nPostgreSQL skipped: set STATS_TEST_POSTGRES_URL to include it."),
@@ -195,6 +210,123 @@ async fn run<S: Store>(name: &str, store: S) {
 
     let _ = stop.send(());
     server.await.expect("server task").expect("server");
+}
+
+/// Concurrent single-event callers, as producers with many workers call `RecordEvent`.
+const CALLERS: u32 = 64;
+/// Events each caller sends, one call at a time.
+const CALLS_PER_CALLER: u32 = 150;
+/// Group-commit windows compared, in microseconds.
+const WINDOWS_US: [u64; 4] = [0, 500, 2_000, 5_000];
+
+/// 64 callers of `RecordEvent` at once under several group-commit windows, beside the naive
+/// path on the same schema: one transaction per event (the storage's own write, called by
+/// 64 tasks with a pool of 64 connections, no gRPC). Runs after [`run`], so the phase is
+/// NEW_PRIMARY (both storages written).
+async fn unary_comparison<S, F, Fut>(name: &str, connect: F)
+where
+    S: Store,
+    F: Fn(PoolOptions) -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    use std::sync::Arc;
+
+    println!("\n== {name}: RecordEvent from {CALLERS} concurrent callers ==");
+    let total = CALLERS * CALLS_PER_CALLER;
+    let mut next = 10_000_000u32;
+    let naive = Arc::new(
+        connect(PoolOptions {
+            max_connections: CALLERS,
+            ..PoolOptions::default()
+        })
+        .await,
+    );
+    let started = Instant::now();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let store = Arc::clone(&naive);
+            let first = next + caller * CALLS_PER_CALLER;
+            tokio::spawn(async move {
+                for i in first..first + CALLS_PER_CALLER {
+                    let one: campaign_stats::domain::Event =
+                        event(i).try_into().expect("a valid event");
+                    store.record_events(&[one]).await.expect("a naive write");
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.expect("naive caller");
+    }
+    let naive_rate = f64::from(total) / started.elapsed().as_secs_f64();
+    report_rate(
+        "naive: a transaction per event (64 tasks, no gRPC)",
+        total,
+        started.elapsed(),
+    );
+    next += total;
+    drop(naive);
+
+    for window_us in WINDOWS_US {
+        let store = connect(PoolOptions::default()).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = ServerConfig {
+            group_commit: GroupCommitSettings {
+                window: Duration::from_micros(window_us),
+                ..GroupCommitSettings::default()
+            },
+            ..ServerConfig::default()
+        };
+        let server = tokio::spawn(launch(listener, store, config, async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let started = Instant::now();
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|caller| {
+                let mut client = StatsServiceClient::new(channel.clone());
+                let first = next + caller * CALLS_PER_CALLER;
+                tokio::spawn(async move {
+                    let mut latencies = Vec::with_capacity(CALLS_PER_CALLER as usize);
+                    for i in first..first + CALLS_PER_CALLER {
+                        let call = Instant::now();
+                        client
+                            .record_event(RecordEventRequest {
+                                event: Some(event(i)),
+                            })
+                            .await
+                            .expect("RecordEvent");
+                        latencies.push(call.elapsed());
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::with_capacity(total as usize);
+        for caller in callers {
+            latencies.extend(caller.await.expect("caller"));
+        }
+        let took = started.elapsed();
+        next += total;
+        let rate = f64::from(total) / took.as_secs_f64();
+        report_rate(
+            &format!("RecordEvent, group-commit window {window_us} µs"),
+            total,
+            took,
+        );
+        report_latency(
+            &format!("  ({:.2}× naive)", rate / naive_rate),
+            &mut latencies,
+        );
+        let _ = stop.send(());
+        server.await.expect("server task").expect("server");
+    }
 }
 
 fn report_rate(what: &str, events: u32, took: Duration) {
