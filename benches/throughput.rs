@@ -47,6 +47,7 @@ fn main() {
                     .await
                     .expect("PostgreSQL");
                 run("PostgreSQL", store).await;
+                raw_naive_postgres(&url).await;
                 unary_comparison("PostgreSQL", |options| {
                     let url = url.clone();
                     async move {
@@ -216,8 +217,8 @@ async fn run<S: Store>(name: &str, store: S) {
 const CALLERS: u32 = 64;
 /// Events each caller sends, one call at a time.
 const CALLS_PER_CALLER: u32 = 150;
-/// Group-commit windows compared, in microseconds.
-const WINDOWS_US: [u64; 4] = [0, 500, 2_000, 5_000];
+/// Group-commit settings compared: window in microseconds, flushers.
+const GROUPINGS: [(u64, usize); 6] = [(0, 1), (0, 2), (0, 4), (500, 2), (2_000, 2), (5_000, 2)];
 
 /// 64 callers of `RecordEvent` at once under several group-commit windows, beside the naive
 /// path on the same schema: one transaction per event (the storage's own write, called by
@@ -267,7 +268,7 @@ where
     next += total;
     drop(naive);
 
-    for window_us in WINDOWS_US {
+    for (window_us, flushers) in GROUPINGS {
         let store = connect(PoolOptions::default()).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
@@ -275,6 +276,7 @@ where
         let config = ServerConfig {
             group_commit: GroupCommitSettings {
                 window: Duration::from_micros(window_us),
+                flushers,
                 ..GroupCommitSettings::default()
             },
             ..ServerConfig::default()
@@ -316,7 +318,7 @@ where
         next += total;
         let rate = f64::from(total) / took.as_secs_f64();
         report_rate(
-            &format!("RecordEvent, group-commit window {window_us} µs"),
+            &format!("RecordEvent, window {window_us} µs, {flushers} flusher(s)"),
             total,
             took,
         );
@@ -327,6 +329,81 @@ where
         let _ = stop.send(());
         server.await.expect("server task").expect("server");
     }
+}
+
+/// The database's own naive path, as a pgbench script would run it: 64 connections, each
+/// writing one event per transaction in four statements (dedupe key, event row, campaign
+/// rollup, legacy row) on the service's schema.
+async fn raw_naive_postgres(url: &str) {
+    let total = CALLERS * CALLS_PER_CALLER;
+    let started = Instant::now();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let url = url.to_owned();
+            tokio::spawn(async move {
+                let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+                for i in 0..CALLS_PER_CALLER {
+                    let n = 20_000_000 + caller * CALLS_PER_CALLER + i;
+                    let (user, campaign) = (format!("raw-user-{caller}"), format!("raw-{caller}"));
+                    let day = chrono::NaiveDate::from_ymd_opt(2025, 1, 1).expect("date")
+                        + chrono::Days::new(u64::from(n % 365));
+                    let mut tx = connection.begin().await.expect("begin");
+                    sqlx::query(
+                        "INSERT INTO idempotency_keys (user_id, idempotency_key) VALUES ($1, $2) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&user)
+                    .bind(format!("raw-key-{n}"))
+                    .execute(&mut *tx)
+                    .await
+                    .expect("key");
+                    sqlx::query(
+                        "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at) \
+                         VALUES ($1, $2, 1, 1, $3::date + time '10:00')",
+                    )
+                    .bind(&user)
+                    .bind(&campaign)
+                    .bind(day)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("event");
+                    sqlx::query(
+                        "INSERT INTO campaign_day_totals (user_id, campaign_id, day, sent) \
+                         VALUES ($1, $2, $3, 1) ON CONFLICT (user_id, campaign_id, day) \
+                         DO UPDATE SET sent = campaign_day_totals.sent + 1",
+                    )
+                    .bind(&user)
+                    .bind(&campaign)
+                    .bind(day)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("rollup");
+                    sqlx::query(
+                        "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, \
+                         stat_date, sent) VALUES ($1, $2, $3, 1) \
+                         ON CONFLICT (campaign_id, stat_date) \
+                         DO UPDATE SET sent = campaign_daily_stat_entries.sent + 1",
+                    )
+                    .bind(&campaign)
+                    .bind(&user)
+                    .bind(day)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("legacy");
+                    tx.commit().await.expect("commit");
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.expect("raw caller");
+    }
+    println!();
+    report_rate(
+        "raw SQL: a transaction per event (64 connections, 4 statements)",
+        total,
+        started.elapsed(),
+    );
 }
 
 fn report_rate(what: &str, events: u32, took: Duration) {

@@ -37,14 +37,18 @@ pub struct GroupCommitSettings {
     pub window: Duration,
     /// Most events queued (waiting or being written) at once; past it, callers are refused.
     pub queue_events: usize,
+    /// Groups written at once (each in its own transaction): while one commits, the next
+    /// gathers and writes.
+    pub flushers: usize,
 }
 
 impl Default for GroupCommitSettings {
     fn default() -> Self {
         Self {
             max_events: 256,
-            window: Duration::from_millis(2),
+            window: Duration::ZERO,
             queue_events: 16_384,
+            flushers: 2,
         }
     }
 }
@@ -118,9 +122,14 @@ impl GroupCommit {
         metrics: Arc<ServerMetrics>,
     ) -> Self {
         let (queue, waiting) = mpsc::unbounded_channel();
+        let waiting = Arc::new(tokio::sync::Mutex::new(waiting));
         let queued = metrics.group_commit_queued();
         let (hurry, hurried) = watch::channel(false);
-        jobs.spawn(move |stop| flush(store, waiting, settings, metrics, hurried, stop));
+        for _ in 0..settings.flushers.max(1) {
+            let (store, waiting) = (Arc::clone(&store), Arc::clone(&waiting));
+            let (metrics, hurried) = (Arc::clone(&metrics), hurried.clone());
+            jobs.spawn(move |stop| flush(store, waiting, settings, metrics, hurried, stop));
+        }
         Self {
             queue,
             hurry: Arc::new(hurry),
@@ -160,11 +169,11 @@ impl GroupCommit {
     }
 }
 
-/// The flusher: takes what has queued, writes it, answers; at `stop`, writes what is still
-/// queued and ends.
+/// One flusher: takes what has queued (one flusher at a time), writes it, answers; at `stop`,
+/// writes what is still queued and ends.
 async fn flush<S: EventStore>(
     store: Arc<S>,
-    mut waiting: mpsc::UnboundedReceiver<Pending>,
+    waiting: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Pending>>>,
     settings: GroupCommitSettings,
     metrics: Arc<ServerMetrics>,
     mut hurried: watch::Receiver<bool>,
@@ -181,18 +190,23 @@ async fn flush<S: EventStore>(
         }
     };
     loop {
-        let first = tokio::select! {
-            biased;
-            next = waiting.recv() => match next {
-                Some(first) => first,
-                None => return,
-            },
-            _ = stop.wait_for(|stopped| *stopped) => break,
+        let batch = {
+            let mut waiting = waiting.lock().await;
+            let first = tokio::select! {
+                biased;
+                next = waiting.recv() => match next {
+                    Some(first) => first,
+                    None => return,
+                },
+                _ = stop.wait_for(|stopped| *stopped) => break,
+            };
+            gather(first, &mut waiting, &settings, &mut hurried).await
         };
-        commit(gather(first, &mut waiting, &settings, &mut hurried).await).await;
+        commit(batch).await;
     }
     // Shutdown: no new call is taken any more (the server has stopped serving); write what
-    // is left, then refuse the stragglers by dropping the receiver.
+    // is left, then refuse the stragglers by closing the queue.
+    let mut waiting = waiting.lock().await;
     waiting.close();
     let mut left = Vec::new();
     while let Some(pending) = waiting.recv().await {

@@ -139,13 +139,17 @@ pub struct ServeArgs {
     pub group_commit_max_events: u32,
     /// Microseconds the first queued single event waits for others before its transaction
     /// is written (0: write what has queued at once).
-    #[arg(long, env = "STATS_GROUP_COMMIT_WINDOW_US", default_value_t = 2_000,
+    #[arg(long, env = "STATS_GROUP_COMMIT_WINDOW_US", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub group_commit_window_us: u64,
     /// Most single events queued at once; past it, `RecordEvent` answers RESOURCE_EXHAUSTED.
     #[arg(long, env = "STATS_GROUP_COMMIT_QUEUE_EVENTS", default_value_t = 16_384,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub group_commit_queue_events: u32,
+    /// Groups of single events written at once, each in its own transaction.
+    #[arg(long, env = "STATS_GROUP_COMMIT_FLUSHERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub group_commit_flushers: u32,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -221,6 +225,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_events: args.group_commit_max_events as usize,
             window: Duration::from_micros(args.group_commit_window_us),
             queue_events: args.group_commit_queue_events as usize,
+            flushers: args.group_commit_flushers as usize,
         },
     };
     let url = &args.database.database_url;

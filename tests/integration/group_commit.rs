@@ -28,6 +28,8 @@ fn grouping(max_events: usize, window: Duration, queue_events: usize) -> ServerC
             max_events,
             window,
             queue_events,
+            // One flusher: the window alone decides what shares a transaction.
+            flushers: 1,
         },
         ..TestServer::config()
     }
