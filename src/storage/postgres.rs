@@ -44,6 +44,8 @@ pub struct PostgresStore {
     statement_timeout: std::time::Duration,
     /// Months (their first day) whose event partition this process has made sure of.
     partitions: Mutex<HashSet<NaiveDate>>,
+    /// Campaign owners seen committed.
+    owners: batch::OwnerCache,
 }
 
 impl PostgresStore {
@@ -70,6 +72,7 @@ impl PostgresStore {
             pool,
             statement_timeout: options.statement_timeout,
             partitions: Mutex::new(HashSet::new()),
+            owners: batch::OwnerCache::default(),
         })
     }
 
@@ -407,32 +410,37 @@ impl EventStore for PostgresStore {
             .await?;
         let targets = parse_phase(&phase)?.write_targets();
 
-        let (campaigns, claimants): (Vec<&str>, Vec<&str>) = batch::campaign_claims(events)
+        let (mut owners, unknown) = self.owners.split(batch::campaign_claims(events));
+        let mut read = HashMap::new();
+        if !unknown.is_empty() {
+            let (campaigns, claimants): (Vec<&str>, Vec<&str>) = unknown
+                .into_iter()
+                .map(|(campaign, user)| (campaign.as_str(), user.as_str()))
+                .unzip();
+            // A campaign the legacy table already knows belongs to its legacy user.
+            sqlx::query(
+                "INSERT INTO campaigns (campaign_id, user_id) \
+                 SELECT t.campaign_id, COALESCE( \
+                     (SELECT l.user_id FROM campaign_daily_stat_entries l \
+                      WHERE l.campaign_id = t.campaign_id ORDER BY l.stat_date LIMIT 1), \
+                     t.user_id) \
+                 FROM UNNEST($1::text[], $2::text[]) AS t(campaign_id, user_id) \
+                 ON CONFLICT (campaign_id) DO NOTHING",
+            )
+            .bind(&campaigns)
+            .bind(&claimants)
+            .execute(&mut *tx)
+            .await?;
+            read = sqlx::query_as(
+                "SELECT campaign_id, user_id FROM campaigns WHERE campaign_id = ANY($1)",
+            )
+            .bind(&campaigns)
+            .fetch_all(&mut *tx)
+            .await?
             .into_iter()
-            .map(|(campaign, user)| (campaign.as_str(), user.as_str()))
-            .unzip();
-        // A campaign the legacy table already knows belongs to its legacy user.
-        sqlx::query(
-            "INSERT INTO campaigns (campaign_id, user_id) \
-             SELECT t.campaign_id, COALESCE( \
-                 (SELECT l.user_id FROM campaign_daily_stat_entries l \
-                  WHERE l.campaign_id = t.campaign_id ORDER BY l.stat_date LIMIT 1), \
-                 t.user_id) \
-             FROM UNNEST($1::text[], $2::text[]) AS t(campaign_id, user_id) \
-             ON CONFLICT (campaign_id) DO NOTHING",
-        )
-        .bind(&campaigns)
-        .bind(&claimants)
-        .execute(&mut *tx)
-        .await?;
-        let owners: HashMap<String, String> = sqlx::query_as(
-            "SELECT campaign_id, user_id FROM campaigns WHERE campaign_id = ANY($1)",
-        )
-        .bind(&campaigns)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+            .collect();
+            owners.extend(read.clone());
+        }
         batch::check_owners(events, &owners)?;
 
         let (key_users, keys): (Vec<&str>, Vec<&str>) = batch::idempotency_keys(events)
@@ -471,6 +479,7 @@ impl EventStore for PostgresStore {
         }
 
         tx.commit().await?;
+        self.owners.remember(read);
         Ok(duplicates)
     }
 

@@ -49,6 +49,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     statement_timeout: Duration,
+    /// Campaign owners seen committed.
+    owners: std::sync::Arc<batch::OwnerCache>,
 }
 
 impl SqliteStore {
@@ -84,6 +86,7 @@ impl SqliteStore {
             writer,
             reader,
             statement_timeout: options.statement_timeout,
+            owners: std::sync::Arc::default(),
         })
     }
 }
@@ -323,7 +326,7 @@ impl EventStore for SqliteStore {
             .await?;
         let targets = parse_phase(&phase)?.write_targets();
 
-        let claims = batch::campaign_claims(events);
+        let (mut owners, claims) = self.owners.split(batch::campaign_claims(events));
         for chunk in claims.chunks(rows_per_statement(2)) {
             // A campaign the legacy table already knows belongs to its legacy user.
             let mut insert = QueryBuilder::<Sqlite>::new("WITH t(campaign_id, user_id) AS (");
@@ -340,7 +343,7 @@ impl EventStore for SqliteStore {
             );
             insert.build().execute(&mut *tx).await?;
         }
-        let mut owners = HashMap::with_capacity(claims.len());
+        let mut read = HashMap::with_capacity(claims.len());
         for chunk in claims.chunks(rows_per_statement(1)) {
             let mut select = QueryBuilder::<Sqlite>::new(
                 "SELECT campaign_id, user_id FROM campaigns WHERE true",
@@ -351,8 +354,9 @@ impl EventStore for SqliteStore {
                 chunk.iter().map(|(c, _)| c.as_str()),
             );
             let rows: Vec<(String, String)> = select.build_query_as().fetch_all(&mut *tx).await?;
-            owners.extend(rows);
+            read.extend(rows);
         }
+        owners.extend(read.clone());
         batch::check_owners(events, &owners)?;
 
         let mut fresh = HashSet::new();
@@ -383,6 +387,7 @@ impl EventStore for SqliteStore {
         }
 
         tx.commit().await?;
+        self.owners.remember(read);
         Ok(duplicates)
     }
 

@@ -13,7 +13,10 @@ use crate::common::{TestDb, assert_names_fields, campaign_metrics, event};
 
 mod dual_write {
     use super::*;
-    crate::on_both_backends!(a_legacy_overflow_is_refused_as_a_whole);
+    crate::on_both_backends!(
+        a_legacy_overflow_is_refused_as_a_whole,
+        a_claim_in_a_refused_batch_is_not_remembered,
+    );
 }
 
 mod new_primary {
@@ -166,5 +169,49 @@ async fn totals_past_64_bits_are_errors_not_wraps(db: TestDb) {
         .await
         .expect_err("a month past u64 is an error");
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    server.stop().await;
+}
+
+/// The store remembers campaign owners it has seen committed (they never change): an owner
+/// claimed in a batch that was then refused must not be remembered.
+async fn a_claim_in_a_refused_batch_is_not_remembered(db: TestDb) {
+    let db = db.in_phase(Phase::DualWrite);
+    let server = db.start_server().await;
+    db.execute(&format!(
+        "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, stat_date, sent) \
+         VALUES ('c1', 'u1', '2026-03-01', {NEARLY_FULL})"
+    ))
+    .await;
+    let mut stats = server.stats().await;
+    // "fresh" would be claimed by "a", but the batch is refused for its other event.
+    let status = stats
+        .record_events(RecordEventsRequest {
+            events: vec![
+                event("a", "fresh", EventType::Sent, 1, "2026-03-01"),
+                event("u1", "c1", EventType::Sent, 1_000, "2026-03-01"),
+            ],
+        })
+        .await
+        .expect_err("a legacy overflow refuses the batch");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // So "fresh" is still free: "b" claims it, and from then on it is "b"'s, whether the
+    // owner is read from the database or from memory.
+    for _ in 0..2 {
+        stats
+            .record_event(RecordEventRequest {
+                event: Some(event("b", "fresh", EventType::Sent, 1, "2026-03-01")),
+            })
+            .await
+            .expect("the campaign is b's");
+        let status = stats
+            .record_event(RecordEventRequest {
+                event: Some(event("a", "fresh", EventType::Sent, 1, "2026-03-01")),
+            })
+            .await
+            .expect_err("the campaign is not a's");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    }
+    let fresh = campaign_metrics(&mut stats, "b", "fresh", "2026-03-01", "2026-03-01").await;
+    assert_eq!(fresh.sent, 2);
     server.stop().await;
 }
