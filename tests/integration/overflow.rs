@@ -27,14 +27,19 @@ mod new_primary {
 /// Just under what a legacy `int` column holds.
 const NEARLY_FULL: i64 = 2_147_483_000;
 
-async fn a_legacy_overflow_is_refused_as_a_whole(db: TestDb) {
-    let db = db.in_phase(Phase::DualWrite);
-    let server = db.start_server().await;
+/// Campaign `c1` of `u1` on 2026-03-01, in legacy, [`NEARLY_FULL`] sends.
+async fn nearly_full_legacy_row(db: &TestDb) {
     db.execute(&format!(
         "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, stat_date, sent) \
          VALUES ('c1', 'u1', '2026-03-01', {NEARLY_FULL})"
     ))
     .await;
+}
+
+async fn a_legacy_overflow_is_refused_as_a_whole(db: TestDb) {
+    let db = db.in_phase(Phase::DualWrite);
+    let server = db.start_server().await;
+    nearly_full_legacy_row(&db).await;
     let mut stats = server.stats().await;
     let mut too_many = event("u1", "c1", EventType::Sent, 1_000, "2026-03-01");
     too_many.idempotency_key = "k1".into();
@@ -177,11 +182,7 @@ async fn totals_past_64_bits_are_errors_not_wraps(db: TestDb) {
 async fn a_claim_in_a_refused_batch_is_not_remembered(db: TestDb) {
     let db = db.in_phase(Phase::DualWrite);
     let server = db.start_server().await;
-    db.execute(&format!(
-        "INSERT INTO campaign_daily_stat_entries (campaign_id, user_id, stat_date, sent) \
-         VALUES ('c1', 'u1', '2026-03-01', {NEARLY_FULL})"
-    ))
-    .await;
+    nearly_full_legacy_row(&db).await;
     let mut stats = server.stats().await;
     // "fresh" would be claimed by "a", but the batch is refused for its other event.
     let status = stats
