@@ -289,6 +289,7 @@ where
             .connect()
             .await
             .expect("connect");
+        let cpu_before = process_cpu();
         let started = Instant::now();
         let callers: Vec<_> = (0..CALLERS)
             .map(|caller| {
@@ -322,8 +323,15 @@ where
             total,
             took,
         );
+        let cpu = process_cpu().zip(cpu_before).map(|(after, before)| {
+            after.saturating_sub(before).as_secs_f64() * 1e6 / f64::from(total)
+        });
         report_latency(
-            &format!("  ({:.2}× naive)", rate / naive_rate),
+            &format!(
+                "  ({:.2}× naive, {} CPU s per million events, server and client)",
+                rate / naive_rate,
+                cpu.map_or("?".to_owned(), |s| format!("{s:.0}"))
+            ),
             &mut latencies,
         );
         let _ = stop.send(());
@@ -404,6 +412,17 @@ async fn raw_naive_postgres(url: &str) {
         total,
         started.elapsed(),
     );
+}
+
+/// CPU time this process (server and client alike: they share it) has used so far, from
+/// `/proc/self/stat`; `None` where there is no such file.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which ends with ')'): utime and stime are the 12th and
+    // 13th, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 fn report_rate(what: &str, events: u32, took: Duration) {
