@@ -48,7 +48,7 @@ impl Default for GroupCommitSettings {
             max_events: 256,
             window: Duration::ZERO,
             queue_events: 16_384,
-            flushers: 4,
+            flushers: 2,
         }
     }
 }

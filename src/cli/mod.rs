@@ -147,7 +147,7 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub group_commit_queue_events: u32,
     /// Groups of single events written at once, each in its own transaction.
-    #[arg(long, env = "STATS_GROUP_COMMIT_FLUSHERS", default_value_t = 4,
+    #[arg(long, env = "STATS_GROUP_COMMIT_FLUSHERS", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub group_commit_flushers: u32,
     #[command(flatten)]
