@@ -47,6 +47,7 @@ fn main() {
                     .await
                     .expect("PostgreSQL");
                 run("PostgreSQL", store).await;
+                raw_copy_postgres(&url).await;
                 raw_naive_postgres(&url).await;
                 unary_comparison("PostgreSQL", |options| {
                     let url = url.clone();
@@ -337,6 +338,49 @@ where
         let _ = stop.send(());
         server.await.expect("server task").expect("server");
     }
+}
+
+/// The database's own bulk limit: the rows `RecordEvents` sent above (`BATCHES × BATCH_SIZE`),
+/// by text `COPY` straight into the partitioned events table with its indexes, in batches of
+/// `BATCH_SIZE` (one `COPY` each). `RecordEvents` does far more per row (keys, rollups, the
+/// legacy row); this says how far it is from the raw insert.
+async fn raw_copy_postgres(url: &str) {
+    let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
+    let rows = BATCHES * BATCH_SIZE;
+    let started = Instant::now();
+    for batch in 0..BATCHES {
+        let mut data = String::with_capacity(BATCH_SIZE as usize * 96);
+        for i in batch * BATCH_SIZE..(batch + 1) * BATCH_SIZE {
+            let e = event(i);
+            let at = e.occurred_at.expect("a time");
+            let at = chrono::DateTime::from_timestamp(at.seconds, 0).expect("a valid time");
+            // Ids and keys of the benchmark need no escaping.
+            data.push_str(&format!(
+                "{}\t{}\t{}\t{}\t{}\t\\N\t{}\n",
+                e.user_id,
+                e.campaign_id,
+                e.event_type,
+                e.count,
+                at.to_rfc3339(),
+                e.idempotency_key
+            ));
+        }
+        let mut copy = connection
+            .copy_in_raw(
+                "COPY events (user_id, campaign_id, event_type, count, occurred_at, \
+                 email_account_id, idempotency_key) FROM STDIN",
+            )
+            .await
+            .expect("COPY");
+        copy.send(data.as_bytes()).await.expect("COPY data");
+        copy.finish().await.expect("COPY done");
+    }
+    println!();
+    report_rate(
+        "raw COPY of the same rows into the events table",
+        rows,
+        started.elapsed(),
+    );
 }
 
 /// The database's own naive path, as a pgbench script would run it: 64 connections, each
