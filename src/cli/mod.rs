@@ -146,10 +146,12 @@ pub struct ServeArgs {
     #[arg(long, env = "STATS_GROUP_COMMIT_QUEUE_EVENTS", default_value_t = 16_384,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub group_commit_queue_events: u32,
-    /// Groups of single events written at once, each in its own transaction.
-    #[arg(long, env = "STATS_GROUP_COMMIT_FLUSHERS", default_value_t = 2,
+    /// Groups of single events written at once, each in its own transaction [default: 4 on
+    /// PostgreSQL, which commits them side by side; 2 on SQLite, whose one writer takes them
+    /// in turn]
+    #[arg(long, env = "STATS_GROUP_COMMIT_FLUSHERS",
           value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub group_commit_flushers: u32,
+    pub group_commit_flushers: Option<u32>,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -217,6 +219,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => None,
         },
     };
+    let url = &args.database.database_url;
+    let backend = Backend::from_url(url)?;
+    let flushers = match (args.group_commit_flushers, backend) {
+        (Some(flushers), _) => flushers as usize,
+        (None, Backend::Postgres) => 4,
+        (None, Backend::Sqlite) => 2,
+    };
     let config = ServerConfig {
         health_check_interval: Duration::from_millis(args.health_check_interval_ms.max(10)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
@@ -225,14 +234,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_events: args.group_commit_max_events as usize,
             window: Duration::from_micros(args.group_commit_window_us),
             queue_events: args.group_commit_queue_events as usize,
-            flushers: args.group_commit_flushers as usize,
+            flushers,
         },
     };
-    let url = &args.database.database_url;
     let options = args.database.pool_options();
     tracing::info!(database = %telemetry::redact_url(url), "connecting to the database");
     // The one place a backend is chosen; everything below is generic over `Store`.
-    match Backend::from_url(url)? {
+    match backend {
         Backend::Sqlite => {
             let store = SqliteStore::connect(url, &options).await?;
             launch(listeners, store, config, shutdown_signal()).await?
