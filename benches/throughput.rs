@@ -1,5 +1,6 @@
 //! Ingest throughput and read latency of the real server over loopback, on SQLite and (when
-//! `STATS_TEST_POSTGRES_URL` is set) PostgreSQL. Prints figures; asserts nothing.
+//! `STATS_TEST_POSTGRES_URL` is set) PostgreSQL. Prints figures; it asserts only that every
+//! acknowledged single event is counted once.
 //!
 //! Run with `cargo bench --bench throughput`.
 
@@ -290,6 +291,7 @@ where
             .connect()
             .await
             .expect("connect");
+        let counted_before = events_counted(channel.clone()).await;
         let cpu_before = process_cpu();
         let started = Instant::now();
         let callers: Vec<_> = (0..CALLERS)
@@ -335,9 +337,38 @@ where
             ),
             &mut latencies,
         );
+        // Every acknowledged event is counted once.
+        let counted = events_counted(channel.clone()).await - counted_before;
+        assert_eq!(
+            counted,
+            u64::from(total),
+            "events counted by the all-users view"
+        );
         let _ = stop.send(());
         server.await.expect("server task").expect("server");
     }
+}
+
+/// Every event of 2025 as the all-users view counts it (each benchmark event counts 1).
+async fn events_counted(channel: Channel) -> u64 {
+    let mut client = StatsServiceClient::new(channel);
+    let year = client
+        .get_aggregated_daily_stats(GetAggregatedDailyStatsRequest {
+            user_id: String::new(),
+            start_date: "2025-01-01".into(),
+            end_date: "2025-12-31".into(),
+            granularity: Granularity::Month.into(),
+            campaign_ids: vec![],
+            fill_empty: false,
+        })
+        .await
+        .expect("all users")
+        .into_inner();
+    year.buckets
+        .iter()
+        .filter_map(|bucket| bucket.metrics.as_ref())
+        .map(|m| m.sent + m.opened + m.clicked + m.replied + m.positive_replies + m.bounced)
+        .sum()
 }
 
 /// The database's own bulk limit: the rows `RecordEvents` sent above (`BATCHES × BATCH_SIZE`),
