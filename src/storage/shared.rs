@@ -435,23 +435,10 @@ where
             .fetch_all(pool)
             .await?;
         let issues: Vec<RunIssue> = rows.into_iter().map(batch::run_issue_from_row).collect();
-        let is_backfill = Self::run(pool, run_id)
-            .await?
-            .is_some_and(|run| run.kind == RunKind::Backfill);
-        let (resolved, all): (i64, i64) = if is_backfill {
-            sqlx::query_as(sql::RUN_ISSUE_COUNTS)
-                .bind(run_id)
-                .fetch_one(pool)
-                .await?
-        } else {
-            // A verify's differences are not resolved.
-            let (all,): (i64,) =
-                sqlx::query_as("SELECT COUNT(*) FROM migration_run_issues WHERE run_id = $1")
-                    .bind(run_id)
-                    .fetch_one(pool)
-                    .await?;
-            (0, all)
-        };
+        let (resolved, all): (i64, i64) = sqlx::query_as(sql::RUN_ISSUE_COUNTS)
+            .bind(run_id)
+            .fetch_one(pool)
+            .await?;
         Ok(RunIssues {
             issues,
             resolved: resolved.max(0) as u64,

@@ -121,17 +121,29 @@ pub const BATCH_PROGRESS: &str = "UPDATE migration_runs SET processed = processe
     copied = copied + $2, skipped = skipped + $3, ambiguous = ambiguous + $4, \
     checkpoint_campaign = COALESCE($5, checkpoint_campaign), \
     checkpoint_date = COALESCE($6, checkpoint_date), heartbeat_at = $7 WHERE run_id = $8";
-/// A run's reported rows, oldest first, with the resolution of their legacy key (backfill
-/// runs only: a verify's differences are not resolved).
-pub const RUN_ISSUES: &str = "SELECT i.campaign_id, i.user_id, i.stat_date, i.reason, i.kind, \
-    x.resolution FROM migration_run_issues i LEFT JOIN resolved_legacy_rows x \
-    ON x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date \
-    AND EXISTS (SELECT 1 FROM migration_runs m WHERE m.run_id = i.run_id AND m.kind = 'backfill') \
-    WHERE i.run_id = $1 ORDER BY i.id LIMIT $2";
-/// How many of a backfill run's reported rows are resolved, and how many in all.
-pub const RUN_ISSUE_COUNTS: &str = "SELECT COUNT(x.resolution), COUNT(*) \
-    FROM migration_run_issues i LEFT JOIN resolved_legacy_rows x \
-    ON x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date WHERE i.run_id = $1";
+/// A run's reported rows (alias `i`) with the resolution of their legacy key (alias `x`):
+/// backfill runs only, as a verify's differences are not resolved.
+macro_rules! issues_with_resolutions {
+    () => {
+        "migration_run_issues i LEFT JOIN resolved_legacy_rows x \
+         ON x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date \
+         AND EXISTS (SELECT 1 FROM migration_runs m WHERE m.run_id = i.run_id \
+                     AND m.kind = 'backfill') \
+         WHERE i.run_id = $1"
+    };
+}
+
+/// A run's reported rows, oldest first, with their resolution.
+pub const RUN_ISSUES: &str = concat!(
+    "SELECT i.campaign_id, i.user_id, i.stat_date, i.reason, i.kind, x.resolution FROM ",
+    issues_with_resolutions!(),
+    " ORDER BY i.id LIMIT $2"
+);
+/// How many of a run's reported rows are resolved, and how many in all.
+pub const RUN_ISSUE_COUNTS: &str = concat!(
+    "SELECT COUNT(x.resolution), COUNT(*) FROM ",
+    issues_with_resolutions!()
+);
 /// Records rows a run reported; the caller adds `VALUES` rows.
 pub const INSERT_RUN_ISSUES: &str =
     "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason, kind) ";
