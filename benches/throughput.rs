@@ -1,16 +1,18 @@
 //! Ingest throughput and read latency of the real server over loopback, on SQLite and (when
-//! `STATS_TEST_POSTGRES_URL` is set) PostgreSQL. Prints figures; it asserts only that every
-//! acknowledged single event is counted once.
+//! `STATS_TEST_POSTGRES_URL` is set) PostgreSQL, beside the database's own limits measured in
+//! the same run (raw `COPY`, a naive transaction per event). Prints figures; it asserts only
+//! that every acknowledged event is counted once.
 //!
 //! Run with `cargo bench --bench throughput`.
 
 use std::time::{Duration, Instant};
 
 use campaign_stats::app::GroupCommitSettings;
+use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{
-    Event, EventType, GetAggregatedDailyStatsRequest, GetStatsRequest, Granularity,
-    RecordEventRequest, RecordEventsRequest,
+    Event, EventType, GetAggregatedDailyStatsRequest, GetStatsRequest, Granularity, MigrationPhase,
+    RecordEventRequest, RecordEventsRequest, TransitionPhaseRequest,
 };
 use campaign_stats::server::{ServerConfig, launch};
 use campaign_stats::storage::{PoolOptions, PostgresStore, SqliteStore, Store};
@@ -21,9 +23,7 @@ use tonic::transport::Channel;
 const USERS: u32 = 100;
 const CAMPAIGNS_PER_USER: u32 = 10;
 const DAYS: i64 = 365;
-const BATCHES: u32 = 100;
 const BATCH_SIZE: u32 = 1_000;
-const STREAMED: u32 = 50_000;
 const READS: usize = 2_000;
 
 fn main() {
@@ -31,40 +31,114 @@ fn main() {
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("temporary directory");
         let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let store = SqliteStore::connect(&sqlite_url, &PoolOptions::default())
-            .await
-            .expect("SQLite");
-        run("SQLite", store).await;
-        unary_comparison("SQLite", |options| {
+        let sqlite = |options| {
             let url = sqlite_url.clone();
             async move { SqliteStore::connect(&url, &options).await.expect("SQLite") }
-        })
-        .await;
+        };
+        let mut next = 0;
+        run("SQLite", &sqlite, None, &mut next).await;
 
         match std::env::var("STATS_TEST_POSTGRES_URL") {
             Ok(server_url) if !server_url.is_empty() => {
                 let url = fresh_postgres_database(&server_url).await;
-                let store = PostgresStore::connect(&url, &PoolOptions::default())
-                    .await
-                    .expect("PostgreSQL");
-                run("PostgreSQL", store).await;
-                raw_copy_postgres(&url).await;
-                raw_naive_postgres(&url).await;
-                unary_comparison("PostgreSQL", |options| {
+                let postgres = |options| {
                     let url = url.clone();
                     async move {
                         PostgresStore::connect(&url, &options)
                             .await
                             .expect("PostgreSQL")
                     }
-                })
-                .await;
+                };
+                let mut next = 0;
+                run("PostgreSQL", &postgres, Some(&url), &mut next).await;
                 propagation(&url).await;
             }
             _ => println!("\nPostgreSQL skipped: set STATS_TEST_POSTGRES_URL to include it."),
         }
     });
     decision_cost();
+}
+
+/// Every comparison on one backend, in the phases writes differ in: DUAL_WRITE (both
+/// storages written, reads from legacy) and, after the migration, LEGACY_RETIRED (the new
+/// storage alone); reads are timed in NEW_PRIMARY. `postgres`: the database's URL, for the
+/// raw-SQL anchors.
+async fn run<S, F, Fut>(name: &str, connect: &F, postgres: Option<&str>, next: &mut u32)
+where
+    S: Store,
+    F: Fn(PoolOptions) -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    let server = BenchServer::start(
+        connect(PoolOptions::default()).await,
+        ServerConfig::default(),
+    )
+    .await;
+    move_to(server.channel.clone(), MigrationPhase::DualWrite).await;
+    bulk_ingest(name, "DUAL_WRITE", &server.channel, postgres, next).await;
+    server.stop().await;
+    if let Some(url) = postgres {
+        raw_naive_postgres(url).await;
+    }
+    unary_comparison(name, "DUAL_WRITE", connect, &GROUPINGS, next).await;
+
+    let server = BenchServer::start(
+        connect(PoolOptions::default()).await,
+        ServerConfig::default(),
+    )
+    .await;
+    to_new_primary(server.channel.clone()).await;
+    reads(name, server.channel.clone()).await;
+    move_to(server.channel.clone(), MigrationPhase::LegacyRetired).await;
+    bulk_ingest(name, "LEGACY_RETIRED", &server.channel, postgres, next).await;
+    server.stop().await;
+    let default = GroupCommitSettings::default();
+    unary_comparison(
+        name,
+        "LEGACY_RETIRED",
+        connect,
+        &[(default.window.as_micros() as u64, flushers_of(name))],
+        next,
+    )
+    .await;
+}
+
+/// The flushers the CLI starts by default on the backend `name`.
+fn flushers_of(name: &str) -> usize {
+    if name == "PostgreSQL" { 4 } else { 2 }
+}
+
+/// A server of the benchmark, on a port of its own.
+struct BenchServer {
+    channel: Channel,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), campaign_stats::server::LaunchError>>,
+}
+
+impl BenchServer {
+    async fn start<S: Store>(store: S, config: ServerConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(launch(listener, store, config, async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        Self {
+            channel,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("server task").expect("server");
+    }
 }
 
 /// Recreates the `cs_bench` database on the server and returns its URL.
@@ -112,46 +186,117 @@ fn event(i: u32) -> Event {
     }
 }
 
-async fn run<S: Store>(name: &str, store: S) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(launch(listener, store, ServerConfig::default(), async {
-        let _ = stopped.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    to_new_primary(channel.clone()).await;
-    let mut client = StatsServiceClient::new(channel);
-    println!("\n== {name} (NEW_PRIMARY: writes to both storages, reads from the new one) ==");
+/// Rounds of the bulk comparison: each round writes [`ROUND_BATCHES`] batches by
+/// `RecordEvents`, as many events by `StreamEvents` and (PostgreSQL) the same rows by raw
+/// `COPY`, one after the other, so that a slow spell of a shared machine hits all three.
+const ROUNDS: u32 = 4;
+/// Batches of [`BATCH_SIZE`] per path and round.
+const ROUND_BATCHES: u32 = 25;
 
-    let started = Instant::now();
-    for batch in 0..BATCHES {
-        let events = (batch * BATCH_SIZE..(batch + 1) * BATCH_SIZE)
-            .map(event)
-            .collect();
-        client
-            .record_events(RecordEventsRequest { events })
-            .await
-            .expect("RecordEvents");
+/// Bulk ingest beside the database's own bulk limit, in the phase the database is in.
+async fn bulk_ingest(
+    name: &str,
+    phase: &str,
+    channel: &Channel,
+    postgres: Option<&str>,
+    next: &mut u32,
+) {
+    println!("\n== {name}: bulk ingest in {phase} ==");
+    let mut client = StatsServiceClient::new(channel.clone());
+    let mut copy = match postgres {
+        Some(url) => Some(sqlx::PgConnection::connect(url).await.expect("connect")),
+        None => None,
+    };
+    let counted_before = events_counted(channel.clone()).await;
+    let round_events = ROUND_BATCHES * BATCH_SIZE;
+    let (mut batched, mut streamed, mut copied) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut batched_cpu, mut streamed_cpu) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..ROUNDS {
+        let first = *next;
+        let cpu = process_cpu();
+        let started = Instant::now();
+        for batch in 0..ROUND_BATCHES {
+            let from = first + batch * BATCH_SIZE;
+            let events = (from..from + BATCH_SIZE).map(event).collect();
+            client
+                .record_events(RecordEventsRequest { events })
+                .await
+                .expect("RecordEvents");
+        }
+        batched += started.elapsed();
+        batched_cpu += cpu_since(cpu);
+        if let Some(connection) = copy.as_mut() {
+            copied += copy_rows(connection, first..first + round_events).await;
+        }
+        let from = first + round_events;
+        let stream = tokio_stream::iter((from..from + round_events).map(|i| RecordEventRequest {
+            event: Some(event(i)),
+        }));
+        let cpu = process_cpu();
+        let started = Instant::now();
+        client.stream_events(stream).await.expect("StreamEvents");
+        streamed += started.elapsed();
+        streamed_cpu += cpu_since(cpu);
+        *next += 2 * round_events;
     }
-    report_rate(
-        "RecordEvents (batches of 1,000)",
-        BATCHES * BATCH_SIZE,
-        started.elapsed(),
+    let total = ROUNDS * round_events;
+    let per_million = |cpu: Duration| {
+        format!(
+            "{:.0} CPU s per million events",
+            cpu.as_secs_f64() * 1e6 / f64::from(total)
+        )
+    };
+    let of_copy = |took: Duration| {
+        if copy.is_some() {
+            format!(
+                "{:.0}% of raw COPY's rate, ",
+                copied.as_secs_f64() / took.as_secs_f64() * 100.0
+            )
+        } else {
+            String::new()
+        }
+    };
+    report_rate("RecordEvents (batches of 1,000)", total, batched);
+    println!(
+        "  ({}{}, server and client)",
+        of_copy(batched),
+        per_million(batched_cpu)
     );
+    report_rate("StreamEvents", total, streamed);
+    println!(
+        "  ({}{}, server and client)",
+        of_copy(streamed),
+        per_million(streamed_cpu)
+    );
+    if copy.is_some() {
+        report_rate(
+            "raw COPY of the same rows into the events table",
+            total,
+            copied,
+        );
+    }
+    // Every acknowledged event is counted once.
+    let counted = events_counted(channel.clone()).await - counted_before;
+    assert_eq!(
+        counted,
+        2 * u64::from(total),
+        "events counted by the all-users view"
+    );
+}
 
-    let first = BATCHES * BATCH_SIZE;
-    let stream = tokio_stream::iter((first..first + STREAMED).map(|i| RecordEventRequest {
-        event: Some(event(i)),
-    }));
-    let started = Instant::now();
-    client.stream_events(stream).await.expect("StreamEvents");
-    report_rate("StreamEvents", STREAMED, started.elapsed());
+/// CPU time this process has used since `before`.
+fn cpu_since(before: Option<Duration>) -> Duration {
+    process_cpu()
+        .zip(before)
+        .map_or(Duration::ZERO, |(after, before)| {
+            after.saturating_sub(before)
+        })
+}
 
+/// Read latency in NEW_PRIMARY.
+async fn reads(name: &str, channel: Channel) {
+    let mut client = StatsServiceClient::new(channel);
+    println!("\n== {name}: reads in NEW_PRIMARY (answered by the new storage) ==");
     let mut one = Vec::with_capacity(READS);
     for i in 0..READS as u32 {
         let user = i % USERS;
@@ -210,9 +355,6 @@ async fn run<S: Store>(name: &str, store: S) {
         "GetAggregatedDailyStats, all users, a year by month",
         &mut everyone,
     );
-
-    let _ = stop.send(());
-    server.await.expect("server task").expect("server");
 }
 
 /// Concurrent single-event callers, as producers with many workers call `RecordEvent`.
@@ -226,17 +368,21 @@ const GROUPINGS: [(u64, usize); 6] = [(0, 1), (0, 2), (0, 4), (500, 2), (2_000, 
 /// path on the same schema: one transaction per event (the storage's own write, called by
 /// 64 tasks with a pool of 64 connections, no gRPC). Runs after [`run`], so the phase is
 /// NEW_PRIMARY (both storages written).
-async fn unary_comparison<S, F, Fut>(name: &str, connect: F)
-where
+async fn unary_comparison<S, F, Fut>(
+    name: &str,
+    phase: &str,
+    connect: &F,
+    groupings: &[(u64, usize)],
+    next: &mut u32,
+) where
     S: Store,
     F: Fn(PoolOptions) -> Fut,
     Fut: std::future::Future<Output = S>,
 {
     use std::sync::Arc;
 
-    println!("\n== {name}: RecordEvent from {CALLERS} concurrent callers ==");
+    println!("\n== {name}: RecordEvent from {CALLERS} concurrent callers in {phase} ==");
     let total = CALLERS * CALLS_PER_CALLER;
-    let mut next = 10_000_000u32;
     let naive = Arc::new(
         connect(PoolOptions {
             max_connections: CALLERS,
@@ -248,7 +394,7 @@ where
     let callers: Vec<_> = (0..CALLERS)
         .map(|caller| {
             let store = Arc::clone(&naive);
-            let first = next + caller * CALLS_PER_CALLER;
+            let first = *next + caller * CALLS_PER_CALLER;
             tokio::spawn(async move {
                 for i in first..first + CALLS_PER_CALLER {
                     let one: campaign_stats::domain::Event =
@@ -267,14 +413,10 @@ where
         total,
         started.elapsed(),
     );
-    next += total;
+    *next += total;
     drop(naive);
 
-    for (window_us, flushers) in GROUPINGS {
-        let store = connect(PoolOptions::default()).await;
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    for &(window_us, flushers) in groupings {
         let config = ServerConfig {
             group_commit: GroupCommitSettings {
                 window: Duration::from_micros(window_us),
@@ -283,21 +425,15 @@ where
             },
             ..ServerConfig::default()
         };
-        let server = tokio::spawn(launch(listener, store, config, async {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
+        let server = BenchServer::start(connect(PoolOptions::default()).await, config).await;
+        let channel = server.channel.clone();
         let counted_before = events_counted(channel.clone()).await;
         let cpu_before = process_cpu();
         let started = Instant::now();
         let callers: Vec<_> = (0..CALLERS)
             .map(|caller| {
                 let mut client = StatsServiceClient::new(channel.clone());
-                let first = next + caller * CALLS_PER_CALLER;
+                let first = *next + caller * CALLS_PER_CALLER;
                 tokio::spawn(async move {
                     let mut latencies = Vec::with_capacity(CALLS_PER_CALLER as usize);
                     for i in first..first + CALLS_PER_CALLER {
@@ -319,7 +455,7 @@ where
             latencies.extend(caller.await.expect("caller"));
         }
         let took = started.elapsed();
-        next += total;
+        *next += total;
         let rate = f64::from(total) / took.as_secs_f64();
         report_rate(
             &format!("RecordEvent, window {window_us} µs, {flushers} flusher(s)"),
@@ -344,8 +480,7 @@ where
             u64::from(total),
             "events counted by the all-users view"
         );
-        let _ = stop.send(());
-        server.await.expect("server task").expect("server");
+        server.stop().await;
     }
 }
 
@@ -371,17 +506,17 @@ async fn events_counted(channel: Channel) -> u64 {
         .sum()
 }
 
-/// The database's own bulk limit: the rows `RecordEvents` sent above (`BATCHES × BATCH_SIZE`),
-/// by text `COPY` straight into the partitioned events table with its indexes, in batches of
-/// `BATCH_SIZE` (one `COPY` each). `RecordEvents` does far more per row (keys, rollups, the
-/// legacy row); this says how far it is from the raw insert.
-async fn raw_copy_postgres(url: &str) {
-    let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
-    let rows = BATCHES * BATCH_SIZE;
+/// The database's own bulk limit: the rows `rows` by text `COPY` straight into the
+/// partitioned events table with its indexes, in batches of [`BATCH_SIZE`] (one `COPY`
+/// each). `RecordEvents` does far more per row (keys, rollups, the legacy row); this says how
+/// far it is from the raw insert. Answers the time taken.
+async fn copy_rows(connection: &mut sqlx::PgConnection, rows: std::ops::Range<u32>) -> Duration {
     let started = Instant::now();
-    for batch in 0..BATCHES {
+    let mut from = rows.start;
+    while from < rows.end {
+        let to = (from + BATCH_SIZE).min(rows.end);
         let mut data = String::with_capacity(BATCH_SIZE as usize * 96);
-        for i in batch * BATCH_SIZE..(batch + 1) * BATCH_SIZE {
+        for i in from..to {
             let e = event(i);
             let at = e.occurred_at.expect("a time");
             let at = chrono::DateTime::from_timestamp(at.seconds, 0).expect("a valid time");
@@ -405,13 +540,9 @@ async fn raw_copy_postgres(url: &str) {
             .expect("COPY");
         copy.send(data.as_bytes()).await.expect("COPY data");
         copy.finish().await.expect("COPY done");
+        from = to;
     }
-    println!();
-    report_rate(
-        "raw COPY of the same rows into the events table",
-        rows,
-        started.elapsed(),
-    );
+    started.elapsed()
 }
 
 /// The database's own naive path, as a pgbench script would run it: 64 connections, each
@@ -556,36 +687,20 @@ async fn propagation(url: &str) {
     use campaign_stats::grpc::proto::{SetRolloutPercentageRequest, WatchRolloutRequest};
     use tokio_stream::StreamExt;
 
-    async fn start(
-        url: &str,
-        refresh: Duration,
-    ) -> (
-        RolloutServiceClient<Channel>,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<Result<(), campaign_stats::server::LaunchError>>,
-    ) {
+    let start = async |refresh| {
         let store = PostgresStore::connect(url, &PoolOptions::default())
             .await
             .expect("PostgreSQL");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let config = ServerConfig {
             rollout_refresh_interval: refresh,
             ..ServerConfig::default()
         };
-        let task = tokio::spawn(launch(listener, store, config, async {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        (RolloutServiceClient::new(channel), stop, task)
-    }
-    let (mut first, stop_first, first_task) = start(url, Duration::from_millis(500)).await;
-    let (mut second, stop_second, second_task) = start(url, Duration::from_secs(60)).await;
+        BenchServer::start(store, config).await
+    };
+    let first_server = start(Duration::from_millis(500)).await;
+    let second_server = start(Duration::from_secs(60)).await;
+    let mut first = RolloutServiceClient::new(first_server.channel.clone());
+    let mut second = RolloutServiceClient::new(second_server.channel.clone());
     let mut watch = second
         .watch_rollout(WatchRolloutRequest {})
         .await
@@ -626,35 +741,32 @@ async fn propagation(url: &str) {
         "rollout change applied by another replica (PostgreSQL)",
         &mut samples,
     );
-    let _ = stop_first.send(());
-    let _ = stop_second.send(());
-    let _ = first_task.await;
-    let _ = second_task.await;
+    first_server.stop().await;
+    second_server.stop().await;
 }
 
-/// Takes the fresh database through the migration to NEW_PRIMARY, as an operator would (with
-/// an empty legacy table, the backfill and verify have nothing to do).
+/// Moves the migration to `phase`, as an operator would.
+async fn move_to(channel: Channel, phase: MigrationPhase) {
+    MigrationServiceClient::new(channel)
+        .transition_phase(TransitionPhaseRequest {
+            force: false,
+            target: phase.into(),
+            reason: "bench".into(),
+            actor: "bench".into(),
+        })
+        .await
+        .expect("transition");
+}
+
+/// Takes the database from DUAL_WRITE through the migration to NEW_PRIMARY, as an operator
+/// would: the backfill finds nothing missing (every write so far went to both storages).
 async fn to_new_primary(channel: Channel) {
-    use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
     use campaign_stats::grpc::proto::{
-        GetRunRequest, MigrationPhase, StartBackfillRequest, TransitionPhaseRequest,
-        VerifyConsistencyRequest,
+        GetRunRequest, StartBackfillRequest, VerifyConsistencyRequest,
     };
     use tokio_stream::StreamExt;
 
-    let mut client = MigrationServiceClient::new(channel);
-    let move_to = async |client: &mut MigrationServiceClient<Channel>, phase: MigrationPhase| {
-        client
-            .transition_phase(TransitionPhaseRequest {
-                force: false,
-                target: phase.into(),
-                reason: "bench".into(),
-                actor: "bench".into(),
-            })
-            .await
-            .expect("transition");
-    };
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    let mut client = MigrationServiceClient::new(channel.clone());
     let run_id = client
         .start_backfill(StartBackfillRequest {
             dry_run: false,
@@ -672,7 +784,7 @@ async fn to_new_primary(channel: Channel) {
         .expect("watch")
         .into_inner();
     while progress.next().await.is_some() {}
-    move_to(&mut client, MigrationPhase::Backfilled).await;
+    move_to(channel.clone(), MigrationPhase::Backfilled).await;
     client
         .verify_consistency(VerifyConsistencyRequest {
             start_date: String::new(),
@@ -681,6 +793,6 @@ async fn to_new_primary(channel: Channel) {
         })
         .await
         .expect("verify");
-    move_to(&mut client, MigrationPhase::Verified).await;
-    move_to(&mut client, MigrationPhase::NewPrimary).await;
+    move_to(channel.clone(), MigrationPhase::Verified).await;
+    move_to(channel, MigrationPhase::NewPrimary).await;
 }

@@ -1,22 +1,24 @@
-//! Group commit: concurrent single-event writes share one transaction.
+//! Group commit: concurrent writes share one transaction.
 //!
 //! Many producers call `RecordEvent` one event at a time. A transaction per event pays a
-//! commit (a WAL flush) and half a dozen statements each; here callers queue their event, and
-//! one flusher writes what has queued as one batch: when `max_events` are waiting, or
-//! `window` after the first of them arrived. Each caller is answered only once the
-//! transaction holding its event has committed.
+//! commit (a WAL flush) and several statements each; here callers queue their events, and a
+//! flusher writes what has queued as one batch: when `max_events` are waiting, or `window`
+//! after the first of them arrived. `RecordEvents` batches and `StreamEvents` chunks take the
+//! same queue, as one caller each whose events are written all or none. Each caller is
+//! answered only once the transaction holding its events has committed.
 //!
 //! * A caller's own bad event fails only that caller: a batch refused for events of another
 //!   owner's campaign or a legacy count past its column is split, the callers of the
 //!   refused events get their error, and the rest are written again without them. Any other
-//!   refusal of a batch of several is retried one event at a time, so that each caller gets
-//!   its own answer.
+//!   refusal of a batch of several callers is retried one caller at a time, so that each
+//!   gets its own answer.
 //! * A batch that fails because the database is unreachable or slow fails every caller in
 //!   it with a retryable error: nothing of it was committed, and a retry counts once (the
 //!   idempotency key, if any, says so).
 //! * The queue is bounded (in events): past the bound, callers are refused at once.
-//! * At shutdown the flusher writes everything queued before it stops.
+//! * At shutdown the flushers write everything queued before they stop.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use super::Jobs;
-use crate::domain::Event;
+use crate::domain::{CampaignId, Event};
 use crate::storage::{EventStore, StorageError};
 use crate::telemetry::ServerMetrics;
 
@@ -36,6 +38,7 @@ pub struct GroupCommitSettings {
     /// How long the first queued event waits for others before its batch is written.
     pub window: Duration,
     /// Most events queued (waiting or being written) at once; past it, callers are refused.
+    /// A caller with more events than this takes the whole queue.
     pub queue_events: usize,
     /// Groups written at once (each in its own transaction): while one commits, the next
     /// gathers and writes.
@@ -47,7 +50,7 @@ impl Default for GroupCommitSettings {
         Self {
             max_events: 256,
             window: Duration::ZERO,
-            queue_events: 16_384,
+            queue_events: 65_536,
             flushers: 2,
         }
     }
@@ -72,23 +75,25 @@ pub enum IngestError {
     ShuttingDown,
 }
 
-/// One caller's queued event and where its answer goes.
+/// One caller's queued events (one for `RecordEvent`, a batch or a stream's chunk for the
+/// others) and where its answer goes. A caller's events are written together or not at all.
 struct Pending {
-    event: Event,
-    answer: oneshot::Sender<Result<bool, IngestError>>,
-    /// The event's place in the queue, given back once it is answered (or dropped).
+    events: Vec<Event>,
+    answer: oneshot::Sender<Result<Vec<bool>, IngestError>>,
+    /// The events' places in the queue, given back once they are answered (or dropped).
     _place: Place,
 }
 
-/// A place in the queue: counted in the queue's gauge while held.
+/// Places in the queue: counted in the queue's gauge while held.
 struct Place {
-    _room: OwnedSemaphorePermit,
+    room: OwnedSemaphorePermit,
     queued: Gauge,
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.queued.dec();
+        self.queued
+            .dec_by(i64::try_from(self.room.num_permits()).unwrap_or(i64::MAX));
     }
 }
 
@@ -107,7 +112,7 @@ pub struct GroupCommit {
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pending")
-            .field("event", &self.event)
+            .field("events", &self.events)
             .finish()
     }
 }
@@ -148,23 +153,37 @@ impl GroupCommit {
     /// Queues `event` and waits until the transaction holding it has committed. Answers
     /// whether the event was a duplicate (its idempotency key seen before).
     pub async fn record(&self, event: Event) -> Result<bool, IngestError> {
-        let room = Arc::clone(&self.room)
-            .try_acquire_owned()
-            .map_err(|_| IngestError::QueueFull(self.settings.queue_events))?;
-        self.queued.inc();
+        let duplicates = self.record_all(vec![event]).await?;
+        Ok(duplicates.first().copied().unwrap_or(false))
+    }
+
+    /// Queues `events`, to be written together (all or none, perhaps in one transaction with
+    /// other callers' events), and waits until they have committed. Answers, per event,
+    /// whether it was a duplicate.
+    pub async fn record_all(&self, events: Vec<Event>) -> Result<Vec<bool>, IngestError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A caller larger than the whole queue takes all of it, rather than never fitting.
+        let places = events.len().min(self.settings.queue_events);
+        let room = u32::try_from(places)
+            .ok()
+            .and_then(|places| Arc::clone(&self.room).try_acquire_many_owned(places).ok())
+            .ok_or(IngestError::QueueFull(self.settings.queue_events))?;
+        self.queued.inc_by(places as i64);
         let place = Place {
-            _room: room,
+            room,
             queued: self.queued.clone(),
         };
         let (answer, answered) = oneshot::channel();
         self.queue
             .send(Pending {
-                event,
+                events,
                 answer,
                 _place: place,
             })
             .map_err(|_| IngestError::ShuttingDown)?;
-        // A flusher that stopped without answering dropped the event unwritten.
+        // A flusher that stopped without answering dropped the events unwritten.
         answered.await.unwrap_or(Err(IngestError::ShuttingDown))
     }
 }
@@ -184,8 +203,9 @@ async fn flush<S: EventStore>(
         let (store, metrics) = (Arc::clone(&store), Arc::clone(&metrics));
         async move {
             if !batch.is_empty() {
-                metrics.observe_batch(batch.len());
-                write(store.as_ref(), batch).await;
+                let group = Group::new(batch);
+                metrics.observe_batch(group.events.len());
+                write(store.as_ref(), group).await;
             }
         }
     };
@@ -209,128 +229,200 @@ async fn flush<S: EventStore>(
     let mut waiting = waiting.lock().await;
     waiting.close();
     let mut left = Vec::new();
+    let mut left_events = 0;
     while let Some(pending) = waiting.recv().await {
+        left_events += pending.events.len();
         left.push(pending);
-        if left.len() == settings.max_events {
+        if left_events >= settings.max_events {
             commit(std::mem::take(&mut left)).await;
+            left_events = 0;
         }
     }
     commit(left).await;
 }
 
-/// A batch: `first`, and what else queues within the window (cut short by `hurried`), up to
-/// `max_events`.
+/// A batch: `first`, and what else queues within the window (cut short by `hurried`), until
+/// it holds `max_events` (the last caller taken may pass the mark: a caller's events are
+/// never split).
 async fn gather(
     first: Pending,
     waiting: &mut mpsc::UnboundedReceiver<Pending>,
     settings: &GroupCommitSettings,
     hurried: &mut watch::Receiver<bool>,
 ) -> Vec<Pending> {
+    let mut events = first.events.len();
     let mut batch = Vec::with_capacity(settings.max_events.min(64));
     batch.push(first);
     let deadline = tokio::time::Instant::now() + settings.window;
-    while batch.len() < settings.max_events {
-        if let Ok(next) = waiting.try_recv() {
-            batch.push(next);
-            continue;
-        }
-        let next = tokio::select! {
-            next = tokio::time::timeout_at(deadline, waiting.recv()) => next,
-            _ = hurried.wait_for(|hurry| *hurry) => break,
+    while events < settings.max_events {
+        let next = match waiting.try_recv() {
+            Ok(next) => next,
+            Err(_) => {
+                let next = tokio::select! {
+                    next = tokio::time::timeout_at(deadline, waiting.recv()) => next,
+                    _ = hurried.wait_for(|hurry| *hurry) => break,
+                };
+                match next {
+                    Ok(Some(next)) => next,
+                    Ok(None) | Err(_) => break,
+                }
+            }
         };
-        match next {
-            Ok(Some(next)) => batch.push(next),
-            Ok(None) | Err(_) => break,
-        }
+        events += next.events.len();
+        batch.push(next);
     }
     batch
 }
 
-/// Writes `batch` in one transaction and answers each caller; see the module docs for how a
-/// refused batch is split.
-async fn write<S: EventStore>(store: &S, mut batch: Vec<Pending>) {
-    while !batch.is_empty() {
-        let events: Vec<Event> = batch.iter().map(|p| p.event.clone()).collect();
-        let error = match store.record_events_each(&events).await {
-            Ok(duplicates) => {
-                for (pending, duplicate) in batch.into_iter().zip(duplicates) {
-                    let _ = pending.answer.send(Ok(duplicate));
+/// Callers gathered into one write: their events in one run, and each caller's share of it.
+struct Group {
+    events: Vec<Event>,
+    callers: Vec<Caller>,
+}
+
+/// One caller of a [`Group`]: how many of its events are theirs, and where the answer goes.
+struct Caller {
+    len: usize,
+    answer: oneshot::Sender<Result<Vec<bool>, IngestError>>,
+    _place: Place,
+}
+
+impl Group {
+    fn new(batch: Vec<Pending>) -> Self {
+        let mut events = Vec::with_capacity(batch.iter().map(|p| p.events.len()).sum());
+        let callers = batch
+            .into_iter()
+            .map(|pending| {
+                let len = pending.events.len();
+                events.extend(pending.events);
+                Caller {
+                    len,
+                    answer: pending.answer,
+                    _place: pending._place,
                 }
-                return;
+            })
+            .collect();
+        Self { events, callers }
+    }
+
+    /// The caller whose events hold `position`, and the event's position among them.
+    fn caller_of(&self, mut position: usize) -> (usize, usize) {
+        for (index, caller) in self.callers.iter().enumerate() {
+            if position < caller.len {
+                return (index, position);
             }
-            Err(error) => error,
-        };
-        if let [_] = batch.as_slice() {
-            if let Some(pending) = batch.pop() {
-                let _ = pending.answer.send(Err(IngestError::Storage(error)));
-            }
-            return;
+            position -= caller.len;
         }
-        match error {
-            // Ownership is the event's own: refuse those callers, write the others.
-            StorageError::CampaignOwnedByAnotherUser(foreign) => {
-                let (refused, rest) = take_positions(batch, foreign.iter().map(|(i, _)| *i));
-                for (position, pending) in refused {
-                    let own = foreign
-                        .iter()
-                        .filter(|(i, _)| *i == position)
-                        .map(|(_, campaign)| (0, campaign.clone()))
-                        .collect();
-                    let _ = pending.answer.send(Err(IngestError::Storage(
-                        StorageError::CampaignOwnedByAnotherUser(own),
-                    )));
-                }
-                batch = rest;
+        (self.callers.len(), position)
+    }
+
+    /// Splits off the callers at `indexes` (each alone, with its index), leaving the rest.
+    fn take(self, indexes: &BTreeSet<usize>) -> (Vec<(usize, Group)>, Group) {
+        let mut taken = Vec::new();
+        let mut rest = Group {
+            events: Vec::new(),
+            callers: Vec::new(),
+        };
+        let mut events = self.events.into_iter();
+        for (index, caller) in self.callers.into_iter().enumerate() {
+            let own: Vec<Event> = events.by_ref().take(caller.len).collect();
+            if indexes.contains(&index) {
+                taken.push((
+                    index,
+                    Group {
+                        events: own,
+                        callers: vec![caller],
+                    },
+                ));
+            } else {
+                rest.events.extend(own);
+                rest.callers.push(caller);
             }
-            // A legacy count may pass its column only because neighbours add to it too:
-            // the events named are written one at a time, the others together.
-            StorageError::LegacyOverflow(overflows) => {
-                let named = overflows.iter().flat_map(|o| o.events.iter().copied());
-                let (alone, rest) = take_positions(batch, named);
-                Box::pin(write(store, rest)).await;
-                for (_, pending) in alone {
-                    Box::pin(write(store, vec![pending])).await;
-                }
-                return;
-            }
-            error if error.is_retryable() => {
-                tracing::warn!(%error, events = batch.len(), "a group commit failed; its callers may retry");
-                let why = error.to_string();
-                answer(batch, || IngestError::Retry(why.clone()));
-                return;
-            }
-            // No event the refusal names: each event on its own, so that each caller gets
-            // its own answer.
-            _ => {
-                for pending in batch {
-                    Box::pin(write(store, vec![pending])).await;
-                }
-                return;
-            }
+        }
+        (taken, rest)
+    }
+
+    /// Answers each caller with its share of `duplicates`.
+    fn acknowledge(self, duplicates: Vec<bool>) {
+        let mut duplicates = duplicates.into_iter();
+        for caller in self.callers {
+            let own = duplicates.by_ref().take(caller.len).collect();
+            let _ = caller.answer.send(Ok(own));
+        }
+    }
+
+    /// Answers every caller with an error made by `error`.
+    fn fail(self, mut error: impl FnMut() -> IngestError) {
+        for caller in self.callers {
+            let _ = caller.answer.send(Err(error()));
         }
     }
 }
 
-/// Splits `batch` into the callers at `positions` (with their position) and the rest, in
-/// order.
-fn take_positions(
-    batch: Vec<Pending>,
-    positions: impl IntoIterator<Item = usize>,
-) -> (Vec<(usize, Pending)>, Vec<Pending>) {
-    let positions: std::collections::BTreeSet<usize> = positions.into_iter().collect();
-    let (taken, rest): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .enumerate()
-        .partition(|(i, _)| positions.contains(i));
-    (
-        taken,
-        rest.into_iter().map(|(_, pending)| pending).collect(),
-    )
-}
-
-/// Answers every caller in `batch` with an error made by `error`.
-fn answer(batch: Vec<Pending>, mut error: impl FnMut() -> IngestError) {
-    for pending in batch {
-        let _ = pending.answer.send(Err(error()));
+/// Writes `group` in one transaction and answers each caller; see the module docs for how a
+/// refused group is split.
+async fn write<S: EventStore>(store: &S, mut group: Group) {
+    while !group.callers.is_empty() {
+        let error = match store.record_events_each(&group.events).await {
+            Ok(duplicates) => return group.acknowledge(duplicates),
+            Err(error) => error,
+        };
+        if group.callers.len() == 1 {
+            // The caller's own events: positions in the error are theirs already.
+            let mut error = Some(error);
+            return group.fail(|| match error.take() {
+                Some(error) => IngestError::Storage(error),
+                None => IngestError::ShuttingDown, // one caller: answered once
+            });
+        }
+        match error {
+            // Ownership is the events' own: refuse those callers, write the others.
+            StorageError::CampaignOwnedByAnotherUser(foreign) => {
+                let mut own: BTreeMap<usize, Vec<(usize, CampaignId)>> = BTreeMap::new();
+                for (position, campaign) in foreign {
+                    let (caller, at) = group.caller_of(position);
+                    own.entry(caller).or_default().push((at, campaign));
+                }
+                let (refused, rest) = group.take(&own.keys().copied().collect());
+                for (index, refused) in refused {
+                    let mut foreign = own.remove(&index);
+                    refused.fail(|| {
+                        IngestError::Storage(StorageError::CampaignOwnedByAnotherUser(
+                            foreign.take().unwrap_or_default(),
+                        ))
+                    });
+                }
+                group = rest;
+            }
+            // A legacy count may pass its column only because neighbours add to it too:
+            // the callers named are written one at a time, the others together.
+            StorageError::LegacyOverflow(overflows) => {
+                let named = overflows
+                    .iter()
+                    .flat_map(|o| o.events.iter().map(|&p| group.caller_of(p).0))
+                    .collect();
+                let (alone, rest) = group.take(&named);
+                Box::pin(write(store, rest)).await;
+                for (_, caller) in alone {
+                    Box::pin(write(store, caller)).await;
+                }
+                return;
+            }
+            error if error.is_retryable() => {
+                tracing::warn!(%error, events = group.events.len(), "a group commit failed; its callers may retry");
+                let why = error.to_string();
+                return group.fail(|| IngestError::Retry(why.clone()));
+            }
+            // No event the refusal names: each caller on its own, so that each gets its own
+            // answer.
+            _ => {
+                let everyone = (0..group.callers.len()).collect();
+                let (alone, _) = group.take(&everyone);
+                for (_, caller) in alone {
+                    Box::pin(write(store, caller)).await;
+                }
+                return;
+            }
+        }
     }
 }

@@ -70,14 +70,11 @@ impl<S: Store> Stats<S> {
         self.group_commit.record(event).await
     }
 
-    /// Stores validated events atomically; see [`crate::storage::EventStore::record_events`].
-    pub async fn record(&self, events: &[Event]) -> Result<RecordOutcome, StorageError> {
-        if events.is_empty() {
-            return Ok(RecordOutcome::default());
-        }
-        let outcome = self.store.record_events(events).await?;
-        self.metrics.observe_batch(events.len());
-        Ok(outcome)
+    /// Stores validated events atomically (all or none), through the same queue as single
+    /// events: a batch may share its transaction with other callers' events.
+    pub async fn record(&self, events: Vec<Event>) -> Result<RecordOutcome, IngestError> {
+        let duplicates = self.group_commit.record_all(events).await?;
+        Ok(RecordOutcome::of(&duplicates))
     }
 
     /// Totals of each requested campaign, in request order; zeros for a campaign without

@@ -133,17 +133,19 @@ pub struct ServeArgs {
     /// Milliseconds between database health checks.
     #[arg(long, env = "STATS_HEALTH_CHECK_INTERVAL_MS", default_value_t = 2_000)]
     pub health_check_interval_ms: u64,
-    /// Most single events (`RecordEvent` calls) written in one transaction.
+    /// A transaction takes queued callers until it holds this many events (a caller's batch
+    /// or stream chunk is never split).
     #[arg(long, env = "STATS_GROUP_COMMIT_MAX_EVENTS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub group_commit_max_events: u32,
-    /// Microseconds the first queued single event waits for others before its transaction
+    /// Microseconds the first queued write waits for others before its transaction
     /// is written (0: write what has queued at once).
     #[arg(long, env = "STATS_GROUP_COMMIT_WINDOW_US", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub group_commit_window_us: u64,
-    /// Most single events queued at once; past it, `RecordEvent` answers RESOURCE_EXHAUSTED.
-    #[arg(long, env = "STATS_GROUP_COMMIT_QUEUE_EVENTS", default_value_t = 16_384,
+    /// Most events queued at once (single events, batches and stream chunks); past it, a
+    /// write answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "STATS_GROUP_COMMIT_QUEUE_EVENTS", default_value_t = 65_536,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub group_commit_queue_events: u32,
     /// Groups of single events written at once, each in its own transaction [default: 4 on

@@ -56,6 +56,10 @@ pub enum ApiError {
     NotFound(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A write the queue could not take or finish (full, shutting down, or failed in a way
+    /// that may pass); never [`IngestError::Storage`], which maps as [`ApiError::Storage`].
+    #[error(transparent)]
+    NotQueued(IngestError),
 }
 
 impl From<StartRefused> for ApiError {
@@ -118,6 +122,15 @@ impl ApiError {
         }
     }
 
+    /// Maps a queued write's error, naming the event at position `i` of the caller's events
+    /// as `path(i)`.
+    pub fn from_ingest(error: IngestError, path: impl Fn(usize) -> String) -> Self {
+        match error {
+            IngestError::Storage(error) => ApiError::from_write(error, path),
+            other => ApiError::NotQueued(other),
+        }
+    }
+
     /// The status for this error, with `metadata` attached.
     pub fn into_status_with(self, metadata: MetadataMap) -> Status {
         let (code, message, violations) = match self {
@@ -165,6 +178,15 @@ impl ApiError {
             ApiError::Storage(error) => {
                 let (code, message) = storage_status(&error);
                 return plain(code, message.to_owned(), metadata);
+            }
+            ApiError::NotQueued(error) => {
+                let code = match error {
+                    IngestError::QueueFull(_) => Code::ResourceExhausted,
+                    IngestError::Storage(_) | IngestError::Retry(_) | IngestError::ShuttingDown => {
+                        Code::Unavailable
+                    }
+                };
+                return plain(code, queue_message(&error), metadata);
             }
         };
         let violations: Vec<FieldViolation> = violations
@@ -288,14 +310,20 @@ fn describe(message: &str, violations: &[FieldViolation], listed: usize) -> Stri
 
 /// The status of a single event that was not acknowledged (`RecordEvent`).
 pub fn ingest_status(error: IngestError) -> Status {
+    ApiError::from_ingest(error, |_| "event".to_owned()).into()
+}
+
+/// The client's message for a write the queue could not take or finish.
+fn queue_message(error: &IngestError) -> String {
     match error {
-        IngestError::Storage(error) => ApiError::from_write(error, |_| "event".to_owned()).into(),
-        IngestError::Retry(_) => Status::unavailable("storage is unavailable, retry later"),
-        IngestError::QueueFull(events) => Status::resource_exhausted(format!(
-            "too many writes are queued on this replica ({events} events); retry later"
-        )),
+        IngestError::QueueFull(events) => {
+            format!("too many writes are queued on this replica ({events} events); retry later")
+        }
         IngestError::ShuttingDown => {
-            Status::unavailable("the server is shutting down; retry on another replica")
+            "the server is shutting down; retry on another replica".to_owned()
+        }
+        IngestError::Storage(_) | IngestError::Retry(_) => {
+            "storage is unavailable, retry later".to_owned()
         }
     }
 }

@@ -86,9 +86,9 @@ impl<S: Store> StatsService for StatsApi<S> {
         let events = events_from_proto(events)?;
         let outcome = self
             .stats
-            .record(&events)
+            .record(events)
             .await
-            .map_err(|e| ApiError::from_write(e, |i| format!("events[{i}]")))?;
+            .map_err(|e| ApiError::from_ingest(e, |i| format!("events[{i}]")))?;
         Ok(Response::new(record_response(outcome)))
     }
 
@@ -130,15 +130,16 @@ impl<S: Store> StatsService for StatsApi<S> {
             // Position in the stream of the chunk's first event.
             let mut chunk_start = 0;
             while let Some(chunk) = queued.recv().await {
-                match self.stats.record(&chunk).await {
+                let len = chunk.len();
+                match self.stats.record(chunk).await {
                     Ok(outcome) => stored += outcome,
                     Err(error) => {
                         let at = chunk_start;
-                        let error = ApiError::from_write(error, |i| format!("events[{}]", at + i));
+                        let error = ApiError::from_ingest(error, |i| format!("events[{}]", at + i));
                         return (stored, Some(error));
                     }
                 }
-                chunk_start += chunk.len();
+                chunk_start += len;
             }
             (stored, None)
         };

@@ -69,6 +69,110 @@ impl OwnerCache {
     }
 }
 
+/// What a batch asks of the database before it can be planned: the campaigns to claim (those
+/// whose owner this process does not know yet) and the idempotency keys to insert. The first
+/// statement of a write sends both, and reads the phase under a shared lock.
+#[derive(Debug)]
+pub(super) struct BatchClaims<'a> {
+    /// Owners of the batch's campaigns known without asking.
+    pub known_owners: HashMap<String, String>,
+    /// Each campaign whose owner is not known, with the user that claims it, sorted.
+    pub claims: Vec<(&'a CampaignId, &'a UserId)>,
+    /// The distinct `(user, idempotency key)` pairs, sorted.
+    pub keys: Vec<(&'a UserId, &'a str)>,
+}
+
+impl<'a> BatchClaims<'a> {
+    /// What `events` ask of the database, given the owners `cache` knows.
+    pub fn of(events: &'a [Event], cache: &OwnerCache) -> Self {
+        let (known_owners, claims) = cache.split(campaign_claims(events));
+        Self {
+            known_owners,
+            claims,
+            keys: idempotency_keys(events),
+        }
+    }
+}
+
+/// What the database answered to a batch's [`BatchClaims`].
+#[derive(Debug)]
+pub(super) struct ClaimsAnswer {
+    /// Where the phase (share-locked until commit) sends writes.
+    pub targets: WriteTargets,
+    /// The owners of the claimed campaigns, as stored.
+    pub owners: HashMap<String, String>,
+    /// The `(user, key)` pairs the database had not seen before.
+    pub fresh: HashSet<(String, String)>,
+}
+
+/// Everything one batch writes, decided from its events and the database's answer: the plan
+/// a backend applies in as few statements as it can.
+#[derive(Debug)]
+pub(super) struct BatchPlan<'a> {
+    /// Per event, whether its idempotency key was seen before (nothing of it is written).
+    pub duplicates: Vec<bool>,
+    /// The events written (all but the duplicates), in order.
+    pub accepted: Vec<&'a Event>,
+    /// The raw events the new storage receives.
+    pub new_events: Vec<&'a Event>,
+    /// How each campaign rollup row grows, sorted.
+    pub campaign_days: BTreeMap<CampaignDayKey<'a>, DayTotals>,
+    /// How each day of the all-users rollup grows, sorted.
+    pub all_days: BTreeMap<NaiveDate, DayTotals>,
+    /// The stripe of the all-users rollup this batch adds to.
+    pub stripe: i16,
+    /// How each legacy row grows (empty when the phase does not write legacy), sorted.
+    pub legacy: BTreeMap<LegacyKey<'a>, (&'a str, LegacyCounts)>,
+    /// The owners the database answered, to remember once the batch commits.
+    pub read_owners: HashMap<String, String>,
+}
+
+/// Plans the batch: refuses it if an event names another user's campaign, drops duplicates,
+/// and sums what each rollup and legacy row gains.
+pub(super) fn plan_batch<'a>(
+    events: &'a [Event],
+    known_owners: HashMap<String, String>,
+    answer: ClaimsAnswer,
+) -> Result<BatchPlan<'a>, StorageError> {
+    let mut owners = known_owners;
+    owners.extend(answer.owners.iter().map(|(c, u)| (c.clone(), u.clone())));
+    check_owners(events, &owners)?;
+    let (accepted, duplicates) = accepted_events(events, answer.fresh);
+    let new_events = events_for_new_storage(&accepted, answer.targets);
+    let campaign_days = campaign_day_deltas(&new_events);
+    let all_days = all_day_deltas(&campaign_days);
+    let legacy = if answer.targets.legacy {
+        legacy_deltas(&accepted)
+    } else {
+        BTreeMap::new()
+    };
+    Ok(BatchPlan {
+        duplicates,
+        accepted,
+        new_events,
+        campaign_days,
+        all_days,
+        stripe: next_stripe(),
+        legacy,
+        read_owners: answer.owners,
+    })
+}
+
+/// The refusal of a plan whose `refused` legacy rows would pass their column; `current`
+/// holds those rows as stored.
+pub(super) fn legacy_refusal(
+    events: &[Event],
+    plan: &BatchPlan<'_>,
+    current: &[LegacyCountsRow],
+) -> StorageError {
+    StorageError::LegacyOverflow(legacy_overflows(
+        events,
+        &plan.accepted,
+        &plan.legacy,
+        current,
+    ))
+}
+
 /// Refuses the batch if any event names a campaign owned by another user; `owners` maps each
 /// campaign of the batch to its owner as stored.
 pub(super) fn check_owners(

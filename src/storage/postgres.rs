@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use chrono::{Datelike, Months, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use tokio::sync::watch;
 
 use super::backfill::{BackfillSql, CopyStatements};
@@ -128,27 +128,6 @@ fn column<'a, T>(events: &[&'a Event], field: impl Fn(&'a Event) -> T) -> Vec<T>
     events.iter().map(|e| field(e)).collect()
 }
 
-/// Inserts raw events.
-async fn insert_events(tx: &mut sqlx::PgConnection, events: &[&Event]) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (user_id, campaign_id, event_type, count, occurred_at, \
-         email_account_id, idempotency_key) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
-         $5::timestamptz[], $6::text[], $7::text[])",
-    )
-    .bind(column(events, |e| e.user_id.as_str()))
-    .bind(column(events, |e| e.campaign_id.as_str()))
-    .bind(column(events, |e| e.event_type.code()))
-    // Counts are at most 1,000,000, so they fit an int4.
-    .bind(column(events, |e| e.count as i32))
-    .bind(column(events, |e| e.occurred_at))
-    .bind(column(events, |e| e.email_account_id.as_deref()))
-    .bind(column(events, |e| e.idempotency_key.as_deref()))
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
 /// Batches of concurrent backfill runs (say, on two replicas) and resolutions take turns: each
 /// then sees what the other copied, and nothing is copied twice.
 async fn lock_backfill(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
@@ -197,6 +176,67 @@ async fn copy_into_rollups(
     add_to_rollups(tx, &batch::copy_deltas(copies), batch::BACKFILL_STRIPE).await
 }
 
+/// The upsert growing the campaign rollups from arrays `$first` (users), `$first + 1`
+/// (campaigns), `$first + 2` (days) and six arrays of totals (see [`bind_campaign_days`]).
+fn campaign_days_upsert(first: usize) -> String {
+    let totals: Vec<String> = (3..9).map(|i| format!("${}::int8[]", first + i)).collect();
+    format!(
+        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) \
+         SELECT * FROM UNNEST(${first}::text[], ${}::text[], ${}::date[], {}) \
+         ON CONFLICT (user_id, campaign_id, day){}",
+        batch::ROLLUP_COLUMNS,
+        first + 1,
+        first + 2,
+        totals.join(", "),
+        batch::ROLLUP_GROWS
+    )
+}
+
+/// The upsert growing stripe `$first` of the all-users rollup from the days in `$first + 1`
+/// and six arrays of totals (see [`bind_all_days`]).
+fn all_days_upsert(first: usize) -> String {
+    let totals: Vec<String> = (2..8).map(|i| format!("${}::int8[]", first + i)).collect();
+    format!(
+        "INSERT INTO all_day_totals AS t (day, stripe, {}) \
+         SELECT d, ${first}, s, o, c, r, p, b FROM UNNEST(${}::date[], {}) \
+         AS u(d, s, o, c, r, p, b) ON CONFLICT (day, stripe){}",
+        batch::ROLLUP_COLUMNS,
+        first + 1,
+        totals.join(", "),
+        batch::ROLLUP_GROWS
+    )
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds the parameters of [`campaign_days_upsert`].
+fn bind_campaign_days<'q>(
+    query: PgQuery<'q>,
+    deltas: &'q BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
+) -> PgQuery<'q> {
+    let query = query
+        .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
+        .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
+        .bind(deltas.keys().map(|k| k.2).collect::<Vec<_>>());
+    (0..6).fold(query, |query, index| {
+        query.bind(batch::DayTotals::column(deltas.iter(), index))
+    })
+}
+
+/// Binds the parameters of [`all_days_upsert`].
+fn bind_all_days<'q>(
+    query: PgQuery<'q>,
+    days: &'q BTreeMap<NaiveDate, batch::DayTotals>,
+    stripe: i16,
+) -> PgQuery<'q> {
+    let query = query
+        .bind(stripe)
+        .bind(days.keys().copied().collect::<Vec<_>>());
+    (0..6).fold(query, |query, index| {
+        query.bind(batch::DayTotals::column(days.iter(), index))
+    })
+}
+
 /// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
 /// per day.
 async fn add_to_rollups(
@@ -207,65 +247,75 @@ async fn add_to_rollups(
     if deltas.is_empty() {
         return Ok(());
     }
-    let totals = |index| batch::DayTotals::column(deltas.iter(), index);
-    let campaigns = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], \
-         $6::int8[], $7::int8[], $8::int8[], $9::int8[]) \
-         ON CONFLICT (user_id, campaign_id, day){}",
-        batch::ROLLUP_COLUMNS,
-        batch::ROLLUP_GROWS
-    )))
-    .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
-    .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
-    .bind(deltas.keys().map(|k| k.2).collect::<Vec<_>>());
-    (0..6)
-        .fold(campaigns, |query, index| query.bind(totals(index)))
-        .execute(&mut *tx)
-        .await?;
-
+    let sql = statements();
+    bind_campaign_days(
+        sqlx::query(sqlx::AssertSqlSafe(&*sql.campaign_days)),
+        deltas,
+    )
+    .execute(&mut *tx)
+    .await?;
     let days = batch::all_day_deltas(deltas);
-    let totals = |index| batch::DayTotals::column(days.iter(), index);
-    let all_users = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO all_day_totals AS t (day, stripe, {}) \
-         SELECT d, $2, s, o, c, r, p, b FROM UNNEST($1::date[], $3::int8[], $4::int8[], \
-         $5::int8[], $6::int8[], $7::int8[], $8::int8[]) AS u(d, s, o, c, r, p, b) \
-         ON CONFLICT (day, stripe){}",
-        batch::ROLLUP_COLUMNS,
-        batch::ROLLUP_GROWS
-    )))
-    .bind(days.keys().copied().collect::<Vec<_>>())
-    .bind(stripe);
-    (0..6)
-        .fold(all_users, |query, index| query.bind(totals(index)))
-        .execute(&mut *tx)
-        .await?;
+    bind_all_days(
+        sqlx::query(sqlx::AssertSqlSafe(&*sql.all_days)),
+        &days,
+        stripe,
+    )
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
-/// Adds the events the legacy table has columns for to its `(campaign, day)` rows; refuses
-/// the batch with [`StorageError::LegacyOverflow`] when a count would pass its `int` column.
-async fn add_to_legacy(
-    tx: &mut sqlx::PgConnection,
-    events: &[Event],
-    accepted: &[&Event],
-) -> Result<(), StorageError> {
-    let deltas = batch::legacy_deltas(accepted);
-    if deltas.is_empty() {
-        return Ok(());
-    }
-    let mut refused = batch::oversized_legacy_deltas(&deltas);
-    if refused.is_empty() {
-        let column = |f: fn(&batch::LegacyCounts) -> i64| {
-            deltas.values().map(|(_, c)| f(c)).collect::<Vec<_>>()
-        };
-        let written: HashSet<(String, NaiveDate)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO campaign_daily_stat_entries AS l (campaign_id, user_id, stat_date, \
+/// The statements of a write, made once.
+struct WriteStatements {
+    /// Share-locks and reads the phase, claims campaigns, reads their owners and inserts the
+    /// idempotency keys (see [`claim`]).
+    claim: String,
+    /// Applies a [`batch::BatchPlan`]: raw events, both rollups and the legacy rows, in one
+    /// statement (see [`apply`]).
+    apply: String,
+    /// The campaign rollups' upsert on its own (`$1`…`$9`).
+    campaign_days: String,
+    /// The all-users rollup's upsert on its own (`$1`…`$8`).
+    all_days: String,
+}
+
+fn statements() -> &'static WriteStatements {
+    static SQL: std::sync::OnceLock<WriteStatements> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| WriteStatements {
+        // The phase is read `FOR SHARE`: a transition (which updates the row) waits until
+        // this write commits, and a write that starts after the transition waits for it and
+        // then reads the new phase. So a write always commits in the phase it planned for.
+        // Owners are the claims this statement made plus those stored before it began; one
+        // claimed by a concurrent write in between is read again (see [`claim`]).
+        claim: "WITH phase AS (SELECT phase FROM migration_state WHERE id = 1 FOR SHARE), \
+            claimed AS (INSERT INTO campaigns (campaign_id, user_id) \
+                SELECT t.campaign_id, COALESCE( \
+                    (SELECT l.user_id FROM campaign_daily_stat_entries l \
+                     WHERE l.campaign_id = t.campaign_id ORDER BY l.stat_date LIMIT 1), \
+                    t.user_id) \
+                FROM UNNEST($1::text[], $2::text[]) AS t(campaign_id, user_id) \
+                ON CONFLICT (campaign_id) DO NOTHING RETURNING campaign_id, user_id), \
+            fresh AS (INSERT INTO idempotency_keys (user_id, idempotency_key) \
+                SELECT * FROM UNNEST($3::text[], $4::text[]) \
+                ON CONFLICT DO NOTHING RETURNING user_id, idempotency_key) \
+            SELECT 0::int2, phase, NULL::text FROM phase \
+            UNION ALL SELECT 1::int2, campaign_id, user_id FROM claimed \
+            UNION ALL SELECT 1::int2, campaign_id, user_id FROM campaigns \
+                WHERE campaign_id = ANY($1) \
+            UNION ALL SELECT 2::int2, user_id, idempotency_key FROM fresh"
+            .to_owned(),
+        apply: format!(
+            "WITH new_events AS (INSERT INTO events (user_id, campaign_id, event_type, count, \
+                occurred_at, email_account_id, idempotency_key) \
+                SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
+                $5::timestamptz[], $6::text[], $7::text[])), \
+            campaign_days AS ({}), all_days AS ({}) \
+            INSERT INTO campaign_daily_stat_entries AS l (campaign_id, user_id, stat_date, \
              sent, opened, replied, positive_replies, bounced, created_at, updated_at) \
              SELECT campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
              bounced, now(), now() \
-             FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], \
-             $6::int8[], $7::int8[], $8::int8[]) \
+             FROM UNNEST($25::text[], $26::text[], $27::date[], $28::int8[], $29::int8[], \
+             $30::int8[], $31::int8[], $32::int8[]) \
              AS t(campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
              bounced) \
              ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
@@ -275,21 +325,116 @@ async fn add_to_legacy(
              positive_replies = COALESCE(l.positive_replies, 0) + EXCLUDED.positive_replies, \
              bounced = COALESCE(l.bounced, 0) + EXCLUDED.bounced, \
              updated_at = now(){}",
+            campaign_days_upsert(8),
+            all_days_upsert(17),
             batch::LEGACY_COUNTS_FIT
-        )))
-        .bind(deltas.keys().map(|k| k.0).collect::<Vec<_>>())
-        .bind(deltas.values().map(|(user, _)| *user).collect::<Vec<_>>())
-        .bind(deltas.keys().map(|k| k.1).collect::<Vec<_>>())
-        .bind(column(|c| c.sent))
-        .bind(column(|c| c.opened))
-        .bind(column(|c| c.replied))
-        .bind(column(|c| c.positive_replies))
-        .bind(column(|c| c.bounced))
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
+        ),
+        campaign_days: campaign_days_upsert(1),
+        all_days: all_days_upsert(1),
+    })
+}
+
+/// Runs a batch's [`batch::BatchClaims`]: the first statement of the write.
+async fn claim(
+    tx: &mut sqlx::PgConnection,
+    claims: &batch::BatchClaims<'_>,
+) -> Result<batch::ClaimsAnswer, StorageError> {
+    let (campaigns, claimants): (Vec<&str>, Vec<&str>) = claims
+        .claims
+        .iter()
+        .map(|(campaign, user)| (campaign.as_str(), user.as_str()))
+        .unzip();
+    let (key_users, keys): (Vec<&str>, Vec<&str>) = claims
+        .keys
+        .iter()
+        .map(|(user, key)| (user.as_str(), *key))
+        .unzip();
+    let rows: Vec<(i16, String, Option<String>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(&*statements().claim))
+            .bind(&campaigns)
+            .bind(&claimants)
+            .bind(&key_users)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut phase = None;
+    let mut owners = HashMap::with_capacity(campaigns.len());
+    let mut fresh = HashSet::with_capacity(keys.len());
+    for (kind, first, second) in rows {
+        match (kind, second) {
+            (1, Some(user)) => {
+                owners.insert(first, user);
+            }
+            (2, Some(key)) => {
+                fresh.insert((first, key));
+            }
+            _ => phase = Some(first),
+        }
+    }
+    let phase = phase.ok_or_else(|| StorageError::Corrupt("no migration_state row".into()))?;
+    let missing: Vec<&str> = campaigns
+        .iter()
+        .copied()
+        .filter(|campaign| !owners.contains_key(*campaign))
         .collect();
-        refused = batch::unwritten_legacy_rows(&deltas, &written);
+    if !missing.is_empty() {
+        // Claimed by a concurrent write that committed after this statement began.
+        let read: Vec<(String, String)> = sqlx::query_as(
+            "SELECT campaign_id, user_id FROM campaigns WHERE campaign_id = ANY($1)",
+        )
+        .bind(&missing)
+        .fetch_all(&mut *tx)
+        .await?;
+        owners.extend(read);
+    }
+    Ok(batch::ClaimsAnswer {
+        targets: parse_phase(&phase)?.write_targets(),
+        owners,
+        fresh,
+    })
+}
+
+/// Applies `plan` in one statement; refuses the batch with [`StorageError::LegacyOverflow`]
+/// when a legacy count would pass its `int` column.
+async fn apply(
+    tx: &mut sqlx::PgConnection,
+    events: &[Event],
+    plan: &batch::BatchPlan<'_>,
+) -> Result<(), StorageError> {
+    let mut refused = batch::oversized_legacy_deltas(&plan.legacy);
+    if refused.is_empty() {
+        let new = &plan.new_events;
+        let query = sqlx::query(sqlx::AssertSqlSafe(&*statements().apply))
+            .bind(column(new, |e| e.user_id.as_str()))
+            .bind(column(new, |e| e.campaign_id.as_str()))
+            .bind(column(new, |e| e.event_type.code()))
+            // Counts are at most 1,000,000, so they fit an int4.
+            .bind(column(new, |e| e.count as i32))
+            .bind(column(new, |e| e.occurred_at))
+            .bind(column(new, |e| e.email_account_id.as_deref()))
+            .bind(column(new, |e| e.idempotency_key.as_deref()));
+        let query = bind_campaign_days(query, &plan.campaign_days);
+        let query = bind_all_days(query, &plan.all_days, plan.stripe);
+        let legacy = &plan.legacy;
+        let counts = |f: fn(&batch::LegacyCounts) -> i64| {
+            legacy.values().map(|(_, c)| f(c)).collect::<Vec<_>>()
+        };
+        let rows = query
+            .bind(legacy.keys().map(|k| k.0).collect::<Vec<_>>())
+            .bind(legacy.values().map(|(user, _)| *user).collect::<Vec<_>>())
+            .bind(legacy.keys().map(|k| k.1).collect::<Vec<_>>())
+            .bind(counts(|c| c.sent))
+            .bind(counts(|c| c.opened))
+            .bind(counts(|c| c.replied))
+            .bind(counts(|c| c.positive_replies))
+            .bind(counts(|c| c.bounced))
+            .fetch_all(&mut *tx)
+            .await?;
+        let written = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<HashSet<(String, NaiveDate)>, sqlx::Error>>()?;
+        refused = batch::unwritten_legacy_rows(legacy, &written);
     }
     if refused.is_empty() {
         return Ok(());
@@ -304,9 +449,7 @@ async fn add_to_legacy(
     .await?;
     let current: Vec<batch::LegacyCountsRow> =
         rows.into_iter().map(batch::legacy_counts_row).collect();
-    Err(StorageError::LegacyOverflow(batch::legacy_overflows(
-        events, accepted, &deltas, &current,
-    )))
+    Err(batch::legacy_refusal(events, plan, &current))
 }
 
 /// The channel rollout and phase changes are announced on.
@@ -404,83 +547,14 @@ impl EventStore for PostgresStore {
     async fn record_events_each(&self, events: &[Event]) -> Result<Vec<bool>, StorageError> {
         self.ensure_partitions(events.iter().map(|e| month_of(e.day())))
             .await;
+        let claims = batch::BatchClaims::of(events, &self.owners);
         let mut tx = self.pool.begin().await?;
-        let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
-            .fetch_one(&mut *tx)
-            .await?;
-        let targets = parse_phase(&phase)?.write_targets();
-
-        let (mut owners, unknown) = self.owners.split(batch::campaign_claims(events));
-        let mut read = HashMap::new();
-        if !unknown.is_empty() {
-            let (campaigns, claimants): (Vec<&str>, Vec<&str>) = unknown
-                .into_iter()
-                .map(|(campaign, user)| (campaign.as_str(), user.as_str()))
-                .unzip();
-            // A campaign the legacy table already knows belongs to its legacy user.
-            sqlx::query(
-                "INSERT INTO campaigns (campaign_id, user_id) \
-                 SELECT t.campaign_id, COALESCE( \
-                     (SELECT l.user_id FROM campaign_daily_stat_entries l \
-                      WHERE l.campaign_id = t.campaign_id ORDER BY l.stat_date LIMIT 1), \
-                     t.user_id) \
-                 FROM UNNEST($1::text[], $2::text[]) AS t(campaign_id, user_id) \
-                 ON CONFLICT (campaign_id) DO NOTHING",
-            )
-            .bind(&campaigns)
-            .bind(&claimants)
-            .execute(&mut *tx)
-            .await?;
-            read = sqlx::query_as(
-                "SELECT campaign_id, user_id FROM campaigns WHERE campaign_id = ANY($1)",
-            )
-            .bind(&campaigns)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-            owners.extend(read.clone());
-        }
-        batch::check_owners(events, &owners)?;
-
-        let (key_users, keys): (Vec<&str>, Vec<&str>) = batch::idempotency_keys(events)
-            .into_iter()
-            .map(|(user, key)| (user.as_str(), key))
-            .unzip();
-        let fresh: HashSet<(String, String)> = if keys.is_empty() {
-            HashSet::new()
-        } else {
-            sqlx::query_as(
-                "INSERT INTO idempotency_keys (user_id, idempotency_key) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[]) \
-                 ON CONFLICT DO NOTHING RETURNING user_id, idempotency_key",
-            )
-            .bind(&key_users)
-            .bind(&keys)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect()
-        };
-        let (accepted, duplicates) = batch::accepted_events(events, fresh);
-
-        let for_new = batch::events_for_new_storage(&accepted, targets);
-        if !for_new.is_empty() {
-            insert_events(&mut tx, &for_new).await?;
-            add_to_rollups(
-                &mut tx,
-                &batch::campaign_day_deltas(&for_new),
-                batch::next_stripe(),
-            )
-            .await?;
-        }
-        if targets.legacy {
-            add_to_legacy(&mut tx, events, &accepted).await?;
-        }
-
+        let answer = claim(&mut tx, &claims).await?;
+        let plan = batch::plan_batch(events, claims.known_owners, answer)?;
+        apply(&mut tx, events, &plan).await?;
         tx.commit().await?;
-        self.owners.remember(read);
-        Ok(duplicates)
+        self.owners.remember(plan.read_owners);
+        Ok(plan.duplicates)
     }
 
     async fn campaign_totals(

@@ -119,6 +119,62 @@ fn push_in_list<'a>(
     list.push_unseparated(")");
 }
 
+/// Runs a batch's [`batch::BatchClaims`]: reads the phase (the transaction holds SQLite's one
+/// write lock, so no transition can come between), claims the campaigns, reads their owners
+/// and inserts the idempotency keys.
+async fn claim(
+    tx: &mut sqlx::SqliteConnection,
+    claims: &batch::BatchClaims<'_>,
+) -> Result<batch::ClaimsAnswer, StorageError> {
+    let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
+        .fetch_one(&mut *tx)
+        .await?;
+    for chunk in claims.claims.chunks(rows_per_statement(2)) {
+        // A campaign the legacy table already knows belongs to its legacy user.
+        let mut insert = QueryBuilder::<Sqlite>::new("WITH t(campaign_id, user_id) AS (");
+        insert.push_values(chunk, |mut row, (campaign, user)| {
+            row.push_bind(campaign.as_str()).push_bind(user.as_str());
+        });
+        insert.push(
+            ") INSERT INTO campaigns (campaign_id, user_id) \
+             SELECT t.campaign_id, COALESCE( \
+                 (SELECT l.user_id FROM campaign_daily_stat_entries l \
+                  WHERE l.campaign_id = t.campaign_id ORDER BY l.stat_date LIMIT 1), \
+                 t.user_id) \
+             FROM t WHERE true ON CONFLICT (campaign_id) DO NOTHING",
+        );
+        insert.build().execute(&mut *tx).await?;
+    }
+    let mut owners = HashMap::with_capacity(claims.claims.len());
+    for chunk in claims.claims.chunks(rows_per_statement(1)) {
+        let mut select =
+            QueryBuilder::<Sqlite>::new("SELECT campaign_id, user_id FROM campaigns WHERE true");
+        push_in_list(
+            &mut select,
+            "campaign_id",
+            chunk.iter().map(|(c, _)| c.as_str()),
+        );
+        let rows: Vec<(String, String)> = select.build_query_as().fetch_all(&mut *tx).await?;
+        owners.extend(rows);
+    }
+    let mut fresh = HashSet::new();
+    for chunk in claims.keys.chunks(rows_per_statement(2)) {
+        let mut insert =
+            QueryBuilder::<Sqlite>::new("INSERT INTO idempotency_keys (user_id, idempotency_key) ");
+        insert.push_values(chunk, |mut row, (user, key)| {
+            row.push_bind(user.as_str()).push_bind(*key);
+        });
+        insert.push(" ON CONFLICT DO NOTHING RETURNING user_id, idempotency_key");
+        let inserted: Vec<(String, String)> = insert.build_query_as().fetch_all(&mut *tx).await?;
+        fresh.extend(inserted);
+    }
+    Ok(batch::ClaimsAnswer {
+        targets: parse_phase(&phase)?.write_targets(),
+        owners,
+        fresh,
+    })
+}
+
 /// Inserts raw events.
 async fn insert_events(
     tx: &mut sqlx::SqliteConnection,
@@ -225,10 +281,10 @@ async fn add_to_rollups(
 async fn add_to_legacy(
     tx: &mut sqlx::SqliteConnection,
     events: &[Event],
-    accepted: &[&Event],
+    plan: &batch::BatchPlan<'_>,
 ) -> Result<(), StorageError> {
-    let deltas = batch::legacy_deltas(accepted);
-    let mut refused = batch::oversized_legacy_deltas(&deltas);
+    let deltas = &plan.legacy;
+    let mut refused = batch::oversized_legacy_deltas(deltas);
     if refused.is_empty() {
         let rows: Vec<_> = deltas.iter().collect();
         let mut written = HashSet::new();
@@ -261,7 +317,7 @@ async fn add_to_legacy(
                 upsert.build_query_as().fetch_all(&mut *tx).await?;
             written.extend(returned);
         }
-        refused = batch::unwritten_legacy_rows(&deltas, &written);
+        refused = batch::unwritten_legacy_rows(deltas, &written);
     }
     if refused.is_empty() {
         return Ok(());
@@ -278,9 +334,7 @@ async fn add_to_legacy(
         .await?;
         current.extend(row.map(batch::legacy_counts_row));
     }
-    Err(StorageError::LegacyOverflow(batch::legacy_overflows(
-        events, accepted, &deltas, &current,
-    )))
+    Err(batch::legacy_refusal(events, plan, &current))
 }
 
 impl Database for SqliteStore {
@@ -320,75 +374,16 @@ impl Database for SqliteStore {
 
 impl EventStore for SqliteStore {
     async fn record_events_each(&self, events: &[Event]) -> Result<Vec<bool>, StorageError> {
+        let claims = batch::BatchClaims::of(events, &self.owners);
         let mut tx = self.writer.begin().await?;
-        let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
-            .fetch_one(&mut *tx)
-            .await?;
-        let targets = parse_phase(&phase)?.write_targets();
-
-        let (mut owners, claims) = self.owners.split(batch::campaign_claims(events));
-        for chunk in claims.chunks(rows_per_statement(2)) {
-            // A campaign the legacy table already knows belongs to its legacy user.
-            let mut insert = QueryBuilder::<Sqlite>::new("WITH t(campaign_id, user_id) AS (");
-            insert.push_values(chunk, |mut row, (campaign, user)| {
-                row.push_bind(campaign.as_str()).push_bind(user.as_str());
-            });
-            insert.push(
-                ") INSERT INTO campaigns (campaign_id, user_id) \
-                 SELECT t.campaign_id, COALESCE( \
-                     (SELECT l.user_id FROM campaign_daily_stat_entries l \
-                      WHERE l.campaign_id = t.campaign_id ORDER BY l.stat_date LIMIT 1), \
-                     t.user_id) \
-                 FROM t WHERE true ON CONFLICT (campaign_id) DO NOTHING",
-            );
-            insert.build().execute(&mut *tx).await?;
-        }
-        let mut read = HashMap::with_capacity(claims.len());
-        for chunk in claims.chunks(rows_per_statement(1)) {
-            let mut select = QueryBuilder::<Sqlite>::new(
-                "SELECT campaign_id, user_id FROM campaigns WHERE true",
-            );
-            push_in_list(
-                &mut select,
-                "campaign_id",
-                chunk.iter().map(|(c, _)| c.as_str()),
-            );
-            let rows: Vec<(String, String)> = select.build_query_as().fetch_all(&mut *tx).await?;
-            read.extend(rows);
-        }
-        owners.extend(read.clone());
-        batch::check_owners(events, &owners)?;
-
-        let mut fresh = HashSet::new();
-        for chunk in batch::idempotency_keys(events).chunks(rows_per_statement(2)) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO idempotency_keys (user_id, idempotency_key) ",
-            );
-            insert.push_values(chunk, |mut row, (user, key)| {
-                row.push_bind(user.as_str()).push_bind(*key);
-            });
-            insert.push(" ON CONFLICT DO NOTHING RETURNING user_id, idempotency_key");
-            let inserted: Vec<(String, String)> =
-                insert.build_query_as().fetch_all(&mut *tx).await?;
-            fresh.extend(inserted);
-        }
-        let (accepted, duplicates) = batch::accepted_events(events, fresh);
-
-        let for_new = batch::events_for_new_storage(&accepted, targets);
-        insert_events(&mut tx, &for_new).await?;
-        add_to_rollups(
-            &mut tx,
-            &batch::campaign_day_deltas(&for_new),
-            batch::next_stripe(),
-        )
-        .await?;
-        if targets.legacy {
-            add_to_legacy(&mut tx, events, &accepted).await?;
-        }
-
+        let answer = claim(&mut tx, &claims).await?;
+        let plan = batch::plan_batch(events, claims.known_owners, answer)?;
+        insert_events(&mut tx, &plan.new_events).await?;
+        add_to_rollups(&mut tx, &plan.campaign_days, plan.stripe).await?;
+        add_to_legacy(&mut tx, events, &plan).await?;
         tx.commit().await?;
-        self.owners.remember(read);
-        Ok(duplicates)
+        self.owners.remember(plan.read_owners);
+        Ok(plan.duplicates)
     }
 
     async fn campaign_totals(
