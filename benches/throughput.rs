@@ -204,7 +204,7 @@ async fn bulk_ingest(
     println!("\n== {name}: bulk ingest in {phase} ==");
     let mut client = StatsServiceClient::new(channel.clone());
     let mut copy = match postgres {
-        Some(url) => Some(sqlx::PgConnection::connect(url).await.expect("connect")),
+        Some(url) => Some(raw_connection(url).await),
         None => None,
     };
     let counted_before = events_counted(channel.clone()).await;
@@ -506,6 +506,20 @@ async fn events_counted(channel: Channel) -> u64 {
         .sum()
 }
 
+/// A plain connection for the raw-SQL anchors, with Nagle's algorithm off as the service's
+/// own connections have it (else the anchors would wait on delayed ACKs the service does not).
+async fn raw_connection(url: &str) -> sqlx::PgConnection {
+    let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
+    let port = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.port())
+        .unwrap_or(5432);
+    campaign_stats::storage::disable_nagle(&mut connection, port)
+        .await
+        .expect("TCP_NODELAY");
+    connection
+}
+
 /// The database's own bulk limit: the rows `rows` by text `COPY` straight into the
 /// partitioned events table with its indexes, in batches of [`BATCH_SIZE`] (one `COPY`
 /// each). `RecordEvents` does far more per row (keys, rollups, the legacy row); this says how
@@ -555,7 +569,7 @@ async fn raw_naive_postgres(url: &str) {
         .map(|caller| {
             let url = url.to_owned();
             tokio::spawn(async move {
-                let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+                let mut connection = raw_connection(&url).await;
                 for i in 0..CALLS_PER_CALLER {
                     let n = 20_000_000 + caller * CALLS_PER_CALLER + i;
                     let (user, campaign) = (format!("raw-user-{caller}"), format!("raw-{caller}"));

@@ -34,7 +34,7 @@ use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 pub use bounded::Bounded;
 pub use error::{LEGACY_COLUMN_MAX, LegacyOverflow, StorageError};
-pub use postgres::PostgresStore;
+pub use postgres::{PostgresStore, disable_nagle};
 pub use sqlite::SqliteStore;
 
 /// How one connection pool is used right now (for the metrics).

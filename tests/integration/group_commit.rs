@@ -15,13 +15,14 @@ use campaign_stats::storage::PoolOptions;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::{Backend, TestDb, TestServer, event};
+use crate::common::{Backend, ServerProcess, TestDb, TestServer, event};
 
 crate::on_both_backends!(
     concurrent_callers_each_get_their_own_answer,
     a_failed_group_fails_each_caller_retryably_and_a_retry_counts_once,
     a_flood_past_the_queue_is_refused_at_once,
     shutdown_answers_every_queued_caller,
+    sigterm_writes_what_is_queued_and_answers_every_caller,
     batches_and_single_events_share_the_queue,
     a_batch_past_the_queue_is_refused_at_once,
 );
@@ -293,6 +294,51 @@ async fn until_queued(server: &TestServer, events: f64) {
             return;
         }
     }
+}
+
+async fn sigterm_writes_what_is_queued_and_answers_every_caller(db: TestDb) {
+    // The real binary (which migrates the database itself: LEGACY_ONLY), with one flusher
+    // whose group waits the longest window for more.
+    let process = ServerProcess::start(
+        &db.url,
+        &[
+            "--group-commit-flushers",
+            "1",
+            "--group-commit-window-us",
+            "1000000",
+        ],
+    )
+    .await;
+    let stats = StatsServiceClient::new(process.channel().await);
+    let requests: Vec<RecordEventRequest> = (0..20)
+        .map(|i| sent(&format!("u{i}"), &format!("q{i}"), ""))
+        .collect();
+    let callers = tokio::spawn({
+        let stats = stats.clone();
+        async move { all_at_once(&stats, requests).await }
+    });
+    let mut every = tokio::time::interval(Duration::from_millis(5));
+    while process
+        .metrics()
+        .await
+        .get("campaign_stats_group_commit_queued_events")
+        < 20.0
+    {
+        every.tick().await;
+    }
+    // SIGTERM with twenty events queued, within their window.
+    process.terminate().await;
+    let answers = callers.await.expect("callers");
+    assert!(
+        answers.iter().all(|a| a.as_ref().ok() == Some(&false)),
+        "{answers:?}"
+    );
+    process.exits_cleanly().await;
+    assert_eq!(
+        db.scalar("SELECT COALESCE(SUM(sent), 0) FROM campaign_daily_stat_entries")
+            .await,
+        20
+    );
 }
 
 async fn batches_and_single_events_share_the_queue(db: TestDb) {

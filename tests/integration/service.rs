@@ -326,3 +326,65 @@ async fn postgres_events_land_in_monthly_partitions() {
     );
     server.stop().await;
 }
+
+/// PostgreSQL only: every connection of the server's pool has Nagle's algorithm off (sqlx
+/// 0.9.0 leaves it on, and a large write then waits 40 ms for a delayed ACK).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_send_without_delay() {
+    let Some(db) = TestDb::create(Backend::Postgres).await else {
+        return;
+    };
+    let server = db.start_server().await;
+    // A write and a read, so that the pool holds connections.
+    let mut stats = server.stats().await;
+    stats
+        .record_event(RecordEventRequest {
+            event: Some(event("u1", "c1", EventType::Sent, 1, "2026-03-01")),
+        })
+        .await
+        .expect("a write");
+    let server_port = url::Url::parse(&db.url)
+        .expect("database URL")
+        .port()
+        .unwrap_or(5432);
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .expect("connect");
+    let ports: Vec<i32> = sqlx::query_scalar(
+        "SELECT client_port FROM pg_stat_activity \
+         WHERE application_name = 'campaign-stats' AND datname = current_database()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .expect("the server's connections");
+    assert!(!ports.is_empty(), "the server's connections");
+    for port in ports {
+        let nodelay = socket_between(u16::try_from(port).expect("a port"), server_port)
+            .expect("the server's socket, in this process");
+        assert!(
+            nodelay,
+            "Nagle's algorithm is on for the connection from port {port}"
+        );
+    }
+    server.stop().await;
+}
+
+/// Whether this process's TCP socket from `local` to `peer` has `TCP_NODELAY` set.
+fn socket_between(local: u16, peer: u16) -> Option<bool> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    let port = |address: std::io::Result<socket2::SockAddr>| {
+        address.ok().and_then(|a| a.as_socket()).map(|a| a.port())
+    };
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<RawFd>().ok())
+        .find_map(|fd| {
+            // SAFETY: borrowed for these calls only; a descriptor closed meanwhile fails them.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let socket = socket2::SockRef::from(&fd);
+            (port(socket.local_addr()) == Some(local) && port(socket.peer_addr()) == Some(peer))
+                .then(|| socket.tcp_nodelay().ok())
+                .flatten()
+        })
+}

@@ -107,7 +107,13 @@ impl ServerProcess {
     }
 
     /// Sends SIGTERM, as an orchestrator does, and asserts a clean exit.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.terminate().await;
+        self.exits_cleanly().await;
+    }
+
+    /// Sends SIGTERM, as an orchestrator does, without waiting for the exit.
+    pub async fn terminate(&self) {
         let pid = self.child.id().expect("still running").to_string();
         let signalled = Command::new("kill")
             .args(["-TERM", &pid])
@@ -115,6 +121,10 @@ impl ServerProcess {
             .await
             .expect("run kill");
         assert!(signalled.success(), "kill -TERM {pid} failed");
+    }
+
+    /// Waits for the process to exit, and asserts it exited cleanly.
+    pub async fn exits_cleanly(mut self) {
         let status = self.child.wait().await.expect("wait for the server");
         assert!(status.success(), "the server exited with {status}");
     }
