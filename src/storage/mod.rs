@@ -13,6 +13,7 @@ mod backfill;
 mod batch;
 mod bounded;
 mod error;
+mod pg_copy;
 mod postgres;
 mod shared;
 mod sql;

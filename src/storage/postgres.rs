@@ -10,6 +10,7 @@ use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use tokio::sync::watch;
 
 use super::backfill::{BackfillSql, CopyStatements};
+use super::pg_copy;
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
     AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, RolloutStore,
@@ -330,6 +331,8 @@ struct WriteStatements {
     /// Applies a [`batch::BatchPlan`]: raw events, both rollups and the legacy rows, in one
     /// statement (see [`apply`]).
     apply: String,
+    /// The same without the raw events, which a large batch sends by `COPY` first.
+    apply_after_copy: String,
     /// The campaign rollups' upsert on its own (`$1`…`$9`).
     campaign_days: String,
     /// The all-users rollup's upsert on its own (`$1`…`$8`).
@@ -361,35 +364,60 @@ fn statements() -> &'static WriteStatements {
                 WHERE campaign_id = ANY($1) \
             UNION ALL SELECT 2::int2, user_id, idempotency_key FROM fresh"
             .to_owned(),
-        apply: format!(
-            "WITH new_events AS (INSERT INTO events (user_id, campaign_id, event_type, count, \
-                occurred_at, email_account_id, idempotency_key) \
-                SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
-                $5::timestamptz[], $6::text[], $7::text[])), \
-            campaign_days AS ({}), all_days AS ({}) \
-            INSERT INTO campaign_daily_stat_entries AS l (campaign_id, user_id, stat_date, \
-             sent, opened, replied, positive_replies, bounced, created_at, updated_at) \
-             SELECT campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
-             bounced, now(), now() \
-             FROM UNNEST($25::text[], $26::text[], $27::date[], $28::int8[], $29::int8[], \
-             $30::int8[], $31::int8[], $32::int8[]) \
-             AS t(campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
-             bounced) \
-             ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
-             sent = COALESCE(l.sent, 0) + EXCLUDED.sent, \
-             opened = COALESCE(l.opened, 0) + EXCLUDED.opened, \
-             replied = COALESCE(l.replied, 0) + EXCLUDED.replied, \
-             positive_replies = COALESCE(l.positive_replies, 0) + EXCLUDED.positive_replies, \
-             bounced = COALESCE(l.bounced, 0) + EXCLUDED.bounced, \
-             updated_at = now(){}",
-            campaign_days_upsert(8),
-            all_days_upsert(17),
-            batch::LEGACY_COUNTS_FIT
-        ),
+        apply: apply_statement(true),
+        apply_after_copy: apply_statement(false),
         campaign_days: campaign_days_upsert(1),
         all_days: all_days_upsert(1),
     })
 }
+
+/// The statement applying a plan: the raw events (`$1`…`$7`, when `with_events`), the
+/// campaign rollups, the all-users rollup, and the legacy rows, which it returns as written.
+fn apply_statement(with_events: bool) -> String {
+    let (events, first) = if with_events {
+        (
+            "new_events AS (INSERT INTO events (user_id, campaign_id, event_type, count, \
+             occurred_at, email_account_id, idempotency_key) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int4[], \
+             $5::timestamptz[], $6::text[], $7::text[])), ",
+            8,
+        )
+    } else {
+        ("", 1)
+    };
+    let legacy: Vec<String> = [
+        "text", "text", "date", "int8", "int8", "int8", "int8", "int8",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, ty)| format!("${}::{ty}[]", first + 17 + i))
+    .collect();
+    format!(
+        "WITH {events}campaign_days AS ({}), all_days AS ({}) \
+         INSERT INTO campaign_daily_stat_entries AS l (campaign_id, user_id, stat_date, \
+         sent, opened, replied, positive_replies, bounced, created_at, updated_at) \
+         SELECT campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
+         bounced, now(), now() FROM UNNEST({}) \
+         AS t(campaign_id, user_id, stat_date, sent, opened, replied, positive_replies, \
+         bounced) \
+         ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
+         sent = COALESCE(l.sent, 0) + EXCLUDED.sent, \
+         opened = COALESCE(l.opened, 0) + EXCLUDED.opened, \
+         replied = COALESCE(l.replied, 0) + EXCLUDED.replied, \
+         positive_replies = COALESCE(l.positive_replies, 0) + EXCLUDED.positive_replies, \
+         bounced = COALESCE(l.bounced, 0) + EXCLUDED.bounced, \
+         updated_at = now(){}",
+        campaign_days_upsert(first),
+        all_days_upsert(first + 9),
+        legacy.join(", "),
+        batch::LEGACY_COUNTS_FIT
+    )
+}
+
+/// Raw events from this many on go by binary `COPY` (see [`super::pg_copy`]): it takes two
+/// more round trips than an insert inside the plan's statement, and saves more than those
+/// only for large batches.
+const COPY_FROM_EVENTS: usize = 256;
 
 /// Runs a batch's [`batch::BatchClaims`]: the first statement of the write.
 async fn claim(
@@ -461,15 +489,22 @@ async fn apply(
     let mut refused = batch::oversized_legacy_deltas(&plan.legacy);
     if refused.is_empty() {
         let new = &plan.new_events;
-        let query = sqlx::query(sqlx::AssertSqlSafe(&*statements().apply))
-            .bind(column(new, |e| e.user_id.as_str()))
-            .bind(column(new, |e| e.campaign_id.as_str()))
-            .bind(column(new, |e| e.event_type.code()))
-            // Counts are at most 1,000,000, so they fit an int4.
-            .bind(column(new, |e| e.count as i32))
-            .bind(column(new, |e| e.occurred_at))
-            .bind(column(new, |e| e.email_account_id.as_deref()))
-            .bind(column(new, |e| e.idempotency_key.as_deref()));
+        let query = if new.len() >= COPY_FROM_EVENTS {
+            let mut copy = tx.copy_in_raw(pg_copy::COPY_EVENTS).await?;
+            copy.send(pg_copy::encode_events(new)).await?;
+            copy.finish().await?;
+            sqlx::query(sqlx::AssertSqlSafe(&*statements().apply_after_copy))
+        } else {
+            sqlx::query(sqlx::AssertSqlSafe(&*statements().apply))
+                .bind(column(new, |e| e.user_id.as_str()))
+                .bind(column(new, |e| e.campaign_id.as_str()))
+                .bind(column(new, |e| e.event_type.code()))
+                // Counts are at most 1,000,000, so they fit an int4.
+                .bind(column(new, |e| e.count as i32))
+                .bind(column(new, |e| e.occurred_at))
+                .bind(column(new, |e| e.email_account_id.as_deref()))
+                .bind(column(new, |e| e.idempotency_key.as_deref()))
+        };
         let query = bind_campaign_days(query, &plan.campaign_days);
         let query = bind_all_days(query, &plan.all_days, plan.stripe);
         let legacy = &plan.legacy;

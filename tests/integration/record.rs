@@ -688,3 +688,88 @@ async fn bad_event_ends_the_stream_naming_its_position(db: TestDb) {
     );
     server.stop().await;
 }
+
+/// PostgreSQL only: a large batch's raw events go by binary `COPY`; every field arrives as
+/// sent (ids, type, count, the time to the microsecond, and the optional fields, set or not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_large_batch_keeps_every_field_of_its_raw_events() {
+    use campaign_stats::migration::Phase;
+    use sqlx::Connection;
+
+    let Some(db) = TestDb::create(crate::common::Backend::Postgres).await else {
+        return;
+    };
+    let db = db.in_phase(Phase::NewPrimary);
+    let server = db.start_server().await;
+    let mut client = server.stats().await;
+    let types = [
+        EventType::Sent,
+        EventType::Opened,
+        EventType::Clicked,
+        EventType::Bounced,
+    ];
+    let events: Vec<Event> = (0..600u32)
+        .map(|i| {
+            let mut one = event(
+                &format!("u{}", i % 7),
+                &format!("c{}-{}", i % 7, i % 3),
+                types[i as usize % 4],
+                1 + i % 5,
+                "2026-03-10",
+            );
+            let at = one.occurred_at.as_mut().expect("a time");
+            at.seconds += i64::from(i);
+            at.nanos = (i * 1_001) as i32 * 1_000; // whole microseconds
+            if i % 2 == 0 {
+                one.email_account_id = format!("acct-{i}");
+            }
+            if i % 3 == 0 {
+                one.idempotency_key = format!("key-{i}");
+            }
+            one
+        })
+        .collect();
+    client
+        .record_events(RecordEventsRequest {
+            events: events.clone(),
+        })
+        .await
+        .expect("RecordEvents");
+
+    let mut connection = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    type Row = (
+        String,
+        String,
+        i16,
+        i32,
+        chrono::DateTime<Utc>,
+        Option<String>,
+        Option<String>,
+    );
+    let mut stored: Vec<Row> = sqlx::query_as(
+        "SELECT user_id, campaign_id, event_type, count, occurred_at, email_account_id, \
+         idempotency_key FROM events",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("the raw events");
+    let mut sent: Vec<Row> = events
+        .iter()
+        .map(|e| {
+            let at = e.occurred_at.expect("a time");
+            (
+                e.user_id.clone(),
+                e.campaign_id.clone(),
+                e.event_type as i16,
+                e.count as i32,
+                chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32).expect("a time"),
+                Some(e.email_account_id.clone()).filter(|s| !s.is_empty()),
+                Some(e.idempotency_key.clone()).filter(|s| !s.is_empty()),
+            )
+        })
+        .collect();
+    stored.sort();
+    sent.sort();
+    assert_eq!(stored, sent);
+    server.stop().await;
+}
