@@ -397,10 +397,14 @@ async fn write<S: EventStore>(store: &S, mut group: Group) {
             // A legacy count may pass its column only because neighbours add to it too:
             // the callers named are written one at a time, the others together.
             StorageError::LegacyOverflow(overflows) => {
-                let named = overflows
+                let mut named: BTreeSet<usize> = overflows
                     .iter()
                     .flat_map(|o| o.events.iter().map(|&p| group.caller_of(p).0))
                     .collect();
+                if named.is_empty() {
+                    // Nobody named: everyone alone, so that the rest never meets it again.
+                    named = (0..group.callers.len()).collect();
+                }
                 let (alone, rest) = group.take(&named);
                 Box::pin(write(store, rest)).await;
                 for (_, caller) in alone {
@@ -424,5 +428,94 @@ async fn write<S: EventStore>(store: &S, mut group: Group) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::{EventType, UserId};
+
+    fn event(user: &str) -> Event {
+        Event {
+            user_id: UserId::parse("user_id", user).expect("id"),
+            campaign_id: CampaignId::parse("campaign_id", "c").expect("id"),
+            event_type: EventType::Sent,
+            count: 1,
+            occurred_at: Utc::now(),
+            email_account_id: None,
+            idempotency_key: None,
+        }
+    }
+
+    /// Where a caller's answer arrives.
+    type Answered = oneshot::Receiver<Result<Vec<bool>, IngestError>>;
+
+    /// Callers of 1, 3 and 2 events, and where each one's answer arrives.
+    fn three_callers() -> (Group, Vec<Answered>) {
+        let room = Arc::new(Semaphore::new(100));
+        let mut answers = Vec::new();
+        let batch = [1usize, 3, 2]
+            .iter()
+            .enumerate()
+            .map(|(caller, &len)| {
+                let (answer, answered) = oneshot::channel();
+                answers.push(answered);
+                Pending {
+                    events: (0..len).map(|i| event(&format!("u{caller}-{i}"))).collect(),
+                    answer,
+                    _place: Place {
+                        room: Arc::clone(&room)
+                            .try_acquire_many_owned(len as u32)
+                            .expect("room"),
+                        queued: Gauge::default(),
+                    },
+                }
+            })
+            .collect();
+        (Group::new(batch), answers)
+    }
+
+    #[test]
+    fn positions_map_to_their_callers() {
+        let (group, _) = three_callers();
+        assert_eq!(group.events.len(), 6);
+        assert_eq!(group.caller_of(0), (0, 0));
+        assert_eq!(group.caller_of(1), (1, 0));
+        assert_eq!(group.caller_of(3), (1, 2));
+        assert_eq!(group.caller_of(5), (2, 1));
+    }
+
+    #[test]
+    fn taking_callers_keeps_each_ones_events_together() {
+        let (group, _) = three_callers();
+        let (taken, rest) = group.take(&BTreeSet::from([1]));
+        assert_eq!(taken.len(), 1);
+        let (index, alone) = &taken[0];
+        assert_eq!(*index, 1);
+        let users: Vec<&str> = alone.events.iter().map(|e| e.user_id.as_str()).collect();
+        assert_eq!(users, ["u1-0", "u1-1", "u1-2"]);
+        let users: Vec<&str> = rest.events.iter().map(|e| e.user_id.as_str()).collect();
+        assert_eq!(users, ["u0-0", "u2-0", "u2-1"]);
+        assert_eq!(
+            rest.callers.iter().map(|c| c.len).collect::<Vec<_>>(),
+            [1, 2]
+        );
+    }
+
+    #[test]
+    fn each_caller_gets_its_share_of_the_answer() {
+        let (group, mut answers) = three_callers();
+        group.acknowledge(vec![true, false, true, false, false, true]);
+        let shares: Vec<Vec<bool>> = answers
+            .iter_mut()
+            .map(|a| a.try_recv().expect("answered").expect("acknowledged"))
+            .collect();
+        assert_eq!(
+            shares,
+            [vec![true], vec![false, true, false], vec![false, true]]
+        );
     }
 }
