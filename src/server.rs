@@ -18,8 +18,9 @@ use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
 use crate::grpc::proto::stats_service_server::StatsServiceServer;
 use crate::grpc::{self, MigrationApi, RolloutApi, StatsApi};
 use crate::health;
+use crate::migration::Phase;
 use crate::storage::{Bounded, Database, StorageError, Store};
-use crate::telemetry::{RpcMetricsLayer, ServerMetrics, serve_metrics};
+use crate::telemetry::{ReplicaSample, RpcMetricsLayer, ServerMetrics, serve_metrics};
 
 /// Settings of a running server that are not about the database.
 #[derive(Debug, Clone)]
@@ -253,7 +254,19 @@ impl MetricsEndpoint {
             tracing::info!(%addr, "serving metrics");
         }
         let store = Arc::clone(store);
-        let scrape = move || metrics.render(&view.current(), &store.pool_use());
+        let phases = Phase::ALL.map(Phase::name);
+        let scrape = move || {
+            let applied = view.current();
+            let config = &applied.rollout.config;
+            metrics.render(&ReplicaSample {
+                phase: applied.phase.name(),
+                phases: &phases,
+                rollout_version: config.version,
+                rollout_basis_points: config.basis_points,
+                kill_switch: config.kill_switch,
+                pools: &store.pool_use(),
+            })
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let stopped = async {
             let _ = stopped.await;

@@ -38,28 +38,15 @@ pub use error::{LEGACY_COLUMN_MAX, LegacyOverflow, StorageError};
 pub use postgres::{PostgresStore, disable_nagle};
 pub use sqlite::SqliteStore;
 
-/// How one connection pool is used right now (for the metrics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolUse {
-    /// Which pool: `main`, or SQLite's `writer` and `reader`.
-    pub pool: &'static str,
-    /// Connections open.
-    pub size: u32,
-    /// Open connections waiting for work.
-    pub idle: u32,
-    /// Most connections the pool may open.
-    pub max: u32,
-}
+pub use crate::telemetry::PoolUse;
 
-impl PoolUse {
-    /// The use of `pool`, named `name`.
-    pub fn of<DB: sqlx::Database>(name: &'static str, pool: &sqlx::Pool<DB>) -> Self {
-        Self {
-            pool: name,
-            size: pool.size(),
-            idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
-            max: pool.options().get_max_connections(),
-        }
+/// The use of `pool`, named `name`, for the metrics.
+pub(crate) fn pool_use<DB: sqlx::Database>(name: &'static str, pool: &sqlx::Pool<DB>) -> PoolUse {
+    PoolUse {
+        pool: name,
+        size: pool.size(),
+        idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+        max: pool.options().get_max_connections(),
     }
 }
 

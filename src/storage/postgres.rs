@@ -623,7 +623,7 @@ impl Database for PostgresStore {
     }
 
     fn pool_use(&self) -> Vec<PoolUse> {
-        vec![PoolUse::of("main", &self.pool)]
+        vec![super::pool_use("main", &self.pool)]
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

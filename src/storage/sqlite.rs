@@ -357,8 +357,8 @@ impl Database for SqliteStore {
 
     fn pool_use(&self) -> Vec<PoolUse> {
         vec![
-            PoolUse::of("writer", &self.writer),
-            PoolUse::of("reader", &self.reader),
+            super::pool_use("writer", &self.writer),
+            super::pool_use("reader", &self.reader),
         ]
     }
 

@@ -22,9 +22,6 @@ use prost::Message;
 use tokio::net::TcpListener;
 
 use crate::domain::StorageSource;
-use crate::migration::Phase;
-use crate::rollout::Applied;
-use crate::storage::PoolUse;
 
 /// The content type of [`ServerMetrics::render`]'s output.
 pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -61,6 +58,34 @@ struct PoolLabels {
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// How one connection pool is used right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    /// Which pool: `main`, or SQLite's `writer` and `reader`.
+    pub pool: &'static str,
+    /// Connections open.
+    pub size: u32,
+    /// Open connections waiting for work.
+    pub idle: u32,
+    /// Most connections the pool may open.
+    pub max: u32,
+}
+
+/// What a scrape reports of the replica's state, sampled by its caller.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaSample<'a> {
+    /// The migration phase the replica applies.
+    pub phase: &'static str,
+    /// Every phase's name: each has a gauge, 1 for the one applied.
+    pub phases: &'a [&'static str],
+    /// The rollout version applied, its percentage (in basis points) and kill switch.
+    pub rollout_version: u64,
+    pub rollout_basis_points: u32,
+    pub kill_switch: bool,
+    /// Each connection pool's use.
+    pub pools: &'a [PoolUse],
+}
 
 /// One server's metrics.
 #[derive(Debug)]
@@ -205,23 +230,19 @@ impl ServerMetrics {
         self.group_commit_queued.clone()
     }
 
-    /// The metrics as OpenMetrics text, with the sampled state set from `applied` and `pools`.
-    pub fn render(&self, applied: &Applied, pools: &[PoolUse]) -> String {
-        let config = &applied.rollout.config;
+    /// The metrics as OpenMetrics text, with the replica's state set from `sample`.
+    pub fn render(&self, sample: &ReplicaSample<'_>) -> String {
         self.rollout_applied_version
-            .set(i64::try_from(config.version).unwrap_or(i64::MAX));
+            .set(i64::try_from(sample.rollout_version).unwrap_or(i64::MAX));
         self.rollout_percentage
-            .set(f64::from(config.basis_points) / 100.0);
-        self.rollout_kill_switch.set(i64::from(config.kill_switch));
-        for phase in Phase::ALL {
-            let labels = PhaseLabels {
-                phase: phase.name(),
-            };
+            .set(f64::from(sample.rollout_basis_points) / 100.0);
+        self.rollout_kill_switch.set(i64::from(sample.kill_switch));
+        for &phase in sample.phases {
             self.migration_phase
-                .get_or_create(&labels)
-                .set(i64::from(phase == applied.phase));
+                .get_or_create(&PhaseLabels { phase })
+                .set(i64::from(phase == sample.phase));
         }
-        for pool in pools {
+        for pool in sample.pools {
             for (state, connections) in [
                 ("idle", pool.idle),
                 ("in_use", pool.size.saturating_sub(pool.idle)),
@@ -304,20 +325,14 @@ mod tests {
             None,
             Duration::from_millis(1),
         );
-        let applied = Applied {
-            phase: Phase::Verified,
-            rollout: crate::rollout::RolloutSnapshot {
-                config: crate::rollout::RolloutConfig {
-                    basis_points: 1_250,
-                    kill_switch: false,
-                    salt: "s".into(),
-                    version: 7,
-                },
-                updated_at: chrono::Utc::now(),
-                overrides: Default::default(),
-            },
-        };
-        let text = metrics.render(&applied, &[]);
+        let text = metrics.render(&ReplicaSample {
+            phase: "VERIFIED",
+            phases: &["DUAL_WRITE", "VERIFIED"],
+            rollout_version: 7,
+            rollout_basis_points: 1_250,
+            kill_switch: false,
+            pools: &[],
+        });
         assert!(
             text.contains(
                 r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok",source="new"} 1"#

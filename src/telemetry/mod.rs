@@ -4,7 +4,7 @@
 pub mod metrics;
 pub mod rpc;
 
-pub use metrics::{ServerMetrics, serve_metrics};
+pub use metrics::{PoolUse, ReplicaSample, ServerMetrics, serve_metrics};
 pub use rpc::RpcMetricsLayer;
 
 use tracing_subscriber::EnvFilter;
