@@ -22,9 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("stats_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure()
-        // Services whose issues have not landed yet answer UNIMPLEMENTED by default.
-        .generate_default_stubs(true)
-        .compile_fds(descriptors)?;
+    // No default stubs: a handler the services lack fails the build, rather than answering
+    // UNIMPLEMENTED.
+    tonic_prost_build::configure().compile_fds(descriptors)?;
     Ok(())
 }

@@ -331,6 +331,8 @@ pub type RunStream = Pin<Box<dyn Stream<Item = Result<proto::Run, Status>> + Sen
 
 #[tonic::async_trait]
 impl<S: Store> MigrationService for MigrationApi<S> {
+    type WatchRunStream = RunStream;
+
     async fn start_backfill(
         &self,
         request: Request<StartBackfillRequest>,
@@ -456,7 +458,7 @@ impl<S: Store> MigrationService for MigrationApi<S> {
     async fn watch_run(
         &self,
         request: Request<GetRunRequest>,
-    ) -> Result<Response<RunStream>, Status> {
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
         let run_id = run_id(request.into_inner())?;
         let first = self
             .migration

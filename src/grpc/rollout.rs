@@ -91,6 +91,8 @@ fn page_size(size: u32) -> usize {
 
 #[tonic::async_trait]
 impl<S: Store> RolloutService for RolloutApi<S> {
+    type WatchRolloutStream = RolloutStream;
+
     async fn get_rollout(
         &self,
         _: Request<GetRolloutRequest>,
@@ -295,7 +297,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn watch_rollout(
         &self,
         _: Request<WatchRolloutRequest>,
-    ) -> Result<Response<RolloutStream>, Status> {
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
         // Subscribe before reading the current state, so that no change falls in between.
         let mut changes = self.rollout.subscribe();
         let first = self.rollout.current();
