@@ -386,7 +386,7 @@ fn plan_transition(
         dual_write_started_at,
         last_backfill_at,
         last_clean_verify_at,
-        unresolved_ambiguous: u64::try_from(unresolved_ambiguous).unwrap_or(0),
+        unresolved_ambiguous: stored(unresolved_ambiguous, "unresolved ambiguous rows")?,
     };
     let forced = current.check_transition(target, &facts, force)?;
     let at = chrono::Utc::now();
@@ -453,7 +453,7 @@ impl TryFrom<RunRow> for Run {
     type Error = StorageError;
 
     fn try_from(row: RunRow) -> Result<Self, StorageError> {
-        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let count = |n: i64| stored::<u64>(n, "run count");
         Ok(Run {
             kind: RunKind::from_name(&row.kind)
                 .ok_or_else(|| StorageError::Corrupt(format!("unknown run kind {:?}", row.kind)))?,
@@ -465,14 +465,14 @@ impl TryFrom<RunRow> for Run {
             dry_run: row.dry_run,
             started_at: row.started_at,
             finished_at: row.finished_at,
-            batch_size: u32::try_from(row.batch_size).unwrap_or(0),
-            processed: count(row.processed),
-            copied: count(row.copied),
-            skipped: count(row.skipped),
-            ambiguous: count(row.ambiguous),
-            failed: count(row.failed),
-            compared: count(row.compared),
-            mismatches: count(row.mismatches),
+            batch_size: stored(row.batch_size, "run batch size")?,
+            processed: count(row.processed)?,
+            copied: count(row.copied)?,
+            skipped: count(row.skipped)?,
+            ambiguous: count(row.ambiguous)?,
+            failed: count(row.failed)?,
+            compared: count(row.compared)?,
+            mismatches: count(row.mismatches)?,
             checkpoint: row.checkpoint_campaign.zip(row.checkpoint_date),
             last_error: row.last_error,
         })
@@ -561,13 +561,19 @@ type RolloutRow = (i64, bool, String, i64, chrono::DateTime<chrono::Utc>);
 
 fn rollout_config(
     (basis_points, kill_switch, salt, version, _): &RolloutRow,
-) -> crate::rollout::RolloutConfig {
-    crate::rollout::RolloutConfig {
-        basis_points: u32::try_from(*basis_points).unwrap_or(0),
+) -> Result<crate::rollout::RolloutConfig, StorageError> {
+    Ok(crate::rollout::RolloutConfig {
+        basis_points: stored(*basis_points, "rollout basis points")?,
         kill_switch: *kill_switch,
         salt: salt.clone(),
-        version: u64::try_from(*version).unwrap_or(0),
-    }
+        version: stored(*version, "rollout version")?,
+    })
+}
+
+/// A stored integer as the type it must fit; a value that does not is corrupt data, never
+/// read as zero.
+fn stored<T: TryFrom<i64>>(value: i64, what: &str) -> Result<T, StorageError> {
+    T::try_from(value).map_err(|_| StorageError::Corrupt(format!("{what} {value} out of range")))
 }
 
 fn source_from_name(name: &str) -> Result<StorageSource, StorageError> {
@@ -580,7 +586,7 @@ fn rollout_snapshot(
     overrides: Vec<(String, String)>,
 ) -> Result<RolloutSnapshot, StorageError> {
     Ok(RolloutSnapshot {
-        config: rollout_config(&row),
+        config: rollout_config(&row)?,
         updated_at: row.4,
         overrides: overrides
             .into_iter()
@@ -600,16 +606,18 @@ type AuditRow = (
     String,
 );
 
-fn audit_entry((version, actor, at, change, before, after, reason): AuditRow) -> AuditEntry {
-    AuditEntry {
-        version: u64::try_from(version).unwrap_or(0),
+fn audit_entry(
+    (version, actor, at, change, before, after, reason): AuditRow,
+) -> Result<AuditEntry, StorageError> {
+    Ok(AuditEntry {
+        version: stored(version, "audit version")?,
         actor,
         at,
         change,
         before,
         after,
         reason,
-    }
+    })
 }
 
 /// The database backends, told apart by the URL's scheme.
@@ -652,5 +660,23 @@ impl Default for PoolOptions {
             acquire_timeout: std::time::Duration::from_secs(5),
             statement_timeout: std::time::Duration::from_secs(10),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_value_out_of_range_is_corrupt_not_zero() {
+        let row: RolloutRow = (1_250, false, "s".into(), -1, chrono::Utc::now());
+        assert!(matches!(rollout_config(&row), Err(StorageError::Corrupt(_))));
+        let row: RolloutRow = (1_250, false, "s".into(), 7, chrono::Utc::now());
+        let config = rollout_config(&row).expect("a valid row");
+        assert_eq!((config.basis_points, config.version), (1_250, 7));
+        assert!(matches!(
+            stored::<u32>(i64::from(u32::MAX) + 1, "batch size"),
+            Err(StorageError::Corrupt(_))
+        ));
     }
 }

@@ -651,7 +651,7 @@ where
         reason: &str,
     ) -> Result<(), StorageError> {
         let row: RolloutRow = sqlx::query_as(read_rollout).fetch_one(&mut *tx).await?;
-        let current = rollout_config(&row);
+        let current = rollout_config(&row)?;
         if let Some(expected) = expected_version.filter(|v| *v != current.version) {
             return Err(RolloutRefused::VersionConflict {
                 expected,
@@ -725,7 +725,7 @@ where
             .bind(i64::from(limit))
             .fetch_all(pool)
             .await?;
-        Ok(rows.into_iter().map(audit_entry).collect())
+        rows.into_iter().map(audit_entry).collect()
     }
 }
 
