@@ -85,7 +85,8 @@ pub struct DatabaseArgs {
     )]
     pub database_url: String,
     /// Most connections in the database pool.
-    #[arg(long, env = "STATS_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(long, env = "STATS_DB_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub db_max_connections: u32,
     /// Seconds a call waits for a database connection before failing with UNAVAILABLE.
     #[arg(long, env = "STATS_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
@@ -93,7 +94,8 @@ pub struct DatabaseArgs {
     /// Milliseconds one database statement may run (a lock wait included) before its call
     /// fails with UNAVAILABLE and its transaction is rolled back; also bounds a call to a
     /// database that stops answering.
-    #[arg(long, env = "STATS_DB_STATEMENT_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "STATS_DB_STATEMENT_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub db_statement_timeout_ms: u64,
 }
 
@@ -102,7 +104,7 @@ impl DatabaseArgs {
         PoolOptions {
             max_connections: self.db_max_connections,
             acquire_timeout: Duration::from_secs(self.db_acquire_timeout_secs),
-            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms.max(1)),
+            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
         }
     }
 }

@@ -8,7 +8,7 @@ mod rollout;
 mod stats;
 
 pub use error::{ApiError, MAX_STATUS_BYTES, status_header_bytes};
-pub use migration::MigrationApi;
+pub use migration::{MAX_BATCH_SIZE, MigrationApi};
 pub use rollout::RolloutApi;
 pub use stats::StatsApi;
 

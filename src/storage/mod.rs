@@ -670,7 +670,10 @@ mod tests {
     #[test]
     fn a_stored_value_out_of_range_is_corrupt_not_zero() {
         let row: RolloutRow = (1_250, false, "s".into(), -1, chrono::Utc::now());
-        assert!(matches!(rollout_config(&row), Err(StorageError::Corrupt(_))));
+        assert!(matches!(
+            rollout_config(&row),
+            Err(StorageError::Corrupt(_))
+        ));
         let row: RolloutRow = (1_250, false, "s".into(), 7, chrono::Utc::now());
         let config = rollout_config(&row).expect("a valid row");
         assert_eq!((config.basis_points, config.version), (1_250, 7));

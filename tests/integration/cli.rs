@@ -478,3 +478,24 @@ async fn stored_control_characters_are_escaped_on_output(db: TestDb) {
     assert!(stdout.contains("real\\n\\u{1b}[31m"), "{stdout:?}");
     server.stop().await;
 }
+
+/// Values out of range are refused with a message naming the option, never quietly replaced.
+#[tokio::test]
+async fn out_of_range_options_are_refused_by_name() {
+    for (args, option) in [
+        (&["backfill", "--batch-size", "0"][..], "--batch-size"),
+        (&["backfill", "--batch-size", "50001"], "--batch-size"),
+        (
+            &["serve", "--db-statement-timeout-ms", "0"],
+            "--db-statement-timeout-ms",
+        ),
+        (
+            &["serve", "--db-max-connections", "0"],
+            "--db-max-connections",
+        ),
+    ] {
+        let (ok, _, stderr) = cli(args).await;
+        assert!(!ok, "{args:?} was accepted");
+        assert!(stderr.contains(option), "{args:?}: {stderr}");
+    }
+}
