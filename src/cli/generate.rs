@@ -34,7 +34,7 @@ pub struct GenerateArgs {
 
 pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     telemetry::init(LogFormat::Text);
-    let url = &args.database.database_url;
+    let url = args.database.database_url.expose();
     let options = args.database.pool_options();
     match Backend::from_url(url)? {
         Backend::Sqlite => fill(SqliteStore::connect(url, &options).await?, &args).await,

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 
 use crate::app::GroupCommitSettings;
 use crate::server::{Listeners, ServerConfig, launch};
-use crate::storage::{Backend, PoolOptions, PostgresStore, SqliteStore, Store};
+use crate::storage::{Backend, DatabaseUrl, PoolOptions, PostgresStore, SqliteStore, Store};
 use crate::telemetry::{self, LogFormat};
 
 /// Records campaign events and serves their statistics over gRPC.
@@ -83,7 +83,7 @@ pub struct DatabaseArgs {
         hide_env_values = true,
         default_value = "sqlite://campaign-stats.db"
     )]
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     /// Most connections in the database pool.
     #[arg(long, env = "STATS_DB_MAX_CONNECTIONS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -223,7 +223,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => None,
         },
     };
-    let url = &args.database.database_url;
+    let url = args.database.database_url.expose();
     let backend = Backend::from_url(url)?;
     let flushers = match (args.group_commit_flushers, backend) {
         (Some(flushers), _) => flushers as usize,
@@ -265,7 +265,7 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     telemetry::init(args.log.log_format);
-    let url = &args.database.database_url;
+    let url = args.database.database_url.expose();
     let options = args.database.pool_options();
     match Backend::from_url(url)? {
         Backend::Sqlite => migrate_store(SqliteStore::connect(url, &options).await?).await?,

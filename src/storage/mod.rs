@@ -620,6 +620,41 @@ fn audit_entry(
     })
 }
 
+/// A database URL, which may hold a password: `Debug` shows it with the password hidden, and
+/// only [`DatabaseUrl::expose`] gives it whole (to connect).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The whole URL, password included: for connecting, never for logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        Ok(Self(url.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    // Only fails for URLs that cannot have a password, which this one has.
+                    let _ = url.set_password(Some("***"));
+                }
+                f.debug_tuple("DatabaseUrl").field(&url.as_str()).finish()
+            }
+            Err(_) => f.write_str("DatabaseUrl(<not a URL>)"),
+        }
+    }
+}
+
 /// The database backends, told apart by the URL's scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -666,6 +701,22 @@ impl Default for PoolOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_url_hides_its_password_when_debugged() {
+        let url: DatabaseUrl = "postgres://stats:s3cret@db:5432/stats"
+            .parse()
+            .expect("URL");
+        let shown = format!("{url:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://stats:***@db:5432/stats"),
+            "{shown}"
+        );
+        assert_eq!(url.expose(), "postgres://stats:s3cret@db:5432/stats");
+        let file: DatabaseUrl = "sqlite://campaign-stats.db".parse().expect("URL");
+        assert!(format!("{file:?}").contains("sqlite://campaign-stats.db"));
+    }
 
     #[test]
     fn a_stored_value_out_of_range_is_corrupt_not_zero() {
