@@ -426,6 +426,11 @@ impl<S: Store> Rollout<S> {
         Ok(applied)
     }
 
+    /// A fresh random salt, for [`RolloutChange::Salt`]: every user's bucket moves with it.
+    pub fn new_salt() -> String {
+        uuid::Uuid::now_v7().simple().to_string()
+    }
+
     /// Where `user_id`'s reads go now, and the version that decided it.
     pub fn evaluate(&self, user_id: &str) -> (Decision, u64) {
         let (decision, applied) = self.view.decide(user_id);

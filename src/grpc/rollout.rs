@@ -89,6 +89,25 @@ fn page_size(size: u32) -> usize {
     }
 }
 
+impl<S: Store> RolloutApi<S> {
+    /// The rollout changes' shared step: validates the audit fields beside the change's own
+    /// (every bad field named at once), applies the change, and answers the rollout after it.
+    async fn apply(
+        &self,
+        change: Result<RolloutChange, ValidationError>,
+        expected_version: Option<u64>,
+        actor: String,
+        reason: String,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let (change, (actor, reason)) = both_valid(change, audit(actor, reason, ROLLOUT_REASON))?;
+        let applied = self
+            .rollout
+            .change(change, expected_version, &actor, &reason)
+            .await?;
+        Ok(response(&applied))
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> RolloutService for RolloutApi<S> {
     type WatchRolloutStream = RolloutStream;
@@ -105,19 +124,18 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         request: Request<SetRolloutPercentageRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (basis_points, (actor, reason)) = both_valid(
-            basis_points(request.percentage),
-            audit(request.actor, request.reason, ROLLOUT_REASON),
-        )?;
-        let change = RolloutChange::Percentage {
-            basis_points,
-            forced: request.force,
-        };
-        let applied = self
-            .rollout
-            .change(change, Some(request.expected_version), &actor, &reason)
-            .await?;
-        Ok(response(&applied))
+        let change =
+            basis_points(request.percentage).map(|basis_points| RolloutChange::Percentage {
+                basis_points,
+                forced: request.force,
+            });
+        self.apply(
+            change,
+            Some(request.expected_version),
+            request.actor,
+            request.reason,
+        )
+        .await
     }
 
     async fn set_user_override(
@@ -133,20 +151,10 @@ impl<S: Store> RolloutService for RolloutApi<S> {
                 "must be STORAGE_SOURCE_LEGACY or STORAGE_SOURCE_NEW",
             )),
         };
-        let ((user_id, source), (actor, reason)) = both_valid(
-            both_valid(user(request.user_id), source),
-            audit(request.actor, request.reason, ROLLOUT_REASON),
-        )?;
-        let applied = self
-            .rollout
-            .change(
-                RolloutChange::SetOverride { user_id, source },
-                None,
-                &actor,
-                &reason,
-            )
-            .await?;
-        Ok(response(&applied))
+        let change = both_valid(user(request.user_id), source)
+            .map(|(user_id, source)| RolloutChange::SetOverride { user_id, source });
+        self.apply(change, None, request.actor, request.reason)
+            .await
     }
 
     async fn clear_user_override(
@@ -154,20 +162,9 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         request: Request<ClearUserOverrideRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (user_id, (actor, reason)) = both_valid(
-            user(request.user_id),
-            audit(request.actor, request.reason, ROLLOUT_REASON),
-        )?;
-        let applied = self
-            .rollout
-            .change(
-                RolloutChange::ClearOverride { user_id },
-                None,
-                &actor,
-                &reason,
-            )
-            .await?;
-        Ok(response(&applied))
+        let change = user(request.user_id).map(|user_id| RolloutChange::ClearOverride { user_id });
+        self.apply(change, None, request.actor, request.reason)
+            .await
     }
 
     async fn kill_switch(
@@ -175,19 +172,11 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         request: Request<KillSwitchRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (actor, reason) = audit(request.actor, request.reason, ROLLOUT_REASON)?;
-        let applied = self
-            .rollout
-            .change(
-                RolloutChange::KillSwitch {
-                    engaged: request.engaged,
-                },
-                None,
-                &actor,
-                &reason,
-            )
-            .await?;
-        Ok(response(&applied))
+        let change = RolloutChange::KillSwitch {
+            engaged: request.engaged,
+        };
+        self.apply(Ok(change), None, request.actor, request.reason)
+            .await
     }
 
     async fn reset_salt(
@@ -195,13 +184,11 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         request: Request<ResetSaltRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let (actor, reason) = audit(request.actor, request.reason, ROLLOUT_REASON)?;
-        let salt = uuid::Uuid::now_v7().simple().to_string();
-        let applied = self
-            .rollout
-            .change(RolloutChange::Salt { salt }, None, &actor, &reason)
-            .await?;
-        Ok(response(&applied))
+        let change = RolloutChange::Salt {
+            salt: Rollout::<S>::new_salt(),
+        };
+        self.apply(Ok(change), None, request.actor, request.reason)
+            .await
     }
 
     async fn evaluate_user(
