@@ -208,13 +208,21 @@ pub async fn launch<S: Store>(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(stats)
-        .add_service(RolloutServiceServer::new(RolloutApi::new(Rollout::new(
-            Arc::clone(&store),
-            rollout.clone(),
-        ))))
-        .add_service(MigrationServiceServer::new(MigrationApi::new(
-            Migration::new(Arc::clone(&store), jobs.clone(), rollout.clone()),
-        )))
+        .add_service(
+            RolloutServiceServer::new(RolloutApi::new(Rollout::new(
+                Arc::clone(&store),
+                rollout.clone(),
+            )))
+            .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            MigrationServiceServer::new(MigrationApi::new(Migration::new(
+                Arc::clone(&store),
+                jobs.clone(),
+                rollout.clone(),
+            )))
+            .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown);
     let served = tokio::select! {
         served = server => served,

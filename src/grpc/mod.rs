@@ -22,8 +22,8 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/stats_descriptor.bin"));
 }
 
-/// Largest request message accepted, in bytes: a full `RecordEvents` batch of 10,000 events
-/// with long ids fits with room to spare.
+/// Largest request message any service accepts, in bytes: a full `RecordEvents` batch of
+/// 10,000 events with long ids fits with room to spare.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// How many streamed events are committed together by `StreamEvents`.

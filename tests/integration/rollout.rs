@@ -22,6 +22,7 @@ crate::on_both_backends!(
     reads_follow_percentage_override_and_kill_switch,
     a_watcher_sees_the_current_state_then_each_change,
     another_replica_applies_a_change_quickly,
+    every_service_reads_messages_up_to_the_same_limit,
 );
 
 async fn client(server: &TestServer) -> RolloutServiceClient<Channel> {
@@ -560,4 +561,22 @@ async fn postgres_replicas_hear_changes_and_survive_a_cut_listener() {
     drop(watch);
     first.stop().await;
     second.stop().await;
+}
+
+/// The control services read messages up to the same limit as StatsService (16 MiB, not
+/// tonic's 4 MiB), so a large bad field gets its own answer instead of a transport error.
+async fn every_service_reads_messages_up_to_the_same_limit(db: TestDb) {
+    let server = db.start_server().await;
+    let mut rollout = client(&server).await;
+    let status = rollout
+        .kill_switch(KillSwitchRequest {
+            engaged: true,
+            reason: "r".repeat(5 * 1024 * 1024),
+            actor: "tester".into(),
+        })
+        .await
+        .expect_err("a reason over 1,024 bytes");
+    assert_names_fields(&status, Code::InvalidArgument, &["reason"]);
+    assert!(!current(&mut rollout).await.kill_switch, "nothing changed");
+    server.stop().await;
 }
