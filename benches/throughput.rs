@@ -336,14 +336,7 @@ async fn reads(name: &str, channel: Channel) {
 
     let mut everyone = Vec::with_capacity(100);
     for _ in 0..100 {
-        let request = GetAggregatedDailyStatsRequest {
-            user_id: String::new(),
-            start_date: "2025-01-01".into(),
-            end_date: "2025-12-31".into(),
-            granularity: Granularity::Month.into(),
-            campaign_ids: vec![],
-            fill_empty: false,
-        };
+        let request = all_users_year();
         let started = Instant::now();
         client
             .get_aggregated_daily_stats(request)
@@ -484,18 +477,23 @@ async fn unary_comparison<S, F, Fut>(
     }
 }
 
+/// The all-users view of 2025 by month.
+fn all_users_year() -> GetAggregatedDailyStatsRequest {
+    GetAggregatedDailyStatsRequest {
+        user_id: String::new(),
+        start_date: "2025-01-01".into(),
+        end_date: "2025-12-31".into(),
+        granularity: Granularity::Month.into(),
+        campaign_ids: vec![],
+        fill_empty: false,
+    }
+}
+
 /// Every event of 2025 as the all-users view counts it (each benchmark event counts 1).
 async fn events_counted(channel: Channel) -> u64 {
     let mut client = StatsServiceClient::new(channel);
     let year = client
-        .get_aggregated_daily_stats(GetAggregatedDailyStatsRequest {
-            user_id: String::new(),
-            start_date: "2025-01-01".into(),
-            end_date: "2025-12-31".into(),
-            granularity: Granularity::Month.into(),
-            campaign_ids: vec![],
-            fill_empty: false,
-        })
+        .get_aggregated_daily_stats(all_users_year())
         .await
         .expect("all users")
         .into_inner();
