@@ -25,9 +25,9 @@ use std::time::Duration;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use super::Jobs;
+use super::{AppError, Jobs};
 use crate::domain::{CampaignId, Event};
-use crate::storage::{EventStore, StorageError};
+use crate::storage::{EventStore, Refusal, StorageError};
 use crate::telemetry::ServerMetrics;
 
 /// How the queue of single-event writes is drained.
@@ -73,6 +73,17 @@ pub enum IngestError {
     /// The server is shutting down.
     #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,
+}
+
+impl From<IngestError> for AppError {
+    fn from(error: IngestError) -> Self {
+        match error {
+            IngestError::Storage(error) => error.into(),
+            IngestError::Retry(why) => AppError::Unavailable(why),
+            IngestError::QueueFull(events) => AppError::QueueFull(events),
+            IngestError::ShuttingDown => AppError::ShuttingDown,
+        }
+    }
 }
 
 /// One caller's queued events (one for `RecordEvent`, a batch or a stream's chunk for the
@@ -377,7 +388,7 @@ async fn write<S: EventStore>(store: &S, mut group: Group) {
         }
         match error {
             // Ownership is the events' own: refuse those callers, write the others.
-            StorageError::CampaignOwnedByAnotherUser(foreign) => {
+            StorageError::Refused(Refusal::NotOwner(foreign)) => {
                 let mut own: BTreeMap<usize, Vec<(usize, CampaignId)>> = BTreeMap::new();
                 for (position, campaign) in foreign {
                     let (caller, at) = group.caller_of(position);
@@ -387,16 +398,16 @@ async fn write<S: EventStore>(store: &S, mut group: Group) {
                 for (index, refused) in refused {
                     let mut foreign = own.remove(&index);
                     refused.fail(|| {
-                        IngestError::Storage(StorageError::CampaignOwnedByAnotherUser(
-                            foreign.take().unwrap_or_default(),
-                        ))
+                        IngestError::Storage(
+                            Refusal::NotOwner(foreign.take().unwrap_or_default()).into(),
+                        )
                     });
                 }
                 group = rest;
             }
             // A legacy count may pass its column only because neighbours add to it too:
             // the callers named are written one at a time, the others together.
-            StorageError::LegacyOverflow(overflows) => {
+            StorageError::Refused(Refusal::LegacyOverflow(overflows)) => {
                 let mut named: BTreeSet<usize> = overflows
                     .iter()
                     .flat_map(|o| o.events.iter().map(|&p| group.caller_of(p).0))

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Jobs, RolloutView, run_backfill};
+use super::{AppError, Jobs, RolloutView, run_backfill};
 
 /// The migration use cases: read and move the phase, run backfills.
 #[derive(Debug)]
@@ -51,8 +51,6 @@ pub enum StartRefused {
     WrongPhase(Phase),
     #[error("backfill {0} is already running")]
     AlreadyRunning(String),
-    #[error(transparent)]
-    Storage(#[from] StorageError),
 }
 
 /// The tables of the legacy storage.
@@ -95,13 +93,13 @@ impl<S: Store> Migration<S> {
     }
 
     /// Starts (or resumes) a backfill in the background and returns it as recorded.
-    pub async fn start_backfill(&self, request: BackfillRequest) -> Result<Run, StartRefused> {
+    pub async fn start_backfill(&self, request: BackfillRequest) -> Result<Run, AppError> {
         let phase = self.store.phase().await?.phase;
         if !request.dry_run && !(Phase::DualWrite..=Phase::NewPrimary).contains(&phase) {
-            return Err(StartRefused::WrongPhase(phase));
+            return Err(StartRefused::WrongPhase(phase).into());
         }
         if let Some(running) = self.active_backfill(request.dry_run) {
-            return Err(StartRefused::AlreadyRunning(running));
+            return Err(StartRefused::AlreadyRunning(running).into());
         }
         let run = match self
             .store
@@ -157,7 +155,7 @@ impl<S: Store> Migration<S> {
         &self,
         actor: &str,
         range: Option<DateRange>,
-    ) -> Result<(Run, VerifyOutcome), StorageError> {
+    ) -> Result<(Run, VerifyOutcome), AppError> {
         let run = self
             .store
             .create_run(RunKind::Verify, actor, false, 0)
@@ -178,13 +176,13 @@ impl<S: Store> Migration<S> {
                     .store
                     .finish_run(&run.run_id, RunState::Failed, Some(&error.to_string()))
                     .await;
-                Err(error)
+                Err(error.into())
             }
         }
     }
 
     /// Rows and bytes of the legacy table against the new storage's tables.
-    pub async fn storage_report(&self) -> Result<StorageReport, StorageError> {
+    pub async fn storage_report(&self) -> Result<StorageReport, AppError> {
         Ok(StorageReport {
             legacy: self.store.table_sizes(LEGACY_TABLES).await?,
             new: self.store.table_sizes(NEW_TABLES).await?,
@@ -193,8 +191,8 @@ impl<S: Store> Migration<S> {
     }
 
     /// A run by id.
-    pub async fn run(&self, run_id: &str) -> Result<Option<Run>, StorageError> {
-        self.store.run(run_id).await
+    pub async fn run(&self, run_id: &str) -> Result<Option<Run>, AppError> {
+        self.store.run(run_id).await.map_err(AppError::from)
     }
 
     /// A run with the rows it reported (at most `limit`).
@@ -202,7 +200,7 @@ impl<S: Store> Migration<S> {
         &self,
         run_id: &str,
         limit: u32,
-    ) -> Result<Option<(Run, RunIssues)>, StorageError> {
+    ) -> Result<Option<(Run, RunIssues)>, AppError> {
         let Some(run) = self.store.run(run_id).await? else {
             return Ok(None);
         };
@@ -210,8 +208,8 @@ impl<S: Store> Migration<S> {
         Ok(Some((run, issues)))
     }
 
-    pub async fn state(&self) -> Result<PhaseState, StorageError> {
-        self.store.phase().await
+    pub async fn state(&self) -> Result<PhaseState, AppError> {
+        self.store.phase().await.map_err(AppError::from)
     }
 
     /// Moves to `target` (see [`crate::migration::Phase::check_transition`]; `force`: past
@@ -222,7 +220,7 @@ impl<S: Store> Migration<S> {
         actor: &str,
         reason: &str,
         force: bool,
-    ) -> Result<PhaseState, StorageError> {
+    ) -> Result<PhaseState, AppError> {
         let state = self.store.transition(target, actor, reason, force).await?;
         // This replica applies the new phase at once; the others within their refresh.
         self.rollout.refresh(self.store.as_ref()).await?;
@@ -232,7 +230,7 @@ impl<S: Store> Migration<S> {
 
     /// Resolves ambiguous rows of the last backfill as `request` says (see
     /// [`crate::storage::CutoverStore::resolve_ambiguous`]).
-    pub async fn resolve(&self, request: &ResolveRequest) -> Result<ResolveOutcome, StorageError> {
+    pub async fn resolve(&self, request: &ResolveRequest) -> Result<ResolveOutcome, AppError> {
         let outcome = self.store.resolve_ambiguous(request).await?;
         tracing::info!(
             resolution = request.resolution.name(),
@@ -248,13 +246,19 @@ impl<S: Store> Migration<S> {
     }
 
     /// The newest `limit` resolutions (0 means 100), newest first.
-    pub async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, StorageError> {
-        self.store.resolutions(listed(limit)).await
+    pub async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, AppError> {
+        self.store
+            .resolutions(listed(limit))
+            .await
+            .map_err(AppError::from)
     }
 
     /// The newest `limit` phase changes (0 means 100), newest first.
-    pub async fn history(&self, limit: u32) -> Result<Vec<Transition>, StorageError> {
-        self.store.transitions(listed(limit)).await
+    pub async fn history(&self, limit: u32) -> Result<Vec<Transition>, AppError> {
+        self.store
+            .transitions(listed(limit))
+            .await
+            .map_err(AppError::from)
     }
 }
 

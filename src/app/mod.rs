@@ -5,6 +5,7 @@
 //! Transport-free, so that every entry point (gRPC today, admin tools later) shares one
 //! behaviour.
 
+mod error;
 mod group_commit;
 mod migration;
 mod rollout;
@@ -12,6 +13,7 @@ mod rollout_view;
 mod runner;
 mod stats;
 
+pub use error::AppError;
 pub use group_commit::{GroupCommit, GroupCommitSettings, IngestError};
 pub use migration::{
     BackfillRequest, LEGACY_TABLES, MAX_TRANSITIONS_LISTED, Migration, NEW_TABLES, STALE_RUN_AFTER,
@@ -20,4 +22,4 @@ pub use migration::{
 pub use rollout::Rollout;
 pub use rollout_view::RolloutView;
 pub use runner::{Jobs, run_backfill};
-pub use stats::Stats;
+pub use stats::{STREAM_CHUNK_EVENTS, Stats, StreamFailure, StreamRecorded};

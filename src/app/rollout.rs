@@ -1,10 +1,10 @@
 //! The read rollout: read it, change it, evaluate a user, read its audit.
 
 use crate::rollout::{Applied, AuditEntry, Decision, RolloutChange};
-use crate::storage::{StorageError, Store};
+use crate::storage::Store;
 use std::sync::Arc;
 
-use super::RolloutView;
+use super::{AppError, RolloutView};
 
 /// The rollout use cases: read, change, evaluate, audit.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ impl<S: Store> Rollout<S> {
         expected_version: Option<u64>,
         actor: &str,
         reason: &str,
-    ) -> Result<Arc<Applied>, StorageError> {
+    ) -> Result<Arc<Applied>, AppError> {
         self.store
             .change_rollout(&change, expected_version, actor, reason)
             .await?;
@@ -72,8 +72,11 @@ impl<S: Store> Rollout<S> {
         &self,
         before_version: Option<u64>,
         limit: u32,
-    ) -> Result<Vec<AuditEntry>, StorageError> {
-        self.store.rollout_history(before_version, limit).await
+    ) -> Result<Vec<AuditEntry>, AppError> {
+        self.store
+            .rollout_history(before_version, limit)
+            .await
+            .map_err(AppError::from)
     }
 
     /// Every state this replica applies from now on.

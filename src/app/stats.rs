@@ -9,10 +9,36 @@ use crate::domain::{
     Answer, CampaignId, CampaignStatsQuery, Event, Metrics, SeriesQuery, UserId, bucket_series,
 };
 use crate::rollout::ALL_USERS;
-use crate::storage::{RecordOutcome, StorageError, Store};
+use crate::storage::{RecordOutcome, Store};
 use crate::telemetry::ServerMetrics;
+use futures::{Stream, StreamExt};
 
-use super::{GroupCommit, IngestError, RolloutView};
+use super::{AppError, GroupCommit, RolloutView};
+
+/// How many streamed events are written together by [`Stats::record_stream`].
+pub const STREAM_CHUNK_EVENTS: usize = 1_000;
+
+/// Full chunks of a stream that may wait for the writer while the next is read: with the
+/// chunk being written and the one being read, at most three chunks per stream are held.
+const QUEUED_CHUNKS: usize = 1;
+
+/// What a stream of events left behind.
+#[derive(Debug)]
+pub struct StreamRecorded<E> {
+    /// What was stored (or found to be a duplicate) before the stream ended or failed.
+    pub stored: RecordOutcome,
+    /// Why the stream stopped early, if it did.
+    pub failure: Option<StreamFailure<E>>,
+}
+
+/// Why recording a stream stopped early.
+#[derive(Debug)]
+pub enum StreamFailure<E> {
+    /// The source failed (a bad event, a broken transport).
+    Source(E),
+    /// A chunk was not stored; the positions it names are the stream's.
+    Write(AppError),
+}
 
 /// The statistics use cases over one store, with reads routed by the rollout.
 #[derive(Debug)]
@@ -52,15 +78,71 @@ impl<S: Store> Stats<S> {
 
     /// Stores one validated event, in one transaction with other callers' single events
     /// (see [`GroupCommit`]); answers whether it was a duplicate.
-    pub async fn record_one(&self, event: Event) -> Result<bool, IngestError> {
-        self.group_commit.record(event).await
+    pub async fn record_one(&self, event: Event) -> Result<bool, AppError> {
+        self.group_commit
+            .record(event)
+            .await
+            .map_err(AppError::from)
     }
 
     /// Stores validated events atomically (all or none), through the same queue as single
     /// events: a batch may share its transaction with other callers' events.
-    pub async fn record(&self, events: Vec<Event>) -> Result<RecordOutcome, IngestError> {
+    pub async fn record(&self, events: Vec<Event>) -> Result<RecordOutcome, AppError> {
         let duplicates = self.group_commit.record_all(events).await?;
         Ok(RecordOutcome::of(&duplicates))
+    }
+
+    /// Stores a stream of validated events in chunks of [`STREAM_CHUNK_EVENTS`], each
+    /// atomic, reading the next chunk while the last one is written. Stops at the first
+    /// failure, of the source or of a write; what was stored before it stays stored.
+    pub async fn record_stream<E>(
+        &self,
+        events: impl Stream<Item = Result<Event, E>> + Send,
+    ) -> StreamRecorded<E> {
+        // Reading never waits for the database unless chunks queue up: a transport's unread
+        // frames pile up in its buffers otherwise (h2 closes the whole connection, GOAWAY
+        // ENHANCE_YOUR_CALM "too_many_data_frames", once too many small ones wait there).
+        let (chunks, mut queued) = tokio::sync::mpsc::channel::<Vec<Event>>(QUEUED_CHUNKS);
+        let read = async move {
+            let mut events = std::pin::pin!(events);
+            let mut chunk = Vec::with_capacity(STREAM_CHUNK_EVENTS);
+            while let Some(event) = events.next().await {
+                chunk.push(event?);
+                if chunk.len() == STREAM_CHUNK_EVENTS {
+                    let full =
+                        std::mem::replace(&mut chunk, Vec::with_capacity(STREAM_CHUNK_EVENTS));
+                    if chunks.send(full).await.is_err() {
+                        return Ok(()); // the writer failed, and says why
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                let _ = chunks.send(chunk).await;
+            }
+            Ok(())
+        };
+        let write = async {
+            let mut stored = RecordOutcome::default();
+            // Position in the stream of the chunk's first event.
+            let mut chunk_start = 0;
+            while let Some(chunk) = queued.recv().await {
+                let len = chunk.len();
+                match self.record(chunk).await {
+                    Ok(outcome) => stored += outcome,
+                    Err(error) => return (stored, Some(error.shifted(chunk_start))),
+                }
+                chunk_start += len;
+            }
+            (stored, None)
+        };
+        let (read, (stored, write_error)) = tokio::join!(read, write);
+        // A failed write comes first: its chunk precedes anything read after it.
+        let failure = match (write_error, read) {
+            (Some(error), _) => Some(StreamFailure::Write(error)),
+            (None, Err(error)) => Some(StreamFailure::Source(error)),
+            (None, Ok(())) => None,
+        };
+        StreamRecorded { stored, failure }
     }
 
     /// Totals of each requested campaign, in request order; zeros for a campaign without
@@ -68,7 +150,7 @@ impl<S: Store> Stats<S> {
     pub async fn campaign_stats(
         &self,
         query: &CampaignStatsQuery,
-    ) -> Result<Answer<Vec<(CampaignId, Metrics)>>, StorageError> {
+    ) -> Result<Answer<Vec<(CampaignId, Metrics)>>, AppError> {
         let source = self.rollout.read_source(query.user.as_str());
         let started = Instant::now();
         let totals = self
@@ -89,7 +171,7 @@ impl<S: Store> Stats<S> {
     pub async fn series(
         &self,
         query: &SeriesQuery,
-    ) -> Result<Answer<Vec<(NaiveDate, Metrics)>>, StorageError> {
+    ) -> Result<Answer<Vec<(NaiveDate, Metrics)>>, AppError> {
         let user = query.scope.user.as_ref().map_or(ALL_USERS, UserId::as_str);
         let source = self.rollout.read_source(user);
         let started = Instant::now();

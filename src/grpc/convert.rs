@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::ApiError;
 use super::proto;
+use crate::app::AppError;
 use crate::domain::{
     self, CampaignId, CampaignStatsQuery, DateRange, Event, EventType, FieldViolation, Granularity,
     LimitExceeded, MAX_CAMPAIGNS_PER_READ, Metrics, RawEvent, Scope, SeriesQuery, UserId,
@@ -163,7 +163,7 @@ fn campaigns(ids: Vec<String>) -> Result<Vec<CampaignId>, ValidationError> {
 }
 
 impl TryFrom<proto::GetStatsRequest> for CampaignStatsQuery {
-    type Error = ApiError;
+    type Error = AppError;
 
     fn try_from(request: proto::GetStatsRequest) -> Result<Self, Self::Error> {
         let campaign = CampaignId::parse("campaign_id", request.campaign_id)
@@ -182,7 +182,7 @@ impl TryFrom<proto::GetStatsRequest> for CampaignStatsQuery {
 }
 
 impl TryFrom<proto::GetStatsForCampaignsRequest> for CampaignStatsQuery {
-    type Error = ApiError;
+    type Error = AppError;
 
     fn try_from(request: proto::GetStatsForCampaignsRequest) -> Result<Self, Self::Error> {
         LimitExceeded::check(
@@ -204,7 +204,7 @@ impl TryFrom<proto::GetStatsForCampaignsRequest> for CampaignStatsQuery {
 }
 
 impl TryFrom<proto::GetAggregatedDailyStatsRequest> for SeriesQuery {
-    type Error = ApiError;
+    type Error = AppError;
 
     fn try_from(request: proto::GetAggregatedDailyStatsRequest) -> Result<Self, Self::Error> {
         LimitExceeded::check(

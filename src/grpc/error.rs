@@ -14,11 +14,10 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::app::IngestError;
-use crate::app::StartRefused;
-use crate::domain::{FieldViolation, LimitExceeded, ValidationError, echo};
+use crate::app::AppError;
+use crate::domain::{CampaignId, FieldViolation, LimitExceeded, ValidationError, echo};
 use crate::rollout::RolloutRefused;
-use crate::storage::{LEGACY_COLUMN_MAX, StorageError};
+use crate::storage::{LEGACY_COLUMN_MAX, LegacyOverflow};
 
 /// Most bytes of `grpc-message` and `grpc-status-details-bin` together, as sent.
 pub const MAX_STATUS_BYTES: usize = 8 * 1024;
@@ -35,201 +34,168 @@ const MAX_DETAILS_BYTES: usize = 3_400;
 const MAX_FIELD_BYTES: usize = 96;
 const MAX_DESCRIPTION_BYTES: usize = 160;
 
-/// Everything that can make a call fail.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("invalid request: {0}")]
-    Invalid(#[from] ValidationError),
-    #[error("{0}")]
-    LimitExceeded(#[from] LimitExceeded),
-    /// Fields naming campaigns that belong to other users.
-    #[error("campaign owned by another user")]
-    NotOwner(Vec<FieldViolation>),
-    /// Events that would take a count past what its storage holds.
-    #[error("count out of range")]
-    OutOfRange(Vec<FieldViolation>),
-    /// The request is valid but the system is not in a state to carry it out.
-    #[error("{0}")]
-    Precondition(String),
-    /// What the request names does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    /// A write the queue could not take or finish (full, shutting down, or failed in a way
-    /// that may pass); never [`IngestError::Storage`], which maps as [`ApiError::Storage`].
-    #[error(transparent)]
-    NotQueued(IngestError),
-}
-
-impl From<StartRefused> for ApiError {
-    fn from(refused: StartRefused) -> Self {
-        match refused {
-            StartRefused::Storage(error) => ApiError::Storage(error),
-            other => ApiError::Precondition(other.to_string()),
-        }
-    }
-}
-
-impl From<StartRefused> for Status {
-    fn from(refused: StartRefused) -> Self {
-        ApiError::from(refused).into()
-    }
-}
-
-impl ApiError {
-    /// Maps a write's storage error, naming the event at batch position `i` as `path(i)`.
-    pub fn from_write(error: StorageError, path: impl Fn(usize) -> String) -> Self {
-        match error {
-            StorageError::CampaignOwnedByAnotherUser(foreign) => ApiError::NotOwner(
-                foreign
-                    .into_iter()
-                    .map(|(index, campaign)| {
-                        FieldViolation::new(
-                            format!("{}.campaign_id", path(index)),
-                            format!(
-                                "campaign {} belongs to another user",
-                                echo(campaign.as_str())
-                            ),
-                        )
-                    })
-                    .collect(),
-            ),
-            StorageError::LegacyOverflow(overflows) => ApiError::OutOfRange(
-                overflows
-                    .into_iter()
-                    .flat_map(|overflow| {
-                        let path = &path;
-                        let description = format!(
-                            "would take the legacy {} count of campaign {} on {} past {} \
-                             (the legacy column is an int; it holds {})",
-                            overflow.event_type.legacy_column(),
-                            echo(&overflow.campaign_id),
-                            overflow.day,
-                            LEGACY_COLUMN_MAX,
-                            overflow.current
-                        );
-                        overflow.events.into_iter().map(move |index| {
-                            FieldViolation::new(
-                                format!("{}.count", path(index)),
-                                description.clone(),
-                            )
-                        })
-                    })
-                    .collect(),
-            ),
-            other => ApiError::Storage(other),
-        }
-    }
-
-    /// Maps a queued write's error, naming the event at position `i` of the caller's events
-    /// as `path(i)`.
-    pub fn from_ingest(error: IngestError, path: impl Fn(usize) -> String) -> Self {
-        match error {
-            IngestError::Storage(error) => ApiError::from_write(error, path),
-            other => ApiError::NotQueued(other),
-        }
-    }
-
-    /// The status for this error, with `metadata` attached.
-    pub fn into_status_with(self, metadata: MetadataMap) -> Status {
-        let (code, message, violations) = match self {
-            ApiError::Invalid(error) => {
-                (Code::InvalidArgument, "invalid request", error.violations)
-            }
-            ApiError::LimitExceeded(limit) => (
-                Code::ResourceExhausted,
-                "request over limits",
-                vec![FieldViolation::new(
-                    limit.field,
-                    format!(
-                        "at most {} items are allowed, got {}",
-                        limit.limit, limit.actual
-                    ),
-                )],
-            ),
-            ApiError::NotOwner(violations) => {
-                (Code::PermissionDenied, "permission denied", violations)
-            }
-            ApiError::OutOfRange(violations) => (
+/// The status for `error`, naming the event at position `i` of the caller's events as
+/// `event_path(i)`, with `metadata` attached: the one mapping from what a use case refused to
+/// what the client sees.
+pub fn status_of(
+    error: AppError,
+    event_path: impl Fn(usize) -> String,
+    metadata: MetadataMap,
+) -> Status {
+    let (code, message, violations) = match error {
+        AppError::Invalid(error) => (Code::InvalidArgument, "invalid request", error.violations),
+        AppError::LimitExceeded(limit) => (
+            Code::ResourceExhausted,
+            "request over limits",
+            vec![FieldViolation::new(
+                limit.field,
+                format!(
+                    "at most {} items are allowed, got {}",
+                    limit.limit, limit.actual
+                ),
+            )],
+        ),
+        AppError::NotOwner(foreign) => (
+            Code::PermissionDenied,
+            "permission denied",
+            not_owner_violations(foreign, &event_path),
+        ),
+        AppError::LegacyOverflow(overflows) => (
+            Code::OutOfRange,
+            "a count would pass what the legacy table holds; nothing was stored",
+            overflow_violations(overflows, &event_path),
+        ),
+        AppError::TotalOutOfRange(detail) => {
+            tracing::warn!(%detail, "a total is out of range");
+            return plain(
                 Code::OutOfRange,
-                "a count would pass what the legacy table holds; nothing was stored",
-                violations,
-            ),
-            ApiError::Precondition(message) => {
-                return plain(Code::FailedPrecondition, message, metadata);
-            }
-            ApiError::NotFound(message) => return plain(Code::NotFound, message, metadata),
-            ApiError::Storage(StorageError::RolloutRefused(refused)) => {
-                let code = match refused {
-                    RolloutRefused::VersionConflict { .. } => Code::Aborted,
-                    RolloutRefused::NotVerified(_) | RolloutRefused::LegacyRetired => {
-                        Code::FailedPrecondition
-                    }
-                };
-                return plain(code, refused.to_string(), metadata);
-            }
-            ApiError::Storage(StorageError::TransitionRefused(refused)) => {
-                return plain(Code::FailedPrecondition, refused.to_string(), metadata);
-            }
-            ApiError::Storage(StorageError::ResolveRefused(refused)) => {
-                return plain(Code::FailedPrecondition, refused.to_string(), metadata);
-            }
-            ApiError::Storage(error) => {
-                let (code, message) = storage_status(&error);
-                return plain(code, message.to_owned(), metadata);
-            }
-            ApiError::NotQueued(error) => {
-                let code = match error {
-                    IngestError::QueueFull(_) => Code::ResourceExhausted,
-                    IngestError::Storage(_) | IngestError::Retry(_) | IngestError::ShuttingDown => {
-                        Code::Unavailable
-                    }
-                };
-                return plain(code, queue_message(&error), metadata);
-            }
-        };
-        let violations: Vec<FieldViolation> = violations
+                "a total is out of range: it passes 64 bits (18446744073709551615)".to_owned(),
+                metadata,
+            );
+        }
+        AppError::TransitionRefused(refused) => {
+            return plain(Code::FailedPrecondition, refused.to_string(), metadata);
+        }
+        AppError::ResolveRefused(refused) => {
+            return plain(Code::FailedPrecondition, refused.to_string(), metadata);
+        }
+        AppError::StartRefused(refused) => {
+            return plain(Code::FailedPrecondition, refused.to_string(), metadata);
+        }
+        AppError::RolloutRefused(refused) => {
+            let code = match refused {
+                RolloutRefused::VersionConflict { .. } => Code::Aborted,
+                RolloutRefused::NotVerified(_) | RolloutRefused::LegacyRetired => {
+                    Code::FailedPrecondition
+                }
+            };
+            return plain(code, refused.to_string(), metadata);
+        }
+        AppError::NotFound(message) => return plain(Code::NotFound, message, metadata),
+        AppError::QueueFull(events) => {
+            let message = format!(
+                "too many writes are queued on this replica ({events} events); retry later"
+            );
+            return plain(Code::ResourceExhausted, message, metadata);
+        }
+        AppError::ShuttingDown => {
+            let message = "the server is shutting down; retry on another replica".to_owned();
+            return plain(Code::Unavailable, message, metadata);
+        }
+        AppError::Unavailable(detail) => {
+            tracing::warn!(error = %detail, "storage unavailable");
+            let message = "storage is unavailable, retry later".to_owned();
+            return plain(Code::Unavailable, message, metadata);
+        }
+        AppError::Internal(detail) => {
+            tracing::error!(error = %detail, "internal failure");
+            return plain(Code::Internal, "internal error".to_owned(), metadata);
+        }
+    };
+    let violations: Vec<FieldViolation> = violations
+        .into_iter()
+        .map(|v| FieldViolation {
+            field: cut(v.field, MAX_FIELD_BYTES),
+            description: cut(v.description, MAX_DESCRIPTION_BYTES),
+        })
+        .collect();
+    let listed = listed_in_details(&violations);
+    let message = describe(message, &violations, listed);
+    let details = ErrorDetails::with_bad_request(
+        violations
             .into_iter()
-            .map(|v| FieldViolation {
-                field: cut(v.field, MAX_FIELD_BYTES),
-                description: cut(v.description, MAX_DESCRIPTION_BYTES),
-            })
-            .collect();
-        let listed = listed_in_details(&violations);
-        let message = describe(message, &violations, listed);
-        let details = ErrorDetails::with_bad_request(
-            violations
-                .into_iter()
-                .take(listed)
-                .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
-                .collect::<Vec<_>>(),
-        );
-        Status::with_error_details_and_metadata(code, message, details, metadata)
-    }
+            .take(listed)
+            .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+            .collect::<Vec<_>>(),
+    );
+    Status::with_error_details_and_metadata(code, message, details, metadata)
 }
 
-impl From<ApiError> for Status {
-    fn from(error: ApiError) -> Self {
-        error.into_status_with(MetadataMap::new())
+/// The status of a write that was not acknowledged, naming the event at position `i` of the
+/// caller's events as `event_path(i)`.
+pub fn write_status(error: AppError, event_path: impl Fn(usize) -> String) -> Status {
+    status_of(error, event_path, MetadataMap::new())
+}
+
+/// One violation per event naming another user's campaign.
+fn not_owner_violations(
+    foreign: Vec<(usize, CampaignId)>,
+    event_path: &impl Fn(usize) -> String,
+) -> Vec<FieldViolation> {
+    foreign
+        .into_iter()
+        .map(|(index, campaign)| {
+            FieldViolation::new(
+                format!("{}.campaign_id", event_path(index)),
+                format!(
+                    "campaign {} belongs to another user",
+                    echo(campaign.as_str())
+                ),
+            )
+        })
+        .collect()
+}
+
+/// One violation per event adding to a legacy count that would overflow.
+fn overflow_violations(
+    overflows: Vec<LegacyOverflow>,
+    event_path: &impl Fn(usize) -> String,
+) -> Vec<FieldViolation> {
+    overflows
+        .into_iter()
+        .flat_map(|overflow| {
+            let description = format!(
+                "would take the legacy {} count of campaign {} on {} past {} \
+                 (the legacy column is an int; it holds {})",
+                overflow.event_type.legacy_column(),
+                echo(&overflow.campaign_id),
+                overflow.day,
+                LEGACY_COLUMN_MAX,
+                overflow.current
+            );
+            overflow.events.into_iter().map(move |index| {
+                FieldViolation::new(format!("{}.count", event_path(index)), description.clone())
+            })
+        })
+        .collect()
+}
+
+impl From<AppError> for Status {
+    /// Events of a batch are named `events[i]`.
+    fn from(error: AppError) -> Self {
+        status_of(error, |i| format!("events[{i}]"), MetadataMap::new())
     }
 }
 
 impl From<ValidationError> for Status {
     fn from(error: ValidationError) -> Self {
-        ApiError::from(error).into()
+        AppError::from(error).into()
     }
 }
 
 impl From<LimitExceeded> for Status {
     fn from(error: LimitExceeded) -> Self {
-        ApiError::from(error).into()
-    }
-}
-
-impl From<StorageError> for Status {
-    fn from(error: StorageError) -> Self {
-        ApiError::from(error).into()
+        AppError::from(error).into()
     }
 }
 
@@ -308,77 +274,6 @@ fn describe(message: &str, violations: &[FieldViolation], listed: usize) -> Stri
     text
 }
 
-/// The status of a single event that was not acknowledged (`RecordEvent`).
-pub fn ingest_status(error: IngestError) -> Status {
-    ApiError::from_ingest(error, |_| "event".to_owned()).into()
-}
-
-/// The client's message for a write the queue could not take or finish.
-fn queue_message(error: &IngestError) -> String {
-    match error {
-        IngestError::QueueFull(events) => {
-            format!("too many writes are queued on this replica ({events} events); retry later")
-        }
-        IngestError::ShuttingDown => {
-            "the server is shutting down; retry on another replica".to_owned()
-        }
-        IngestError::Storage(_) | IngestError::Retry(_) => {
-            "storage is unavailable, retry later".to_owned()
-        }
-    }
-}
-
-/// Code and client message for a storage failure; the details are logged here.
-fn storage_status(error: &StorageError) -> (Code, &'static str) {
-    match error {
-        StorageError::Unavailable(source) => {
-            tracing::warn!(error = %source, "storage unavailable");
-            (Code::Unavailable, "storage is unavailable, retry later")
-        }
-        StorageError::TimedOut(limit) => {
-            tracing::warn!(?limit, "the database did not answer in time");
-            (Code::Unavailable, "storage is unavailable, retry later")
-        }
-        StorageError::CampaignOwnedByAnotherUser(_) => {
-            // Writes map this with the event's position (`ApiError::from_write`).
-            (Code::PermissionDenied, "campaign belongs to another user")
-        }
-        StorageError::RolloutRefused(_) => {
-            // Handlers map this with its reason and code (ABORTED for a version conflict).
-            (Code::FailedPrecondition, "rollout change refused")
-        }
-        StorageError::TransitionRefused(_) => {
-            // Handlers map this with its reason (`ApiError::Refused`).
-            (Code::FailedPrecondition, "phase transition refused")
-        }
-        StorageError::ResolveRefused(_) => {
-            // Handlers map this with its reason.
-            (Code::FailedPrecondition, "resolution refused")
-        }
-        StorageError::LegacyOverflow(_) => {
-            // Writes map this with the events' positions (`ApiError::from_write`).
-            (
-                Code::OutOfRange,
-                "a count would pass what the legacy table holds",
-            )
-        }
-        StorageError::OutOfRange(detail) => {
-            tracing::warn!(%detail, "a total is out of range");
-            (
-                Code::OutOfRange,
-                "a total is out of range: it passes 64 bits (18446744073709551615)",
-            )
-        }
-        StorageError::Config(_)
-        | StorageError::Migration(_)
-        | StorageError::Corrupt(_)
-        | StorageError::Internal(_) => {
-            tracing::error!(error = %error, source = ?std::error::Error::source(error), "storage failure");
-            (Code::Internal, "internal error")
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,7 +289,7 @@ mod tests {
                 )
             })
             .collect();
-        let status = Status::from(ApiError::Invalid(ValidationError { violations }));
+        let status = Status::from(AppError::Invalid(ValidationError { violations }));
         assert!(
             status_header_bytes(&status) < MAX_STATUS_BYTES,
             "{}",
@@ -416,7 +311,7 @@ mod tests {
     #[test]
     fn huge_texts_are_cut_even_when_not_echoed_by_the_rules() {
         let huge = "é".repeat(600_000);
-        let status = Status::from(ApiError::Invalid(ValidationError::single(
+        let status = Status::from(AppError::Invalid(ValidationError::single(
             huge.clone(),
             huge.clone(),
         )));
@@ -425,7 +320,7 @@ mod tests {
             "{}",
             status_header_bytes(&status)
         );
-        let status = Status::from(ApiError::NotFound(huge));
+        let status = Status::from(AppError::NotFound(huge));
         assert!(
             status_header_bytes(&status) < MAX_STATUS_BYTES,
             "{}",

@@ -10,7 +10,6 @@ use std::time::Duration;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::ApiError;
 use super::convert::{audit, both_valid};
 use super::proto::{
     self, GetMigrationStateRequest, GetMigrationStateResponse, GetRunRequest,
@@ -19,6 +18,7 @@ use super::proto::{
     StartBackfillResponse, TransitionPhaseRequest, VerifyConsistencyRequest,
     VerifyConsistencyResponse,
 };
+use crate::app::AppError;
 use crate::app::{BackfillRequest, Migration};
 use crate::domain::{
     DateRange, FieldViolation, LimitExceeded, MAX_TEXT_BYTES, ValidationError, parse_actor,
@@ -197,9 +197,9 @@ impl From<Resolution> for proto::AmbiguousResolution {
 pub const MAX_RESOLVE_ROWS: usize = 10_000;
 
 impl TryFrom<proto::ResolveAmbiguousRowsRequest> for ResolveRequest {
-    type Error = ApiError;
+    type Error = AppError;
 
-    fn try_from(request: proto::ResolveAmbiguousRowsRequest) -> Result<Self, ApiError> {
+    fn try_from(request: proto::ResolveAmbiguousRowsRequest) -> Result<Self, AppError> {
         LimitExceeded::check("rows", MAX_RESOLVE_ROWS, request.rows.len())?;
         let mut failures: Vec<Option<FieldViolation>> = Vec::new();
         let resolution = match proto::AmbiguousResolution::try_from(request.resolution) {
@@ -323,7 +323,7 @@ fn actor(value: String) -> Result<String, ValidationError> {
 }
 
 fn unknown_run(run_id: &str) -> Status {
-    ApiError::NotFound(format!("no run {}", crate::domain::echo(run_id))).into()
+    AppError::NotFound(format!("no run {}", crate::domain::echo(run_id))).into()
 }
 
 /// The stream of `WatchRun`.

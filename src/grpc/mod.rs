@@ -7,7 +7,7 @@ mod migration;
 mod rollout;
 mod stats;
 
-pub use error::{ApiError, MAX_STATUS_BYTES, status_header_bytes};
+pub use error::{MAX_STATUS_BYTES, status_header_bytes, status_of, write_status};
 pub use migration::{MAX_BATCH_SIZE, MigrationApi};
 pub use rollout::RolloutApi;
 pub use stats::StatsApi;
@@ -25,6 +25,3 @@ pub mod proto {
 /// Largest request message any service accepts, in bytes: a full `RecordEvents` batch of
 /// 10,000 events with long ids fits with room to spare.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-
-/// How many streamed events are committed together by `StreamEvents`.
-pub const STREAM_CHUNK_EVENTS: usize = 1_000;

@@ -4,39 +4,30 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{bucket_to_proto, event_from_request, events_from_proto};
-use super::error::ingest_status;
+use super::error::{status_of, write_status};
 use super::proto::stats_service_server::StatsService;
 use super::proto::{
     GetAggregatedDailyStatsRequest, GetAggregatedDailyStatsResponse, GetStatsForCampaignsRequest,
     GetStatsForCampaignsResponse, GetStatsRequest, GetStatsResponse, RecordEventRequest,
     RecordEventResponse, RecordEventsRequest, RecordEventsResponse,
 };
-use super::{ApiError, STREAM_CHUNK_EVENTS};
-use crate::app::Stats;
+use crate::app::{AppError, Stats, StreamFailure};
 use crate::domain::{
-    CampaignStatsQuery, Event, LimitExceeded, MAX_BATCH_EVENTS, SeriesQuery, StorageSource,
+    CampaignStatsQuery, LimitExceeded, MAX_BATCH_EVENTS, SeriesQuery, StorageSource,
+    ValidationError,
 };
 use crate::storage::{RecordOutcome, Store};
+use futures::StreamExt;
 
 /// Trailer of a failed `StreamEvents` call: how many events of the stream were stored.
 pub const STORED_COUNT_METADATA: &str = "x-stored-count";
 
-/// Full chunks of a stream that may wait for the committer while the next is read: with the
-/// chunk being committed and the one being read, at most three chunks per stream are held.
-const QUEUED_CHUNKS: usize = 1;
-
-/// Why reading a `StreamEvents` stream stopped early.
-enum StreamFailure {
-    /// An event broke a rule.
-    Invalid(ApiError),
+/// Why a `StreamEvents` message could not be taken.
+enum BadMessage {
+    /// The event broke a rule.
+    Invalid(ValidationError),
     /// The stream itself failed (the client went away, a transport error).
     Transport(Status),
-}
-
-impl From<Status> for StreamFailure {
-    fn from(status: Status) -> Self {
-        StreamFailure::Transport(status)
-    }
 }
 
 /// The `StatsService` handlers.
@@ -73,7 +64,8 @@ impl<S: Store> StatsService for StatsApi<S> {
         request: Request<RecordEventRequest>,
     ) -> Result<Response<RecordEventResponse>, Status> {
         let event = event_from_request(request.into_inner(), "event")?;
-        let duplicate = self.stats.record_one(event).await.map_err(ingest_status)?;
+        let duplicate = (self.stats.record_one(event).await)
+            .map_err(|error| write_status(error, |_| "event".to_owned()))?;
         Ok(Response::new(RecordEventResponse { duplicate }))
     }
 
@@ -84,11 +76,7 @@ impl<S: Store> StatsService for StatsApi<S> {
         let events = request.into_inner().events;
         LimitExceeded::check("events", MAX_BATCH_EVENTS, events.len())?;
         let events = events_from_proto(events)?;
-        let outcome = self
-            .stats
-            .record(events)
-            .await
-            .map_err(|e| ApiError::from_ingest(e, |i| format!("events[{i}]")))?;
+        let outcome = self.stats.record(events).await?;
         Ok(Response::new(record_response(outcome)))
     }
 
@@ -96,70 +84,31 @@ impl<S: Store> StatsService for StatsApi<S> {
         &self,
         request: Request<Streaming<RecordEventRequest>>,
     ) -> Result<Response<RecordEventsResponse>, Status> {
-        let mut stream = request.into_inner();
-        // Full chunks go to the committer below while the next one is read: reading never
-        // waits for the database unless chunks queue up. Frames a handler leaves unread pile
-        // up in HTTP/2's buffers, and h2 closes the whole connection (GOAWAY
-        // ENHANCE_YOUR_CALM "too_many_data_frames") once too many small ones wait there.
-        let (chunks, mut queued) = tokio::sync::mpsc::channel::<Vec<Event>>(QUEUED_CHUNKS);
-        let read = async move {
-            let mut position = 0;
-            let mut chunk = Vec::with_capacity(STREAM_CHUNK_EVENTS);
-            loop {
-                let Some(request) = stream.message().await? else {
-                    if !chunk.is_empty() {
-                        let _ = chunks.send(chunk).await;
-                    }
-                    return Ok(());
-                };
-                let event = event_from_request(request, &format!("events[{position}]"))
-                    .map_err(ApiError::from);
-                chunk.push(event.map_err(StreamFailure::Invalid)?);
-                position += 1;
-                if chunk.len() == STREAM_CHUNK_EVENTS {
-                    let full =
-                        std::mem::replace(&mut chunk, Vec::with_capacity(STREAM_CHUNK_EVENTS));
-                    if chunks.send(full).await.is_err() {
-                        return Ok(()); // the committer failed, and says why
-                    }
-                }
-            }
-        };
-        let commit = async {
-            let mut stored = RecordOutcome::default();
-            // Position in the stream of the chunk's first event.
-            let mut chunk_start = 0;
-            while let Some(chunk) = queued.recv().await {
-                let len = chunk.len();
-                match self.stats.record(chunk).await {
-                    Ok(outcome) => stored += outcome,
-                    Err(error) => {
-                        let at = chunk_start;
-                        let error = ApiError::from_ingest(error, |i| format!("events[{}]", at + i));
-                        return (stored, Some(error));
-                    }
-                }
-                chunk_start += len;
-            }
-            (stored, None)
-        };
-        let (read, (stored, commit_error)): (Result<(), StreamFailure>, _) =
-            tokio::join!(read, commit);
+        let events = request
+            .into_inner()
+            .enumerate()
+            .map(|(position, message)| match message {
+                Ok(request) => event_from_request(request, &format!("events[{position}]"))
+                    .map_err(BadMessage::Invalid),
+                Err(status) => Err(BadMessage::Transport(status)),
+            });
+        let recorded = self.stats.record_stream(events).await;
         // Failures name the event's position in the whole stream and say how much of the
-        // stream was stored, so that a producer knows where to resume. A failed commit comes
-        // first: its chunk precedes anything read after it.
-        let fail = |error: ApiError| {
+        // stream was stored, so that a producer knows where to resume.
+        let stored = recorded.stored;
+        let fail = |error: AppError| {
             let mut trailers = MetadataMap::new();
             trailers.insert(
                 STORED_COUNT_METADATA,
                 MetadataValue::from(stored.stored + stored.duplicates),
             );
-            error.into_status_with(trailers)
+            Err(status_of(error, |i| format!("events[{i}]"), trailers))
         };
-        match (commit_error, read) {
-            (Some(error), _) | (None, Err(StreamFailure::Invalid(error))) => Err(fail(error)),
-            (None, Err(StreamFailure::Transport(status))) => Err(status),
-            (None, Ok(())) => Ok(Response::new(record_response(stored))),
+        match recorded.failure {
+            None => Ok(Response::new(record_response(stored))),
+            Some(StreamFailure::Write(error)) => fail(error),
+            Some(StreamFailure::Source(BadMessage::Invalid(error))) => fail(error.into()),
+            Some(StreamFailure::Source(BadMessage::Transport(status))) => Err(status),
         }
     }
 

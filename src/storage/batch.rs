@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::NaiveDate;
 
-use super::StorageError;
 use super::error::{LEGACY_COLUMN_MAX, LegacyOverflow};
+use super::{Refusal, StorageError};
 use crate::domain::{CampaignId, Event, EventType, Metrics, Scope, StorageSource, UserId};
 use crate::migration::WriteTargets;
 use crate::migration::ambiguous::{AmbiguityKind, Resolution, ResolveFilter};
@@ -165,12 +165,13 @@ pub(super) fn legacy_refusal(
     plan: &BatchPlan<'_>,
     current: &[LegacyCountsRow],
 ) -> StorageError {
-    StorageError::LegacyOverflow(legacy_overflows(
+    Refusal::LegacyOverflow(legacy_overflows(
         events,
         &plan.accepted,
         &plan.legacy,
         current,
     ))
+    .into()
 }
 
 /// Refuses the batch if any event names a campaign owned by another user; `owners` maps each
@@ -192,7 +193,7 @@ pub(super) fn check_owners(
     if foreign.is_empty() {
         Ok(())
     } else {
-        Err(StorageError::CampaignOwnedByAnotherUser(foreign))
+        Err(Refusal::NotOwner(foreign).into())
     }
 }
 
@@ -770,7 +771,7 @@ mod tests {
         assert_eq!(claims[0].1.as_str(), "u1");
         let owners = HashMap::from([("c1".to_owned(), "u1".to_owned())]);
         match check_owners(&events, &owners) {
-            Err(StorageError::CampaignOwnedByAnotherUser(bad)) => assert_eq!(bad[0].0, 1),
+            Err(StorageError::Refused(Refusal::NotOwner(bad))) => assert_eq!(bad[0].0, 1),
             other => panic!("expected an ownership error, got {other:?}"),
         }
     }

@@ -1,4 +1,7 @@
 use crate::domain::{CampaignId, EventType, TotalOverflow};
+use crate::migration::TransitionRefused;
+use crate::migration::ambiguous::ResolveRefused;
+use crate::rollout::RolloutRefused;
 
 /// One legacy count a write would take past what its `int` column holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,28 +17,38 @@ pub struct LegacyOverflow {
 
 pub use crate::domain::LEGACY_COLUMN_MAX;
 
-/// What can go wrong in the storage layer.
+/// Why a rule refused work that storage checks inside the same transaction as the change
+/// (ownership, the legacy column's range, the phase machine, a resolution, a rollout
+/// change's preconditions): the refusals of the rules, carried up unchanged.
 #[derive(Debug, thiserror::Error)]
-pub enum StorageError {
+pub enum Refusal {
     /// Events of a batch name campaigns that belong to other users: `(index in the batch,
     /// campaign)` for each.
     #[error("campaigns owned by another user at batch positions {0:?}")]
-    CampaignOwnedByAnotherUser(Vec<(usize, CampaignId)>),
-    /// The batch would take legacy counts past [`LEGACY_COLUMN_MAX`]; nothing was stored.
+    NotOwner(Vec<(usize, CampaignId)>),
+    /// The batch would take legacy counts past [`LEGACY_COLUMN_MAX`].
     #[error("legacy counts would overflow: {0:?}")]
     LegacyOverflow(Vec<LegacyOverflow>),
+    /// The migration phase cannot move as asked.
+    #[error(transparent)]
+    Transition(#[from] TransitionRefused),
+    /// A resolution of ambiguous rows cannot be applied as asked.
+    #[error(transparent)]
+    Resolve(#[from] ResolveRefused),
+    /// The rollout cannot change as asked.
+    #[error(transparent)]
+    Rollout(#[from] RolloutRefused),
+}
+
+/// What can go wrong in the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A rule refused the work inside its transaction; nothing of it was stored.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// A total passes the range the service or the database sums in (64 bits).
     #[error("a total is out of range: {0}")]
     OutOfRange(String),
-    /// The migration phase cannot move as asked.
-    #[error(transparent)]
-    TransitionRefused(#[from] crate::migration::TransitionRefused),
-    /// A resolution of ambiguous rows cannot be applied as asked; nothing was resolved.
-    #[error(transparent)]
-    ResolveRefused(#[from] crate::migration::ambiguous::ResolveRefused),
-    /// The rollout cannot change as asked.
-    #[error(transparent)]
-    RolloutRefused(#[from] crate::rollout::RolloutRefused),
     /// The database holds a value this version cannot read (e.g. an unknown phase name).
     #[error("unreadable stored data: {0}")]
     Corrupt(String),
@@ -77,6 +90,24 @@ impl From<sqlx::Error> for StorageError {
         } else {
             StorageError::Internal(error)
         }
+    }
+}
+
+impl From<TransitionRefused> for StorageError {
+    fn from(refused: TransitionRefused) -> Self {
+        StorageError::Refused(refused.into())
+    }
+}
+
+impl From<ResolveRefused> for StorageError {
+    fn from(refused: ResolveRefused) -> Self {
+        StorageError::Refused(refused.into())
+    }
+}
+
+impl From<RolloutRefused> for StorageError {
+    fn from(refused: RolloutRefused) -> Self {
+        StorageError::Refused(refused.into())
     }
 }
 

@@ -34,7 +34,7 @@ use crate::migration::{
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
 pub use bounded::Bounded;
-pub use error::{LEGACY_COLUMN_MAX, LegacyOverflow, StorageError};
+pub use error::{LEGACY_COLUMN_MAX, LegacyOverflow, Refusal, StorageError};
 pub use postgres::{PostgresStore, disable_nagle};
 pub use sqlite::SqliteStore;
 
@@ -136,7 +136,7 @@ pub trait EventStore: Database {
     /// writes (read in that same transaction): either every event is stored (or recognised
     /// as a duplicate by its idempotency key) everywhere it belongs, or nothing is.
     ///
-    /// Refuses the whole batch with [`StorageError::CampaignOwnedByAnotherUser`] when an event
+    /// Refuses the whole batch with [`Refusal::NotOwner`] when an event
     /// names a campaign that belongs to another user; a campaign belongs to the first user
     /// that records an event for it, or to its user in the legacy table.
     ///

@@ -479,7 +479,7 @@ async fn claim(
     })
 }
 
-/// Applies `plan` in one statement; refuses the batch with [`StorageError::LegacyOverflow`]
+/// Applies `plan` in one statement; refuses the batch with [`Refusal::LegacyOverflow`](super::Refusal::LegacyOverflow)
 /// when a legacy count would pass its `int` column.
 async fn apply(
     tx: &mut sqlx::PgConnection,

@@ -276,7 +276,7 @@ async fn add_to_rollups(
 }
 
 /// Adds the events the legacy table has columns for to its `(campaign, day)` rows; refuses
-/// the batch with [`StorageError::LegacyOverflow`] when a count would pass its `int` column
+/// the batch with [`Refusal::LegacyOverflow`](super::Refusal::LegacyOverflow) when a count would pass its `int` column
 /// (SQLite would store it, PostgreSQL could not: both refuse alike).
 async fn add_to_legacy(
     tx: &mut sqlx::SqliteConnection,
