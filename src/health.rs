@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -39,8 +40,23 @@ pub async fn check_once<S: Store>(
     status
 }
 
-/// Re-checks the database every `interval`, forever; the server aborts it at shutdown.
+/// Re-checks the database every `interval` until `stop` turns true (a check under way is
+/// dropped), so that no check can publish SERVING after the server has said NOT_SERVING.
 pub async fn watch_database<S: Store>(
+    store: std::sync::Arc<S>,
+    reporter: HealthReporter,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let checks = keep_checking(store, reporter, interval);
+    tokio::select! {
+        () = checks => {}
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+}
+
+/// Checks every `interval`, forever.
+async fn keep_checking<S: Store>(
     store: std::sync::Arc<S>,
     reporter: HealthReporter,
     interval: Duration,

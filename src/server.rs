@@ -1,13 +1,16 @@
 //! Wires the services, health, reflection and the tower layer stack into one server.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
@@ -97,6 +100,14 @@ const DESCRIPTOR_SETS: [&[u8]; 5] = [
     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
 ];
 
+/// Every API service with the same limits: requests up to [`grpc::MAX_MESSAGE_BYTES`].
+/// (Each generated server type has its own setter, so no shared trait can do it.)
+macro_rules! with_limits {
+    ($service:expr) => {
+        $service.max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+    };
+}
+
 /// Why a server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -118,129 +129,194 @@ pub async fn launch<S: Store>(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), LaunchError> {
-    let Listeners {
-        grpc: listener,
-        metrics: metrics_listener,
-    } = listeners.into();
-    store.migrate().await?;
-    // From here on every storage call is bounded by the statement timeout.
-    let store = Arc::new(Bounded::new(store));
-    let rollout = RolloutView::load(store.as_ref()).await?;
-    let metrics = Arc::new(ServerMetrics::new(&DESCRIPTOR_SETS));
-    let metrics_endpoint = metrics_listener.map(|listener| {
-        MetricsEndpoint::start(listener, Arc::clone(&metrics), rollout.clone(), &store)
-    });
+    Application::build(listeners, store, config)
+        .await?
+        .run_until_stopped(shutdown)
+        .await
+}
 
-    let jobs = Jobs::default();
-    {
-        let (view, store) = (rollout.clone(), Arc::clone(&store));
-        let every = config.rollout_refresh_interval;
-        jobs.spawn(move |stop| view.keep_fresh(store, every, stop));
+/// A server ready to answer: its database migrated, its rollout loaded, its tasks started
+/// and its services built, on a bound listener (so that tests can use port 0).
+pub struct Application<S: Store> {
+    grpc: TcpListener,
+    routes: Routes,
+    running: Running<S>,
+    config: ServerConfig,
+}
+
+/// What a running server stops, in order, at shutdown.
+struct Running<S: Store> {
+    store: Arc<Bounded<S>>,
+    jobs: Jobs,
+    group_commit: GroupCommit,
+    health: HealthReporter,
+    metrics: Arc<ServerMetrics>,
+    metrics_endpoint: Option<MetricsEndpoint>,
+}
+
+impl<S: Store> Application<S> {
+    /// Migrates `store`, loads the rollout, starts the background tasks (rollout refresh,
+    /// health checks, the write queue, the metrics endpoint) and builds the services.
+    pub async fn build(
+        listeners: impl Into<Listeners>,
+        store: S,
+        config: ServerConfig,
+    ) -> Result<Self, LaunchError> {
+        let Listeners { grpc, metrics } = listeners.into();
+        store.migrate().await?;
+        // From here on every storage call is bounded by the statement timeout.
+        let store = Arc::new(Bounded::new(store));
+        let view = RolloutView::load(store.as_ref()).await?;
+        let server_metrics = Arc::new(ServerMetrics::new(&DESCRIPTOR_SETS));
+        let metrics_endpoint = metrics.map(|listener| {
+            MetricsEndpoint::start(listener, Arc::clone(&server_metrics), view.clone(), &store)
+        });
+        let jobs = Jobs::default();
+        {
+            let (view, store) = (view.clone(), Arc::clone(&store));
+            let every = config.rollout_refresh_interval;
+            jobs.spawn(move |stop| view.keep_fresh(store, every, stop));
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health::check_once(store.as_ref(), &health, config.health_check_interval).await;
+        {
+            let (store, health) = (Arc::clone(&store), health.clone());
+            let every = config.health_check_interval;
+            jobs.spawn_serving(move |stop| health::watch_database(store, health, every, stop));
+        }
+        let group_commit = GroupCommit::start(
+            Arc::clone(&store),
+            config.group_commit,
+            &jobs,
+            Arc::clone(&server_metrics),
+        );
+        let mut routes = Routes::builder();
+        routes
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(with_limits!(StatsServiceServer::new(StatsApi::new(
+                Stats::new(
+                    Arc::clone(&store),
+                    view.clone(),
+                    Arc::clone(&server_metrics),
+                    group_commit.clone(),
+                )
+            ))))
+            .add_service(with_limits!(RolloutServiceServer::new(RolloutApi::new(
+                Rollout::new(Arc::clone(&store), view.clone(), jobs.clone())
+            ))))
+            .add_service(with_limits!(MigrationServiceServer::new(
+                MigrationApi::new(Migration::new(Arc::clone(&store), jobs.clone(), view))
+            )));
+        Ok(Self {
+            grpc,
+            routes: routes.routes(),
+            running: Running {
+                store,
+                jobs,
+                group_commit,
+                health,
+                metrics: server_metrics,
+                metrics_endpoint,
+            },
+            config,
+        })
     }
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    health::check_once(store.as_ref(), &reporter, config.health_check_interval).await;
-    let health_task = tokio::spawn(health::watch_database(
-        Arc::clone(&store),
-        reporter.clone(),
-        config.health_check_interval,
-    ));
 
-    // Both reflection versions describe everything served, themselves included, plus
-    // `google.rpc.BadRequest` so that clients can decode error details.
-    let reflection = || {
-        DESCRIPTOR_SETS.into_iter().fold(
-            tonic_reflection::server::Builder::configure().include_reflection_service(false),
-            tonic_reflection::server::Builder::register_encoded_file_descriptor_set,
-        )
-    };
-    let group_commit = GroupCommit::start(
-        Arc::clone(&store),
-        config.group_commit,
-        &jobs,
-        Arc::clone(&metrics),
-    );
-    let stats = StatsServiceServer::new(StatsApi::new(Stats::new(
-        Arc::clone(&store),
-        rollout.clone(),
-        Arc::clone(&metrics),
-        group_commit.clone(),
-    )))
-    .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES);
-
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving gRPC");
+    /// Where the gRPC API answers.
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc.local_addr()
     }
-    let stopping = tokio::sync::Notify::new();
-    let health_checks = health_task.abort_handle();
-    let shutdown = async {
-        shutdown.await;
-        // Single events in flight are written at once, not after their window.
-        group_commit.hurry();
-        // Stop the checks and wait until they have stopped, so that none of them can set
-        // SERVING again after the NOT_SERVING below.
-        health_task.abort();
-        let _ = health_task.await;
-        // Tell watchers and load balancers first, then stop accepting.
+
+    /// Serves until `shutdown` completes, then stops: see [`Running::begin_shutdown`] and
+    /// [`Running::finish`]. Calls still open [`ServerConfig::shutdown_grace`] after shutdown
+    /// began are closed.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), LaunchError> {
+        let Self {
+            grpc,
+            routes,
+            running,
+            config,
+        } = self;
+        if let Ok(addr) = grpc.local_addr() {
+            tracing::info!(%addr, "serving gRPC");
+        }
+        let grace = config.shutdown_grace;
+        let began = tokio::sync::Notify::new();
+        let shutdown = async {
+            shutdown.await;
+            running.begin_shutdown(grace).await;
+            began.notify_one();
+        };
+        let grace_over = async {
+            began.notified().await;
+            tokio::time::sleep(grace).await;
+            tracing::warn!(?grace, "calls still open after the grace period are closed");
+        };
+        // The builder's TCP options only apply to listeners it binds itself: set them here.
+        let incoming = TcpIncoming::from(grpc)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
+        let server = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .max_concurrent_streams(HTTP2_MAX_STREAMS)
+            .layer(trace_layer())
+            .layer(RpcMetricsLayer::new(Arc::clone(&running.metrics)))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, shutdown);
+        let served = tokio::select! {
+            served = server => served,
+            () = grace_over => Ok(()),
+        };
+        let finished = running.finish(grace).await;
+        served?;
+        finished
+    }
+}
+
+impl<S: Store> Running<S> {
+    /// The first half of shutdown, before the server stops accepting calls: single events
+    /// queued are written at once; health checks stop and every service turns NOT_SERVING, so
+    /// that watchers and load balancers move away first; watch streams end.
+    async fn begin_shutdown(&self, grace: Duration) {
+        self.group_commit.hurry();
+        // The checks have stopped once this returns: none of them can set SERVING again.
+        self.jobs.drain(grace).await;
         for service in health::HEALTH_SERVICES {
-            reporter
+            self.health
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
-        stopping.notify_one();
-    };
-    let grace_over = async {
-        stopping.notified().await;
-        tokio::time::sleep(config.shutdown_grace).await;
-        tracing::warn!(grace = ?config.shutdown_grace, "calls still open after the grace period are closed");
-    };
-    // The builder's TCP options only apply to listeners it binds itself: set them here.
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    let server = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-        .max_concurrent_streams(HTTP2_MAX_STREAMS)
-        .layer(trace_layer())
-        .layer(RpcMetricsLayer::new(Arc::clone(&metrics)))
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .add_service(stats)
-        .add_service(
-            RolloutServiceServer::new(RolloutApi::new(Rollout::new(
-                Arc::clone(&store),
-                rollout.clone(),
-            )))
-            .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            MigrationServiceServer::new(MigrationApi::new(Migration::new(
-                Arc::clone(&store),
-                jobs.clone(),
-                rollout.clone(),
-            )))
-            .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown);
-    let served = tokio::select! {
-        served = server => served,
-        () = grace_over => Ok(()),
-    };
+    }
 
-    health_checks.abort();
-    // Background runs stop after their current batch; a stopped backfill resumes later.
-    jobs.stop(config.shutdown_grace).await;
-    // Metrics are served until the very end, so the last scrape sees the shutdown.
-    let metrics_served = match metrics_endpoint {
-        Some(endpoint) => endpoint.stop().await,
-        None => Ok(()),
-    };
-    store.close().await;
-    tracing::info!("server stopped");
-    served?;
-    metrics_served
+    /// The second half, once no call is in flight: background work stops after its current
+    /// step (the write queue writes what is queued; a backfill resumes on the next start),
+    /// the metrics endpoint last (so that the last scrape sees the shutdown), then the pools.
+    async fn finish(self, grace: Duration) -> Result<(), LaunchError> {
+        self.jobs.stop(grace).await;
+        let metrics_served = match self.metrics_endpoint {
+            Some(endpoint) => endpoint.stop().await,
+            None => Ok(()),
+        };
+        self.store.close().await;
+        tracing::info!("server stopped");
+        metrics_served
+    }
+}
+
+/// Both reflection versions describe everything served, themselves included, plus
+/// `google.rpc.BadRequest` so that clients can decode error details.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    DESCRIPTOR_SETS.into_iter().fold(
+        tonic_reflection::server::Builder::configure().include_reflection_service(false),
+        tonic_reflection::server::Builder::register_encoded_file_descriptor_set,
+    )
 }
 
 /// The Prometheus endpoint, running beside the gRPC server.

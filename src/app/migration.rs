@@ -1,11 +1,12 @@
 //! The storage migration: read and move the phase, run backfills and verifies, resolve
 //! ambiguous rows, report sizes.
 
-use crate::domain::DateRange;
+use crate::domain::{DateRange, ValidationError, echo};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::storage::{RunIssues, StorageError, Store, TableSize};
+use futures::Stream;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,13 +34,85 @@ impl<S> Clone for Migration<S> {
     }
 }
 
+/// Where a [`Migration::watch_run`] stands.
+struct RunWatch<S> {
+    migration: Migration<S>,
+    run_id: String,
+    ticker: tokio::time::Interval,
+    /// The state last sent.
+    last: Option<Run>,
+    /// A state read and not yet sent.
+    next: Option<Run>,
+    ended: bool,
+}
+
+impl<S: Store> RunWatch<S> {
+    /// The next change of the run, and the watch after it; `None` once it has ended.
+    async fn step(mut self) -> Option<(Result<Run, AppError>, Self)> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            if let Some(run) = self
+                .next
+                .take()
+                .filter(|run| self.last.as_ref() != Some(run))
+            {
+                self.ended = run.state.is_final();
+                self.last = Some(run.clone());
+                return Some((Ok(run), self));
+            }
+            self.ticker.tick().await;
+            match self.migration.run(&self.run_id).await {
+                Ok(run) => self.next = Some(run),
+                Err(error) => {
+                    self.ended = true;
+                    return Some((Err(error), self));
+                }
+            }
+        }
+    }
+}
+
+/// The error for a run id that names no run.
+fn unknown_run(run_id: &str) -> AppError {
+    AppError::NotFound(format!("no run {}", echo(run_id)))
+}
+
+/// Reported rows a run report lists.
+pub const REPORT_ISSUES: u32 = 1_000;
+
+/// How often [`Migration::watch_run`] looks at the run.
+pub const WATCH_RUN_EVERY: Duration = Duration::from_millis(200);
+
 /// A backfill's settings.
 #[derive(Debug, Clone)]
 pub struct BackfillRequest {
     pub actor: String,
     pub dry_run: bool,
+    /// Legacy rows per batch (one transaction each); 0 means [`DEFAULT_BATCH_SIZE`].
     pub batch_size: u32,
+    /// Pause between batches.
     pub throttle: Duration,
+}
+
+/// Most rows one backfill batch may read.
+pub const MAX_BATCH_SIZE: u32 = 50_000;
+/// Batch size when the request leaves it 0.
+pub const DEFAULT_BATCH_SIZE: u32 = 1_000;
+
+impl BackfillRequest {
+    /// The batch size to run with: the default for 0, refused past [`MAX_BATCH_SIZE`].
+    fn checked_batch_size(&self) -> Result<u32, ValidationError> {
+        match self.batch_size {
+            0 => Ok(DEFAULT_BATCH_SIZE),
+            n if n > MAX_BATCH_SIZE => Err(ValidationError::single(
+                "batch_size",
+                format!("must be at most {MAX_BATCH_SIZE}, got {n}"),
+            )),
+            n => Ok(n),
+        }
+    }
 }
 
 /// Why a backfill did not start.
@@ -93,7 +166,8 @@ impl<S: Store> Migration<S> {
     }
 
     /// Starts (or resumes) a backfill in the background and returns it as recorded.
-    pub async fn start_backfill(&self, request: BackfillRequest) -> Result<Run, AppError> {
+    pub async fn start_backfill(&self, mut request: BackfillRequest) -> Result<Run, AppError> {
+        request.batch_size = request.checked_batch_size()?;
         let phase = self.store.phase().await?.phase;
         if !request.dry_run && !(Phase::DualWrite..=Phase::NewPrimary).contains(&phase) {
             return Err(StartRefused::WrongPhase(phase).into());
@@ -191,21 +265,40 @@ impl<S: Store> Migration<S> {
     }
 
     /// A run by id.
-    pub async fn run(&self, run_id: &str) -> Result<Option<Run>, AppError> {
-        self.store.run(run_id).await.map_err(AppError::from)
+    pub async fn run(&self, run_id: &str) -> Result<Run, AppError> {
+        self.store
+            .run(run_id)
+            .await?
+            .ok_or_else(|| unknown_run(run_id))
     }
 
-    /// A run with the rows it reported (at most `limit`).
-    pub async fn report(
+    /// A run with the rows it reported (at most [`REPORT_ISSUES`]).
+    pub async fn report(&self, run_id: &str) -> Result<(Run, RunIssues), AppError> {
+        let run = self.run(run_id).await?;
+        let issues = self.store.run_issues(run_id, REPORT_ISSUES).await?;
+        Ok((run, issues))
+    }
+
+    /// The run as it changes, looked at every [`WATCH_RUN_EVERY`]: its state now, then each
+    /// change, ending after its final state (or when the server drains).
+    pub async fn watch_run(
         &self,
         run_id: &str,
-        limit: u32,
-    ) -> Result<Option<(Run, RunIssues)>, AppError> {
-        let Some(run) = self.store.run(run_id).await? else {
-            return Ok(None);
+    ) -> Result<impl Stream<Item = Result<Run, AppError>> + Send + 'static, AppError> {
+        let first = self.run(run_id).await?;
+        let mut ticker = tokio::time::interval(WATCH_RUN_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watch = RunWatch {
+            migration: self.clone(),
+            run_id: run_id.to_owned(),
+            ticker,
+            last: None,
+            next: Some(first),
+            ended: false,
         };
-        let issues = self.store.run_issues(run_id, limit).await?;
-        Ok(Some((run, issues)))
+        Ok(self
+            .jobs
+            .until_drained(futures::stream::unfold(watch, RunWatch::step)))
     }
 
     pub async fn state(&self) -> Result<PhaseState, AppError> {

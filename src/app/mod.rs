@@ -7,6 +7,7 @@
 
 mod error;
 mod group_commit;
+mod jobs;
 mod migration;
 mod rollout;
 mod rollout_view;
@@ -15,11 +16,12 @@ mod stats;
 
 pub use error::AppError;
 pub use group_commit::{GroupCommit, GroupCommitSettings, IngestError};
+pub use jobs::Jobs;
 pub use migration::{
-    BackfillRequest, LEGACY_TABLES, MAX_TRANSITIONS_LISTED, Migration, NEW_TABLES, STALE_RUN_AFTER,
-    StartRefused, StorageReport, VERIFY_SAMPLE,
+    BackfillRequest, DEFAULT_BATCH_SIZE, LEGACY_TABLES, MAX_BATCH_SIZE, MAX_TRANSITIONS_LISTED,
+    Migration, NEW_TABLES, STALE_RUN_AFTER, StartRefused, StorageReport, VERIFY_SAMPLE,
 };
 pub use rollout::Rollout;
 pub use rollout_view::RolloutView;
-pub use runner::{Jobs, run_backfill};
+pub use runner::run_backfill;
 pub use stats::{STREAM_CHUNK_EVENTS, Stats, StreamFailure, StreamRecorded};

@@ -4,13 +4,16 @@ use crate::rollout::{Applied, AuditEntry, Decision, RolloutChange};
 use crate::storage::Store;
 use std::sync::Arc;
 
-use super::{AppError, RolloutView};
+use super::{AppError, Jobs, RolloutView};
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
 
 /// The rollout use cases: read, change, evaluate, audit.
 #[derive(Debug)]
 pub struct Rollout<S> {
     store: Arc<S>,
     view: RolloutView,
+    jobs: Jobs,
 }
 
 impl<S> Clone for Rollout<S> {
@@ -18,13 +21,15 @@ impl<S> Clone for Rollout<S> {
         Self {
             store: Arc::clone(&self.store),
             view: self.view.clone(),
+            jobs: self.jobs.clone(),
         }
     }
 }
 
 impl<S: Store> Rollout<S> {
-    pub fn new(store: Arc<S>, view: RolloutView) -> Self {
-        Self { store, view }
+    /// The use cases over `store`, applying `view`; watches end when `jobs` drain.
+    pub fn new(store: Arc<S>, view: RolloutView, jobs: Jobs) -> Self {
+        Self { store, view, jobs }
     }
 
     /// The rollout this replica applies.
@@ -79,8 +84,34 @@ impl<S: Store> Rollout<S> {
             .map_err(AppError::from)
     }
 
-    /// Every state this replica applies from now on.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Applied>> {
-        self.view.subscribe()
+    /// The state this replica applies now, then each different state it applies, until the
+    /// server drains. A watcher too slow to see every change gets where things stand.
+    pub fn watch(&self) -> impl Stream<Item = Result<Arc<Applied>, AppError>> + Send + 'static {
+        // Subscribe before reading the current state, so that no change falls in between.
+        let changes = self.view.subscribe();
+        let first = self.view.current();
+        let view = self.view.clone();
+        let states = futures::stream::unfold(
+            (changes, None::<Arc<Applied>>, Some(first)),
+            move |(mut changes, last, first)| {
+                let view = view.clone();
+                async move {
+                    if let Some(first) = first {
+                        return Some((Ok(Arc::clone(&first)), (changes, Some(first), None)));
+                    }
+                    loop {
+                        let next = match changes.recv().await {
+                            Ok(next) => next,
+                            Err(RecvError::Lagged(_)) => view.current(),
+                            Err(RecvError::Closed) => return None,
+                        };
+                        if last.as_deref() != Some(&*next) {
+                            return Some((Ok(Arc::clone(&next)), (changes, Some(next), None)));
+                        }
+                    }
+                }
+            },
+        );
+        self.jobs.until_drained(states)
     }
 }

@@ -106,7 +106,11 @@ impl RolloutView {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Pushed changes (where the backend has them) arrive at once; polling heals the rest.
-        let mut pushed = store.change_signal();
+        // The feed runs inside this loop, so that it stops where the loop does.
+        let (mut pushed, mut listen) = match store.change_feed() {
+            Some(feed) => (Some(feed.changes), Some(feed.listen)),
+            None => (None, None),
+        };
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -120,6 +124,12 @@ impl RolloutView {
                         pushed = None;
                     }
                 }
+                () = async {
+                    match listen.as_mut() {
+                        Some(listen) => listen.await,
+                        None => std::future::pending().await,
+                    }
+                } => listen = None,
                 _ = stop.changed() => return,
             }
             if *stop.borrow() {

@@ -1,57 +1,16 @@
 //! Background runs: a backfill is a loop around one batch ([`CutoverStore::backfill_batch`]),
-//! run as a task the server stops cleanly at shutdown.
+//! run as a job the server stops cleanly at shutdown ([`super::Jobs`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use crate::migration::{Run, RunState};
 use crate::storage::{CutoverStore, RunStore};
 
 /// How often a failing batch is retried when the failure is transient.
 const TRANSIENT_RETRIES: u32 = 5;
-
-/// The background runs of one server: started by RPCs, stopped together at shutdown.
-#[derive(Debug, Clone)]
-pub struct Jobs {
-    stop: watch::Sender<bool>,
-    tasks: Arc<Mutex<JoinSet<()>>>,
-}
-
-impl Default for Jobs {
-    fn default() -> Self {
-        Self {
-            stop: watch::channel(false).0,
-            tasks: Arc::new(Mutex::new(JoinSet::new())),
-        }
-    }
-}
-
-impl Jobs {
-    /// Runs `job` in the background; it gets a receiver that turns `true` at shutdown.
-    pub fn spawn<F>(&self, job: impl FnOnce(watch::Receiver<bool>) -> F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let future = job(self.stop.subscribe());
-        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        // Forget finished tasks so the set does not grow.
-        while tasks.try_join_next().is_some() {}
-        tasks.spawn(future);
-    }
-
-    /// Asks every job to stop after its current step and waits for them, at most `grace`.
-    pub async fn stop(&self, grace: Duration) {
-        self.stop.send_replace(true);
-        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        let all_done = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(grace, all_done).await.is_err() {
-            tracing::warn!("background runs still going after the grace period are aborted");
-        }
-    }
-}
 
 /// Runs a backfill from its checkpoint to the end, one batch (one transaction) at a time,
 /// pausing `throttle` between batches. Stops with `cancelled` (resumable) when `stop` turns

@@ -174,7 +174,7 @@ pub struct BackfillArgs {
     pub dry_run: bool,
     /// Legacy rows per batch (one transaction each), 1 to 50,000.
     #[arg(long, default_value_t = 1_000,
-          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::grpc::MAX_BATCH_SIZE)))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::app::MAX_BATCH_SIZE)))]
     pub batch_size: u32,
     /// Pause between batches, in milliseconds.
     #[arg(long, default_value_t = 0)]

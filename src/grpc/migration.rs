@@ -7,8 +7,7 @@ use super::proto::migration_service_server::MigrationService;
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use futures::{Stream, StreamExt};
 
 use super::convert::{audit, both_valid};
 use super::proto::{
@@ -112,15 +111,6 @@ fn transition_to_proto(transition: Transition) -> PhaseTransition {
         forced: transition.forced,
     }
 }
-
-/// Most rows one backfill batch may read.
-pub const MAX_BATCH_SIZE: u32 = 50_000;
-/// Batch size when the request leaves it 0.
-pub const DEFAULT_BATCH_SIZE: u32 = 1_000;
-/// Reported rows a run report lists.
-const REPORT_ISSUES: u32 = 1_000;
-/// How often `WatchRun` looks at the run.
-const WATCH_EVERY: Duration = Duration::from_millis(200);
 
 fn run_to_proto(run: Run) -> proto::Run {
     proto::Run {
@@ -322,10 +312,6 @@ fn actor(value: String) -> Result<String, ValidationError> {
     parse_actor(value).map_err(|violation| ValidationError::from_failures([Some(violation)]))
 }
 
-fn unknown_run(run_id: &str) -> Status {
-    AppError::NotFound(format!("no run {}", crate::domain::echo(run_id))).into()
-}
-
 /// The stream of `WatchRun`.
 pub type RunStream = Pin<Box<dyn Stream<Item = Result<proto::Run, Status>> + Send>>;
 
@@ -338,24 +324,13 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         request: Request<StartBackfillRequest>,
     ) -> Result<Response<StartBackfillResponse>, Status> {
         let request = request.into_inner();
-        let batch_size = match request.batch_size {
-            0 => DEFAULT_BATCH_SIZE,
-            n if n > MAX_BATCH_SIZE => {
-                return Err(ValidationError::single(
-                    "batch_size",
-                    format!("must be at most {MAX_BATCH_SIZE}, got {n}"),
-                )
-                .into());
-            }
-            n => n,
-        };
         let actor = actor(request.actor)?;
         let run = self
             .migration
             .start_backfill(BackfillRequest {
                 actor,
                 dry_run: request.dry_run,
-                batch_size,
+                batch_size: request.batch_size,
                 throttle: Duration::from_millis(u64::from(request.throttle_ms)),
             })
             .await?;
@@ -428,12 +403,7 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         &self,
         request: Request<GetRunRequest>,
     ) -> Result<Response<proto::Run>, Status> {
-        let run_id = run_id(request.into_inner())?;
-        let run = self
-            .migration
-            .run(&run_id)
-            .await?
-            .ok_or_else(|| unknown_run(&run_id))?;
+        let run = self.migration.run(&run_id(request.into_inner())?).await?;
         Ok(Response::new(run_to_proto(run)))
     }
 
@@ -441,12 +411,10 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         &self,
         request: Request<GetRunRequest>,
     ) -> Result<Response<RunReport>, Status> {
-        let run_id = run_id(request.into_inner())?;
         let (run, issues) = self
             .migration
-            .report(&run_id, REPORT_ISSUES)
-            .await?
-            .ok_or_else(|| unknown_run(&run_id))?;
+            .report(&run_id(request.into_inner())?)
+            .await?;
         Ok(Response::new(RunReport {
             run: Some(run_to_proto(run)),
             ambiguous: issues.issues.into_iter().map(issue_to_proto).collect(),
@@ -460,41 +428,10 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         request: Request<GetRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let run_id = run_id(request.into_inner())?;
-        let first = self
-            .migration
-            .run(&run_id)
-            .await?
-            .ok_or_else(|| unknown_run(&run_id))?;
-        let migration = self.migration.clone();
-        let (updates, stream) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut last: Option<Run> = None;
-            let mut current = Some(first);
-            let mut ticker = tokio::time::interval(WATCH_EVERY);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                if let Some(run) = current.take().filter(|run| last.as_ref() != Some(run)) {
-                    let finished = run.state.is_final();
-                    if updates.send(Ok(run_to_proto(run.clone()))).await.is_err() || finished {
-                        return; // the watcher left, or the run ended
-                    }
-                    last = Some(run);
-                }
-                ticker.tick().await;
-                current = match migration.run(&run_id).await {
-                    Ok(Some(run)) => Some(run),
-                    Ok(None) => {
-                        let _ = updates.send(Err(unknown_run(&run_id))).await;
-                        return;
-                    }
-                    Err(error) => {
-                        let _ = updates.send(Err(error.into())).await;
-                        return;
-                    }
-                };
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+        let runs = self.migration.watch_run(&run_id).await?;
+        Ok(Response::new(Box::pin(
+            runs.map(|run| run.map(run_to_proto).map_err(Status::from)),
+        )))
     }
 
     async fn get_migration_state(

@@ -8,7 +8,7 @@ mod rollout;
 mod stats;
 
 pub use error::{MAX_STATUS_BYTES, status_header_bytes, status_of, write_status};
-pub use migration::{MAX_BATCH_SIZE, MigrationApi};
+pub use migration::MigrationApi;
 pub use rollout::RolloutApi;
 pub use stats::StatsApi;
 

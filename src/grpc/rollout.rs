@@ -1,10 +1,8 @@
 //! `stats.v1.RolloutService`: the rollout controller's API.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
-use futures::Stream;
-use tokio::sync::broadcast::error::RecvError;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert::{audit, both_valid};
@@ -285,34 +283,11 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         &self,
         _: Request<WatchRolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
-        // Subscribe before reading the current state, so that no change falls in between.
-        let mut changes = self.rollout.subscribe();
-        let first = self.rollout.current();
-        let rollout = self.rollout.clone();
-        let (updates, stream) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut last: Arc<Applied> = first;
-            if updates.send(Ok(rollout_to_proto(&last))).await.is_err() {
-                return;
-            }
-            loop {
-                let next = match changes.recv().await {
-                    Ok(next) => next,
-                    // Too slow to see each change: send where things stand now.
-                    Err(RecvError::Lagged(_)) => rollout.current(),
-                    Err(RecvError::Closed) => return,
-                };
-                if *next == *last {
-                    continue;
-                }
-                last = next;
-                if updates.send(Ok(rollout_to_proto(&last))).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(stream),
-        )))
+        let states = self.rollout.watch();
+        Ok(Response::new(Box::pin(states.map(|applied| {
+            applied
+                .map(|applied| rollout_to_proto(&applied))
+                .map_err(Status::from)
+        }))))
     }
 }

@@ -229,8 +229,8 @@ impl<S: Store> RolloutStore for Bounded<S> {
             .await
     }
 
-    fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.inner.change_signal()
+    fn change_feed(&self) -> Option<super::ChangeFeed> {
+        self.inner.change_feed()
     }
 }
 

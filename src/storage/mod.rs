@@ -40,6 +40,23 @@ pub use sqlite::SqliteStore;
 
 pub use crate::telemetry::PoolUse;
 
+/// Pushed notice of rollout and phase changes committed by any replica.
+pub struct ChangeFeed {
+    /// Ticks on every change, and on every reconnect (when changes may have been missed).
+    pub changes: tokio::sync::watch::Receiver<u64>,
+    /// Keeps the feed flowing: its reader drives it, and dropping it ends the feed. No task of
+    /// its own, so that it stops where its reader does.
+    pub listen: futures::future::BoxFuture<'static, ()>,
+}
+
+impl std::fmt::Debug for ChangeFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeFeed")
+            .field("changes", &*self.changes.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The use of `pool`, named `name`, for the metrics.
 pub(crate) fn pool_use<DB: sqlx::Database>(name: &'static str, pool: &sqlx::Pool<DB>) -> PoolUse {
     PoolUse {
@@ -308,9 +325,9 @@ pub trait RolloutStore: Database {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<AuditEntry>, StorageError>> + Send;
 
-    /// A signal that ticks whenever any replica commits a rollout or phase change, where the
+    /// A feed that ticks whenever any replica commits a rollout or phase change, where the
     /// backend can push one (PostgreSQL: LISTEN/NOTIFY). `None`: replicas rely on polling.
-    fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+    fn change_feed(&self) -> Option<ChangeFeed> {
         None
     }
 }

@@ -884,10 +884,12 @@ impl RolloutStore for PostgresStore {
         Shared::<Postgres>::rollout_history(&self.pool, before_version, limit).await
     }
 
-    fn change_signal(&self) -> Option<watch::Receiver<u64>> {
+    fn change_feed(&self) -> Option<super::ChangeFeed> {
         let (signal, changes) = watch::channel(0);
-        tokio::spawn(listen_for_changes(self.pool.clone(), signal));
-        Some(changes)
+        Some(super::ChangeFeed {
+            changes,
+            listen: Box::pin(listen_for_changes(self.pool.clone(), signal)),
+        })
     }
 }
 

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use campaign_stats::grpc::proto::{EventType, RecordEventRequest};
+use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+use campaign_stats::grpc::proto::{EventType, RecordEventRequest, WatchRolloutRequest};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -15,6 +16,7 @@ use crate::common::{Backend, TestDb, campaign_metrics, event};
 
 crate::on_both_backends!(
     shutdown_tells_watchers_and_closes_open_streams,
+    shutdown_ends_open_rollout_watches_with_unavailable,
     health_is_serving_with_a_database,
     reflection_v1_and_v1alpha_list_every_service,
     migrate_command_creates_the_schema,
@@ -280,6 +282,31 @@ async fn shutdown_tells_watchers_and_closes_open_streams(db: TestDb) {
     // The watch stays open: the server must still stop, after its grace period at most.
     let stopping = tokio::spawn(server.stop());
     wait_for_health(&mut watch, ServingStatus::NotServing).await;
+    stopping.await.expect("the server stopped");
+}
+
+/// A `WatchRollout` open at shutdown ends at once with UNAVAILABLE saying why, so that its
+/// client watches again elsewhere instead of holding the server until its grace period ends.
+async fn shutdown_ends_open_rollout_watches_with_unavailable(db: TestDb) {
+    let server = db.start_server().await;
+    let mut rollout = RolloutServiceClient::new(server.channel().await);
+    let mut watch = rollout
+        .watch_rollout(WatchRolloutRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    watch
+        .message()
+        .await
+        .expect("the current rollout")
+        .expect("an item");
+    let stopping = tokio::spawn(server.stop());
+    let ended = watch
+        .message()
+        .await
+        .expect_err("the watch ends with an error");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("shutting down"), "{ended:?}");
     stopping.await.expect("the server stopped");
 }
 
