@@ -21,7 +21,7 @@ pub use migration::{
     BackfillRequest, DEFAULT_BATCH_SIZE, LEGACY_TABLES, MAX_BATCH_SIZE, MAX_TRANSITIONS_LISTED,
     Migration, NEW_TABLES, STALE_RUN_AFTER, StartRefused, StorageReport, VERIFY_SAMPLE,
 };
-pub use rollout::Rollout;
+pub use rollout::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, Rollout, page_size};
 pub use rollout_view::RolloutView;
 pub use runner::run_backfill;
 pub use stats::{STREAM_CHUNK_EVENTS, Stats, StreamFailure, StreamRecorded};

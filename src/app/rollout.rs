@@ -1,5 +1,6 @@
 //! The read rollout: read it, change it, evaluate a user, read its audit.
 
+use crate::domain::{StorageSource, ValidationError, validate_id};
 use crate::rollout::{Applied, AuditEntry, Decision, RolloutChange};
 use crate::storage::Store;
 use std::sync::Arc;
@@ -7,6 +8,32 @@ use std::sync::Arc;
 use super::{AppError, Jobs, RolloutView};
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// Items of a page when the request leaves the size 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Most items of a page.
+pub const MAX_PAGE_SIZE: usize = 1_000;
+
+/// The page size a request asks for: 0 means [`DEFAULT_PAGE_SIZE`]; at most
+/// [`MAX_PAGE_SIZE`].
+pub fn page_size(requested: u32) -> usize {
+    match requested {
+        0 => DEFAULT_PAGE_SIZE,
+        n => (n as usize).min(MAX_PAGE_SIZE),
+    }
+}
+
+fn bad_token() -> AppError {
+    ValidationError::single("page_token", "is not a token this service gave").into()
+}
 
 /// The rollout use cases: read, change, evaluate, audit.
 #[derive(Debug)]
@@ -72,16 +99,61 @@ impl<S: Store> Rollout<S> {
         (decision, applied.rollout.config.version)
     }
 
-    /// Audited changes, newest first, older than `before_version` when given.
+    /// One page of the audited changes, newest first, after the page `page_token` (empty: the
+    /// first) ended; `page_size` as [`page_size`] reads it.
     pub async fn history(
         &self,
-        before_version: Option<u64>,
-        limit: u32,
-    ) -> Result<Vec<AuditEntry>, AppError> {
-        self.store
-            .rollout_history(before_version, limit)
-            .await
-            .map_err(AppError::from)
+        page_token: &str,
+        page_size: u32,
+    ) -> Result<Page<AuditEntry>, AppError> {
+        // A token is the version the previous page ended at.
+        let before = match page_token {
+            "" => None,
+            token => Some(token.parse::<u64>().map_err(|_| bad_token())?),
+        };
+        let size = self::page_size(page_size);
+        let changes = self.store.rollout_history(before, size as u32).await?;
+        let next_page_token = match changes.last() {
+            Some(last) if changes.len() == size && last.version > 1 => {
+                Some(last.version.to_string())
+            }
+            _ => None,
+        };
+        Ok(Page {
+            items: changes,
+            next_page_token,
+        })
+    }
+
+    /// One page of the users whose reads are pinned, by user id, after the page `page_token`
+    /// (empty: the first) ended; `page_size` as [`page_size`] reads it.
+    pub fn overrides(
+        &self,
+        page_token: &str,
+        page_size: u32,
+    ) -> Result<Page<(String, StorageSource)>, AppError> {
+        // A token is the user id the previous page ended at.
+        if !page_token.is_empty() && validate_id("page_token", page_token).is_err() {
+            return Err(bad_token());
+        }
+        let size = self::page_size(page_size);
+        let applied = self.view.current();
+        let mut users: Vec<(&String, &StorageSource)> = applied
+            .rollout
+            .overrides
+            .iter()
+            .filter(|(user, _)| page_token.is_empty() || user.as_str() > page_token)
+            .collect();
+        users.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let next_page_token = (users.len() > size).then(|| users[size - 1].0.clone());
+        Ok(Page {
+            items: users
+                .into_iter()
+                .take(size)
+                .map(|(user, source)| (user.clone(), *source))
+                .collect(),
+            next_page_token,
+        })
     }
 
     /// The state this replica applies now, then each different state it applies, until the
@@ -113,5 +185,17 @@ impl<S: Store> Rollout<S> {
             },
         );
         self.jobs.until_drained(states)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sizes_default_and_cap() {
+        assert_eq!(page_size(0), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_size(7), 7);
+        assert_eq!(page_size(u32::MAX), MAX_PAGE_SIZE);
     }
 }

@@ -78,15 +78,6 @@ fn source_to_proto(source: StorageSource) -> i32 {
     proto::StorageSource::from(source).into()
 }
 
-/// Page size: 0 means 100; at most 1,000.
-fn page_size(size: u32) -> usize {
-    if size == 0 {
-        100
-    } else {
-        size.min(1_000) as usize
-    }
-}
-
 impl<S: Store> RolloutApi<S> {
     /// The rollout changes' shared step: validates the audit fields beside the change's own
     /// (every bad field named at once), applies the change, and answers the rollout after it.
@@ -208,39 +199,19 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         request: Request<ListUserOverridesRequest>,
     ) -> Result<Response<ListUserOverridesResponse>, Status> {
         let request = request.into_inner();
-        // A token is a user id this service gave.
-        if !request.page_token.is_empty() && validate_id("page_token", &request.page_token).is_err()
-        {
-            return Err(
-                ValidationError::single("page_token", "is not a token this service gave").into(),
-            );
-        }
-        let size = page_size(request.page_size);
-        let applied = self.rollout.current();
-        let mut users: Vec<(&String, &StorageSource)> = applied
+        let page = self
             .rollout
-            .overrides
-            .iter()
-            .filter(|(user, _)| {
-                request.page_token.is_empty() || user.as_str() > request.page_token.as_str()
-            })
-            .collect();
-        users.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let next_page_token = if users.len() > size {
-            users[size - 1].0.clone()
-        } else {
-            String::new()
-        };
+            .overrides(&request.page_token, request.page_size)?;
         Ok(Response::new(ListUserOverridesResponse {
-            overrides: users
+            overrides: page
+                .items
                 .into_iter()
-                .take(size)
-                .map(|(user, source)| UserOverride {
-                    user_id: user.clone(),
-                    source: source_to_proto(*source),
+                .map(|(user_id, source)| UserOverride {
+                    user_id,
+                    source: source_to_proto(source),
                 })
                 .collect(),
-            next_page_token,
+            next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
 
@@ -249,21 +220,13 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         request: Request<ListRolloutHistoryRequest>,
     ) -> Result<Response<ListRolloutHistoryResponse>, Status> {
         let request = request.into_inner();
-        let before = if request.page_token.is_empty() {
-            None
-        } else {
-            Some(request.page_token.parse::<u64>().map_err(|_| {
-                ValidationError::single("page_token", "is not a token this service gave")
-            })?)
-        };
-        let size = page_size(request.page_size);
-        let changes = self.rollout.history(before, size as u32).await?;
-        let next_page_token = match changes.last() {
-            Some(last) if changes.len() == size && last.version > 1 => last.version.to_string(),
-            _ => String::new(),
-        };
+        let page = self
+            .rollout
+            .history(&request.page_token, request.page_size)
+            .await?;
         Ok(Response::new(ListRolloutHistoryResponse {
-            changes: changes
+            changes: page
+                .items
                 .into_iter()
                 .map(|c| proto::RolloutChange {
                     version: c.version,
@@ -275,7 +238,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
                     reason: c.reason,
                 })
                 .collect(),
-            next_page_token,
+            next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
 
