@@ -8,53 +8,149 @@ pub const LEGACY_COLUMN_MAX: i64 = i32::MAX as i64;
 /// Largest `count` one event may carry.
 pub const MAX_EVENT_COUNT: u32 = 1_000_000;
 
-/// The kinds of campaign events. The numbers are stored in the database: never renumber.
+/// The kinds of campaign events. What each is called where (its stored code, its rollup
+/// column, its legacy column) is in [`EVENT_TYPES`], in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EventType {
-    Sent = 1,
-    Opened = 2,
-    Clicked = 3,
-    Replied = 4,
-    PositiveReply = 5,
-    Bounced = 6,
+    Sent,
+    Opened,
+    Clicked,
+    Replied,
+    PositiveReply,
+    Bounced,
 }
 
+/// Every name one event type goes by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTypeNames {
+    pub event_type: EventType,
+    /// The code stored in the events table, and the value of the API's `EventType`: never
+    /// renumber.
+    pub code: i16,
+    /// Its name in the API's `EventType` (after `EVENT_TYPE_`).
+    pub api_name: &'static str,
+    /// The column of its totals in the rollup tables (`campaign_day_totals`,
+    /// `all_day_totals`), and the field of `Metrics` in the API.
+    pub column: &'static str,
+    /// Its column in the legacy table, if it has one.
+    pub legacy_column: Option<&'static str>,
+}
+
+/// The one table of event types, in [`EventType`] order: adding a type starts here, and the
+/// rest (codes, column lists, the legacy columns and their count) is derived from it.
+#[rustfmt::skip]
+pub const EVENT_TYPES: [EventTypeNames; 6] = [
+    //    the type                 code  API name          rollup column       legacy column
+    names(EventType::Sent,          1, "SENT",           "sent",             Some("sent")),
+    names(EventType::Opened,        2, "OPENED",         "opened",           Some("opened")),
+    names(EventType::Clicked,       3, "CLICKED",        "clicked",          None),
+    names(EventType::Replied,       4, "REPLIED",        "replied",          Some("replied")),
+    names(EventType::PositiveReply, 5, "POSITIVE_REPLY", "positive_replies", Some("positive_replies")),
+    names(EventType::Bounced,       6, "BOUNCED",        "bounced",          Some("bounced")),
+];
+
+const fn names(
+    event_type: EventType,
+    code: i16,
+    api_name: &'static str,
+    column: &'static str,
+    legacy_column: Option<&'static str>,
+) -> EventTypeNames {
+    EventTypeNames {
+        event_type,
+        code,
+        api_name,
+        column,
+        legacy_column,
+    }
+}
+
+/// How many event types have a legacy column.
+pub const LEGACY_COLUMN_COUNT: usize = {
+    let mut count = 0;
+    let mut i = 0;
+    while i < EVENT_TYPES.len() {
+        if EVENT_TYPES[i].legacy_column.is_some() {
+            count += 1;
+        }
+        i += 1;
+    }
+    count
+};
+
+/// The event types of the legacy table's columns, in column order.
+pub const LEGACY_COLUMNS: [EventType; LEGACY_COLUMN_COUNT] = {
+    let mut columns = [EventType::Sent; LEGACY_COLUMN_COUNT];
+    let (mut i, mut j) = (0, 0);
+    while i < EVENT_TYPES.len() {
+        if EVENT_TYPES[i].legacy_column.is_some() {
+            columns[j] = EVENT_TYPES[i].event_type;
+            j += 1;
+        }
+        i += 1;
+    }
+    columns
+};
+
+/// One count per legacy column, in [`LEGACY_COLUMNS`] order.
+pub type LegacyCounts = [i64; LEGACY_COLUMN_COUNT];
+
 impl EventType {
-    pub const ALL: [EventType; 6] = [
-        EventType::Sent,
-        EventType::Opened,
-        EventType::Clicked,
-        EventType::Replied,
-        EventType::PositiveReply,
-        EventType::Bounced,
-    ];
+    pub const ALL: [EventType; EVENT_TYPES.len()] = {
+        let mut all = [EventType::Sent; EVENT_TYPES.len()];
+        let mut i = 0;
+        while i < EVENT_TYPES.len() {
+            all[i] = EVENT_TYPES[i].event_type;
+            i += 1;
+        }
+        all
+    };
+
+    /// Its names.
+    pub fn names(self) -> &'static EventTypeNames {
+        &EVENT_TYPES[self.index()]
+    }
+
+    /// Its position in [`EVENT_TYPES`] (and in a rollup row's totals).
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     /// The stable code stored in the database.
     pub fn code(self) -> i16 {
-        self as i16
+        self.names().code
     }
 
     /// Whether the legacy table has a column for this type (all but `clicked`).
     pub fn in_legacy(self) -> bool {
-        self != EventType::Clicked
+        self.names().legacy_column.is_some()
+    }
+
+    /// Its position among the legacy columns, if it has one.
+    pub fn legacy_index(self) -> Option<usize> {
+        LEGACY_COLUMNS.iter().position(|t| *t == self)
     }
 
     /// The legacy table's column for this type (`clicked` has none and says so).
     pub fn legacy_column(self) -> &'static str {
-        match self {
-            EventType::Sent => "sent",
-            EventType::Opened => "opened",
-            EventType::Clicked => "clicked (no legacy column)",
-            EventType::Replied => "replied",
-            EventType::PositiveReply => "positive_replies",
-            EventType::Bounced => "bounced",
-        }
+        self.names()
+            .legacy_column
+            .unwrap_or("clicked (no legacy column)")
     }
 
     /// The type stored under `code`, if any.
     pub fn from_code(code: i16) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.code() == code)
     }
+}
+
+/// The rollup columns of every event type, in [`EVENT_TYPES`] order, comma-separated.
+pub fn rollup_columns() -> &'static str {
+    static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let columns: Vec<&str> = EVENT_TYPES.iter().map(|t| t.column).collect();
+        columns.join(", ")
+    });
+    &COLUMNS
 }
 
 /// The window of accepted `occurred_at` values: from 2000-01-01 to one day after `now`.
@@ -191,6 +287,28 @@ fn optional_id(field: &str, value: String) -> Result<Option<String>, FieldViolat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one test of the event-type table: codes as stored since the first schema, the
+    /// enum in table order, the legacy columns in the legacy table's order.
+    #[test]
+    fn the_event_type_table_keeps_codes_and_orders() {
+        let codes: Vec<i16> = EventType::ALL.iter().map(|t| t.code()).collect();
+        assert_eq!(codes, [1, 2, 3, 4, 5, 6]);
+        for (index, names) in EVENT_TYPES.iter().enumerate() {
+            assert_eq!(names.event_type.index(), index);
+            assert_eq!(EventType::from_code(names.code), Some(names.event_type));
+        }
+        assert_eq!(
+            LEGACY_COLUMNS.map(EventType::legacy_column),
+            ["sent", "opened", "replied", "positive_replies", "bounced"]
+        );
+        assert_eq!(EventType::Clicked.legacy_index(), None);
+        assert_eq!(EventType::Replied.legacy_index(), Some(2));
+        assert_eq!(
+            rollup_columns(),
+            "sent, opened, clicked, replied, positive_replies, bounced"
+        );
+    }
 
     fn raw() -> RawEvent {
         RawEvent {

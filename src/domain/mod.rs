@@ -10,7 +10,8 @@ mod text;
 mod validation;
 
 pub use event::{
-    Event, EventType, LEGACY_COLUMN_MAX, MAX_EVENT_COUNT, RawEvent, event_time_window,
+    EVENT_TYPES, Event, EventType, EventTypeNames, LEGACY_COLUMN_COUNT, LEGACY_COLUMN_MAX,
+    LEGACY_COLUMNS, LegacyCounts, MAX_EVENT_COUNT, RawEvent, event_time_window, rollup_columns,
 };
 pub use ids::{CampaignId, MAX_ID_BYTES, UserId, validate_id};
 pub use metrics::{Metrics, TotalOverflow};

@@ -12,16 +12,11 @@ use crate::domain::{
 };
 
 impl From<proto::EventType> for Option<EventType> {
+    /// The API's values are the stored codes of [`crate::domain::EVENT_TYPES`].
     fn from(value: proto::EventType) -> Self {
-        match value {
-            proto::EventType::Unspecified => None,
-            proto::EventType::Sent => Some(EventType::Sent),
-            proto::EventType::Opened => Some(EventType::Opened),
-            proto::EventType::Clicked => Some(EventType::Clicked),
-            proto::EventType::Replied => Some(EventType::Replied),
-            proto::EventType::PositiveReply => Some(EventType::PositiveReply),
-            proto::EventType::Bounced => Some(EventType::Bounced),
-        }
+        i16::try_from(i32::from(value))
+            .ok()
+            .and_then(EventType::from_code)
     }
 }
 
@@ -270,5 +265,29 @@ pub fn bucket_to_proto((start, metrics): (NaiveDate, Metrics)) -> proto::Bucket 
     proto::Bucket {
         bucket_start: start.format("%Y-%m-%d").to_string(),
         metrics: Some(metrics.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_api_event_type_is_one_of_the_table() {
+        let api: Vec<(&str, Option<EventType>)> = (0..=6)
+            .map(|value| {
+                let api = proto::EventType::try_from(value).expect("a value of the proto");
+                (api.as_str_name(), api.into())
+            })
+            .collect();
+        assert_eq!(api[0], ("EVENT_TYPE_UNSPECIFIED", None));
+        for (name, event_type) in &api[1..] {
+            let event_type = event_type.expect("a known type");
+            assert_eq!(name["EVENT_TYPE_".len()..], *event_type.names().api_name);
+        }
+        assert!(
+            proto::EventType::try_from(7).is_err(),
+            "a type the table lacks"
+        );
     }
 }

@@ -12,16 +12,9 @@
 use chrono::NaiveDate;
 
 use super::ambiguous::{Ambiguity, AmbiguityKind, Resolution, ResolveRefused};
-use crate::domain::{EventType, LEGACY_COLUMN_MAX};
+use crate::domain::{LEGACY_COLUMN_COUNT, LEGACY_COLUMN_MAX, LegacyCounts};
 
-/// The event types of the five legacy columns, in column order.
-pub const LEGACY_COLUMNS: [EventType; 5] = [
-    EventType::Sent,
-    EventType::Opened,
-    EventType::Replied,
-    EventType::PositiveReply,
-    EventType::Bounced,
-];
+pub use crate::domain::LEGACY_COLUMNS;
 
 /// One row of `campaign_daily_stat_entries` as stored (counts may be NULL or negative in a
 /// legacy table).
@@ -31,7 +24,7 @@ pub struct LegacyRow {
     pub user_id: String,
     pub stat_date: NaiveDate,
     /// sent, opened, replied, positive_replies, bounced.
-    pub counts: [Option<i64>; 5],
+    pub counts: [Option<i64>; LEGACY_COLUMN_COUNT],
 }
 
 /// What the backfill does with one legacy row.
@@ -42,7 +35,7 @@ pub enum Verdict {
     /// The new storage already holds these counts.
     AlreadyPresent,
     /// Add these amounts (per legacy column) to the new storage.
-    Copy([i64; 5]),
+    Copy(LegacyCounts),
     /// Not copied; reported with the reason.
     Ambiguous(Ambiguity),
 }
@@ -51,7 +44,7 @@ pub enum Verdict {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RowContext {
     /// The five counts the new storage holds for the row's `(user, campaign, day)`.
-    pub in_new: [i64; 5],
+    pub in_new: LegacyCounts,
     /// The campaign appears under more than one user in the legacy table.
     pub several_users: bool,
     /// The user the new storage says owns the campaign, if it knows it.
@@ -83,7 +76,7 @@ pub fn classify(row: &LegacyRow, context: &RowContext) -> Verdict {
 pub fn copy_on_resolution(
     row: &LegacyRow,
     context: &RowContext,
-) -> Result<Option<[i64; 5]>, Ambiguity> {
+) -> Result<Option<LegacyCounts>, Ambiguity> {
     match judge(row, context, Rules::Copy) {
         Verdict::Copy(missing) => match valid_ids(row) {
             Ok(()) => Ok(Some(missing)),
@@ -190,11 +183,11 @@ pub struct RollupCopy {
     pub campaign_id: String,
     pub day: NaiveDate,
     /// Per legacy column, in [`LEGACY_COLUMNS`] order.
-    pub missing: [i64; 5],
+    pub missing: LegacyCounts,
 }
 
 impl RollupCopy {
-    fn of(row: &LegacyRow, missing: [i64; 5]) -> Self {
+    fn of(row: &LegacyRow, missing: LegacyCounts) -> Self {
         Self {
             user_id: row.user_id.clone(),
             campaign_id: row.campaign_id.clone(),
@@ -223,7 +216,7 @@ pub struct BatchOutcome {
 mod tests {
     use super::*;
 
-    fn row(counts: [Option<i64>; 5]) -> LegacyRow {
+    fn row(counts: [Option<i64>; LEGACY_COLUMN_COUNT]) -> LegacyRow {
         LegacyRow {
             campaign_id: "c".into(),
             user_id: "u".into(),

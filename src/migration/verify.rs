@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::NaiveDate;
 
-use super::backfill::LEGACY_COLUMNS;
+use crate::domain::{EventType, LEGACY_COLUMNS, LegacyCounts};
 
 /// A `(user, campaign, day)` key.
 pub type Key = (String, String, NaiveDate);
@@ -15,7 +15,7 @@ pub type Key = (String, String, NaiveDate);
 #[derive(Debug, Default)]
 pub struct VerifyData {
     /// Legacy rows: key and the five counts (NULL read as 0).
-    pub legacy: Vec<(Key, [i64; 5])>,
+    pub legacy: Vec<(Key, LegacyCounts)>,
     /// New rollups: key, event type code and total.
     pub new: Vec<(Key, i16, i64)>,
     /// The `(campaign, day)` keys set apart: the last backfill's unresolved ambiguous rows
@@ -67,16 +67,14 @@ impl VerifyOutcome {
     }
 }
 
-const METRICS: [&str; 5] = ["sent", "opened", "replied", "positive_replies", "bounced"];
-
 /// Compares both sides key by key; keeps at most `sample_limit` differences.
 pub fn compare(data: VerifyData, sample_limit: usize) -> VerifyOutcome {
-    let mut sides: BTreeMap<Key, ([i64; 5], [i64; 5])> = BTreeMap::new();
+    let mut sides: BTreeMap<Key, (LegacyCounts, LegacyCounts)> = BTreeMap::new();
     for (key, counts) in data.legacy {
         sides.entry(key).or_default().0 = counts;
     }
     for (key, event_type, total) in data.new {
-        if let Some(column) = LEGACY_COLUMNS.iter().position(|t| t.code() == event_type) {
+        if let Some(column) = EventType::from_code(event_type).and_then(EventType::legacy_index) {
             sides.entry(key).or_default().1[column] += total;
         }
     }
@@ -92,7 +90,11 @@ pub fn compare(data: VerifyData, sample_limit: usize) -> VerifyOutcome {
             continue;
         }
         outcome.mismatches += 1;
-        for (i, metric) in METRICS.iter().enumerate() {
+        for (i, metric) in LEGACY_COLUMNS
+            .map(EventType::legacy_column)
+            .iter()
+            .enumerate()
+        {
             if legacy[i] != new[i] && outcome.sample.len() < sample_limit {
                 outcome.sample.push(Mismatch {
                     user_id: user_id.clone(),

@@ -117,8 +117,8 @@ impl BackfillSql {
             "SELECT l.user_id, l.campaign_id, l.stat_date AS day, {LACKING} {SOURCE} \
              WHERE {RANGE} AND NOT {ZERO} AND {MISSING} AND {clean}"
         );
-        let columns = super::batch::ROLLUP_COLUMNS;
-        let grows = super::batch::ROLLUP_GROWS;
+        let columns = crate::domain::rollup_columns();
+        let grows = super::batch::rollup_grows();
         let all_days = format!(
             "INSERT INTO all_day_totals AS t (day, stripe, {columns}) \
              SELECT day, {stripe}, SUM(sent), SUM(opened), 0, SUM(replied), \

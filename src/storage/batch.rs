@@ -10,10 +10,14 @@ use chrono::NaiveDate;
 
 use super::error::{LEGACY_COLUMN_MAX, LegacyOverflow};
 use super::{Refusal, StorageError};
-use crate::domain::{CampaignId, Event, EventType, Metrics, Scope, StorageSource, UserId};
+use crate::domain::{
+    CampaignId, EVENT_TYPES, Event, EventType, LEGACY_COLUMN_COUNT, LEGACY_COLUMNS, LegacyCounts,
+    Metrics, Scope, StorageSource, UserId,
+};
 use crate::migration::WriteTargets;
 use crate::migration::ambiguous::{AmbiguityKind, Resolution, ResolveFilter};
-use crate::migration::backfill::{LEGACY_COLUMNS, LegacyRow, ReadRow, RollupCopy, RowContext};
+use crate::migration::backfill::{LegacyRow, ReadRow, RollupCopy, RowContext};
+use std::sync::LazyLock;
 
 /// Each campaign of the batch with the user that claims it (the first event's), sorted.
 pub(super) fn campaign_claims(events: &[Event]) -> Vec<(&CampaignId, &UserId)> {
@@ -242,33 +246,39 @@ pub(super) fn events_for_new_storage<'a>(
         .collect()
 }
 
-/// The six totals of one rollup row, in column order: `sent, opened, clicked, replied,
-/// positive_replies, bounced` (see [`ROLLUP_COLUMNS`]).
+/// The totals of one rollup row, one per event type in [`EVENT_TYPES`] order (the order of
+/// [`rollup_columns`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct DayTotals(pub [i64; 6]);
+pub(super) struct DayTotals(pub [i64; EVENT_TYPES.len()]);
 
-/// The columns of a rollup row's totals, in [`DayTotals`] order.
-pub(super) const ROLLUP_COLUMNS: &str = "sent, opened, clicked, replied, positive_replies, bounced";
+/// SQL text derived once from the event-type table.
+macro_rules! derived_sql {
+    ($build:expr) => {{
+        static SQL: LazyLock<String> = LazyLock::new($build);
+        SQL.as_str()
+    }};
+}
 
 /// How a rollup row grows on conflict (the target table aliased `t`).
-pub(super) const ROLLUP_GROWS: &str = " DO UPDATE SET sent = t.sent + excluded.sent, \
-    opened = t.opened + excluded.opened, clicked = t.clicked + excluded.clicked, \
-    replied = t.replied + excluded.replied, \
-    positive_replies = t.positive_replies + excluded.positive_replies, \
-    bounced = t.bounced + excluded.bounced";
+pub(super) fn rollup_grows() -> &'static str {
+    derived_sql!(|| {
+        let sets: Vec<String> = EVENT_TYPES
+            .iter()
+            .map(|t| format!("{0} = t.{0} + excluded.{0}", t.column))
+            .collect();
+        format!(" DO UPDATE SET {}", sets.join(", "))
+    })
+}
+
+/// The legacy table's count columns, in [`LEGACY_COLUMNS`] order, comma-separated.
+pub(super) fn legacy_column_list() -> &'static str {
+    derived_sql!(|| LEGACY_COLUMNS.map(EventType::legacy_column).join(", "))
+}
 
 impl DayTotals {
     /// Adds `count` events of `event_type`.
     pub fn add(&mut self, event_type: EventType, count: i64) {
-        let column = match event_type {
-            EventType::Sent => 0,
-            EventType::Opened => 1,
-            EventType::Clicked => 2,
-            EventType::Replied => 3,
-            EventType::PositiveReply => 4,
-            EventType::Bounced => 5,
-        };
-        self.0[column] += count;
+        self.0[event_type.index()] += count;
     }
 
     /// Adds every total of `other`.
@@ -362,40 +372,11 @@ pub(super) fn next_stripe() -> i16 {
     (turn % ALL_DAY_STRIPES) as i16
 }
 
-/// The five counts of one legacy row (`clicked` has no column there).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct LegacyCounts {
-    pub sent: i64,
-    pub opened: i64,
-    pub replied: i64,
-    pub positive_replies: i64,
-    pub bounced: i64,
-}
-
-impl LegacyCounts {
-    /// Adds `count` events of `event_type`; types without a legacy column are ignored.
-    fn add(&mut self, event_type: EventType, count: i64) {
-        let field = match event_type {
-            EventType::Sent => &mut self.sent,
-            EventType::Opened => &mut self.opened,
-            EventType::Replied => &mut self.replied,
-            EventType::PositiveReply => &mut self.positive_replies,
-            EventType::Bounced => &mut self.bounced,
-            EventType::Clicked => return,
-        };
-        *field += count;
-    }
-
-    /// Each column's count with the event type it holds, in column order (`sent, opened,
-    /// replied, positive_replies, bounced`).
-    pub fn by_type(&self) -> [(EventType, i64); 5] {
-        [
-            (EventType::Sent, self.sent),
-            (EventType::Opened, self.opened),
-            (EventType::Replied, self.replied),
-            (EventType::PositiveReply, self.positive_replies),
-            (EventType::Bounced, self.bounced),
-        ]
+/// Adds `count` events of `event_type` to a legacy row's `counts`; types without a legacy
+/// column are ignored.
+fn add_to_legacy_counts(counts: &mut LegacyCounts, event_type: EventType, count: i64) {
+    if let Some(column) = event_type.legacy_index() {
+        counts[column] += count;
     }
 }
 
@@ -407,11 +388,10 @@ pub(super) fn legacy_deltas<'a>(
 ) -> BTreeMap<LegacyKey<'a>, (&'a str, LegacyCounts)> {
     let mut deltas: BTreeMap<LegacyKey<'a>, (&str, LegacyCounts)> = BTreeMap::new();
     for event in accepted.iter().filter(|e| e.event_type.in_legacy()) {
-        deltas
+        let entry = deltas
             .entry((event.campaign_id.as_str(), event.day()))
-            .or_insert((event.user_id.as_str(), LegacyCounts::default()))
-            .1
-            .add(event.event_type, i64::from(event.count));
+            .or_insert((event.user_id.as_str(), LegacyCounts::default()));
+        add_to_legacy_counts(&mut entry.1, event.event_type, i64::from(event.count));
     }
     deltas
 }
@@ -419,13 +399,21 @@ pub(super) fn legacy_deltas<'a>(
 /// Condition of the legacy upsert's `DO UPDATE` (target aliased `l`): every count still fits
 /// its `int` column. A row it refuses is not returned by `RETURNING`, so the write can tell
 /// and roll back instead of failing on the column (or, on SQLite, storing past it).
-pub(super) const LEGACY_COUNTS_FIT: &str = " WHERE \
-    CAST(COALESCE(l.sent, 0) AS BIGINT) + excluded.sent <= 2147483647 \
-    AND CAST(COALESCE(l.opened, 0) AS BIGINT) + excluded.opened <= 2147483647 \
-    AND CAST(COALESCE(l.replied, 0) AS BIGINT) + excluded.replied <= 2147483647 \
-    AND CAST(COALESCE(l.positive_replies, 0) AS BIGINT) + excluded.positive_replies <= 2147483647 \
-    AND CAST(COALESCE(l.bounced, 0) AS BIGINT) + excluded.bounced <= 2147483647 \
-    RETURNING campaign_id, stat_date";
+pub(super) fn legacy_counts_fit() -> &'static str {
+    derived_sql!(|| {
+        let fits: Vec<String> = LEGACY_COLUMNS
+            .map(EventType::legacy_column)
+            .iter()
+            .map(|c| {
+                format!("CAST(COALESCE(l.{c}, 0) AS BIGINT) + excluded.{c} <= {LEGACY_COLUMN_MAX}")
+            })
+            .collect();
+        format!(
+            " WHERE {} RETURNING campaign_id, stat_date",
+            fits.join(" AND ")
+        )
+    })
+}
 
 /// A legacy row's key.
 pub(super) type LegacyKey<'a> = (&'a str, NaiveDate);
@@ -436,7 +424,7 @@ pub(super) fn oversized_legacy_deltas<'a>(
 ) -> Vec<LegacyKey<'a>> {
     deltas
         .iter()
-        .filter(|(_, (_, counts))| counts.by_type().iter().any(|(_, n)| *n > LEGACY_COLUMN_MAX))
+        .filter(|(_, (_, counts))| counts.iter().any(|n| *n > LEGACY_COLUMN_MAX))
         .map(|(key, _)| *key)
         .collect()
 }
@@ -453,15 +441,28 @@ pub(super) fn unwritten_legacy_rows<'a>(
         .collect()
 }
 
-/// A legacy row as read back after a refused write: campaign, day and the five counts.
-pub(super) type LegacyCountsRow = (String, NaiveDate, [Option<i64>; 5]);
+/// A legacy row as read back after a refused write: campaign, day and its counts.
+pub(super) type LegacyCountsRow = (String, NaiveDate, [Option<i64>; LEGACY_COLUMN_COUNT]);
 
 /// The columns of a legacy row read back after a refused write (see [`legacy_counts_row`]).
-pub(super) const LEGACY_COUNTS_SELECT: &str = "SELECT campaign_id, stat_date, \
-    CAST(sent AS BIGINT), CAST(opened AS BIGINT), CAST(replied AS BIGINT), \
-    CAST(positive_replies AS BIGINT), CAST(bounced AS BIGINT) FROM campaign_daily_stat_entries";
+pub(super) fn legacy_counts_select() -> &'static str {
+    derived_sql!(|| {
+        let counts: Vec<String> = LEGACY_COLUMNS
+            .map(EventType::legacy_column)
+            .iter()
+            .map(|c| format!("CAST({c} AS BIGINT)"))
+            .collect();
+        format!(
+            "SELECT campaign_id, stat_date, {} FROM campaign_daily_stat_entries",
+            counts.join(", ")
+        )
+    })
+}
 
-/// A row of [`LEGACY_COUNTS_SELECT`].
+// Rows read into tuples name one field per column: these types follow the table by hand.
+const _: () = assert!(LEGACY_COLUMN_COUNT == 5 && EVENT_TYPES.len() == 6);
+
+/// A row of [`legacy_counts_select`].
 pub(super) type LegacyCountsColumns = (
     String,
     NaiveDate,
@@ -487,14 +488,14 @@ pub(super) fn legacy_overflows(
     deltas: &BTreeMap<LegacyKey<'_>, (&str, LegacyCounts)>,
     current: &[LegacyCountsRow],
 ) -> Vec<LegacyOverflow> {
-    let stored: HashMap<(&str, NaiveDate), [Option<i64>; 5]> = current
+    let stored: HashMap<(&str, NaiveDate), [Option<i64>; LEGACY_COLUMN_COUNT]> = current
         .iter()
         .map(|(campaign, day, counts)| ((campaign.as_str(), *day), *counts))
         .collect();
     let mut overflows = Vec::new();
     for (key, (_, growth)) in deltas {
         let now = stored.get(key).copied().unwrap_or_default();
-        for (column, (event_type, delta)) in growth.by_type().into_iter().enumerate() {
+        for (column, (event_type, delta)) in LEGACY_COLUMNS.into_iter().zip(*growth).enumerate() {
             let current = now[column].unwrap_or(0);
             if current.saturating_add(delta) <= LEGACY_COLUMN_MAX {
                 continue;

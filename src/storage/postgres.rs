@@ -16,7 +16,9 @@ use super::{
     AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, RolloutStore,
     RunIssues, RunStore, StorageError, TableSize, batch, parse_phase, sql,
 };
-use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::domain::{
+    CampaignId, DateRange, Event, LEGACY_COLUMN_COUNT, Metrics, Scope, StorageSource, UserId,
+};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, RollupCopy, plan_resolution};
 use crate::migration::verify::VerifyOutcome;
@@ -242,11 +244,11 @@ fn campaign_days_upsert(first: usize) -> String {
         "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) \
          SELECT * FROM UNNEST(${first}::text[], ${}::text[], ${}::date[], {}) \
          ON CONFLICT (user_id, campaign_id, day){}",
-        batch::ROLLUP_COLUMNS,
+        crate::domain::rollup_columns(),
         first + 1,
         first + 2,
         totals.join(", "),
-        batch::ROLLUP_GROWS
+        batch::rollup_grows()
     )
 }
 
@@ -258,10 +260,10 @@ fn all_days_upsert(first: usize) -> String {
         "INSERT INTO all_day_totals AS t (day, stripe, {}) \
          SELECT d, ${first}, s, o, c, r, p, b FROM UNNEST(${}::date[], {}) \
          AS u(d, s, o, c, r, p, b) ON CONFLICT (day, stripe){}",
-        batch::ROLLUP_COLUMNS,
+        crate::domain::rollup_columns(),
         first + 1,
         totals.join(", "),
-        batch::ROLLUP_GROWS
+        batch::rollup_grows()
     )
 }
 
@@ -410,7 +412,7 @@ fn apply_statement(with_events: bool) -> String {
         campaign_days_upsert(first),
         all_days_upsert(first + 9),
         legacy.join(", "),
-        batch::LEGACY_COUNTS_FIT
+        batch::legacy_counts_fit()
     )
 }
 
@@ -508,20 +510,14 @@ async fn apply(
         let query = bind_campaign_days(query, &plan.campaign_days);
         let query = bind_all_days(query, &plan.all_days, plan.stripe);
         let legacy = &plan.legacy;
-        let counts = |f: fn(&batch::LegacyCounts) -> i64| {
-            legacy.values().map(|(_, c)| f(c)).collect::<Vec<_>>()
-        };
-        let rows = query
+        let mut query = query
             .bind(legacy.keys().map(|k| k.0).collect::<Vec<_>>())
             .bind(legacy.values().map(|(user, _)| *user).collect::<Vec<_>>())
-            .bind(legacy.keys().map(|k| k.1).collect::<Vec<_>>())
-            .bind(counts(|c| c.sent))
-            .bind(counts(|c| c.opened))
-            .bind(counts(|c| c.replied))
-            .bind(counts(|c| c.positive_replies))
-            .bind(counts(|c| c.bounced))
-            .fetch_all(&mut *tx)
-            .await?;
+            .bind(legacy.keys().map(|k| k.1).collect::<Vec<_>>());
+        for column in 0..LEGACY_COLUMN_COUNT {
+            query = query.bind(legacy.values().map(|(_, c)| c[column]).collect::<Vec<_>>());
+        }
+        let rows = query.fetch_all(&mut *tx).await?;
         let written = rows
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
@@ -533,7 +529,7 @@ async fn apply(
     }
     let rows: Vec<batch::LegacyCountsColumns> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "{} WHERE (campaign_id, stat_date) IN (SELECT * FROM UNNEST($1::text[], $2::date[]))",
-        batch::LEGACY_COUNTS_SELECT
+        batch::legacy_counts_select()
     )))
     .bind(refused.iter().map(|k| k.0).collect::<Vec<_>>())
     .bind(refused.iter().map(|k| k.1).collect::<Vec<_>>())

@@ -17,7 +17,9 @@ use super::{
     AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, RolloutStore,
     RunIssues, RunStore, StorageError, TableSize, batch, parse_phase, sql,
 };
-use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::domain::{
+    CampaignId, DateRange, Event, EventType, LEGACY_COLUMNS, Metrics, Scope, StorageSource, UserId,
+};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, RollupCopy, plan_resolution};
 use crate::migration::verify::VerifyOutcome;
@@ -244,7 +246,7 @@ async fn add_to_rollups(
     for chunk in rows.chunks(rows_per_statement(9)) {
         let mut upsert = QueryBuilder::<Sqlite>::new(format!(
             "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) ",
-            batch::ROLLUP_COLUMNS
+            crate::domain::rollup_columns()
         ));
         upsert.push_values(chunk, |mut row, ((user, campaign, day), totals)| {
             row.push_bind(*user).push_bind(*campaign).push_bind(*day);
@@ -253,14 +255,14 @@ async fn add_to_rollups(
             }
         });
         upsert.push(" ON CONFLICT (user_id, campaign_id, day)");
-        upsert.push(batch::ROLLUP_GROWS);
+        upsert.push(batch::rollup_grows());
         upsert.build().execute(&mut *tx).await?;
     }
     let days: Vec<_> = batch::all_day_deltas(deltas).into_iter().collect();
     for chunk in days.chunks(rows_per_statement(8)) {
         let mut upsert = QueryBuilder::<Sqlite>::new(format!(
             "INSERT INTO all_day_totals AS t (day, stripe, {}) ",
-            batch::ROLLUP_COLUMNS
+            crate::domain::rollup_columns()
         ));
         upsert.push_values(chunk, |mut row, (day, totals)| {
             row.push_bind(*day).push_bind(stripe);
@@ -269,7 +271,7 @@ async fn add_to_rollups(
             }
         });
         upsert.push(" ON CONFLICT (day, stripe)");
-        upsert.push(batch::ROLLUP_GROWS);
+        upsert.push(batch::rollup_grows());
         upsert.build().execute(&mut *tx).await?;
     }
     Ok(())
@@ -289,30 +291,25 @@ async fn add_to_legacy(
         let rows: Vec<_> = deltas.iter().collect();
         let mut written = HashSet::new();
         for chunk in rows.chunks(rows_per_statement(8)) {
-            let mut upsert = QueryBuilder::<Sqlite>::new(
+            let mut upsert = QueryBuilder::<Sqlite>::new(format!(
                 "INSERT INTO campaign_daily_stat_entries AS l (campaign_id, stat_date, user_id, \
-                 sent, opened, replied, positive_replies, bounced) ",
-            );
+                 {}) ",
+                batch::legacy_column_list()
+            ));
             upsert.push_values(chunk, |mut row, ((campaign, day), (user, counts))| {
-                row.push_bind(*campaign)
-                    .push_bind(*day)
-                    .push_bind(*user)
-                    .push_bind(counts.sent)
-                    .push_bind(counts.opened)
-                    .push_bind(counts.replied)
-                    .push_bind(counts.positive_replies)
-                    .push_bind(counts.bounced);
+                row.push_bind(*campaign).push_bind(*day).push_bind(*user);
+                for count in counts {
+                    row.push_bind(*count);
+                }
             });
-            upsert.push(
-                " ON CONFLICT (campaign_id, stat_date) DO UPDATE SET \
-                 sent = COALESCE(l.sent, 0) + excluded.sent, \
-                 opened = COALESCE(l.opened, 0) + excluded.opened, \
-                 replied = COALESCE(l.replied, 0) + excluded.replied, \
-                 positive_replies = COALESCE(l.positive_replies, 0) + excluded.positive_replies, \
-                 bounced = COALESCE(l.bounced, 0) + excluded.bounced, \
-                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-            );
-            upsert.push(batch::LEGACY_COUNTS_FIT);
+            upsert.push(" ON CONFLICT (campaign_id, stat_date) DO UPDATE SET ");
+            for column in LEGACY_COLUMNS.map(EventType::legacy_column) {
+                upsert.push(format!(
+                    "{column} = COALESCE(l.{column}, 0) + excluded.{column}, "
+                ));
+            }
+            upsert.push("updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')");
+            upsert.push(batch::legacy_counts_fit());
             let returned: Vec<(String, NaiveDate)> =
                 upsert.build_query_as().fetch_all(&mut *tx).await?;
             written.extend(returned);
@@ -326,7 +323,7 @@ async fn add_to_legacy(
     for (campaign, day) in &refused {
         let row: Option<batch::LegacyCountsColumns> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "{} WHERE campaign_id = $1 AND stat_date = $2",
-            batch::LEGACY_COUNTS_SELECT
+            batch::legacy_counts_select()
         )))
         .bind(*campaign)
         .bind(*day)
