@@ -44,7 +44,7 @@ impl AmbiguityKind {
     ];
 
     /// The name stored in the database and accepted by the CLI.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             AmbiguityKind::NullCount => "null-count",
             AmbiguityKind::NegativeCount => "negative-count",
@@ -90,7 +90,7 @@ pub enum Resolution {
 
 impl Resolution {
     /// The name stored in the database and shown to people.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Resolution::Copy => "copy",
             Resolution::Skip => "skip",

@@ -13,7 +13,7 @@ pub enum RunKind {
 }
 
 impl RunKind {
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             RunKind::Backfill => "backfill",
             RunKind::Verify => "verify",
@@ -38,7 +38,7 @@ pub enum RunState {
 }
 
 impl RunState {
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             RunState::Running => "running",
             RunState::Completed => "completed",

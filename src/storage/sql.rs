@@ -2,46 +2,55 @@
 //!
 //! Parameters are `$1, $2, …`: PostgreSQL's own style, which SQLite (through sqlx) binds by
 //! number too. Statements that differ between the backends (bulk inserts, locking, partitions,
-//! `ANY` against `IN` lists) stay in the backend modules.
+//! `ANY` against `IN` lists) stay in the backend modules. Names the domain owns (run kinds
+//! and states, resolutions) are spelled by the domain's enums, at compile time.
 
-/// The columns of `migration_runs` as `RunRow` reads them.
-macro_rules! run_columns {
-    () => {
-        "run_id, kind, actor, dry_run, state, started_at, finished_at, \
-         CAST(batch_size AS BIGINT) AS batch_size, processed, copied, skipped, ambiguous, failed, \
-         compared, mismatches, checkpoint_campaign, checkpoint_date, last_error"
+use const_format::concatcp;
+
+use crate::migration::ambiguous::Resolution;
+use crate::migration::{RunKind, RunState};
+
+/// A name of the domain as an SQL string literal.
+macro_rules! literal {
+    ($name:expr) => {
+        concatcp!("'", $name, "'")
     };
 }
+
+const BACKFILL: &str = literal!(RunKind::Backfill.name());
+const VERIFY: &str = literal!(RunKind::Verify.name());
+const RUNNING: &str = literal!(RunState::Running.name());
+const COMPLETED: &str = literal!(RunState::Completed.name());
+const SKIP: &str = literal!(Resolution::Skip.name());
+
+/// The columns of `migration_runs` as `RunRow` reads them.
+const RUN_COLUMNS: &str = "run_id, kind, actor, dry_run, state, started_at, finished_at, \
+     CAST(batch_size AS BIGINT) AS batch_size, processed, copied, skipped, ambiguous, failed, \
+     compared, mismatches, checkpoint_campaign, checkpoint_date, last_error";
 
 /// The run id of the last completed real (not dry) backfill: the one whose ambiguous rows
 /// count.
-macro_rules! last_backfill {
-    () => {
-        "(SELECT run_id FROM migration_runs WHERE kind = 'backfill' AND NOT dry_run \
-         AND state = 'completed' ORDER BY finished_at DESC LIMIT 1)"
-    };
-}
+const LAST_BACKFILL: &str = concatcp!(
+    "(SELECT run_id FROM migration_runs WHERE kind = ",
+    BACKFILL,
+    " AND NOT dry_run \
+     AND state = ",
+    COMPLETED,
+    " ORDER BY finished_at DESC LIMIT 1)"
+);
 
 /// The rows of the last completed real backfill's report (alias `i`) that no resolution
 /// covers yet.
-macro_rules! unresolved_issues {
-    () => {
-        concat!(
-            "migration_run_issues i WHERE i.run_id = ",
-            last_backfill!(),
-            " AND NOT EXISTS (SELECT 1 FROM resolved_legacy_rows x \
-             WHERE x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date)"
-        )
-    };
-}
+const UNRESOLVED_ISSUES: &str = concatcp!(
+    "migration_run_issues i WHERE i.run_id = ",
+    LAST_BACKFILL,
+    " AND NOT EXISTS (SELECT 1 FROM resolved_legacy_rows x \
+         WHERE x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date)"
+);
 
 /// The rollout row: basis points, kill switch, salt, version, last change.
-macro_rules! rollout_state {
-    () => {
-        "SELECT CAST(basis_points AS BIGINT), kill_switch, salt, \
-         CAST(version AS BIGINT), updated_at FROM rollout_state WHERE id = 1"
-    };
-}
+const ROLLOUT_STATE_ROW: &str = "SELECT CAST(basis_points AS BIGINT), kill_switch, salt, \
+     CAST(version AS BIGINT), updated_at FROM rollout_state WHERE id = 1";
 
 // Schema.
 
@@ -81,41 +90,67 @@ pub const TRANSITIONS: &str = "SELECT from_phase, to_phase, actor, reason, at, f
 
 /// What `PreconditionFacts` needs: the finish time of the last real backfill, the latest
 /// verify's if it was clean, and the last backfill's unresolved ambiguous rows.
-pub const PRECONDITION_FACTS: &str = concat!(
+pub const PRECONDITION_FACTS: &str = concatcp!(
     "SELECT \
     (SELECT MAX(finished_at) FROM migration_runs \
-     WHERE kind = 'backfill' AND NOT dry_run AND state = 'completed'), \
+     WHERE kind = ",
+    BACKFILL,
+    " AND NOT dry_run AND state = ",
+    COMPLETED,
+    "), \
     (SELECT MAX(finished_at) FROM migration_runs \
-     WHERE kind = 'verify' AND state = 'completed' AND mismatches = 0 \
+     WHERE kind = ",
+    VERIFY,
+    " AND state = ",
+    COMPLETED,
+    " AND mismatches = 0 \
      AND finished_at = (SELECT MAX(finished_at) FROM migration_runs \
-                        WHERE kind = 'verify' AND state = 'completed')), \
+                        WHERE kind = ",
+    VERIFY,
+    " AND state = ",
+    COMPLETED,
+    ")), \
     (SELECT COUNT(*) FROM ",
-    unresolved_issues!(),
+    UNRESOLVED_ISSUES,
     ")"
 );
 
 // Backfill and verify runs.
 
-pub const CREATE_RUN: &str = "INSERT INTO migration_runs (run_id, kind, actor, dry_run, state, \
-    started_at, batch_size, heartbeat_at) VALUES ($1, $2, $3, $4, 'running', $5, $6, $5)";
+pub const CREATE_RUN: &str = concatcp!(
+    "INSERT INTO migration_runs (run_id, kind, actor, dry_run, state, \
+    started_at, batch_size, heartbeat_at) VALUES ($1, $2, $3, $4, ",
+    RUNNING,
+    ", $5, $6, $5)"
+);
 /// Ends a run in `$1` (completed, failed, cancelled) at `$2`, keeping an error `$3` if any.
 pub const FINISH_RUN: &str = "UPDATE migration_runs SET state = $1, finished_at = $2, \
     heartbeat_at = $2, last_error = COALESCE($3, last_error) WHERE run_id = $4";
-pub const RUN_BY_ID: &str = concat!(
+pub const RUN_BY_ID: &str = concatcp!(
     "SELECT ",
-    run_columns!(),
+    RUN_COLUMNS,
     " FROM migration_runs WHERE run_id = $1"
 );
 /// The latest backfill of the kind (`$1`: dry run) that did not complete: stopped, failed,
 /// or still `running` with a heartbeat older than `$2` (its process died).
-pub const UNFINISHED_BACKFILL: &str = concat!(
+pub const UNFINISHED_BACKFILL: &str = concatcp!(
     "SELECT ",
-    run_columns!(),
-    " FROM migration_runs WHERE kind = 'backfill' AND dry_run = $1 AND state <> 'completed' \
-     AND (state <> 'running' OR heartbeat_at < $2) ORDER BY started_at DESC LIMIT 1"
+    RUN_COLUMNS,
+    " FROM migration_runs WHERE kind = ",
+    BACKFILL,
+    " AND dry_run = $1 AND state <> ",
+    COMPLETED,
+    " \
+     AND (state <> ",
+    RUNNING,
+    " OR heartbeat_at < $2) ORDER BY started_at DESC LIMIT 1"
 );
-pub const RESUME_RUN: &str = "UPDATE migration_runs SET state = 'running', finished_at = NULL, \
-    heartbeat_at = $1 WHERE run_id = $2";
+pub const RESUME_RUN: &str = concatcp!(
+    "UPDATE migration_runs SET state = ",
+    RUNNING,
+    ", finished_at = NULL, \
+    heartbeat_at = $1 WHERE run_id = $2"
+);
 /// A backfill batch's counts and checkpoint, committed with the batch.
 pub const BATCH_PROGRESS: &str = "UPDATE migration_runs SET processed = processed + $1, \
     copied = copied + $2, skipped = skipped + $3, ambiguous = ambiguous + $4, \
@@ -123,34 +158,38 @@ pub const BATCH_PROGRESS: &str = "UPDATE migration_runs SET processed = processe
     checkpoint_date = COALESCE($6, checkpoint_date), heartbeat_at = $7 WHERE run_id = $8";
 /// A run's reported rows (alias `i`) with the resolution of their legacy key (alias `x`):
 /// backfill runs only, as a verify's differences are not resolved.
-macro_rules! issues_with_resolutions {
-    () => {
-        "migration_run_issues i LEFT JOIN resolved_legacy_rows x \
-         ON x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date \
-         AND EXISTS (SELECT 1 FROM migration_runs m WHERE m.run_id = i.run_id \
-                     AND m.kind = 'backfill') \
-         WHERE i.run_id = $1"
-    };
-}
+const ISSUES_WITH_RESOLUTIONS: &str = concatcp!(
+    "migration_run_issues i LEFT JOIN resolved_legacy_rows x \
+     ON x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date \
+     AND EXISTS (SELECT 1 FROM migration_runs m WHERE m.run_id = i.run_id \
+                 AND m.kind = ",
+    BACKFILL,
+    ") \
+     WHERE i.run_id = $1"
+);
 
 /// A run's reported rows, oldest first, with their resolution.
-pub const RUN_ISSUES: &str = concat!(
+pub const RUN_ISSUES: &str = concatcp!(
     "SELECT i.campaign_id, i.user_id, i.stat_date, i.reason, i.kind, x.resolution FROM ",
-    issues_with_resolutions!(),
+    ISSUES_WITH_RESOLUTIONS,
     " ORDER BY i.id LIMIT $2"
 );
 /// How many of a run's reported rows are resolved, and how many in all.
-pub const RUN_ISSUE_COUNTS: &str = concat!(
+pub const RUN_ISSUE_COUNTS: &str = concatcp!(
     "SELECT COUNT(x.resolution), COUNT(*) FROM ",
-    issues_with_resolutions!()
+    ISSUES_WITH_RESOLUTIONS
 );
 /// Records rows a run reported; the caller adds `VALUES` rows.
 pub const INSERT_RUN_ISSUES: &str =
     "INSERT INTO migration_run_issues (run_id, campaign_id, user_id, stat_date, reason, kind) ";
 /// Completes a verify run with its findings.
-pub const COMPLETE_VERIFY: &str = "UPDATE migration_runs SET state = 'completed', \
+pub const COMPLETE_VERIFY: &str = concatcp!(
+    "UPDATE migration_runs SET state = ",
+    COMPLETED,
+    ", \
     finished_at = $1, heartbeat_at = $2, processed = $3, compared = $4, mismatches = $5, \
-    ambiguous = $6 WHERE run_id = $7";
+    ambiguous = $6 WHERE run_id = $7"
+);
 /// Records the legacy key range one backfill batch read, and what it copied.
 pub const INSERT_BACKFILL_BATCH: &str = "INSERT INTO backfill_batches (run_id, after_campaign, \
     after_date, last_campaign, last_date, processed, copied, at) \
@@ -161,21 +200,21 @@ pub const INSERT_BACKFILL_BATCH: &str = "INSERT INTO backfill_batches (run_id, a
 /// The unresolved ambiguous rows of the last completed real backfill, as the backfill reads
 /// legacy rows (`BACKFILL_SELECT`'s columns), with the kind they were reported for. The
 /// backend's backfill select is put in front.
-pub const UNRESOLVED_ROWS_JOIN: &str = concat!(
+pub const UNRESOLVED_ROWS_JOIN: &str = concatcp!(
     ", ",
-    unresolved_issues!(),
+    UNRESOLVED_ISSUES,
     " AND i.campaign_id = l.campaign_id AND i.stat_date = l.stat_date \
      AND i.user_id = l.user_id ORDER BY l.campaign_id, l.stat_date"
 );
 /// The campaigns among the unresolved rows that appear under several users in legacy.
-pub const UNRESOLVED_SEVERAL_USERS: &str = concat!(
+pub const UNRESOLVED_SEVERAL_USERS: &str = concatcp!(
     "SELECT campaign_id FROM campaign_daily_stat_entries WHERE campaign_id IN \
      (SELECT i.campaign_id FROM ",
-    unresolved_issues!(),
+    UNRESOLVED_ISSUES,
     ") GROUP BY campaign_id HAVING COUNT(DISTINCT user_id) > 1"
 );
 /// Unresolved rows left.
-pub const UNRESOLVED_COUNT: &str = concat!("SELECT COUNT(*) FROM ", unresolved_issues!());
+pub const UNRESOLVED_COUNT: &str = concatcp!("SELECT COUNT(*) FROM ", UNRESOLVED_ISSUES);
 pub const INSERT_RESOLUTION: &str = "INSERT INTO ambiguous_resolutions \
     (resolution, actor, reason, selection, row_count, copied, at) \
     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
@@ -209,11 +248,13 @@ pub const VERIFY_NEW_ONLY_CHUNK: &str = "SELECT r.user_id, r.campaign_id, r.day,
 /// The `(campaign, day)` keys verify sets apart, and whether each is resolved: the last
 /// completed real backfill's unresolved rows (0), and the keys skipped on purpose (1). Keys
 /// resolved by copying are compared like any other.
-pub const VERIFY_AMBIGUOUS: &str = concat!(
+pub const VERIFY_AMBIGUOUS: &str = concatcp!(
     "SELECT i.campaign_id, i.stat_date, CAST(0 AS BIGINT) FROM ",
-    unresolved_issues!(),
+    UNRESOLVED_ISSUES,
     " UNION ALL SELECT campaign_id, stat_date, CAST(1 AS BIGINT) FROM resolved_legacy_rows \
-     WHERE resolution = 'skip'"
+     WHERE resolution = ",
+    SKIP,
+    ""
 );
 
 /// Legacy rows whose five counts are all zero.
@@ -223,10 +264,10 @@ pub const LEGACY_ZERO_ROWS: &str = "SELECT COUNT(*) FROM campaign_daily_stat_ent
 
 // The rollout.
 
-pub const ROLLOUT_STATE: &str = rollout_state!();
+pub const ROLLOUT_STATE: &str = ROLLOUT_STATE_ROW;
 /// [`ROLLOUT_STATE`], locking the row until the transaction ends (PostgreSQL; SQLite's single
 /// writer serialises changes by itself).
-pub const ROLLOUT_STATE_FOR_UPDATE: &str = concat!(rollout_state!(), " FOR UPDATE");
+pub const ROLLOUT_STATE_FOR_UPDATE: &str = concatcp!(ROLLOUT_STATE_ROW, " FOR UPDATE");
 pub const SET_ROLLOUT: &str = "UPDATE rollout_state SET basis_points = $1, kill_switch = $2, \
     salt = $3, version = $4, updated_at = $5 WHERE id = 1";
 pub const OVERRIDES: &str = "SELECT user_id, source FROM rollout_overrides";
