@@ -1,10 +1,11 @@
 //! The storage migration: read and move the phase, run backfills and verifies, resolve
 //! ambiguous rows, report sizes.
 
-use crate::domain::{DateRange, ValidationError, echo};
+use crate::domain::{DateRange, StorageSource, ValidationError, echo};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
+use crate::rollout::baseline;
 use crate::storage::{RunIssues, StorageError, Store, TableSize};
 use futures::Stream;
 use std::collections::HashMap;
@@ -32,6 +33,15 @@ impl<S> Clone for Migration<S> {
             active: Arc::clone(&self.active),
         }
     }
+}
+
+/// The phase as `GetMigrationState` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationState {
+    pub phase: PhaseState,
+    /// Where reads go for every user that neither an override nor the percentage singles
+    /// out.
+    pub read_source: StorageSource,
 }
 
 /// Where a [`Migration::watch_run`] stands.
@@ -301,8 +311,19 @@ impl<S: Store> Migration<S> {
             .until_drained(futures::stream::unfold(watch, RunWatch::step)))
     }
 
-    pub async fn state(&self) -> Result<PhaseState, AppError> {
-        self.store.phase().await.map_err(AppError::from)
+    /// The phase, and where reads go for users the rollout does not single out.
+    pub async fn state(&self) -> Result<MigrationState, AppError> {
+        Ok(self.with_reads(self.store.phase().await?))
+    }
+
+    /// `phase` with its baseline read source under this replica's rollout: the one rule
+    /// that routes reads ([`crate::rollout::baseline`]).
+    fn with_reads(&self, phase: PhaseState) -> MigrationState {
+        let config = &self.rollout.current().rollout.config;
+        MigrationState {
+            read_source: baseline(phase.phase, config),
+            phase,
+        }
     }
 
     /// Moves to `target` (see [`crate::migration::Phase::check_transition`]; `force`: past
@@ -313,12 +334,12 @@ impl<S: Store> Migration<S> {
         actor: &str,
         reason: &str,
         force: bool,
-    ) -> Result<PhaseState, AppError> {
+    ) -> Result<MigrationState, AppError> {
         let state = self.store.transition(target, actor, reason, force).await?;
         // This replica applies the new phase at once; the others within their refresh.
         self.rollout.refresh(self.store.as_ref()).await?;
         tracing::info!(phase = %state.phase, actor, reason, "migration phase set");
-        Ok(state)
+        Ok(self.with_reads(state))
     }
 
     /// Resolves ambiguous rows of the last backfill as `request` says (see

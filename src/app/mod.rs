@@ -19,7 +19,8 @@ pub use group_commit::{GroupCommit, GroupCommitSettings, IngestError};
 pub use jobs::Jobs;
 pub use migration::{
     BackfillRequest, DEFAULT_BATCH_SIZE, LEGACY_TABLES, MAX_BATCH_SIZE, MAX_TRANSITIONS_LISTED,
-    Migration, NEW_TABLES, STALE_RUN_AFTER, StartRefused, StorageReport, VERIFY_SAMPLE,
+    Migration, MigrationState, NEW_TABLES, STALE_RUN_AFTER, StartRefused, StorageReport,
+    VERIFY_SAMPLE,
 };
 pub use rollout::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, Rollout, page_size};
 pub use rollout_view::RolloutView;

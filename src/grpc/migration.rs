@@ -18,7 +18,7 @@ use super::proto::{
     VerifyConsistencyResponse,
 };
 use crate::app::AppError;
-use crate::app::{BackfillRequest, Migration};
+use crate::app::{BackfillRequest, Migration, MigrationState};
 use crate::domain::{
     DateRange, FieldViolation, LimitExceeded, MAX_TEXT_BYTES, ValidationError, parse_actor,
     parse_date, validate_id, validate_text,
@@ -26,7 +26,7 @@ use crate::domain::{
 use crate::migration::ambiguous::{
     AmbiguityKind, Resolution, ResolutionRecord, ResolveFilter, ResolveRequest,
 };
-use crate::migration::{Phase, PhaseState, Run, RunIssue, Transition};
+use crate::migration::{Phase, Run, RunIssue, Transition};
 use crate::storage::{Store, TableSize};
 
 /// The `MigrationService` handlers.
@@ -84,7 +84,11 @@ pub(super) fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Times
     }
 }
 
-fn state_response(state: PhaseState) -> GetMigrationStateResponse {
+fn state_response(state: MigrationState) -> GetMigrationStateResponse {
+    let MigrationState {
+        phase: state,
+        read_source,
+    } = state;
     let phase = state.phase;
     let writes = phase.write_targets();
     GetMigrationStateResponse {
@@ -95,7 +99,7 @@ fn state_response(state: PhaseState) -> GetMigrationStateResponse {
             .map(|p| proto::MigrationPhase::from(p).into())
             .collect(),
         changed_at: Some(timestamp(state.changed_at)),
-        read_source: proto::StorageSource::from(phase.read_source()).into(),
+        read_source: proto::StorageSource::from(read_source).into(),
         writes_legacy: writes.legacy,
         writes_new: writes.new,
     }

@@ -2,8 +2,6 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::StorageSource;
-
 /// The phases of the migration, in order. Forward moves go one step at a time; any move
 /// back is allowed at any time (that is the rollback).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,17 +63,6 @@ impl Phase {
         let mut allowed: Vec<Phase> = Self::ALL.into_iter().filter(|p| *p < self).collect();
         allowed.extend(self.next());
         allowed
-    }
-
-    /// The storage that answers reads in this phase. (The per-user rollout refines this
-    /// from VERIFIED on.)
-    pub fn read_source(self) -> StorageSource {
-        match self {
-            Phase::LegacyOnly | Phase::DualWrite | Phase::Backfilled | Phase::Verified => {
-                StorageSource::Legacy
-            }
-            Phase::NewPrimary | Phase::LegacyRetired => StorageSource::New,
-        }
     }
 
     /// The storages written in this phase. Events the legacy table has no column for
@@ -292,17 +279,16 @@ mod tests {
     }
 
     #[test]
-    fn reads_and_writes_follow_the_phase() {
+    fn writes_follow_the_phase() {
         use Phase::*;
-        for (phase, source, legacy, new) in [
-            (LegacyOnly, StorageSource::Legacy, true, false),
-            (DualWrite, StorageSource::Legacy, true, true),
-            (Backfilled, StorageSource::Legacy, true, true),
-            (Verified, StorageSource::Legacy, true, true),
-            (NewPrimary, StorageSource::New, true, true),
-            (LegacyRetired, StorageSource::New, false, true),
+        for (phase, legacy, new) in [
+            (LegacyOnly, true, false),
+            (DualWrite, true, true),
+            (Backfilled, true, true),
+            (Verified, true, true),
+            (NewPrimary, true, true),
+            (LegacyRetired, false, true),
         ] {
-            assert_eq!(phase.read_source(), source, "{phase}");
             assert_eq!(
                 phase.write_targets(),
                 WriteTargets { legacy, new },

@@ -1,6 +1,6 @@
 use std::fmt;
 
-use super::bucket;
+use super::{BUCKETS, bucket};
 use crate::domain::StorageSource;
 use crate::migration::Phase;
 
@@ -79,7 +79,24 @@ pub fn decide(
     user_override: Option<StorageSource>,
     user_id: &str,
 ) -> Decision {
-    let bucket = bucket(&config.salt, user_id);
+    decide_in_bucket(phase, config, user_override, bucket(&config.salt, user_id))
+}
+
+/// Where reads go for every user that neither an override nor the percentage singles out:
+/// what the phase and the kill switch alone decide. `GetMigrationState` reports it as the
+/// phase's `read_source`; the percentage moves users away from it from VERIFIED on.
+pub fn baseline(phase: Phase, config: &RolloutConfig) -> StorageSource {
+    // No bucket lies below any percentage.
+    decide_in_bucket(phase, config, None, BUCKETS).source
+}
+
+/// [`decide`] for a user in `bucket`.
+fn decide_in_bucket(
+    phase: Phase,
+    config: &RolloutConfig,
+    user_override: Option<StorageSource>,
+    bucket: u32,
+) -> Decision {
     let (source, reason) = match phase {
         Phase::LegacyOnly | Phase::DualWrite | Phase::Backfilled => {
             (StorageSource::Legacy, Reason::PhaseBeforeVerified(phase))

@@ -8,7 +8,7 @@ mod decision;
 mod state;
 
 pub use bucket::{BUCKETS, bucket};
-pub use decision::{Decision, Reason, RolloutConfig, decide};
+pub use decision::{Decision, Reason, RolloutConfig, baseline, decide};
 pub use state::{
     ALL_USERS, Applied, AuditEntry, RolloutChange, RolloutRefused, RolloutSnapshot, apply,
     change_user, check_change,

@@ -2,12 +2,14 @@
 
 use std::time::{Duration, Instant};
 
+use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
     ClearUserOverrideRequest, EvaluateUserRequest, EventType, GetAggregatedDailyStatsRequest,
-    GetRolloutRequest, GetStatsRequest, KillSwitchRequest, ListRolloutHistoryRequest,
-    ListUserOverridesRequest, RecordEventsRequest, ResetSaltRequest, Rollout,
-    SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource, WatchRolloutRequest,
+    GetMigrationStateRequest, GetMigrationStateResponse, GetRolloutRequest, GetStatsRequest,
+    KillSwitchRequest, ListRolloutHistoryRequest, ListUserOverridesRequest, RecordEventsRequest,
+    ResetSaltRequest, Rollout, SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource,
+    WatchRolloutRequest,
 };
 use campaign_stats::migration::Phase;
 use tokio_stream::StreamExt;
@@ -23,7 +25,52 @@ crate::on_both_backends!(
     a_watcher_sees_the_current_state_then_each_change,
     another_replica_applies_a_change_quickly,
     every_service_reads_messages_up_to_the_same_limit,
+    the_migration_state_says_where_reads_go_under_the_kill_switch,
 );
+
+/// `GetMigrationState`'s `read_source` comes from the rule that routes reads: in NEW_PRIMARY
+/// the kill switch sends reads to LEGACY, and the state says so.
+async fn the_migration_state_says_where_reads_go_under_the_kill_switch(db: TestDb) {
+    let db = db.in_phase(Phase::NewPrimary);
+    let server = db.start_server().await;
+    let mut migration = MigrationServiceClient::new(server.channel().await);
+    let read_source = |state: GetMigrationStateResponse| state.read_source;
+    let state = migration
+        .get_migration_state(GetMigrationStateRequest {})
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(read_source(state), i32::from(StorageSource::New));
+    client(&server)
+        .await
+        .kill_switch(KillSwitchRequest {
+            engaged: true,
+            reason: "incident".into(),
+            actor: "oncall".into(),
+        })
+        .await
+        .expect("kill");
+    let state = migration
+        .get_migration_state(GetMigrationStateRequest {})
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(read_source(state), i32::from(StorageSource::Legacy));
+    let stats = server
+        .stats()
+        .await
+        .get_stats(GetStatsRequest {
+            user_id: "u1".into(),
+            campaign_id: "c1".into(),
+            start_date: "2026-01-01".into(),
+            end_date: "2026-01-31".into(),
+        })
+        .await
+        .expect("read")
+        .into_inner();
+    assert_eq!(stats.source, i32::from(StorageSource::Legacy));
+    server.stop().await;
+}
 
 async fn client(server: &TestServer) -> RolloutServiceClient<Channel> {
     RolloutServiceClient::new(server.channel().await)

@@ -205,9 +205,16 @@ impl TestDb {
         self
     }
 
-    /// The storage reads come from in this database's phase.
+    /// The storage reads come from in this database's phase, under the rollout a new
+    /// database starts with (0 %, kill switch off).
     pub fn read_source(&self) -> StorageSource {
-        self.phase.read_source()
+        let fresh = campaign_stats::rollout::RolloutConfig {
+            basis_points: 0,
+            kill_switch: false,
+            salt: String::new(),
+            version: 0,
+        };
+        campaign_stats::rollout::baseline(self.phase, &fresh)
     }
 
     /// The `source` a read response carries in this database's phase.
