@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::{ServerProcess, TestDb, assert_names_fields, event};
+use crate::common::{ServerProcess, TestDb, TestServer, assert_names_fields, event};
 
 crate::on_both_backends!(
     backfill_copies_history_once_and_reports_ambiguous_rows,
@@ -75,14 +75,9 @@ async fn seed_legacy(db: &TestDb, campaigns: u32, users: u32, days: u32) -> u64 
 
 const AMBIGUOUS_ROWS: u64 = 5;
 
-async fn move_to(client: &mut MigrationServiceClient<Channel>, phase: MigrationPhase) {
-    client
-        .transition_phase(TransitionPhaseRequest {
-            force: false,
-            target: phase.into(),
-            reason: "test".into(),
-            actor: "tester".into(),
-        })
+async fn move_to(server: &TestServer, phase: MigrationPhase) {
+    server
+        .transition(phase, false, "test")
         .await
         .expect("transition");
 }
@@ -147,7 +142,7 @@ async fn backfill_copies_history_once_and_reports_ambiguous_rows(db: TestDb) {
     let server = db.start_server().await;
     let rows = seed_legacy(&db, 12, 4, 40).await;
     let mut client = MigrationServiceClient::new(server.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
 
     let run = backfill(&mut client, false, 37).await;
     assert_eq!(run.state, "completed", "{run:?}");
@@ -219,7 +214,7 @@ async fn backfill_copies_history_once_and_reports_ambiguous_rows(db: TestDb) {
     );
 
     // The backfill is the precondition of BACKFILLED.
-    move_to(&mut client, MigrationPhase::Backfilled).await;
+    move_to(&server, MigrationPhase::Backfilled).await;
     server.stop().await;
 }
 
@@ -242,14 +237,9 @@ async fn dry_run_counts_but_writes_nothing(db: TestDb) {
         );
     }
     // It does not count as the backfill BACKFILLED needs.
-    move_to(&mut client, MigrationPhase::DualWrite).await;
-    let status = client
-        .transition_phase(TransitionPhaseRequest {
-            force: false,
-            target: MigrationPhase::Backfilled.into(),
-            reason: "dry run only".into(),
-            actor: String::new(),
-        })
+    move_to(&server, MigrationPhase::DualWrite).await;
+    let status = server
+        .transition(MigrationPhase::Backfilled, false, "dry run only")
         .await
         .expect_err("a dry run is not a backfill");
     assert_eq!(status.code(), Code::FailedPrecondition);
@@ -264,7 +254,7 @@ async fn the_day_dual_write_began_counts_once(db: TestDb) {
     )
     .await;
     let mut client = MigrationServiceClient::new(server.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
     // Later the same day, events reach both storages.
     let mut stats = server.stats().await;
     for (event_type, count) in [(EventType::Sent, 3), (EventType::Opened, 1)] {
@@ -341,7 +331,7 @@ async fn a_stopped_backfill_resumes_to_the_same_result(db: TestDb) {
     let server = db.start_server().await;
     let rows = seed_legacy(&db, 10, 3, 30).await;
     let mut client = MigrationServiceClient::new(server.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
     // Stop the server mid-run, once some batches are in.
     let run_id = slow_backfill_under_way(&mut client, 20).await;
     server.stop().await;
@@ -383,7 +373,7 @@ async fn uninterrupted_fingerprint(db: &TestDb, campaigns: u32, users: u32, days
     let server = reference.start_server().await;
     seed_legacy(&reference, campaigns, users, days).await;
     let mut client = MigrationServiceClient::new(server.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
     assert_eq!(backfill(&mut client, false, 1000).await.state, "completed");
     server.stop().await;
     rollup_fingerprint(&reference).await
@@ -398,7 +388,15 @@ async fn a_backfill_killed_mid_run_completes_to_the_same_result(db: TestDb) {
     let process = ServerProcess::start(&db.url, &[]).await;
     let rows = seed_legacy(&db, 10, 3, 30).await;
     let mut client = MigrationServiceClient::new(process.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    client
+        .transition_phase(TransitionPhaseRequest {
+            target: MigrationPhase::DualWrite.into(),
+            force: false,
+            reason: "test".into(),
+            actor: "tester".into(),
+        })
+        .await
+        .expect("transition");
     let run_id = slow_backfill_under_way(&mut client, 5).await;
     process.kill().await;
     let killed_at = db
@@ -418,7 +416,7 @@ async fn a_backfill_killed_mid_run_completes_to_the_same_result(db: TestDb) {
     let run = backfill(&mut client, false, 1000).await;
     assert_eq!((run.state.as_str(), run.processed), ("completed", rows));
     assert_eq!(rollup_fingerprint(&db).await, expected);
-    move_to(&mut client, MigrationPhase::Backfilled).await;
+    move_to(&server, MigrationPhase::Backfilled).await;
     let verified = verify(&mut client, "2025-01-01", "2025-12-31").await;
     assert!(verified.compared > 0);
     assert_eq!(verified.mismatches, 0, "{verified:?}");
@@ -539,7 +537,7 @@ async fn legacy_to_new_primary_keeps_every_total_while_events_arrive(db: TestDb)
         .record_events(arrive(0))
         .await
         .expect("events in LEGACY_ONLY");
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
     stats
         .record_events(arrive(1))
         .await
@@ -550,7 +548,7 @@ async fn legacy_to_new_primary_keeps_every_total_while_events_arrive(db: TestDb)
         .record_events(arrive(2))
         .await
         .expect("events after the backfill");
-    move_to(&mut client, MigrationPhase::Backfilled).await;
+    move_to(&server, MigrationPhase::Backfilled).await;
 
     let report = verify(&mut client, "", "").await;
     assert_eq!(report.mismatches, 0, "{:?}", report.sample);
@@ -571,8 +569,8 @@ async fn legacy_to_new_primary_keeps_every_total_while_events_arrive(db: TestDb)
     )
     .await;
     assert_eq!((skipped.resolved, skipped.unresolved), (AMBIGUOUS_ROWS, 0));
-    move_to(&mut client, MigrationPhase::Verified).await;
-    move_to(&mut client, MigrationPhase::NewPrimary).await;
+    move_to(&server, MigrationPhase::Verified).await;
+    move_to(&server, MigrationPhase::NewPrimary).await;
     let after = all_totals(&mut stats, 4, 12).await;
     assert!(
         after
@@ -599,7 +597,7 @@ async fn verify_names_a_difference_planted_in_either_storage(db: TestDb) {
     let server = db.start_server().await;
     seed_legacy(&db, 4, 2, 30).await;
     let mut client = MigrationServiceClient::new(server.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
     backfill(&mut client, false, 1000).await;
     assert_eq!(
         verify(&mut client, "2025-01-01", "2025-12-31")
@@ -624,14 +622,9 @@ async fn verify_names_a_difference_planted_in_either_storage(db: TestDb) {
     );
     assert_eq!(m.legacy, m.new + 1);
     // A clean verify is required for VERIFIED: this one is not.
-    move_to(&mut client, MigrationPhase::Backfilled).await;
-    let status = client
-        .transition_phase(TransitionPhaseRequest {
-            force: false,
-            target: MigrationPhase::Verified.into(),
-            reason: "x".into(),
-            actor: String::new(),
-        })
+    move_to(&server, MigrationPhase::Backfilled).await;
+    let status = server
+        .transition(MigrationPhase::Verified, false, "x")
         .await
         .expect_err("mismatches");
     assert_eq!(status.code(), Code::FailedPrecondition);
@@ -688,7 +681,7 @@ async fn storage_report_compares_both_storages(db: TestDb) {
     let server = db.start_server().await;
     let rows = seed_legacy(&db, 10, 2, 30).await;
     let mut client = MigrationServiceClient::new(server.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
     backfill(&mut client, false, 1000).await;
     let report = client
         .get_storage_report(campaign_stats::grpc::proto::GetStorageReportRequest {})
@@ -802,7 +795,7 @@ async fn ambiguous_rows_are_resolved_by_copy_or_skip_and_hold_verified_back(db: 
     let server = db.start_server().await;
     seed_legacy(&db, 6, 2, 20).await;
     let mut client = MigrationServiceClient::new(server.channel().await);
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
     let run = backfill(&mut client, false, 50).await;
     assert_eq!(run.ambiguous, AMBIGUOUS_ROWS, "{run:?}");
     let first = report(&mut client, &run.run_id).await;
@@ -826,7 +819,7 @@ async fn ambiguous_rows_are_resolved_by_copy_or_skip_and_hold_verified_back(db: 
             ("bad-shared".into(), AmbiguityKind::SeveralUsers),
         ]
     );
-    move_to(&mut client, MigrationPhase::Backfilled).await;
+    move_to(&server, MigrationPhase::Backfilled).await;
     let clean = verify(&mut client, "", "").await;
     assert_eq!(clean.mismatches, 0, "{clean:?}");
     assert_eq!(
@@ -839,13 +832,8 @@ async fn ambiguous_rows_are_resolved_by_copy_or_skip_and_hold_verified_back(db: 
     );
 
     // Unresolved rows hold VERIFIED back, with the count.
-    let refused = client
-        .transition_phase(TransitionPhaseRequest {
-            force: false,
-            target: MigrationPhase::Verified.into(),
-            reason: "test".into(),
-            actor: "tester".into(),
-        })
+    let refused = server
+        .transition(MigrationPhase::Verified, false, "test")
         .await
         .expect_err("unresolved rows");
     assert_eq!(refused.code(), Code::FailedPrecondition);
@@ -937,26 +925,25 @@ async fn ambiguous_rows_are_resolved_by_copy_or_skip_and_hold_verified_back(db: 
     );
 
     // Forced past the two unresolved rows: allowed, and the history says so.
-    client
-        .transition_phase(TransitionPhaseRequest {
-            force: true,
-            target: MigrationPhase::Verified.into(),
-            reason: "shared campaigns are tracked in TICKET-1".into(),
-            actor: "tester".into(),
-        })
+    server
+        .transition(
+            MigrationPhase::Verified,
+            true,
+            "shared campaigns are tracked in TICKET-1",
+        )
         .await
         .expect("forced transition");
     assert!(last_move_forced(&mut client).await);
 
     // Back, resolve the rest, and VERIFIED needs no force.
-    move_to(&mut client, MigrationPhase::Backfilled).await;
+    move_to(&server, MigrationPhase::Backfilled).await;
     let rest = resolve(
         &mut client,
         resolve_request(AmbiguousResolution::Skip, &[], &[]),
     )
     .await;
     assert_eq!((rest.resolved, rest.unresolved), (2, 0));
-    move_to(&mut client, MigrationPhase::Verified).await;
+    move_to(&server, MigrationPhase::Verified).await;
     assert!(!last_move_forced(&mut client).await);
 
     let done = report(&mut client, &run.run_id).await;
@@ -1015,7 +1002,7 @@ async fn ambiguous_rows_are_resolved_by_copy_or_skip_and_hold_verified_back(db: 
 
     // A later backfill honours the resolutions: the rows are reported again, already
     // resolved, and nothing is copied twice.
-    move_to(&mut client, MigrationPhase::DualWrite).await;
+    move_to(&server, MigrationPhase::DualWrite).await;
     let later = backfill(&mut client, false, 50).await;
     assert_eq!(
         (later.ambiguous, later.copied),

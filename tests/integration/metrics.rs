@@ -2,8 +2,7 @@
 
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
-    EventType, GetStatsRequest, KillSwitchRequest, RecordEventsRequest,
-    SetRolloutPercentageRequest, StorageSource,
+    EventType, GetStatsRequest, RecordEventsRequest, SetRolloutPercentageRequest, StorageSource,
 };
 use campaign_stats::migration::Phase;
 use tonic::Code;
@@ -74,12 +73,8 @@ async fn metrics_show_the_applied_rollout_and_the_traffic(db: TestDb) {
         .expect("read")
         .into_inner();
     assert_eq!(read.source, i32::from(StorageSource::New));
-    rollout
-        .kill_switch(KillSwitchRequest {
-            engaged: true,
-            reason: "incident".into(),
-            ..Default::default()
-        })
+    server
+        .kill_switch(true, "incident")
         .await
         .expect("kill switch");
     let read = stats

@@ -2,20 +2,19 @@
 
 use std::time::{Duration, Instant};
 
-use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
     ClearUserOverrideRequest, EvaluateUserRequest, EventType, GetAggregatedDailyStatsRequest,
-    GetMigrationStateRequest, GetMigrationStateResponse, GetRolloutRequest, GetStatsRequest,
-    KillSwitchRequest, ListRolloutHistoryRequest, ListUserOverridesRequest, RecordEventsRequest,
-    ResetSaltRequest, Rollout, SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource,
-    WatchRolloutRequest,
+    GetRolloutRequest, GetStatsRequest, KillSwitchRequest, ListRolloutHistoryRequest,
+    ListUserOverridesRequest, RecordEventsRequest, ResetSaltRequest, Rollout,
+    SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource, WatchRolloutRequest,
 };
 use campaign_stats::migration::Phase;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::common::api::TESTER;
 use crate::common::{ServerProcess, TestDb, TestServer, assert_names_fields, event};
 
 crate::on_both_backends!(
@@ -33,29 +32,11 @@ crate::on_both_backends!(
 async fn the_migration_state_says_where_reads_go_under_the_kill_switch(db: TestDb) {
     let db = db.in_phase(Phase::NewPrimary);
     let server = db.start_server().await;
-    let mut migration = MigrationServiceClient::new(server.channel().await);
-    let read_source = |state: GetMigrationStateResponse| state.read_source;
-    let state = migration
-        .get_migration_state(GetMigrationStateRequest {})
-        .await
-        .expect("state")
-        .into_inner();
-    assert_eq!(read_source(state), i32::from(StorageSource::New));
-    client(&server)
-        .await
-        .kill_switch(KillSwitchRequest {
-            engaged: true,
-            reason: "incident".into(),
-            actor: "oncall".into(),
-        })
-        .await
-        .expect("kill");
-    let state = migration
-        .get_migration_state(GetMigrationStateRequest {})
-        .await
-        .expect("state")
-        .into_inner();
-    assert_eq!(read_source(state), i32::from(StorageSource::Legacy));
+    let read_source = server.migration_state().await.read_source;
+    assert_eq!(read_source, i32::from(StorageSource::New));
+    server.kill_switch(true, "incident").await.expect("kill");
+    let read_source = server.migration_state().await.read_source;
+    assert_eq!(read_source, i32::from(StorageSource::Legacy));
     let stats = server
         .stats()
         .await
@@ -186,14 +167,7 @@ async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
         })
         .await
         .expect("clear");
-    rollout
-        .kill_switch(KillSwitchRequest {
-            engaged: true,
-            reason: "incident".into(),
-            actor: "oncall".into(),
-        })
-        .await
-        .expect("kill");
+    server.kill_switch(true, "incident").await.expect("kill");
     let after = current(&mut rollout).await;
     assert_eq!(
         (after.version, after.kill_switch, after.percentage),
@@ -225,14 +199,7 @@ async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
     assert_eq!(
         entries,
         [
-            (
-                4,
-                "oncall",
-                "kill switch",
-                "released",
-                "engaged",
-                "incident"
-            ),
+            (4, TESTER, "kill switch", "released", "engaged", "incident"),
             (3, "pm", "override beta", "new", "none", "done"),
             (2, "pm", "override beta", "none", "new", "beta tester"),
             (
@@ -428,14 +395,7 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
     assert_eq!(all_users(&stats).await, i32::from(StorageSource::Legacy));
 
     // The kill switch wins over everything.
-    rollout
-        .kill_switch(KillSwitchRequest {
-            engaged: true,
-            reason: "incident".into(),
-            actor: String::new(),
-        })
-        .await
-        .expect("kill");
+    server.kill_switch(true, "incident").await.expect("kill");
     for user in &users {
         assert_eq!(
             read(user.clone()).await,
@@ -443,12 +403,8 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
             "{user}"
         );
     }
-    rollout
-        .kill_switch(KillSwitchRequest {
-            engaged: false,
-            reason: "resolved".into(),
-            actor: String::new(),
-        })
+    server
+        .kill_switch(false, "resolved")
         .await
         .expect("release");
     assert_eq!(read(legacy_user).await, expect(StorageSource::New));
@@ -493,14 +449,7 @@ async fn a_watcher_sees_the_current_state_then_each_change(db: TestDb) {
         .set_rollout_percentage(percentage(10.0, 1, false))
         .await
         .expect("10%");
-    rollout
-        .kill_switch(KillSwitchRequest {
-            engaged: true,
-            reason: "drill".into(),
-            actor: String::new(),
-        })
-        .await
-        .expect("kill");
+    server.kill_switch(true, "drill").await.expect("kill");
     let mut seen = Vec::new();
     while seen.len() < 3 {
         let update = tokio::time::timeout(Duration::from_secs(10), watch.next())
