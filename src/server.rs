@@ -40,14 +40,19 @@ pub struct ServerConfig {
     pub group_commit: GroupCommitSettings,
 }
 
+impl ServerConfig {
+    /// The defaults, in one place: the command line shows and uses these.
+    pub const DEFAULT: Self = Self {
+        health_check_interval: Duration::from_secs(2),
+        shutdown_grace: Duration::from_secs(20),
+        rollout_refresh_interval: Duration::from_millis(500),
+        group_commit: GroupCommitSettings::DEFAULT,
+    };
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            health_check_interval: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(20),
-            rollout_refresh_interval: Duration::from_millis(500),
-            group_commit: GroupCommitSettings::default(),
-        }
+        Self::DEFAULT
     }
 }
 

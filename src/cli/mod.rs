@@ -71,6 +71,16 @@ pub enum Command {
     GenerateLegacy(generate::GenerateArgs),
 }
 
+/// The defaults of every setting: the flags show these, so that they live in one place
+/// (`PoolOptions::DEFAULT`, `ServerConfig::DEFAULT`).
+const POOL: PoolOptions = PoolOptions::DEFAULT;
+const SERVER: ServerConfig = ServerConfig::DEFAULT;
+
+/// `duration` in whole milliseconds, as the flags take it.
+const fn millis(duration: Duration) -> u64 {
+    duration.as_millis() as u64
+}
+
 /// Where the database is and how to reach it.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
@@ -85,16 +95,18 @@ pub struct DatabaseArgs {
     )]
     pub database_url: DatabaseUrl,
     /// Most connections in the database pool.
-    #[arg(long, env = "STATS_DB_MAX_CONNECTIONS", default_value_t = 16,
+    #[arg(long, env = "STATS_DB_MAX_CONNECTIONS", default_value_t = POOL.max_connections,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub db_max_connections: u32,
     /// Seconds a call waits for a database connection before failing with UNAVAILABLE.
-    #[arg(long, env = "STATS_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
+    #[arg(long, env = "STATS_DB_ACQUIRE_TIMEOUT_SECS",
+          default_value_t = POOL.acquire_timeout.as_secs())]
     pub db_acquire_timeout_secs: u64,
     /// Milliseconds one database statement may run (a lock wait included) before its call
     /// fails with UNAVAILABLE and its transaction is rolled back; also bounds a call to a
     /// database that stops answering.
-    #[arg(long, env = "STATS_DB_STATEMENT_TIMEOUT_MS", default_value_t = 10_000,
+    #[arg(long, env = "STATS_DB_STATEMENT_TIMEOUT_MS",
+          default_value_t = millis(POOL.statement_timeout),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub db_statement_timeout_ms: u64,
 }
@@ -126,28 +138,36 @@ pub struct ServeArgs {
     #[arg(long, env = "STATS_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Seconds in-flight calls may take to finish after SIGTERM before they are closed.
-    #[arg(long, env = "STATS_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    #[arg(long, env = "STATS_SHUTDOWN_GRACE_SECS",
+          default_value_t = SERVER.shutdown_grace.as_secs())]
     pub shutdown_grace_secs: u64,
     /// Milliseconds between re-reads of the rollout and phase (changes made through other
     /// replicas arrive within this).
-    #[arg(long, env = "STATS_ROLLOUT_REFRESH_MS", default_value_t = 500)]
+    #[arg(long, env = "STATS_ROLLOUT_REFRESH_MS",
+          default_value_t = millis(SERVER.rollout_refresh_interval),
+          value_parser = clap::value_parser!(u64).range(10..))]
     pub rollout_refresh_ms: u64,
     /// Milliseconds between database health checks.
-    #[arg(long, env = "STATS_HEALTH_CHECK_INTERVAL_MS", default_value_t = 2_000)]
+    #[arg(long, env = "STATS_HEALTH_CHECK_INTERVAL_MS",
+          default_value_t = millis(SERVER.health_check_interval),
+          value_parser = clap::value_parser!(u64).range(10..))]
     pub health_check_interval_ms: u64,
     /// A transaction takes queued callers until it holds this many events (a caller's batch
     /// or stream chunk is never split).
-    #[arg(long, env = "STATS_GROUP_COMMIT_MAX_EVENTS", default_value_t = 256,
+    #[arg(long, env = "STATS_GROUP_COMMIT_MAX_EVENTS",
+          default_value_t = SERVER.group_commit.max_events as u32,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub group_commit_max_events: u32,
     /// Microseconds the first queued write waits for others before its transaction
     /// is written (0: write what has queued at once).
-    #[arg(long, env = "STATS_GROUP_COMMIT_WINDOW_US", default_value_t = 0,
+    #[arg(long, env = "STATS_GROUP_COMMIT_WINDOW_US",
+          default_value_t = SERVER.group_commit.window.as_micros() as u64,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub group_commit_window_us: u64,
     /// Most events queued at once (single events, batches and stream chunks); past it, a
     /// write answers RESOURCE_EXHAUSTED.
-    #[arg(long, env = "STATS_GROUP_COMMIT_QUEUE_EVENTS", default_value_t = 65_536,
+    #[arg(long, env = "STATS_GROUP_COMMIT_QUEUE_EVENTS",
+          default_value_t = SERVER.group_commit.queue_events as u32,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub group_commit_queue_events: u32,
     /// Groups of single events written at once, each in its own transaction [default: 4 on
@@ -160,6 +180,25 @@ pub struct ServeArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl ServeArgs {
+    /// The server's settings, for a database of `backend`.
+    fn server_config(&self, backend: Backend) -> ServerConfig {
+        ServerConfig {
+            health_check_interval: Duration::from_millis(self.health_check_interval_ms),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            rollout_refresh_interval: Duration::from_millis(self.rollout_refresh_ms),
+            group_commit: GroupCommitSettings {
+                max_events: self.group_commit_max_events as usize,
+                window: Duration::from_micros(self.group_commit_window_us),
+                queue_events: self.group_commit_queue_events as usize,
+                flushers: self
+                    .group_commit_flushers
+                    .map_or(GroupCommitSettings::flushers_for(backend), |n| n as usize),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -225,22 +264,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let url = args.database.database_url.expose();
     let backend = Backend::from_url(url)?;
-    let flushers = match (args.group_commit_flushers, backend) {
-        (Some(flushers), _) => flushers as usize,
-        (None, Backend::Postgres) => 4,
-        (None, Backend::Sqlite) => 2,
-    };
-    let config = ServerConfig {
-        health_check_interval: Duration::from_millis(args.health_check_interval_ms.max(10)),
-        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
-        rollout_refresh_interval: Duration::from_millis(args.rollout_refresh_ms.max(10)),
-        group_commit: GroupCommitSettings {
-            max_events: args.group_commit_max_events as usize,
-            window: Duration::from_micros(args.group_commit_window_us),
-            queue_events: args.group_commit_queue_events as usize,
-            flushers,
-        },
-    };
+    let config = args.server_config(backend);
     let options = args.database.pool_options();
     tracing::info!(database = %telemetry::redact_url(url), "connecting to the database");
     // The one place a backend is chosen; everything below is generic over `Store`.

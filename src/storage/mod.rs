@@ -705,13 +705,18 @@ pub struct PoolOptions {
     pub statement_timeout: std::time::Duration,
 }
 
+impl PoolOptions {
+    /// The defaults, in one place: the command line shows and uses these.
+    pub const DEFAULT: Self = Self {
+        max_connections: 16,
+        acquire_timeout: std::time::Duration::from_secs(5),
+        statement_timeout: std::time::Duration::from_secs(10),
+    };
+}
+
 impl Default for PoolOptions {
     fn default() -> Self {
-        Self {
-            max_connections: 16,
-            acquire_timeout: std::time::Duration::from_secs(5),
-            statement_timeout: std::time::Duration::from_secs(10),
-        }
+        Self::DEFAULT
     }
 }
 

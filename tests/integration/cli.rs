@@ -493,6 +493,14 @@ async fn out_of_range_options_are_refused_by_name() {
             &["serve", "--db-max-connections", "0"],
             "--db-max-connections",
         ),
+        (
+            &["serve", "--rollout-refresh-ms", "0"],
+            "--rollout-refresh-ms",
+        ),
+        (
+            &["serve", "--health-check-interval-ms", "9"],
+            "--health-check-interval-ms",
+        ),
     ] {
         let (ok, _, stderr) = cli(args).await;
         assert!(!ok, "{args:?} was accepted");
