@@ -6,7 +6,7 @@ use std::time::Instant;
 use chrono::NaiveDate;
 
 use crate::domain::{
-    Answer, CampaignId, CampaignStatsQuery, Event, Metrics, SeriesQuery, UserId, bucket_series,
+    Answer, CampaignId, CampaignStatsQuery, Event, EventTotals, SeriesQuery, UserId, bucket_series,
 };
 use crate::rollout::ALL_USERS;
 use crate::storage::{RecordOutcome, Store};
@@ -150,7 +150,7 @@ impl<S: Store> Stats<S> {
     pub async fn campaign_stats(
         &self,
         query: &CampaignStatsQuery,
-    ) -> Result<Answer<Vec<(CampaignId, Metrics)>>, AppError> {
+    ) -> Result<Answer<Vec<(CampaignId, EventTotals)>>, AppError> {
         let source = self.rollout.read_source(query.user.as_str());
         let started = Instant::now();
         let totals = self
@@ -171,7 +171,7 @@ impl<S: Store> Stats<S> {
     pub async fn series(
         &self,
         query: &SeriesQuery,
-    ) -> Result<Answer<Vec<(NaiveDate, Metrics)>>, AppError> {
+    ) -> Result<Answer<Vec<(NaiveDate, EventTotals)>>, AppError> {
         let user = query.scope.user.as_ref().map_or(ALL_USERS, UserId::as_str);
         let source = self.rollout.read_source(user);
         let started = Instant::now();

@@ -30,7 +30,7 @@ pub struct EventTypeNames {
     /// Its name in the API's `EventType` (after `EVENT_TYPE_`).
     pub api_name: &'static str,
     /// The column of its totals in the rollup tables (`campaign_day_totals`,
-    /// `all_day_totals`), and the field of `Metrics` in the API.
+    /// `all_day_totals`), and the field of `EventTotals` in the API.
     pub column: &'static str,
     /// Its column in the legacy table, if it has one.
     pub legacy_column: Option<&'static str>,

@@ -3,10 +3,10 @@
 
 mod event;
 mod ids;
-mod metrics;
 mod query;
 mod range;
 mod text;
+mod totals;
 mod validation;
 
 pub use event::{
@@ -14,10 +14,10 @@ pub use event::{
     LEGACY_COLUMNS, LegacyCounts, MAX_EVENT_COUNT, RawEvent, event_time_window, rollup_columns,
 };
 pub use ids::{CampaignId, MAX_ID_BYTES, UserId, validate_id};
-pub use metrics::{Metrics, TotalOverflow};
 pub use query::{CampaignStatsQuery, SeriesQuery};
 pub use range::{DateRange, Granularity, MAX_RANGE_DAYS, bucket_series, parse_date};
 pub use text::{MAX_TEXT_BYTES, UNKNOWN_ACTOR, parse_actor, parse_reason, validate_text};
+pub use totals::{EventTotals, TotalOverflow};
 pub use validation::{ECHO_CHARS, FieldViolation, LimitExceeded, ValidationError, echo};
 
 /// Most events one `RecordEvents` call may carry.

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use chrono::{Datelike, Days, Months, NaiveDate};
 
-use super::{FieldViolation, Metrics, TotalOverflow, ValidationError, echo};
+use super::{EventTotals, FieldViolation, TotalOverflow, ValidationError, echo};
 
 /// Longest date range a read may cover, in days (both ends included).
 pub const MAX_RANGE_DAYS: i64 = 3_660;
@@ -102,17 +102,17 @@ impl Granularity {
 /// nothing happened); without it, only buckets with activity are. A bucket whose total
 /// would pass `u64::MAX` fails the series.
 pub fn bucket_series(
-    daily: impl IntoIterator<Item = (NaiveDate, Metrics)>,
+    daily: impl IntoIterator<Item = (NaiveDate, EventTotals)>,
     range: DateRange,
     granularity: Granularity,
     fill_empty: bool,
-) -> Result<Vec<(NaiveDate, Metrics)>, TotalOverflow> {
-    let mut buckets: BTreeMap<NaiveDate, Metrics> = BTreeMap::new();
+) -> Result<Vec<(NaiveDate, EventTotals)>, TotalOverflow> {
+    let mut buckets: BTreeMap<NaiveDate, EventTotals> = BTreeMap::new();
     if fill_empty {
         let last = granularity.bucket_start(range.end);
         let mut bucket = granularity.bucket_start(range.start);
         while bucket <= last {
-            buckets.insert(bucket, Metrics::default());
+            buckets.insert(bucket, EventTotals::default());
             bucket = granularity.next_bucket(bucket);
         }
     }
@@ -180,9 +180,9 @@ mod tests {
     #[test]
     fn fill_empty_covers_every_bucket_touching_the_range() {
         let range = DateRange::new(d("2026-01-30"), d("2026-04-02")).unwrap();
-        let sent = Metrics {
+        let sent = EventTotals {
             sent: 2,
-            ..Metrics::default()
+            ..EventTotals::default()
         };
         let daily = [
             (d("2026-03-15"), sent),
@@ -207,9 +207,9 @@ mod tests {
             sparse,
             vec![(
                 d("2026-03-01"),
-                Metrics {
+                EventTotals {
                     sent: 4,
-                    ..Metrics::default()
+                    ..EventTotals::default()
                 }
             )]
         );
@@ -218,9 +218,9 @@ mod tests {
     #[test]
     fn a_bucket_past_u64_is_an_error() {
         let range = DateRange::new(d("2026-03-01"), d("2026-03-31")).unwrap();
-        let huge = Metrics {
+        let huge = EventTotals {
             sent: u64::MAX / 2 + 1,
-            ..Metrics::default()
+            ..EventTotals::default()
         };
         let daily = [(d("2026-03-15"), huge), (d("2026-03-16"), huge)];
         assert!(bucket_series(daily, range, Granularity::Day, false).is_ok());

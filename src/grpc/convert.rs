@@ -6,8 +6,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use super::proto;
 use crate::app::AppError;
 use crate::domain::{
-    self, CampaignId, CampaignStatsQuery, DateRange, Event, EventType, FieldViolation, Granularity,
-    LimitExceeded, MAX_CAMPAIGNS_PER_READ, Metrics, RawEvent, Scope, SeriesQuery, UserId,
+    self, CampaignId, CampaignStatsQuery, DateRange, Event, EventTotals, EventType, FieldViolation,
+    Granularity, LimitExceeded, MAX_CAMPAIGNS_PER_READ, RawEvent, Scope, SeriesQuery, UserId,
     ValidationError, parse_actor, parse_reason,
 };
 
@@ -247,8 +247,8 @@ impl From<domain::StorageSource> for proto::StorageSource {
     }
 }
 
-impl From<Metrics> for proto::Metrics {
-    fn from(m: Metrics) -> Self {
+impl From<EventTotals> for proto::Metrics {
+    fn from(m: EventTotals) -> Self {
         proto::Metrics {
             sent: m.sent,
             opened: m.opened,
@@ -261,7 +261,7 @@ impl From<Metrics> for proto::Metrics {
 }
 
 /// A bucket of a series as the API shows it.
-pub fn bucket_to_proto((start, metrics): (NaiveDate, Metrics)) -> proto::Bucket {
+pub fn bucket_to_proto((start, metrics): (NaiveDate, EventTotals)) -> proto::Bucket {
     proto::Bucket {
         bucket_start: start.format("%Y-%m-%d").to_string(),
         metrics: Some(metrics.into()),

@@ -11,8 +11,8 @@ use chrono::NaiveDate;
 use super::error::{LEGACY_COLUMN_MAX, LegacyOverflow};
 use super::{Refusal, StorageError};
 use crate::domain::{
-    CampaignId, EVENT_TYPES, Event, EventType, LEGACY_COLUMN_COUNT, LEGACY_COLUMNS, LegacyCounts,
-    Metrics, Scope, StorageSource, UserId,
+    CampaignId, EVENT_TYPES, Event, EventTotals, EventType, LEGACY_COLUMN_COUNT, LEGACY_COLUMNS,
+    LegacyCounts, Scope, StorageSource, UserId,
 };
 use crate::migration::WriteTargets;
 use crate::migration::ambiguous::{AmbiguityKind, Resolution, ResolveFilter};
@@ -555,9 +555,9 @@ pub(super) type Sums<K> = (K, i64, i64, i64, i64, i64, i64);
 /// The key and metrics of an aggregate row; negative (legacy) sums read as 0.
 pub(super) fn sums_metrics<K>(
     (key, sent, opened, replied, positive_replies, bounced, clicked): Sums<K>,
-) -> (K, Metrics) {
+) -> (K, EventTotals) {
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
-    let metrics = Metrics {
+    let metrics = EventTotals {
         sent: n(sent),
         opened: n(opened),
         clicked: n(clicked),
@@ -569,7 +569,7 @@ pub(super) fn sums_metrics<K>(
 }
 
 /// Aggregate `(campaign, sums…)` rows as one entry per campaign.
-pub(super) fn campaign_sums(rows: Vec<Sums<String>>) -> HashMap<CampaignId, Metrics> {
+pub(super) fn campaign_sums(rows: Vec<Sums<String>>) -> HashMap<CampaignId, EventTotals> {
     rows.into_iter()
         .map(sums_metrics)
         .filter_map(|(campaign, metrics)| {

@@ -19,7 +19,7 @@ use super::{
     AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, RolloutStore, RunIssues,
     RunStore, StorageError, Store, TableSize,
 };
-use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::domain::{CampaignId, DateRange, Event, EventTotals, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow};
 use crate::migration::verify::VerifyOutcome;
@@ -86,7 +86,7 @@ impl<S: Store> EventStore for Bounded<S> {
         user: &UserId,
         campaigns: &[CampaignId],
         range: DateRange,
-    ) -> Result<HashMap<CampaignId, Metrics>, StorageError> {
+    ) -> Result<HashMap<CampaignId, EventTotals>, StorageError> {
         self.bound(self.inner.campaign_totals(source, user, campaigns, range))
             .await
     }
@@ -96,7 +96,7 @@ impl<S: Store> EventStore for Bounded<S> {
         source: StorageSource,
         scope: &Scope,
         range: DateRange,
-    ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
+    ) -> Result<Vec<(NaiveDate, EventTotals)>, StorageError> {
         self.bound(self.inner.daily_totals(source, scope, range))
             .await
     }

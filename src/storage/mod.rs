@@ -24,7 +24,7 @@ use std::future::Future;
 
 use chrono::NaiveDate;
 
-use crate::domain::{CampaignId, DateRange, Event, Metrics, Scope, StorageSource, UserId};
+use crate::domain::{CampaignId, DateRange, Event, EventTotals, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow};
 use crate::migration::verify::{SetApart, VerifyData, VerifyOutcome};
@@ -182,7 +182,7 @@ pub trait EventStore: Database {
         user: &UserId,
         campaigns: &[CampaignId],
         range: DateRange,
-    ) -> impl Future<Output = Result<HashMap<CampaignId, Metrics>, StorageError>> + Send;
+    ) -> impl Future<Output = Result<HashMap<CampaignId, EventTotals>, StorageError>> + Send;
 
     /// Totals per day over `range` for the campaigns of `scope`, from `source`, in date
     /// order; days without events are absent.
@@ -191,7 +191,7 @@ pub trait EventStore: Database {
         source: StorageSource,
         scope: &Scope,
         range: DateRange,
-    ) -> impl Future<Output = Result<Vec<(NaiveDate, Metrics)>, StorageError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(NaiveDate, EventTotals)>, StorageError>> + Send;
 }
 
 /// The migration phase and its history.

@@ -17,7 +17,7 @@ use super::{
     RunIssues, RunStore, StorageError, TableSize, batch, parse_phase, sql,
 };
 use crate::domain::{
-    CampaignId, DateRange, Event, LEGACY_COLUMN_COUNT, Metrics, Scope, StorageSource, UserId,
+    CampaignId, DateRange, Event, EventTotals, LEGACY_COLUMN_COUNT, Scope, StorageSource, UserId,
 };
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, RollupCopy, plan_resolution};
@@ -651,7 +651,7 @@ impl EventStore for PostgresStore {
         user: &UserId,
         campaigns: &[CampaignId],
         range: DateRange,
-    ) -> Result<HashMap<CampaignId, Metrics>, StorageError> {
+    ) -> Result<HashMap<CampaignId, EventTotals>, StorageError> {
         if campaigns.is_empty() {
             return Ok(HashMap::new());
         }
@@ -676,7 +676,7 @@ impl EventStore for PostgresStore {
         source: StorageSource,
         scope: &Scope,
         range: DateRange,
-    ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
+    ) -> Result<Vec<(NaiveDate, EventTotals)>, StorageError> {
         let (rows, day) = batch::read_rows(source, Some(scope));
         let mut query = QueryBuilder::<Postgres>::new(format!("SELECT {day}, {SUMS}"));
         query.push(format_args!(" FROM {rows} WHERE {day} BETWEEN "));

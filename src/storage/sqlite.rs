@@ -18,7 +18,8 @@ use super::{
     RunIssues, RunStore, StorageError, TableSize, batch, parse_phase, sql,
 };
 use crate::domain::{
-    CampaignId, DateRange, Event, EventType, LEGACY_COLUMNS, Metrics, Scope, StorageSource, UserId,
+    CampaignId, DateRange, Event, EventTotals, EventType, LEGACY_COLUMNS, Scope, StorageSource,
+    UserId,
 };
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
 use crate::migration::backfill::{BatchOutcome, LegacyRow, RollupCopy, plan_resolution};
@@ -389,7 +390,7 @@ impl EventStore for SqliteStore {
         user: &UserId,
         campaigns: &[CampaignId],
         range: DateRange,
-    ) -> Result<HashMap<CampaignId, Metrics>, StorageError> {
+    ) -> Result<HashMap<CampaignId, EventTotals>, StorageError> {
         if campaigns.is_empty() {
             return Ok(HashMap::new());
         }
@@ -417,7 +418,7 @@ impl EventStore for SqliteStore {
         source: StorageSource,
         scope: &Scope,
         range: DateRange,
-    ) -> Result<Vec<(NaiveDate, Metrics)>, StorageError> {
+    ) -> Result<Vec<(NaiveDate, EventTotals)>, StorageError> {
         let (rows, day) = batch::read_rows(source, Some(scope));
         let mut query = QueryBuilder::<Sqlite>::new(format!(
             "SELECT {day}, {SUMS} FROM {rows} WHERE {day} BETWEEN "

@@ -7,9 +7,9 @@ use tokio::net::TcpStream;
 
 /// One scrape's text.
 #[derive(Debug, Clone)]
-pub struct Metrics(pub String);
+pub struct Scrape(pub String);
 
-impl Metrics {
+impl Scrape {
     /// Scrapes `addr` over plain HTTP/1.1.
     pub async fn scrape(addr: SocketAddr) -> Self {
         let mut stream = TcpStream::connect(addr).await.expect("connect to metrics");
@@ -41,7 +41,7 @@ impl Metrics {
         })
     }
 
-    /// Like [`Metrics::value`], failing the test when the series is absent.
+    /// Like [`Scrape::value`], failing the test when the series is absent.
     pub fn get(&self, series: &str) -> f64 {
         self.value(series)
             .unwrap_or_else(|| panic!("no sample {series} in:\n{}", self.0))

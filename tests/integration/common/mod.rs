@@ -8,7 +8,7 @@ pub mod metrics;
 pub mod process;
 pub mod proxy;
 
-pub use metrics::Metrics;
+pub use metrics::Scrape;
 pub use process::ServerProcess;
 
 use std::io::Write;
@@ -441,8 +441,8 @@ impl TestServer {
     }
 
     /// Its metrics, as Prometheus scrapes them.
-    pub async fn metrics(&self) -> Metrics {
-        Metrics::scrape(self.metrics_addr).await
+    pub async fn metrics(&self) -> Scrape {
+        Scrape::scrape(self.metrics_addr).await
     }
 
     pub async fn stats(&self) -> StatsServiceClient<Channel> {

@@ -13,7 +13,7 @@ use tokio_stream::StreamExt;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use super::Metrics;
+use super::Scrape;
 
 /// A `campaign-stats serve` process on free ports, logging JSON to a pipe this test reads.
 pub struct ServerProcess {
@@ -81,8 +81,8 @@ impl ServerProcess {
         super::connect(self.addr).await
     }
 
-    pub async fn metrics(&self) -> Metrics {
-        Metrics::scrape(self.metrics_addr).await
+    pub async fn metrics(&self) -> Scrape {
+        Scrape::scrape(self.metrics_addr).await
     }
 
     /// Follows the rollout versions this process applies (WatchRollout).

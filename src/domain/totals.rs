@@ -2,7 +2,7 @@ use super::EventType;
 
 /// Totals per event type.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Metrics {
+pub struct EventTotals {
     pub sent: u64,
     pub opened: u64,
     pub clicked: u64,
@@ -16,7 +16,7 @@ pub struct Metrics {
 #[error("a total exceeds {}", u64::MAX)]
 pub struct TotalOverflow;
 
-impl Metrics {
+impl EventTotals {
     /// Adds `count` events of `event_type`; fails rather than wrap.
     pub fn add(&mut self, event_type: EventType, count: u64) -> Result<(), TotalOverflow> {
         let slot = match event_type {
@@ -32,7 +32,7 @@ impl Metrics {
     }
 
     /// Adds every total of `other`; fails rather than wrap.
-    pub fn add_all(&mut self, other: Metrics) -> Result<(), TotalOverflow> {
+    pub fn add_all(&mut self, other: EventTotals) -> Result<(), TotalOverflow> {
         for event_type in EventType::ALL {
             self.add(event_type, other.get(event_type))?;
         }
@@ -52,7 +52,7 @@ impl Metrics {
     }
 
     pub fn is_zero(&self) -> bool {
-        *self == Metrics::default()
+        *self == EventTotals::default()
     }
 }
 
@@ -62,15 +62,15 @@ mod tests {
 
     #[test]
     fn sums_are_checked_not_wrapped() {
-        let mut metrics = Metrics::default();
+        let mut metrics = EventTotals::default();
         metrics.add(EventType::Sent, u64::MAX - 1).unwrap();
         metrics.add(EventType::Sent, 1).unwrap();
         assert_eq!(metrics.sent, u64::MAX);
         assert_eq!(metrics.add(EventType::Sent, 1), Err(TotalOverflow));
         assert_eq!(metrics.sent, u64::MAX, "a failed add changes nothing");
-        let one_click = Metrics {
+        let one_click = EventTotals {
             clicked: 1,
-            ..Metrics::default()
+            ..EventTotals::default()
         };
         assert!(metrics.add_all(one_click).is_ok());
         assert_eq!(metrics.add_all(metrics), Err(TotalOverflow));
