@@ -15,7 +15,7 @@ use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
 use crate::app::{GroupCommit, GroupCommitSettings, Jobs, RolloutView};
-use crate::app::{Migration, Rollout, Stats};
+use crate::app::{Migration, RolloutControl, Stats};
 use crate::grpc::proto::migration_service_server::MigrationServiceServer;
 use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
 use crate::grpc::proto::stats_service_server::StatsServiceServer;
@@ -126,7 +126,7 @@ pub enum LaunchError {
     Metrics(#[source] std::io::Error),
 }
 
-/// Migrates `store`, then serves every service on `listeners` until `shutdown` completes;
+/// Brings `store`'s schema up to date, then serves every service on `listeners` until `shutdown` completes;
 /// in-flight calls are finished before it returns, and the database pools are closed.
 pub async fn launch<S: Store>(
     listeners: impl Into<Listeners>,
@@ -140,7 +140,7 @@ pub async fn launch<S: Store>(
         .await
 }
 
-/// A server ready to answer: its database migrated, its rollout loaded, its tasks started
+/// A server ready to answer: its schema up to date, its rollout loaded, its tasks started
 /// and its services built, on a bound listener (so that tests can use port 0).
 pub struct Application<S: Store> {
     grpc: TcpListener,
@@ -160,7 +160,7 @@ struct Running<S: Store> {
 }
 
 impl<S: Store> Application<S> {
-    /// Migrates `store`, loads the rollout, starts the background tasks (rollout refresh,
+    /// Updates `store`'s schema, loads the rollout, starts the background tasks (rollout refresh,
     /// health checks, the write queue, the metrics endpoint) and builds the services.
     pub async fn build(
         listeners: impl Into<Listeners>,
@@ -168,7 +168,7 @@ impl<S: Store> Application<S> {
         config: ServerConfig,
     ) -> Result<Self, LaunchError> {
         let Listeners { grpc, metrics } = listeners.into();
-        store.migrate().await?;
+        store.update_schema().await?;
         // From here on every storage call is bounded by the statement timeout.
         let store = Arc::new(Bounded::new(store));
         let view = RolloutView::load(store.as_ref()).await?;
@@ -209,7 +209,7 @@ impl<S: Store> Application<S> {
                 )
             ))))
             .add_service(with_limits!(RolloutServiceServer::new(RolloutApi::new(
-                Rollout::new(Arc::clone(&store), view.clone(), jobs.clone())
+                RolloutControl::new(Arc::clone(&store), view.clone(), jobs.clone())
             ))))
             .add_service(with_limits!(MigrationServiceServer::new(
                 MigrationApi::new(Migration::new(Arc::clone(&store), jobs.clone(), view))

@@ -108,7 +108,7 @@ impl From<StorageError> for AppError {
             }
             StorageError::Corrupt(_)
             | StorageError::Config(_)
-            | StorageError::Migration(_)
+            | StorageError::Schema(_)
             | StorageError::Internal(_) => AppError::Internal(chain(&error)),
         }
     }

@@ -22,7 +22,7 @@ pub use migration::{
     Migration, MigrationState, NEW_TABLES, STALE_RUN_AFTER, StartRefused, StorageReport,
     VERIFY_SAMPLE,
 };
-pub use rollout::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, Rollout, page_size};
+pub use rollout::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, RolloutControl, page_size};
 pub use rollout_view::RolloutView;
 pub use runner::run_backfill;
 pub use stats::{STREAM_CHUNK_EVENTS, Stats, StreamFailure, StreamRecorded};

@@ -37,13 +37,13 @@ fn bad_token() -> AppError {
 
 /// The rollout use cases: read, change, evaluate, audit.
 #[derive(Debug)]
-pub struct Rollout<S> {
+pub struct RolloutControl<S> {
     store: Arc<S>,
     view: RolloutView,
     jobs: Jobs,
 }
 
-impl<S> Clone for Rollout<S> {
+impl<S> Clone for RolloutControl<S> {
     fn clone(&self) -> Self {
         Self {
             store: Arc::clone(&self.store),
@@ -53,7 +53,7 @@ impl<S> Clone for Rollout<S> {
     }
 }
 
-impl<S: Store> Rollout<S> {
+impl<S: Store> RolloutControl<S> {
     /// The use cases over `store`, applying `view`; watches end when `jobs` drain.
     pub fn new(store: Arc<S>, view: RolloutView, jobs: Jobs) -> Self {
         Self { store, view, jobs }
@@ -88,9 +88,12 @@ impl<S: Store> Rollout<S> {
         Ok(applied)
     }
 
-    /// A fresh random salt, for [`RolloutChange::Salt`]: every user's bucket moves with it.
-    pub fn new_salt() -> String {
-        uuid::Uuid::now_v7().simple().to_string()
+    /// Replaces the salt with a fresh random one, so every user's bucket moves (the
+    /// controller's way to reshuffle who is in the rollout).
+    pub async fn reset_salt(&self, actor: &str, reason: &str) -> Result<Arc<Applied>, AppError> {
+        let salt = uuid::Uuid::now_v7().simple().to_string();
+        self.change(RolloutChange::Salt { salt }, None, actor, reason)
+            .await
     }
 
     /// Where `user_id`'s reads go now, and the version that decided it.

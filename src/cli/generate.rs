@@ -44,7 +44,7 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 async fn fill<S: Store>(store: S, args: &GenerateArgs) -> anyhow::Result<()> {
     // The schema (and so the legacy table, where absent) first.
-    store.migrate().await?;
+    store.update_schema().await?;
     let shape = LegacyShape {
         campaigns: args.campaigns,
         users: args.users,

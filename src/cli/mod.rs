@@ -46,7 +46,7 @@ pub enum Command {
     /// Serve the gRPC API (the default).
     Serve(ServeArgs),
     /// Bring the database schema up to date and exit (for a deploy hook).
-    Migrate(MigrateArgs),
+    Migrate(SchemaArgs),
     /// Migration phase of a running server: status, transition, history.
     Migration {
         #[command(subcommand)]
@@ -202,7 +202,7 @@ impl ServeArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct MigrateArgs {
+pub struct SchemaArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -243,7 +243,7 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(args).await,
-        Command::Migrate(args) => migrate(args).await,
+        Command::Migrate(args) => update_schema(args).await,
         Command::Migration { command, client } => admin::migration(command, client).await,
         Command::Rollout { command, client } => rollout::rollout(command, client).await,
         Command::Backfill(args) => admin::backfill(args).await,
@@ -287,22 +287,24 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("could not listen on {addr}"))
 }
 
-async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+async fn update_schema(args: SchemaArgs) -> anyhow::Result<()> {
     telemetry::init(args.log.log_format);
     let url = args.database.database_url.expose();
     let options = args.database.pool_options();
     match Backend::from_url(url)? {
-        Backend::Sqlite => migrate_store(SqliteStore::connect(url, &options).await?).await?,
-        Backend::Postgres => migrate_store(PostgresStore::connect(url, &options).await?).await?,
+        Backend::Sqlite => update_store_schema(SqliteStore::connect(url, &options).await?).await?,
+        Backend::Postgres => {
+            update_store_schema(PostgresStore::connect(url, &options).await?).await?
+        }
     }
     tracing::info!(database = %telemetry::redact_url(url), "schema is up to date");
     Ok(())
 }
 
-async fn migrate_store<S: Store>(store: S) -> anyhow::Result<()> {
-    let migrated = store.migrate().await;
+async fn update_store_schema<S: Store>(store: S) -> anyhow::Result<()> {
+    let updated = store.update_schema().await;
     store.close().await;
-    Ok(migrated?)
+    Ok(updated?)
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -13,22 +13,22 @@ use super::proto::{
     ListUserOverridesRequest, ListUserOverridesResponse, ResetSaltRequest,
     SetRolloutPercentageRequest, SetUserOverrideRequest, UserOverride, WatchRolloutRequest,
 };
-use crate::app::Rollout;
+use crate::app::RolloutControl;
 use crate::domain::{StorageSource, ValidationError, validate_id};
+use crate::rollout::{Applied, RolloutChange};
+use crate::storage::Store;
 
 /// What a rollout change's reason must say.
 const ROLLOUT_REASON: &str = "must say why the rollout changes";
-use crate::rollout::{Applied, RolloutChange};
-use crate::storage::Store;
 
 /// The `RolloutService` handlers.
 #[derive(Debug)]
 pub struct RolloutApi<S> {
-    rollout: Rollout<S>,
+    rollout: RolloutControl<S>,
 }
 
 impl<S: Store> RolloutApi<S> {
-    pub fn new(rollout: Rollout<S>) -> Self {
+    pub fn new(rollout: RolloutControl<S>) -> Self {
         Self { rollout }
     }
 }
@@ -173,11 +173,9 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         request: Request<ResetSaltRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
         let request = request.into_inner();
-        let change = RolloutChange::Salt {
-            salt: Rollout::<S>::new_salt(),
-        };
-        self.apply(Ok(change), None, request.actor, request.reason)
-            .await
+        let (actor, reason) = audit(request.actor, request.reason, ROLLOUT_REASON)?;
+        let applied = self.rollout.reset_salt(&actor, &reason).await?;
+        Ok(response(&applied))
     }
 
     async fn evaluate_user(

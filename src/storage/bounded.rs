@@ -53,9 +53,9 @@ impl<S: Store> Bounded<S> {
 }
 
 impl<S: Store> Database for Bounded<S> {
-    async fn migrate(&self) -> Result<(), StorageError> {
+    async fn update_schema(&self) -> Result<(), StorageError> {
         // Migrations may rightly run long (the first start on a big database).
-        self.inner.migrate().await
+        self.inner.update_schema().await
     }
 
     fn statement_timeout(&self) -> Duration {

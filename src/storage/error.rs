@@ -63,8 +63,8 @@ pub enum StorageError {
     #[error("database configuration: {0}")]
     Config(String),
     /// The schema could not be brought up to date.
-    #[error("database migration failed")]
-    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("database schema update failed")]
+    Schema(#[from] sqlx::migrate::MigrateError),
     /// Anything else the database reported.
     #[error("database error")]
     Internal(#[source] sqlx::Error),

@@ -132,7 +132,7 @@ impl<T> Store for T where
 /// The database itself: schema, health, pools.
 pub trait Database: Send + Sync + 'static {
     /// Brings the schema up to date. Safe to run on every start and from several replicas.
-    fn migrate(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn update_schema(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// The longest one statement may run (see [`PoolOptions::statement_timeout`]).
     fn statement_timeout(&self) -> std::time::Duration;

@@ -25,7 +25,7 @@ use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+static SCHEMA: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Migrations edited after they shipped (see [`EditedMigration`]): 20261121000002 no longer
 /// indexes a legacy table it did not create.
@@ -598,16 +598,16 @@ fn month_of(day: NaiveDate) -> NaiveDate {
 }
 
 impl Database for PostgresStore {
-    async fn migrate(&self) -> Result<(), StorageError> {
-        let before = Shared::<Postgres>::before_migrations(
+    async fn update_schema(&self) -> Result<(), StorageError> {
+        let before = Shared::<Postgres>::before_schema_update(
             &self.pool,
-            &MIGRATOR,
+            &SCHEMA,
             TABLE_EXISTS,
             &EDITED_MIGRATIONS,
         )
         .await?;
-        MIGRATOR.run(&self.pool).await?;
-        Shared::<Postgres>::after_migrations(&self.pool, before).await?;
+        SCHEMA.run(&self.pool).await?;
+        Shared::<Postgres>::after_schema_update(&self.pool, before).await?;
         let this_month = month_of(Utc::now().date_naive());
         self.ensure_partitions((0..=PARTITIONS_AHEAD).map(|ahead| this_month + Months::new(ahead)))
             .await;

@@ -79,7 +79,7 @@ where
     /// Readies a database for `migrator`: notes whether the legacy table is the legacy
     /// system's, and lets migrations in `edited` pass the migrator's checksum check.
     /// `table_exists` selects whether the table `$1` exists.
-    pub async fn before_migrations(
+    pub async fn before_schema_update(
         pool: &Pool<DB>,
         migrator: &sqlx::migrate::Migrator,
         table_exists: &str,
@@ -115,7 +115,7 @@ where
 
     /// Finishes what the migrations leave to code: the legacy index, only on a legacy table
     /// the migrations just created (see [`sql::LEGACY_BY_USER_INDEX`]).
-    pub async fn after_migrations(
+    pub async fn after_schema_update(
         pool: &Pool<DB>,
         before: SchemaBefore,
     ) -> Result<(), StorageError> {
@@ -767,7 +767,7 @@ pub(super) struct EditedMigration {
     pub shipped_checksum: &'static str,
 }
 
-/// What [`Shared::before_migrations`] found.
+/// What [`Shared::before_schema_update`] found.
 pub(super) struct SchemaBefore {
     /// Whether the legacy table existed before the migrations ran (the legacy system's own).
     pub legacy_table_existed: bool,

@@ -27,7 +27,7 @@ use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::{AuditEntry, RolloutChange, RolloutSnapshot};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static SCHEMA: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// Migrations edited after they shipped (see [`EditedMigration`]): 20261121000002 no longer
 /// indexes a legacy table it did not create.
@@ -336,16 +336,16 @@ async fn add_to_legacy(
 }
 
 impl Database for SqliteStore {
-    async fn migrate(&self) -> Result<(), StorageError> {
-        let before = Shared::<Sqlite>::before_migrations(
+    async fn update_schema(&self) -> Result<(), StorageError> {
+        let before = Shared::<Sqlite>::before_schema_update(
             &self.writer,
-            &MIGRATOR,
+            &SCHEMA,
             TABLE_EXISTS,
             &EDITED_MIGRATIONS,
         )
         .await?;
-        MIGRATOR.run(&self.writer).await?;
-        Shared::<Sqlite>::after_migrations(&self.writer, before).await?;
+        SCHEMA.run(&self.writer).await?;
+        Shared::<Sqlite>::after_schema_update(&self.writer, before).await?;
         Ok(())
     }
 

@@ -139,13 +139,13 @@ async fn migrate_directly(db: &TestDb) -> Result<(), campaign_stats::storage::St
     match db.backend {
         Backend::Sqlite => {
             let store = SqliteStore::connect(&db.url, &options).await?;
-            let migrated = store.migrate().await;
+            let migrated = store.update_schema().await;
             store.close().await;
             migrated
         }
         Backend::Postgres => {
             let store = PostgresStore::connect(&db.url, &options).await?;
-            let migrated = store.migrate().await;
+            let migrated = store.update_schema().await;
             store.close().await;
             migrated
         }

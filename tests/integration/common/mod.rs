@@ -328,7 +328,7 @@ impl TestDb {
 
     /// Migrates the schema and puts the database in [`TestDb::phase`].
     async fn prepare<S: Store>(&self, store: &S) {
-        store.migrate().await.expect("migrate");
+        store.update_schema().await.expect("migrate");
         let sql = format!(
             "UPDATE migration_state SET phase = '{}' WHERE id = 1",
             self.phase.name()
