@@ -288,46 +288,60 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
             .map_err(|s| failed(&format!("cannot move to {phase}"), s))?
             .into_inner(),
         MigrationCommand::History { limit } => {
-            let history = client
-                .list_phase_transitions(ListPhaseTransitionsRequest { limit })
-                .await
-                .map_err(|s| failed("cannot read the history", s))?
-                .into_inner()
-                .transitions;
-            let rows: Vec<Value> = history
-                .iter()
-                .map(|t| json!({"at": time(t.at), "from": phase_name(t.from), "to": phase_name(t.to), "actor": t.actor, "reason": t.reason, "forced": t.forced}))
-                .collect();
-            match client_args.output {
-                Output::Json => print_json(&Value::Array(rows))?,
-                Output::Text => {
-                    outln!(
-                        "{:<22} {:<15} {:<15} {:<20} REASON",
-                        "AT",
-                        "FROM",
-                        "TO",
-                        "ACTOR"
-                    )?;
-                    for t in &history {
-                        outln!(
-                            "{:<22} {:<15} {:<15} {:<20} {}{}",
-                            time(t.at),
-                            phase_name(t.from),
-                            phase_name(t.to),
-                            printable(&t.actor),
-                            if t.forced { "(forced) " } else { "" },
-                            printable(&t.reason)
-                        )?;
-                    }
-                }
-            }
-            return Ok(());
+            return transitions(&mut client, limit, client_args.output).await;
         }
         MigrationCommand::Resolve(args) => return resolve(&mut client, args, client_args).await,
         MigrationCommand::Resolutions { limit } => {
             return resolutions(&mut client, limit, client_args).await;
         }
     };
+    print_state(&state, client_args.output)
+}
+
+/// Runs `migration history`: the phase transitions, newest first.
+async fn transitions(
+    client: &mut MigrationServiceClient<Channel>,
+    limit: u32,
+    output: Output,
+) -> anyhow::Result<()> {
+    let history = client
+        .list_phase_transitions(ListPhaseTransitionsRequest { limit })
+        .await
+        .map_err(|s| failed("cannot read the history", s))?
+        .into_inner()
+        .transitions;
+    let rows: Vec<Value> = history
+        .iter()
+        .map(|t| json!({"at": time(t.at), "from": phase_name(t.from), "to": phase_name(t.to), "actor": t.actor, "reason": t.reason, "forced": t.forced}))
+        .collect();
+    match output {
+        Output::Json => print_json(&Value::Array(rows))?,
+        Output::Text => {
+            outln!(
+                "{:<22} {:<15} {:<15} {:<20} REASON",
+                "AT",
+                "FROM",
+                "TO",
+                "ACTOR"
+            )?;
+            for t in &history {
+                outln!(
+                    "{:<22} {:<15} {:<15} {:<20} {}{}",
+                    time(t.at),
+                    phase_name(t.from),
+                    phase_name(t.to),
+                    printable(&t.actor),
+                    if t.forced { "(forced) " } else { "" },
+                    printable(&t.reason)
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The phase, where reads and writes go, and where the phase may move.
+fn print_state(state: &proto::GetMigrationStateResponse, output: Output) -> anyhow::Result<()> {
     let allowed: Vec<&str> = state
         .allowed_transitions
         .iter()
@@ -339,7 +353,7 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
         (false, true) => "new",
         (false, false) => "nothing",
     };
-    match client_args.output {
+    match output {
         Output::Json => print_json(&json!({
             "phase": phase_name(state.phase),
             "allowed_transitions": allowed,
@@ -482,38 +496,7 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
         .map_err(|s| failed("cannot start the backfill", s))?
         .into_inner()
         .run_id;
-    let bar = if args.client.output == Output::Text {
-        ProgressBar::new(total)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows ({per_sec}, eta {eta}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.println(format!(
-        "backfill {run_id}{}",
-        if args.dry_run { " (dry run)" } else { "" }
-    ));
-    let mut updates = client
-        .watch_run(GetRunRequest {
-            run_id: run_id.clone(),
-        })
-        .await
-        .map_err(|s| failed("cannot follow the backfill", s))?
-        .into_inner();
-    let mut last = None;
-    while let Some(update) = updates.next().await {
-        let run = update.map_err(|s| failed("lost the backfill's progress", s))?;
-        bar.set_position(run.processed);
-        bar.set_message(format!(
-            "copied {} · skipped {} · ambiguous {}",
-            run.copied, run.skipped, run.ambiguous
-        ));
-        last = Some(run);
-    }
-    bar.finish_and_clear();
-    let run = last.context("the server sent no progress")?;
+    let run = follow_run(&mut client, &run_id, total, &args).await?;
     let report = client
         .get_run_report(GetRunRequest {
             run_id: run_id.clone(),
@@ -536,60 +519,106 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
     }
     match args.client.output {
         Output::Json => print_json(&summary)?,
-        Output::Text => {
-            outln!("{:<12} {}", "run", printable(&run.run_id))?;
-            outln!(
-                "{:<12} {}{}",
-                "state",
-                run.state,
-                if run.dry_run {
-                    " (dry run: nothing written)"
-                } else {
-                    ""
-                }
-            )?;
-            for (name, value) in [
-                ("processed", run.processed),
-                ("copied", run.copied),
-                ("skipped", run.skipped),
-                ("ambiguous", run.ambiguous),
-                ("failed", run.failed),
-            ] {
-                outln!("{name:<12} {value:>12}")?;
-            }
-            if run.ambiguous > 0 {
-                outln!(
-                    "{:<12} {:>12}  (of the ambiguous; see `migration resolve`)",
-                    "unresolved",
-                    report.unresolved
-                )?;
-            }
-            for issue in report.ambiguous.iter().take(10) {
-                outln!(
-                    "  ambiguous  {}/{} (user {}) {} [{}]: {}",
-                    printable(&issue.campaign_id),
-                    issue.date,
-                    printable(&issue.user_id),
-                    kind_name(issue.kind),
-                    resolution_name(issue.resolution),
-                    printable(&issue.reason)
-                )?;
-            }
-            if run.ambiguous > 10 {
-                outln!(
-                    "  … {} more in the run's report (--report FILE)",
-                    run.ambiguous - 10
-                )?;
-            }
-            if !run.last_error.is_empty() {
-                outln!("{:<12} {}", "last error", printable(&run.last_error))?;
-            }
-        }
+        Output::Text => print_backfill_text(&run, &report)?,
     }
     if run.state != "completed" {
         bail!("the backfill ended {}", run.state);
     }
     Ok(())
+}
+
+/// The end of a backfill for a person: the counts, and the first ambiguous rows.
+fn print_backfill_text(run: &proto::Run, report: &proto::RunReport) -> std::io::Result<()> {
+    outln!("{:<12} {}", "run", printable(&run.run_id))?;
+    outln!(
+        "{:<12} {}{}",
+        "state",
+        run.state,
+        if run.dry_run {
+            " (dry run: nothing written)"
+        } else {
+            ""
+        }
+    )?;
+    for (name, value) in [
+        ("processed", run.processed),
+        ("copied", run.copied),
+        ("skipped", run.skipped),
+        ("ambiguous", run.ambiguous),
+        ("failed", run.failed),
+    ] {
+        outln!("{name:<12} {value:>12}")?;
+    }
+    if run.ambiguous > 0 {
+        outln!(
+            "{:<12} {:>12}  (of the ambiguous; see `migration resolve`)",
+            "unresolved",
+            report.unresolved
+        )?;
+    }
+    for issue in report.ambiguous.iter().take(10) {
+        outln!(
+            "  ambiguous  {}/{} (user {}) {} [{}]: {}",
+            printable(&issue.campaign_id),
+            issue.date,
+            printable(&issue.user_id),
+            kind_name(issue.kind),
+            resolution_name(issue.resolution),
+            printable(&issue.reason)
+        )?;
+    }
+    if run.ambiguous > 10 {
+        outln!(
+            "  … {} more in the run's report (--report FILE)",
+            run.ambiguous - 10
+        )?;
+    }
+    if !run.last_error.is_empty() {
+        outln!("{:<12} {}", "last error", printable(&run.last_error))?;
+    }
+    Ok(())
+}
+
+/// Follows backfill `run_id` to its end with a progress bar over the legacy table's `total`
+/// rows (hidden unless the output is text); the run as it ended.
+async fn follow_run(
+    client: &mut MigrationServiceClient<Channel>,
+    run_id: &str,
+    total: u64,
+    args: &BackfillArgs,
+) -> anyhow::Result<proto::Run> {
+    let bar = if args.client.output == Output::Text {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows ({per_sec}, eta {eta}) {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.println(format!(
+        "backfill {run_id}{}",
+        if args.dry_run { " (dry run)" } else { "" }
+    ));
+    let mut updates = client
+        .watch_run(GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await
+        .map_err(|s| failed("cannot follow the backfill", s))?
+        .into_inner();
+    let mut last = None;
+    while let Some(update) = updates.next().await {
+        let run = update.map_err(|s| failed("lost the backfill's progress", s))?;
+        bar.set_position(run.processed);
+        bar.set_message(format!(
+            "copied {} · skipped {} · ambiguous {}",
+            run.copied, run.skipped, run.ambiguous
+        ));
+        last = Some(run);
+    }
+    bar.finish_and_clear();
+    last.context("the server sent no progress")
 }
 
 /// Runs `verify`; fails when the storages differ.

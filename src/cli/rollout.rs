@@ -10,9 +10,9 @@ use super::admin::{Audited, ClientArgs, Output, failed, print_json, time};
 use super::printable;
 use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
 use crate::grpc::proto::{
-    self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, KillSwitchRequest,
-    ListRolloutHistoryRequest, ResetSaltRequest, Rollout, SetRolloutPercentageRequest,
-    SetUserOverrideRequest, StorageSource, WatchRolloutRequest,
+    self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, GetRolloutResponse,
+    KillSwitchRequest, ListRolloutHistoryRequest, ResetSaltRequest, Rollout,
+    SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource, WatchRolloutRequest,
 };
 
 /// A storage, as typed on the command line.
@@ -127,13 +127,10 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<RolloutServiceClient<Chann
 }
 
 async fn get(client: &mut RolloutServiceClient<Channel>) -> anyhow::Result<Rollout> {
-    client
-        .get_rollout(GetRolloutRequest {})
-        .await
-        .map_err(|s| failed("cannot read the rollout", s))?
-        .into_inner()
-        .rollout
-        .context("the server sent no rollout")
+    changed(
+        client.get_rollout(GetRolloutRequest {}).await,
+        "cannot read the rollout",
+    )
 }
 
 /// `12.5` or `12.5%`; the server checks the range and the 0.01 steps.
@@ -149,8 +146,36 @@ fn parse_percent(value: &str) -> Result<f64, String> {
 /// Runs a `rollout …` command.
 pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Result<()> {
     let mut client = connect(&args).await?;
-    let changed = match command {
-        RolloutCommand::Get => get(&mut client).await?,
+    match command {
+        RolloutCommand::Evaluate { user } => evaluate(&mut client, user, args.output).await,
+        RolloutCommand::History { limit } => history(&mut client, limit, args.output).await,
+        RolloutCommand::Watch => watch(&mut client, args.output).await,
+        change => {
+            let rollout = change_rollout(&mut client, change).await?;
+            Ok(print_rollout(args.output, &rollout)?)
+        }
+    }
+}
+
+/// The rollout a change answered with, or why it failed (`what` names the change).
+fn changed(
+    answer: Result<tonic::Response<GetRolloutResponse>, tonic::Status>,
+    what: &str,
+) -> anyhow::Result<Rollout> {
+    answer
+        .map_err(|s| failed(what, s))?
+        .into_inner()
+        .rollout
+        .context("the server sent no rollout")
+}
+
+/// `get` and the commands that change the rollout: each answers with the rollout.
+async fn change_rollout(
+    client: &mut RolloutServiceClient<Channel>,
+    command: RolloutCommand,
+) -> anyhow::Result<Rollout> {
+    match command {
+        RolloutCommand::Get => get(client).await,
         RolloutCommand::Set {
             percent,
             expected_version,
@@ -159,21 +184,19 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
         } => {
             let expected_version = match expected_version {
                 Some(version) => version,
-                None => get(&mut client).await?.version,
+                None => get(client).await?.version,
             };
-            client
-                .set_rollout_percentage(SetRolloutPercentageRequest {
-                    percentage: percent,
-                    expected_version,
-                    reason,
-                    force,
-                    actor,
-                })
-                .await
-                .map_err(|s| failed("cannot set the percentage", s))?
-                .into_inner()
-                .rollout
-                .context("the server sent no rollout")?
+            let request = SetRolloutPercentageRequest {
+                percentage: percent,
+                expected_version,
+                reason,
+                force,
+                actor,
+            };
+            changed(
+                client.set_rollout_percentage(request).await,
+                "cannot set the percentage",
+            )
         }
         RolloutCommand::Override {
             user,
@@ -184,133 +207,142 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
                 Storage::New => StorageSource::New,
                 Storage::Legacy => StorageSource::Legacy,
             };
-            client
-                .set_user_override(SetUserOverrideRequest {
-                    user_id: user,
-                    source: source.into(),
-                    reason,
-                    actor,
-                })
-                .await
-                .map_err(|s| failed("cannot set the override", s))?
-                .into_inner()
-                .rollout
-                .context("the server sent no rollout")?
+            let request = SetUserOverrideRequest {
+                user_id: user,
+                source: source.into(),
+                reason,
+                actor,
+            };
+            changed(
+                client.set_user_override(request).await,
+                "cannot set the override",
+            )
         }
         RolloutCommand::ClearOverride {
             user,
             audit: Audited { reason, actor },
-        } => client
-            .clear_user_override(ClearUserOverrideRequest {
+        } => {
+            let request = ClearUserOverrideRequest {
                 user_id: user,
                 reason,
                 actor,
-            })
-            .await
-            .map_err(|s| failed("cannot clear the override", s))?
-            .into_inner()
-            .rollout
-            .context("the server sent no rollout")?,
+            };
+            changed(
+                client.clear_user_override(request).await,
+                "cannot clear the override",
+            )
+        }
         RolloutCommand::KillSwitch {
             state,
             audit: Audited { reason, actor },
-        } => client
-            .kill_switch(KillSwitchRequest {
+        } => {
+            let request = KillSwitchRequest {
                 engaged: state == Switch::On,
                 reason,
                 actor,
-            })
-            .await
-            .map_err(|s| failed("cannot move the kill switch", s))?
-            .into_inner()
-            .rollout
-            .context("the server sent no rollout")?,
+            };
+            changed(
+                client.kill_switch(request).await,
+                "cannot move the kill switch",
+            )
+        }
         RolloutCommand::ResetSalt {
             audit: Audited { reason, actor },
-        } => client
-            .reset_salt(ResetSaltRequest { reason, actor })
-            .await
-            .map_err(|s| failed("cannot reset the salt", s))?
-            .into_inner()
-            .rollout
-            .context("the server sent no rollout")?,
-        RolloutCommand::Evaluate { user } => {
-            let decision = client
-                .evaluate_user(EvaluateUserRequest {
-                    user_id: user.clone(),
-                })
-                .await
-                .map_err(|s| failed("cannot evaluate the user", s))?
-                .into_inner();
-            let source = if decision.source == i32::from(StorageSource::New) {
-                "new"
-            } else {
-                "legacy"
-            };
-            match args.output {
-                Output::Json => print_json(
-                    &json!({"user_id": user, "source": source, "bucket": decision.bucket, "reason": decision.reason, "version": decision.version}),
-                )?,
-                Output::Text => outln!(
-                    "{}: {source} (bucket {}; {}; version {})",
-                    printable(&user),
-                    decision.bucket,
-                    printable(&decision.reason),
-                    decision.version
-                )?,
-            }
-            return Ok(());
+        } => changed(
+            client.reset_salt(ResetSaltRequest { reason, actor }).await,
+            "cannot reset the salt",
+        ),
+        RolloutCommand::Evaluate { .. }
+        | RolloutCommand::History { .. }
+        | RolloutCommand::Watch => {
+            unreachable!("rollout() answers the commands that change nothing")
         }
-        RolloutCommand::History { limit } => {
-            let changes = client
-                .list_rollout_history(ListRolloutHistoryRequest {
-                    page_size: limit,
-                    page_token: String::new(),
-                })
-                .await
-                .map_err(|s| failed("cannot read the history", s))?
-                .into_inner()
-                .changes;
-            match args.output {
-                Output::Json => print_json(&Value::Array(
-                    changes
-                        .iter()
-                        .map(|c| json!({"version": c.version, "at": time(c.changed_at), "actor": c.actor, "change": c.change, "before": c.before, "after": c.after, "reason": c.reason}))
-                        .collect(),
-                ))?,
-                Output::Text => {
-                    outln!("{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} REASON", "VERSION", "AT", "ACTOR", "CHANGE", "BEFORE", "AFTER")?;
-                    for c in &changes {
-                        outln!(
-                            "{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} {}",
-                            c.version,
-                            time(c.changed_at),
-                            printable(&c.actor),
-                            printable(&c.change),
-                            printable(&c.before),
-                            printable(&c.after),
-                            printable(&c.reason)
-                        )?;
-                    }
-                }
-            }
-            return Ok(());
-        }
-        RolloutCommand::Watch => {
-            let mut updates = client
-                .watch_rollout(WatchRolloutRequest {})
-                .await
-                .map_err(|s| failed("cannot watch the rollout", s))?
-                .into_inner();
-            while let Some(update) = updates.next().await {
-                print_rollout(
-                    args.output,
-                    &update.map_err(|s| failed("lost the rollout stream", s))?,
+    }
+}
+
+async fn evaluate(
+    client: &mut RolloutServiceClient<Channel>,
+    user: String,
+    output: Output,
+) -> anyhow::Result<()> {
+    let decision = client
+        .evaluate_user(EvaluateUserRequest {
+            user_id: user.clone(),
+        })
+        .await
+        .map_err(|s| failed("cannot evaluate the user", s))?
+        .into_inner();
+    let source = if decision.source == i32::from(StorageSource::New) {
+        "new"
+    } else {
+        "legacy"
+    };
+    match output {
+        Output::Json => print_json(
+            &json!({"user_id": user, "source": source, "bucket": decision.bucket, "reason": decision.reason, "version": decision.version}),
+        )?,
+        Output::Text => outln!(
+            "{}: {source} (bucket {}; {}; version {})",
+            printable(&user),
+            decision.bucket,
+            printable(&decision.reason),
+            decision.version
+        )?,
+    }
+    Ok(())
+}
+
+async fn history(
+    client: &mut RolloutServiceClient<Channel>,
+    limit: u32,
+    output: Output,
+) -> anyhow::Result<()> {
+    let changes = client
+        .list_rollout_history(ListRolloutHistoryRequest {
+            page_size: limit,
+            page_token: String::new(),
+        })
+        .await
+        .map_err(|s| failed("cannot read the history", s))?
+        .into_inner()
+        .changes;
+    match output {
+        Output::Json => print_json(&Value::Array(
+            changes
+                .iter()
+                .map(|c| json!({"version": c.version, "at": time(c.changed_at), "actor": c.actor, "change": c.change, "before": c.before, "after": c.after, "reason": c.reason}))
+                .collect(),
+        ))?,
+        Output::Text => {
+            outln!("{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} REASON", "VERSION", "AT", "ACTOR", "CHANGE", "BEFORE", "AFTER")?;
+            for c in &changes {
+                outln!(
+                    "{:<8} {:<22} {:<16} {:<24} {:<10} {:<10} {}",
+                    c.version,
+                    time(c.changed_at),
+                    printable(&c.actor),
+                    printable(&c.change),
+                    printable(&c.before),
+                    printable(&c.after),
+                    printable(&c.reason)
                 )?;
             }
-            return Ok(());
         }
-    };
-    print_rollout(args.output, &changed)?;
+    }
+    Ok(())
+}
+
+async fn watch(client: &mut RolloutServiceClient<Channel>, output: Output) -> anyhow::Result<()> {
+    let mut updates = client
+        .watch_rollout(WatchRolloutRequest {})
+        .await
+        .map_err(|s| failed("cannot watch the rollout", s))?
+        .into_inner();
+    while let Some(update) = updates.next().await {
+        print_rollout(
+            output,
+            &update.map_err(|s| failed("lost the rollout stream", s))?,
+        )?;
+    }
     Ok(())
 }

@@ -153,6 +153,12 @@ fn user(field: &str, id: String) -> Result<UserId, ValidationError> {
     UserId::parse(field, id).map_err(|v| ValidationError::from_failures([Some(v)]))
 }
 
+/// A read names at most [`MAX_CAMPAIGNS_PER_READ`] campaigns; checked before any id is
+/// validated, so an oversized list costs nothing more.
+fn within_read_limit(campaign_ids: &[String]) -> Result<(), LimitExceeded> {
+    LimitExceeded::check("campaign_ids", MAX_CAMPAIGNS_PER_READ, campaign_ids.len())
+}
+
 fn campaigns(ids: Vec<String>) -> Result<Vec<CampaignId>, ValidationError> {
     campaign_ids(ids).map_err(|violations| ValidationError { violations })
 }
@@ -180,11 +186,7 @@ impl TryFrom<proto::GetStatsForCampaignsRequest> for CampaignStatsQuery {
     type Error = AppError;
 
     fn try_from(request: proto::GetStatsForCampaignsRequest) -> Result<Self, Self::Error> {
-        LimitExceeded::check(
-            "campaign_ids",
-            MAX_CAMPAIGNS_PER_READ,
-            request.campaign_ids.len(),
-        )?;
+        within_read_limit(&request.campaign_ids)?;
         let (user, campaigns, range) = all_valid(
             user("user_id", request.user_id),
             campaigns(request.campaign_ids),
@@ -202,11 +204,7 @@ impl TryFrom<proto::GetAggregatedDailyStatsRequest> for SeriesQuery {
     type Error = AppError;
 
     fn try_from(request: proto::GetAggregatedDailyStatsRequest) -> Result<Self, Self::Error> {
-        LimitExceeded::check(
-            "campaign_ids",
-            MAX_CAMPAIGNS_PER_READ,
-            request.campaign_ids.len(),
-        )?;
+        within_read_limit(&request.campaign_ids)?;
         // An empty user id is the operator's all-users view.
         let user = if request.user_id.is_empty() {
             Ok(None)

@@ -90,6 +90,8 @@ impl BackfillSql {
     /// is not in the JSON array of strings `$5`" as `not_listed`. (`$5` holds the range's
     /// campaigns under several users, read once per batch with [`Self::several_users`].)
     pub fn new(plain_ids: &str, not_listed: &str, statements: CopyStatements) -> Self {
+        // Long because it is the text of every statement of a batch: they share the range
+        // and the "clean" predicate, and are read against each other, so they stay together.
         // Every campaign of the range lies between the range's first and last campaign:
         // one index range of about a batch's rows.
         let several_users = "SELECT o.campaign_id FROM campaign_daily_stat_entries o \

@@ -269,6 +269,33 @@ where
         Ok(())
     }
 
+    /// The last legacy key of the batch after `after`: `batch_size` keys on, or the table's
+    /// last key when fewer are left; `None` when nothing is left.
+    async fn batch_end(
+        tx: &mut DB::Connection,
+        after: &(String, NaiveDate),
+        batch_size: u32,
+        statements: &BackfillSql,
+    ) -> Result<Option<(String, NaiveDate)>, StorageError> {
+        let full: Option<(String, NaiveDate)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(statements.end_of_full_batch.as_str()))
+                .bind(after.0.clone())
+                .bind(after.1)
+                .bind(i64::from(batch_size.max(1)) - 1)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if full.is_some() {
+            return Ok(full);
+        }
+        Ok(
+            sqlx::query_as(sqlx::AssertSqlSafe(statements.last_key.as_str()))
+                .bind(after.0.clone())
+                .bind(after.1)
+                .fetch_optional(&mut *tx)
+                .await?,
+        )
+    }
+
     /// Reads and, unless the run is a dry run, copies the next batch of legacy rows after the
     /// run's checkpoint inside `tx`, set-based (see [`BackfillSql`]): the clean rows are
     /// copied by `statements` without leaving the database; the rest come back judged by
@@ -282,27 +309,8 @@ where
             .checkpoint
             .clone()
             .unwrap_or_else(batch::before_all_keys);
-        let full: Option<(String, NaiveDate)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(statements.end_of_full_batch.as_str()))
-                .bind(after.0.clone())
-                .bind(after.1)
-                .bind(i64::from(run.batch_size.max(1)) - 1)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let end = match full {
-            Some(end) => end,
-            None => {
-                let last: Option<(String, NaiveDate)> =
-                    sqlx::query_as(sqlx::AssertSqlSafe(statements.last_key.as_str()))
-                        .bind(after.0.clone())
-                        .bind(after.1)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                match last {
-                    Some(last) => last,
-                    None => return Ok(BatchPlan::default()),
-                }
-            }
+        let Some(end) = Self::batch_end(tx, &after, run.batch_size, statements).await? else {
+            return Ok(BatchPlan::default());
         };
         let statement = |sql: &str| sqlx::AssertSqlSafe(sql.to_owned());
         let several_users: Vec<String> = sqlx::query_scalar(statement(&statements.several_users))
