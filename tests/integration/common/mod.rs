@@ -229,24 +229,8 @@ impl TestDb {
     /// Starts a server on this database without touching its phase (a restart).
     pub async fn start_server_keeping_phase(&self) -> TestServer {
         let options = PoolOptions::default();
-        match self.backend {
-            Backend::Sqlite => {
-                TestServer::start(
-                    SqliteStore::connect(&self.url, &options)
-                        .await
-                        .expect("open SQLite"),
-                )
-                .await
-            }
-            Backend::Postgres => {
-                TestServer::start(
-                    PostgresStore::connect(&self.url, &options)
-                        .await
-                        .expect("connect to PostgreSQL"),
-                )
-                .await
-            }
-        }
+        self.start(&self.url, &options, TestServer::config(), false)
+            .await
     }
 
     /// Starts a server on this database.
@@ -278,22 +262,39 @@ impl TestDb {
         options: &PoolOptions,
         config: ServerConfig,
     ) -> TestServer {
+        self.start(url, options, config, true).await
+    }
+
+    /// Starts a server through `url`; `prepare` first brings the schema up to date and puts
+    /// the database in [`TestDb::phase`].
+    async fn start(
+        &self,
+        url: &str,
+        options: &PoolOptions,
+        config: ServerConfig,
+        prepare: bool,
+    ) -> TestServer {
         match self.backend {
             Backend::Sqlite => {
                 let store = SqliteStore::connect(url, options)
                     .await
                     .expect("open SQLite");
-                self.prepare(&store).await;
-                TestServer::start_with(store, config).await
+                self.serve(store, config, prepare).await
             }
             Backend::Postgres => {
                 let store = PostgresStore::connect(url, options)
                     .await
                     .expect("connect to PostgreSQL");
-                self.prepare(&store).await;
-                TestServer::start_with(store, config).await
+                self.serve(store, config, prepare).await
             }
         }
+    }
+
+    async fn serve<S: Store>(&self, store: S, config: ServerConfig, prepare: bool) -> TestServer {
+        if prepare {
+            self.prepare(&store).await;
+        }
+        TestServer::start_with(store, config).await
     }
 
     /// Another writer holding what the next write to campaign `c1` needs, until dropped: the
@@ -333,26 +334,7 @@ impl TestDb {
             "UPDATE migration_state SET phase = '{}' WHERE id = 1",
             self.phase.name()
         );
-        match self.backend {
-            Backend::Sqlite => {
-                let mut connection = sqlx::SqliteConnection::connect(&self.url)
-                    .await
-                    .expect("open");
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut connection)
-                    .await
-                    .expect("set phase");
-            }
-            Backend::Postgres => {
-                let mut connection = sqlx::PgConnection::connect(&self.url)
-                    .await
-                    .expect("connect");
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut connection)
-                    .await
-                    .expect("set phase");
-            }
-        }
+        self.execute(&sql).await;
     }
 }
 
