@@ -4,10 +4,9 @@ use std::time::{Duration, Instant};
 
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
-    ClearUserOverrideRequest, EvaluateUserRequest, EventType, GetAggregatedDailyStatsRequest,
-    GetRolloutRequest, GetStatsRequest, KillSwitchRequest, ListRolloutHistoryRequest,
-    ListUserOverridesRequest, RecordEventsRequest, ResetSaltRequest, Rollout,
-    SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource, WatchRolloutRequest,
+    EvaluateUserRequest, EventType, GetRolloutRequest, GetStatsRequest, KillSwitchRequest,
+    ListUserOverridesRequest, Rollout, SetRolloutPercentageRequest, StorageSource,
+    WatchRolloutRequest,
 };
 use campaign_stats::migration::Phase;
 use tokio_stream::StreamExt;
@@ -103,13 +102,7 @@ async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
         .expect("forced")
         .into_inner();
     assert_eq!(staged.rollout.expect("rollout").version, 1);
-    let evaluated = rollout
-        .evaluate_user(EvaluateUserRequest {
-            user_id: "u1".into(),
-        })
-        .await
-        .expect("evaluate")
-        .into_inner();
+    let evaluated = server.evaluate("u1").await;
     assert_eq!(evaluated.source, i32::from(StorageSource::Legacy));
     assert!(
         evaluated.reason.contains("applies from VERIFIED"),
@@ -150,39 +143,19 @@ async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
         .expect_err("no reason");
     assert_names_fields(&status, Code::InvalidArgument, &["reason"]);
 
-    rollout
-        .set_user_override(SetUserOverrideRequest {
-            user_id: "beta".into(),
-            source: StorageSource::New.into(),
-            reason: "beta tester".into(),
-            actor: "pm".into(),
-        })
+    server
+        .set_override("beta", StorageSource::New, "beta tester")
         .await
         .expect("override");
-    rollout
-        .clear_user_override(ClearUserOverrideRequest {
-            user_id: "beta".into(),
-            reason: "done".into(),
-            actor: "pm".into(),
-        })
-        .await
-        .expect("clear");
+    server.clear_override("beta", "done").await.expect("clear");
     server.kill_switch(true, "incident").await.expect("kill");
-    let after = current(&mut rollout).await;
+    let after = server.current_rollout().await;
     assert_eq!(
         (after.version, after.kill_switch, after.percentage),
         (4, true, 10.0)
     );
 
-    let history = rollout
-        .list_rollout_history(ListRolloutHistoryRequest {
-            page_size: 0,
-            page_token: String::new(),
-        })
-        .await
-        .expect("history")
-        .into_inner()
-        .changes;
+    let history = server.rollout_history(0, "").await.changes;
     let entries: Vec<(u64, &str, &str, &str, &str, &str)> = history
         .iter()
         .map(|c| {
@@ -200,8 +173,8 @@ async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
         entries,
         [
             (4, TESTER, "kill switch", "released", "engaged", "incident"),
-            (3, "pm", "override beta", "new", "none", "done"),
-            (2, "pm", "override beta", "none", "new", "beta tester"),
+            (3, TESTER, "override beta", "new", "none", "done"),
+            (2, TESTER, "override beta", "none", "new", "beta tester"),
             (
                 1,
                 "controller",
@@ -213,23 +186,9 @@ async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
         ]
     );
     // Paging, newest first.
-    let page = rollout
-        .list_rollout_history(ListRolloutHistoryRequest {
-            page_size: 3,
-            page_token: String::new(),
-        })
-        .await
-        .expect("page")
-        .into_inner();
+    let page = server.rollout_history(3, "").await;
     assert_eq!(page.changes.len(), 3);
-    let rest = rollout
-        .list_rollout_history(ListRolloutHistoryRequest {
-            page_size: 3,
-            page_token: page.next_page_token,
-        })
-        .await
-        .expect("next page")
-        .into_inner();
+    let rest = server.rollout_history(3, &page.next_page_token).await;
     assert_eq!(
         rest.changes.iter().map(|c| c.version).collect::<Vec<_>>(),
         [1]
@@ -262,34 +221,24 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
     let db = db.in_phase(Phase::Verified);
     let server = db.start_server().await;
     let mut rollout = client(&server).await;
-    let mut stats = server.stats().await;
     let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
     // Each user has one send, written to both storages (VERIFIED writes both).
     let events = users
         .iter()
         .map(|u| event(u, &format!("c-{u}"), EventType::Sent, 1, "2026-01-10"))
         .collect();
-    stats
-        .record_events(RecordEventsRequest { events })
-        .await
-        .expect("seed");
+    server.record(events).await;
     // Legacy gets one more send per campaign, so the numbers tell the storages apart too.
     db.execute("UPDATE campaign_daily_stat_entries SET sent = sent + 1")
         .await;
 
     let read = |user: String| {
-        let mut stats = stats.clone();
+        let server = &server;
         async move {
-            let response = stats
-                .get_stats(GetStatsRequest {
-                    campaign_id: format!("c-{user}"),
-                    user_id: user,
-                    start_date: "2026-01-01".into(),
-                    end_date: "2026-01-31".into(),
-                })
-                .await
-                .expect("GetStats")
-                .into_inner();
+            let campaign = format!("c-{user}");
+            let response = server
+                .get_stats(&user, &campaign, "2026-01-01", "2026-01-31")
+                .await;
             (response.source, response.metrics.unwrap_or_default().sent)
         }
     };
@@ -304,7 +253,7 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
         .set_rollout_percentage(percentage(50.0, 0, false))
         .await
         .expect("50%");
-    let salt = current(&mut rollout).await.salt;
+    let salt = server.current_rollout().await.salt;
     let mut on_new = 0;
     for user in &users {
         let in_range = campaign_stats::rollout::bucket(&salt, user) < 5_000;
@@ -315,13 +264,7 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
             StorageSource::Legacy
         };
         assert_eq!(read(user.clone()).await, expect(expected), "{user}");
-        let evaluated = rollout
-            .evaluate_user(EvaluateUserRequest {
-                user_id: user.clone(),
-            })
-            .await
-            .expect("evaluate")
-            .into_inner();
+        let evaluated = server.evaluate(user).await;
         assert_eq!(evaluated.source, i32::from(expected));
         assert_eq!(
             evaluated.bucket,
@@ -336,13 +279,8 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
         .find(|u| campaign_stats::rollout::bucket(&salt, u) >= 5_000)
         .expect("a LEGACY user")
         .clone();
-    rollout
-        .set_user_override(SetUserOverrideRequest {
-            user_id: legacy_user.clone(),
-            source: StorageSource::New.into(),
-            reason: "beta".into(),
-            actor: String::new(),
-        })
+    server
+        .set_override(&legacy_user, StorageSource::New, "beta")
         .await
         .expect("override");
     assert_eq!(read(legacy_user.clone()).await, expect(StorageSource::New));
@@ -357,25 +295,15 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
     assert_eq!(listed.overrides.len(), 1);
 
     // The all-users view is routed as the pseudo-user "*".
-    let all_users =
-        |stats: &campaign_stats::grpc::proto::stats_service_client::StatsServiceClient<Channel>| {
-            let mut stats = stats.clone();
-            async move {
-                stats
-                    .get_aggregated_daily_stats(GetAggregatedDailyStatsRequest {
-                        start_date: "2026-01-01".into(),
-                        end_date: "2026-01-31".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("all users")
-                    .into_inner()
-                    .source
-            }
-        };
+    let all_users = || async {
+        server
+            .all_users_daily("2026-01-01", "2026-01-31")
+            .await
+            .source
+    };
     let star = campaign_stats::rollout::bucket(&salt, "*") < 5_000;
     assert_eq!(
-        all_users(&stats).await,
+        all_users().await,
         expect(if star {
             StorageSource::New
         } else {
@@ -383,16 +311,11 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
         })
         .0
     );
-    rollout
-        .set_user_override(SetUserOverrideRequest {
-            user_id: "*".into(),
-            source: StorageSource::Legacy.into(),
-            reason: "operator view stays".into(),
-            actor: String::new(),
-        })
+    server
+        .set_override("*", StorageSource::Legacy, "operator view stays")
         .await
         .expect("override *");
-    assert_eq!(all_users(&stats).await, i32::from(StorageSource::Legacy));
+    assert_eq!(all_users().await, i32::from(StorageSource::Legacy));
 
     // The kill switch wins over everything.
     server.kill_switch(true, "incident").await.expect("kill");
@@ -410,14 +333,7 @@ async fn reads_follow_percentage_override_and_kill_switch(db: TestDb) {
     assert_eq!(read(legacy_user).await, expect(StorageSource::New));
 
     // A new salt reshuffles.
-    rollout
-        .reset_salt(ResetSaltRequest {
-            reason: "reshuffle".into(),
-            actor: String::new(),
-        })
-        .await
-        .expect("salt");
-    let new_salt = current(&mut rollout).await.salt;
+    let new_salt = server.reset_salt("reshuffle").await.expect("salt").salt;
     assert_ne!(new_salt, salt);
     let moved = users
         .iter()

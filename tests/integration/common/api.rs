@@ -1,12 +1,16 @@
-//! One typed helper per control RPC that tests call again and again, in the manner of
+//! One typed helper per RPC that tests call again and again, in the manner of
 //! zero-to-production's `tests/api/helpers.rs`: a test says what it does and asserts what it
 //! gets, without rebuilding requests.
 
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
-    GetMigrationStateRequest, GetMigrationStateResponse, KillSwitchRequest, MigrationPhase,
-    Rollout, SetRolloutPercentageRequest, TransitionPhaseRequest,
+    ClearUserOverrideRequest, EvaluateUserRequest, EvaluateUserResponse, Event,
+    GetAggregatedDailyStatsRequest, GetAggregatedDailyStatsResponse, GetMigrationStateRequest,
+    GetMigrationStateResponse, GetRolloutRequest, GetStatsRequest, GetStatsResponse,
+    KillSwitchRequest, ListRolloutHistoryRequest, ListRolloutHistoryResponse, MigrationPhase,
+    RecordEventsRequest, RecordEventsResponse, ResetSaltRequest, Rollout,
+    SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource, TransitionPhaseRequest,
 };
 use tonic::Status;
 use tonic::transport::Channel;
@@ -87,5 +91,135 @@ impl TestServer {
             })
             .await
             .map(|response| response.into_inner().rollout.expect("rollout"))
+    }
+
+    /// `GetRollout`: the rollout this replica applies.
+    pub async fn current_rollout(&self) -> Rollout {
+        self.rollout()
+            .await
+            .get_rollout(GetRolloutRequest {})
+            .await
+            .expect("GetRollout")
+            .into_inner()
+            .rollout
+            .expect("rollout")
+    }
+
+    /// `EvaluateUser`: where `user_id`'s reads go now.
+    pub async fn evaluate(&self, user_id: &str) -> EvaluateUserResponse {
+        self.rollout()
+            .await
+            .evaluate_user(EvaluateUserRequest {
+                user_id: user_id.into(),
+            })
+            .await
+            .expect("EvaluateUser")
+            .into_inner()
+    }
+
+    /// `SetUserOverride` of `user_id` to `source`, by [`TESTER`], saying `reason`.
+    pub async fn set_override(
+        &self,
+        user_id: &str,
+        source: StorageSource,
+        reason: &str,
+    ) -> Result<Rollout, Status> {
+        self.rollout()
+            .await
+            .set_user_override(SetUserOverrideRequest {
+                user_id: user_id.into(),
+                source: source.into(),
+                reason: reason.into(),
+                actor: TESTER.into(),
+            })
+            .await
+            .map(|response| response.into_inner().rollout.expect("rollout"))
+    }
+
+    /// `ClearUserOverride` of `user_id`, by [`TESTER`], saying `reason`.
+    pub async fn clear_override(&self, user_id: &str, reason: &str) -> Result<Rollout, Status> {
+        self.rollout()
+            .await
+            .clear_user_override(ClearUserOverrideRequest {
+                user_id: user_id.into(),
+                reason: reason.into(),
+                actor: TESTER.into(),
+            })
+            .await
+            .map(|response| response.into_inner().rollout.expect("rollout"))
+    }
+
+    /// `ListRolloutHistory`: a page of `page_size` changes (0: the default) from `page_token`.
+    pub async fn rollout_history(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> ListRolloutHistoryResponse {
+        self.rollout()
+            .await
+            .list_rollout_history(ListRolloutHistoryRequest {
+                page_size,
+                page_token: page_token.into(),
+            })
+            .await
+            .expect("ListRolloutHistory")
+            .into_inner()
+    }
+
+    /// `ResetSalt`, by [`TESTER`], saying `reason`.
+    pub async fn reset_salt(&self, reason: &str) -> Result<Rollout, Status> {
+        self.rollout()
+            .await
+            .reset_salt(ResetSaltRequest {
+                reason: reason.into(),
+                actor: TESTER.into(),
+            })
+            .await
+            .map(|response| response.into_inner().rollout.expect("rollout"))
+    }
+
+    /// `RecordEvents` of `events`; panics when refused.
+    pub async fn record(&self, events: Vec<Event>) -> RecordEventsResponse {
+        self.stats()
+            .await
+            .record_events(RecordEventsRequest { events })
+            .await
+            .expect("RecordEvents")
+            .into_inner()
+    }
+
+    /// `GetStats` of `user_id`'s `campaign_id` from `start` to `end`; panics when refused.
+    pub async fn get_stats(
+        &self,
+        user_id: &str,
+        campaign_id: &str,
+        start: &str,
+        end: &str,
+    ) -> GetStatsResponse {
+        self.stats()
+            .await
+            .get_stats(GetStatsRequest {
+                user_id: user_id.into(),
+                campaign_id: campaign_id.into(),
+                start_date: start.into(),
+                end_date: end.into(),
+            })
+            .await
+            .expect("GetStats")
+            .into_inner()
+    }
+
+    /// `GetAggregatedDailyStats` over all users from `start` to `end` (the operator's view).
+    pub async fn all_users_daily(&self, start: &str, end: &str) -> GetAggregatedDailyStatsResponse {
+        self.stats()
+            .await
+            .get_aggregated_daily_stats(GetAggregatedDailyStatsRequest {
+                start_date: start.into(),
+                end_date: end.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("GetAggregatedDailyStats")
+            .into_inner()
     }
 }
