@@ -4,16 +4,15 @@ use std::time::{Duration, Instant};
 
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
-    EvaluateUserRequest, EventType, GetRolloutRequest, GetStatsRequest, KillSwitchRequest,
-    ListUserOverridesRequest, Rollout, SetRolloutPercentageRequest, StorageSource,
-    WatchRolloutRequest,
+    EvaluateUserRequest, EventType, GetStatsRequest, KillSwitchRequest, ListUserOverridesRequest,
+    SetRolloutPercentageRequest, StorageSource, WatchRolloutRequest,
 };
 use campaign_stats::migration::Phase;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::api::TESTER;
+use crate::common::api::{TESTER, current_rollout};
 use crate::common::{ServerProcess, TestDb, TestServer, assert_names_fields, event};
 
 crate::on_both_backends!(
@@ -56,16 +55,6 @@ async fn client(server: &TestServer) -> RolloutServiceClient<Channel> {
     RolloutServiceClient::new(server.channel().await)
 }
 
-async fn current(client: &mut RolloutServiceClient<Channel>) -> Rollout {
-    client
-        .get_rollout(GetRolloutRequest {})
-        .await
-        .expect("GetRollout")
-        .into_inner()
-        .rollout
-        .expect("rollout")
-}
-
 fn percentage(percentage: f64, expected_version: u64, force: bool) -> SetRolloutPercentageRequest {
     SetRolloutPercentageRequest {
         percentage,
@@ -79,7 +68,7 @@ fn percentage(percentage: f64, expected_version: u64, force: bool) -> SetRollout
 async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
     let server = db.start_server().await;
     let mut rollout = client(&server).await;
-    let start = current(&mut rollout).await;
+    let start = current_rollout(&mut rollout).await;
     assert_eq!(
         (
             start.percentage,
@@ -213,7 +202,7 @@ async fn racing_controllers_one_wins(db: TestDb) {
         codes == [None, Some(Code::Aborted)] || codes == [Some(Code::Aborted), None],
         "exactly one must win: {a:?} / {b:?}"
     );
-    assert_eq!(current(&mut first).await.version, 1);
+    assert_eq!(current_rollout(&mut first).await.version, 1);
     server.stop().await;
 }
 
@@ -407,7 +396,7 @@ async fn another_replica_applies_a_change_quickly(db: TestDb) {
         .expect("change on the first replica");
     let took = watch.until_applied(1, changed).await;
     assert!(took < Duration::from_secs(5), "{took:?}");
-    let applied = current(&mut on_second).await;
+    let applied = current_rollout(&mut on_second).await;
     assert_eq!(
         (applied.version, applied.applied_version, applied.percentage),
         (1, 1, 25.0)
@@ -489,6 +478,9 @@ async fn every_service_reads_messages_up_to_the_same_limit(db: TestDb) {
         .await
         .expect_err("a reason over 1,024 bytes");
     assert_names_fields(&status, Code::InvalidArgument, &["reason"]);
-    assert!(!current(&mut rollout).await.kill_switch, "nothing changed");
+    assert!(
+        !current_rollout(&mut rollout).await.kill_switch,
+        "nothing changed"
+    );
     server.stop().await;
 }

@@ -20,6 +20,17 @@ use super::TestServer;
 /// The actor every helper's change is made by.
 pub const TESTER: &str = "tester";
 
+/// `GetRollout` through `client` (a replica of any kind): the rollout it applies.
+pub async fn current_rollout(client: &mut RolloutServiceClient<Channel>) -> Rollout {
+    client
+        .get_rollout(GetRolloutRequest {})
+        .await
+        .expect("GetRollout")
+        .into_inner()
+        .rollout
+        .expect("rollout")
+}
+
 impl TestServer {
     pub async fn rollout(&self) -> RolloutServiceClient<Channel> {
         RolloutServiceClient::new(self.channel().await)
@@ -95,14 +106,7 @@ impl TestServer {
 
     /// `GetRollout`: the rollout this replica applies.
     pub async fn current_rollout(&self) -> Rollout {
-        self.rollout()
-            .await
-            .get_rollout(GetRolloutRequest {})
-            .await
-            .expect("GetRollout")
-            .into_inner()
-            .rollout
-            .expect("rollout")
+        current_rollout(&mut self.rollout().await).await
     }
 
     /// `EvaluateUser`: where `user_id`'s reads go now.
