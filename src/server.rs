@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,10 +17,11 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::{GroupCommit, GroupCommitSettings, Jobs, RolloutView};
 use crate::app::{Migration, RolloutControl, Stats};
+use crate::domain::Tokens;
 use crate::grpc::proto::migration_service_server::MigrationServiceServer;
 use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
 use crate::grpc::proto::stats_service_server::StatsServiceServer;
-use crate::grpc::{self, MigrationApi, RolloutApi, StatsApi};
+use crate::grpc::{self, AuthLayer, Authenticator, MigrationApi, RolloutApi, StatsApi};
 use crate::health;
 use crate::migration::Phase;
 use crate::storage::{Bounded, Database, StorageError, Store};
@@ -38,6 +40,18 @@ pub struct ServerConfig {
     pub rollout_refresh_interval: Duration,
     /// How concurrent single-event writes are grouped into transactions.
     pub group_commit: GroupCommitSettings,
+    /// Who may call; `None`: anyone (then only on a loopback address, unless
+    /// [`ServerConfig::insecure_no_auth`]).
+    pub auth: Option<AuthSettings>,
+    /// Serve without tokens on an address other hosts can reach (a warning at every start).
+    pub insecure_no_auth: bool,
+}
+
+/// Where the accepted tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// One `role name sha256-hex-of-token` line per token; read at start and on SIGHUP.
+    pub tokens_file: PathBuf,
 }
 
 impl ServerConfig {
@@ -47,6 +61,8 @@ impl ServerConfig {
         shutdown_grace: Duration::from_secs(20),
         rollout_refresh_interval: Duration::from_millis(500),
         group_commit: GroupCommitSettings::DEFAULT,
+        auth: None,
+        insecure_no_auth: false,
     };
 }
 
@@ -124,6 +140,102 @@ pub enum LaunchError {
     Transport(#[from] tonic::transport::Error),
     #[error("the metrics endpoint failed")]
     Metrics(#[source] std::io::Error),
+    #[error("cannot read the tokens file {path}")]
+    TokensFile {
+        path: PathBuf,
+        #[source]
+        source: TokensError,
+    },
+    #[error(
+        "refusing to serve {0} without tokens: any host that reaches it could move the \
+         migration and the rollout. Give --auth-tokens-file, listen on a loopback address, \
+         or pass --insecure-no-auth"
+    )]
+    OpenToTheNetwork(SocketAddr),
+    #[error("could not read the gRPC listener's address")]
+    Listener(#[source] std::io::Error),
+}
+
+/// Why a tokens file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensError {
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+    #[error(transparent)]
+    Parse(#[from] crate::domain::TokensFileError),
+    #[error("it lists no token")]
+    Empty,
+}
+
+/// Reads the tokens of `settings`: refused when unreadable, malformed or empty (an empty
+/// file would lock everyone out, most likely by mistake).
+fn read_tokens(settings: &AuthSettings) -> Result<Tokens, LaunchError> {
+    let read = || -> Result<Tokens, TokensError> {
+        let tokens = Tokens::parse(&std::fs::read_to_string(&settings.tokens_file)?)?;
+        if tokens.is_empty() {
+            return Err(TokensError::Empty);
+        }
+        Ok(tokens)
+    };
+    read().map_err(|source| LaunchError::TokensFile {
+        path: settings.tokens_file.clone(),
+        source,
+    })
+}
+
+/// Who may call a server on `addr` configured with `config`: the tokens when there are any;
+/// else anyone, which is refused on an address other hosts reach unless the operator insists.
+fn authenticator(
+    config: &ServerConfig,
+    addr: SocketAddr,
+) -> Result<Option<Authenticator>, LaunchError> {
+    match &config.auth {
+        Some(settings) => {
+            let tokens = read_tokens(settings)?;
+            tracing::info!(tokens = tokens.len(), file = %settings.tokens_file.display(), "calls need a bearer token");
+            Ok(Some(Authenticator::new(tokens)))
+        }
+        None if addr.ip().is_loopback() => Ok(None),
+        None if config.insecure_no_auth => {
+            tracing::warn!(%addr, "serving without authentication on an address other hosts can reach (--insecure-no-auth)");
+            Ok(None)
+        }
+        None => Err(LaunchError::OpenToTheNetwork(addr)),
+    }
+}
+
+/// Re-reads the tokens file on every SIGHUP until `stop`; a file that cannot be used leaves
+/// the tokens as they were, and says why.
+async fn reload_tokens_on_hangup(
+    settings: AuthSettings,
+    authenticator: Authenticator,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP: the tokens file is read only at start");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            received = hangups.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                match read_tokens(&settings) {
+                    Ok(tokens) => {
+                        tracing::info!(tokens = tokens.len(), "tokens file reloaded");
+                        authenticator.replace(tokens);
+                    }
+                    Err(error) => tracing::error!(error = %crate::telemetry::error_chain(&error), "tokens file not reloaded; the previous tokens stay"),
+                }
+            }
+        }
+    }
 }
 
 /// Brings `store`'s schema up to date, then serves every service on `listeners` until `shutdown` completes;
@@ -145,6 +257,7 @@ pub async fn launch<S: Store>(
 pub struct Application<S: Store> {
     grpc: TcpListener,
     routes: Routes,
+    authenticator: Option<Authenticator>,
     running: Running<S>,
     config: ServerConfig,
 }
@@ -168,6 +281,8 @@ impl<S: Store> Application<S> {
         config: ServerConfig,
     ) -> Result<Self, LaunchError> {
         let Listeners { grpc, metrics } = listeners.into();
+        let authenticator =
+            authenticator(&config, grpc.local_addr().map_err(LaunchError::Listener)?)?;
         store.update_schema().await?;
         // From here on every storage call is bounded by the statement timeout.
         let store = Arc::new(Bounded::new(store));
@@ -177,6 +292,10 @@ impl<S: Store> Application<S> {
             MetricsEndpoint::start(listener, Arc::clone(&server_metrics), view.clone(), &store)
         });
         let jobs = Jobs::default();
+        if let (Some(settings), Some(authenticator)) = (config.auth.clone(), authenticator.clone())
+        {
+            jobs.spawn(move |stop| reload_tokens_on_hangup(settings, authenticator, stop));
+        }
         {
             let (view, store) = (view.clone(), Arc::clone(&store));
             let every = config.rollout_refresh_interval;
@@ -217,6 +336,7 @@ impl<S: Store> Application<S> {
         Ok(Self {
             grpc,
             routes: routes.routes(),
+            authenticator,
             running: Running {
                 store,
                 jobs,
@@ -244,6 +364,7 @@ impl<S: Store> Application<S> {
         let Self {
             grpc,
             routes,
+            authenticator,
             running,
             config,
         } = self;
@@ -273,6 +394,8 @@ impl<S: Store> Application<S> {
             .max_concurrent_streams(HTTP2_MAX_STREAMS)
             .layer(trace_layer())
             .layer(RpcMetricsLayer::new(Arc::clone(&running.metrics)))
+            // Inside tracing and metrics, so that refused calls are logged and counted too.
+            .layer(tower::util::option_layer(authenticator.map(AuthLayer::new)))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown);
         let served = tokio::select! {

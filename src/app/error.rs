@@ -7,6 +7,7 @@ use crate::migration::TransitionRefused;
 use crate::migration::ambiguous::ResolveRefused;
 use crate::rollout::RolloutRefused;
 use crate::storage::{LegacyOverflow, Refusal, StorageError};
+use crate::telemetry::error_chain;
 
 use super::StartRefused;
 
@@ -104,26 +105,14 @@ impl From<StorageError> for AppError {
             StorageError::Refused(refusal) => refusal.into(),
             StorageError::OutOfRange(detail) => AppError::TotalOutOfRange(detail),
             StorageError::Unavailable(_) | StorageError::TimedOut(_) => {
-                AppError::Unavailable(chain(&error))
+                AppError::Unavailable(error_chain(&error))
             }
             StorageError::Corrupt(_)
             | StorageError::Config(_)
             | StorageError::Schema(_)
-            | StorageError::Internal(_) => AppError::Internal(chain(&error)),
+            | StorageError::Internal(_) => AppError::Internal(error_chain(&error)),
         }
     }
-}
-
-/// `error` and its sources, for the log.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -43,19 +43,65 @@ pub struct ClientArgs {
     /// `text` for people, `json` for scripts.
     #[arg(short, long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
+    /// The bearer token to call with (the server's `--auth-tokens-file` lists its hash); the
+    /// admin commands need an `admin` token.
+    #[arg(long, env = "STATS_TOKEN", hide_env_values = true, global = true,
+          value_parser = BearerToken::parse)]
+    pub token: Option<BearerToken>,
 }
 
+/// A bearer token, sent as `authorization: Bearer <token>` on every call; `Debug` hides it.
+#[derive(Clone)]
+pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl BearerToken {
+    fn parse(token: &str) -> Result<Self, String> {
+        format!("Bearer {}", token.trim())
+            .parse()
+            .map(Self)
+            .map_err(|_| "a token must be printable ASCII".to_owned())
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<hidden>)")
+    }
+}
+
+/// Adds the token, when there is one, to every call.
+#[derive(Debug, Clone)]
+pub struct WithToken(Option<BearerToken>);
+
+impl tonic::service::Interceptor for WithToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(BearerToken(value)) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to the server that sends the caller's token.
+pub type ServerChannel = tonic::service::interceptor::InterceptedService<Channel, WithToken>;
+
 impl ClientArgs {
-    /// A connection to the server.
-    pub(super) async fn channel(&self) -> anyhow::Result<Channel> {
-        Channel::from_shared(endpoint_uri(&self.server))
+    /// A connection to the server, sending the token.
+    pub(super) async fn channel(&self) -> anyhow::Result<ServerChannel> {
+        let channel = Channel::from_shared(endpoint_uri(&self.server))
             .with_context(|| format!("invalid server address {:?}", self.server))?
             .connect()
             .await
-            .with_context(|| format!("cannot reach the server at {}", self.server))
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        Ok(ServerChannel::new(channel, WithToken(self.token.clone())))
     }
 
-    async fn migration(&self) -> anyhow::Result<MigrationServiceClient<Channel>> {
+    async fn migration(&self) -> anyhow::Result<MigrationServiceClient<ServerChannel>> {
         Ok(MigrationServiceClient::new(self.channel().await?))
     }
 }
@@ -300,7 +346,7 @@ pub async fn migration(command: MigrationCommand, client_args: ClientArgs) -> an
 
 /// Runs `migration history`: the phase transitions, newest first.
 async fn transitions(
-    client: &mut MigrationServiceClient<Channel>,
+    client: &mut MigrationServiceClient<ServerChannel>,
     limit: u32,
     output: Output,
 ) -> anyhow::Result<()> {
@@ -375,7 +421,7 @@ fn print_state(state: &proto::GetMigrationStateResponse, output: Output) -> anyh
 
 /// Runs `migration resolve`.
 async fn resolve(
-    client: &mut MigrationServiceClient<Channel>,
+    client: &mut MigrationServiceClient<ServerChannel>,
     args: ResolveArgs,
     client_args: ClientArgs,
 ) -> anyhow::Result<()> {
@@ -419,7 +465,7 @@ async fn resolve(
 
 /// Runs `migration resolutions`.
 async fn resolutions(
-    client: &mut MigrationServiceClient<Channel>,
+    client: &mut MigrationServiceClient<ServerChannel>,
     limit: u32,
     client_args: ClientArgs,
 ) -> anyhow::Result<()> {
@@ -582,7 +628,7 @@ fn print_backfill_text(run: &proto::Run, report: &proto::RunReport) -> std::io::
 /// Follows backfill `run_id` to its end with a progress bar over the legacy table's `total`
 /// rows (hidden unless the output is text); the run as it ended.
 async fn follow_run(
-    client: &mut MigrationServiceClient<Channel>,
+    client: &mut MigrationServiceClient<ServerChannel>,
     run_id: &str,
     total: u64,
     args: &BackfillArgs,

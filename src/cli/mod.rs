@@ -15,6 +15,7 @@ mod generate;
 mod rollout;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -22,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::app::GroupCommitSettings;
-use crate::server::{Listeners, ServerConfig, launch};
+use crate::server::{AuthSettings, Listeners, ServerConfig, launch};
 use crate::storage::{Backend, DatabaseUrl, PoolOptions, PostgresStore, SqliteStore, Store};
 use crate::telemetry::{self, LogFormat};
 
@@ -176,6 +177,14 @@ pub struct ServeArgs {
     #[arg(long, env = "STATS_GROUP_COMMIT_FLUSHERS",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub group_commit_flushers: Option<u32>,
+    /// Bearer tokens callers must present: one `role name sha256-hex-of-token` line each
+    /// (roles: reader, writer, admin); re-read on SIGHUP. Without it anyone may call, which
+    /// is allowed only on a loopback address.
+    #[arg(long, env = "STATS_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// Serve without tokens on an address other hosts can reach (warned at every start).
+    #[arg(long, env = "STATS_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -197,6 +206,11 @@ impl ServeArgs {
                     .group_commit_flushers
                     .map_or(GroupCommitSettings::flushers_for(backend), |n| n as usize),
             },
+            auth: self
+                .auth_tokens_file
+                .clone()
+                .map(|tokens_file| AuthSettings { tokens_file }),
+            insecure_no_auth: self.insecure_no_auth,
         }
     }
 }

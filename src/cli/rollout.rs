@@ -4,9 +4,8 @@ use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
-use super::admin::{Audited, ClientArgs, Output, failed, print_json, time};
+use super::admin::{Audited, ClientArgs, Output, ServerChannel, failed, print_json, time};
 use super::printable;
 use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
 use crate::grpc::proto::{
@@ -122,11 +121,11 @@ fn print_rollout(output: Output, rollout: &Rollout) -> std::io::Result<()> {
     }
 }
 
-async fn connect(args: &ClientArgs) -> anyhow::Result<RolloutServiceClient<Channel>> {
+async fn connect(args: &ClientArgs) -> anyhow::Result<RolloutServiceClient<ServerChannel>> {
     Ok(RolloutServiceClient::new(args.channel().await?))
 }
 
-async fn get(client: &mut RolloutServiceClient<Channel>) -> anyhow::Result<Rollout> {
+async fn get(client: &mut RolloutServiceClient<ServerChannel>) -> anyhow::Result<Rollout> {
     changed(
         client.get_rollout(GetRolloutRequest {}).await,
         "cannot read the rollout",
@@ -171,7 +170,7 @@ fn changed(
 
 /// `get` and the commands that change the rollout: each answers with the rollout.
 async fn change_rollout(
-    client: &mut RolloutServiceClient<Channel>,
+    client: &mut RolloutServiceClient<ServerChannel>,
     command: RolloutCommand,
 ) -> anyhow::Result<Rollout> {
     match command {
@@ -261,7 +260,7 @@ async fn change_rollout(
 }
 
 async fn evaluate(
-    client: &mut RolloutServiceClient<Channel>,
+    client: &mut RolloutServiceClient<ServerChannel>,
     user: String,
     output: Output,
 ) -> anyhow::Result<()> {
@@ -293,7 +292,7 @@ async fn evaluate(
 }
 
 async fn history(
-    client: &mut RolloutServiceClient<Channel>,
+    client: &mut RolloutServiceClient<ServerChannel>,
     limit: u32,
     output: Output,
 ) -> anyhow::Result<()> {
@@ -332,7 +331,10 @@ async fn history(
     Ok(())
 }
 
-async fn watch(client: &mut RolloutServiceClient<Channel>, output: Output) -> anyhow::Result<()> {
+async fn watch(
+    client: &mut RolloutServiceClient<ServerChannel>,
+    output: Output,
+) -> anyhow::Result<()> {
     let mut updates = client
         .watch_rollout(WatchRolloutRequest {})
         .await

@@ -1,6 +1,7 @@
 //! The domain: events, metrics, date ranges and buckets, and the validation rules that every
 //! entry point shares. Nothing here knows about gRPC or SQL.
 
+mod auth;
 mod event;
 mod ids;
 mod query;
@@ -9,6 +10,7 @@ mod text;
 mod totals;
 mod validation;
 
+pub use auth::{Caller, Role, Tokens, TokensFileError, token_sha256_hex};
 pub use event::{
     EVENT_TYPES, Event, EventType, EventTypeNames, LEGACY_COLUMN_COUNT, LEGACY_COLUMN_MAX,
     LEGACY_COLUMNS, LegacyCounts, MAX_EVENT_COUNT, RawEvent, event_time_window, rollup_columns,

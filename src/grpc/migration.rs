@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 
+use super::auth::audited;
 use super::convert::{audit, both_valid};
 use super::proto::{
     self, GetMigrationStateRequest, GetMigrationStateResponse, GetRunRequest,
@@ -327,7 +328,7 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         &self,
         request: Request<StartBackfillRequest>,
     ) -> Result<Response<StartBackfillResponse>, Status> {
-        let request = request.into_inner();
+        let request = audited(request);
         let actor = actor(request.actor)?;
         let run = self
             .migration
@@ -377,7 +378,7 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         &self,
         request: Request<VerifyConsistencyRequest>,
     ) -> Result<Response<VerifyConsistencyResponse>, Status> {
-        let request = request.into_inner();
+        let request = audited(request);
         let range = verify_range(&request.start_date, &request.end_date)?;
         let actor = actor(request.actor)?;
         let (run, outcome) = self.migration.verify(&actor, range).await?;
@@ -449,7 +450,7 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         &self,
         request: Request<TransitionPhaseRequest>,
     ) -> Result<Response<GetMigrationStateResponse>, Status> {
-        let request = request.into_inner();
+        let request = audited(request);
         let (target, (actor, reason)) = both_valid(
             phase_from_proto("target", request.target),
             audit(
@@ -469,7 +470,7 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         &self,
         request: Request<proto::ResolveAmbiguousRowsRequest>,
     ) -> Result<Response<proto::ResolveAmbiguousRowsResponse>, Status> {
-        let request = ResolveRequest::try_from(request.into_inner())?;
+        let request = ResolveRequest::try_from(audited(request))?;
         let outcome = self.migration.resolve(&request).await?;
         Ok(Response::new(proto::ResolveAmbiguousRowsResponse {
             resolution_id: outcome.resolution_id,

@@ -1,12 +1,14 @@
 //! The gRPC layer: generated types, request conversions, handlers and the one mapping from
 //! errors to `tonic::Status`.
 
+mod auth;
 mod convert;
 mod error;
 mod migration;
 mod rollout;
 mod stats;
 
+pub use auth::{Access, AuthLayer, Authenticator, access_for};
 pub use error::{MAX_STATUS_BYTES, status_header_bytes, status_of, write_status};
 pub use migration::MigrationApi;
 pub use rollout::RolloutApi;

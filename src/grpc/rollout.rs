@@ -5,6 +5,7 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::auth::audited;
 use super::convert::{audit, both_valid};
 use super::proto::rollout_service_server::RolloutService;
 use super::proto::{
@@ -112,7 +113,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         &self,
         request: Request<SetRolloutPercentageRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
-        let request = request.into_inner();
+        let request = audited(request);
         let change =
             basis_points(request.percentage).map(|basis_points| RolloutChange::Percentage {
                 basis_points,
@@ -131,7 +132,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         &self,
         request: Request<SetUserOverrideRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
-        let request = request.into_inner();
+        let request = audited(request);
         let source = match proto::StorageSource::try_from(request.source) {
             Ok(proto::StorageSource::Legacy) => Ok(StorageSource::Legacy),
             Ok(proto::StorageSource::New) => Ok(StorageSource::New),
@@ -150,7 +151,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         &self,
         request: Request<ClearUserOverrideRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
-        let request = request.into_inner();
+        let request = audited(request);
         let change = user(request.user_id).map(|user_id| RolloutChange::ClearOverride { user_id });
         self.apply(change, None, request.actor, request.reason)
             .await
@@ -160,7 +161,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         &self,
         request: Request<KillSwitchRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
-        let request = request.into_inner();
+        let request = audited(request);
         let change = RolloutChange::KillSwitch {
             engaged: request.engaged,
         };
@@ -172,7 +173,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         &self,
         request: Request<ResetSaltRequest>,
     ) -> Result<Response<GetRolloutResponse>, Status> {
-        let request = request.into_inner();
+        let request = audited(request);
         let (actor, reason) = audit(request.actor, request.reason, ROLLOUT_REASON)?;
         let applied = self.rollout.reset_salt(&actor, &reason).await?;
         Ok(response(&applied))

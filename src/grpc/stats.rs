@@ -3,6 +3,7 @@
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::may_read_all_users;
 use super::convert::{bucket_to_proto, event_from_request, events_from_proto};
 use super::error::{status_of, write_status};
 use super::proto::stats_service_server::StatsService;
@@ -158,6 +159,9 @@ impl<S: Store> StatsService for StatsApi<S> {
         &self,
         request: Request<GetAggregatedDailyStatsRequest>,
     ) -> Result<Response<GetAggregatedDailyStatsResponse>, Status> {
+        if request.get_ref().user_id.is_empty() {
+            may_read_all_users(&request)?;
+        }
         let query = SeriesQuery::try_from(request.into_inner())?;
         let answer = self.stats.series(&query).await?;
         let response = GetAggregatedDailyStatsResponse {

@@ -43,6 +43,18 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `error` and its sources, `: `-separated, for the log.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact_url;

@@ -16,7 +16,7 @@ crate::on_both_backends!(
 );
 
 /// Runs `campaign-stats ARGS…` and returns its exit success and stdout.
-async fn cli(args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn cli(args: &[&str]) -> (bool, String, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_campaign-stats"))
         .args(args)
         .output()

@@ -1,6 +1,7 @@
 //! Integration tests: the real server on a free port, called with real tonic clients, on
 //! SQLite and on PostgreSQL (see `common` for how the PostgreSQL half is enabled).
 
+mod auth;
 mod backfill;
 mod cli;
 mod common;

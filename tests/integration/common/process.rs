@@ -114,13 +114,22 @@ impl ServerProcess {
 
     /// Sends SIGTERM, as an orchestrator does, without waiting for the exit.
     pub async fn terminate(&self) {
+        self.signal("-TERM").await;
+    }
+
+    /// Sends SIGHUP: the server re-reads its tokens file.
+    pub async fn hang_up(&self) {
+        self.signal("-HUP").await;
+    }
+
+    async fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("still running").to_string();
         let signalled = Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([signal, &pid])
             .status()
             .await
             .expect("run kill");
-        assert!(signalled.success(), "kill -TERM {pid} failed");
+        assert!(signalled.success(), "kill {signal} {pid} failed");
     }
 
     /// Waits for the process to exit, and asserts it exited cleanly.
