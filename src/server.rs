@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
@@ -45,6 +45,36 @@ pub struct ServerConfig {
     pub auth: Option<AuthSettings>,
     /// Serve without tokens on an address other hosts can reach (a warning at every start).
     pub insecure_no_auth: bool,
+    /// TLS for the gRPC API; `None`: plaintext.
+    pub tls: Option<TlsSettings>,
+}
+
+/// The server's certificate and key, and the CA that client certificates must be signed by
+/// when clients are verified. Files in PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When given, only clients presenting a certificate this CA signed may connect.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    /// tonic's TLS configuration from the files.
+    fn load(&self) -> Result<ServerTlsConfig, LaunchError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| LaunchError::TlsFile {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        Ok(config)
+    }
 }
 
 /// Where the accepted tokens come from.
@@ -63,6 +93,7 @@ impl ServerConfig {
         group_commit: GroupCommitSettings::DEFAULT,
         auth: None,
         insecure_no_auth: false,
+        tls: None,
     };
 }
 
@@ -154,6 +185,12 @@ pub enum LaunchError {
     OpenToTheNetwork(SocketAddr),
     #[error("could not read the gRPC listener's address")]
     Listener(#[source] std::io::Error),
+    #[error("cannot read the TLS file {path}")]
+    TlsFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why a tokens file could not be used.
@@ -258,6 +295,7 @@ pub struct Application<S: Store> {
     grpc: TcpListener,
     routes: Routes,
     authenticator: Option<Authenticator>,
+    tls: Option<ServerTlsConfig>,
     running: Running<S>,
     config: ServerConfig,
 }
@@ -283,6 +321,7 @@ impl<S: Store> Application<S> {
         let Listeners { grpc, metrics } = listeners.into();
         let authenticator =
             authenticator(&config, grpc.local_addr().map_err(LaunchError::Listener)?)?;
+        let tls = config.tls.as_ref().map(TlsSettings::load).transpose()?;
         store.update_schema().await?;
         // From here on every storage call is bounded by the statement timeout.
         let store = Arc::new(Bounded::new(store));
@@ -337,6 +376,7 @@ impl<S: Store> Application<S> {
             grpc,
             routes: routes.routes(),
             authenticator,
+            tls,
             running: Running {
                 store,
                 jobs,
@@ -365,11 +405,12 @@ impl<S: Store> Application<S> {
             grpc,
             routes,
             authenticator,
+            tls,
             running,
             config,
         } = self;
         if let Ok(addr) = grpc.local_addr() {
-            tracing::info!(%addr, "serving gRPC");
+            tracing::info!(%addr, tls = tls.is_some(), "serving gRPC");
         }
         let grace = config.shutdown_grace;
         let began = tokio::sync::Notify::new();
@@ -387,7 +428,11 @@ impl<S: Store> Application<S> {
         let incoming = TcpIncoming::from(grpc)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::printable;
 use crate::grpc::proto::migration_service_client::MigrationServiceClient;
@@ -48,6 +48,26 @@ pub struct ClientArgs {
     #[arg(long, env = "STATS_TOKEN", hide_env_values = true, global = true,
           value_parser = BearerToken::parse)]
     pub token: Option<BearerToken>,
+    /// The CA (PEM) that signed the server's certificate; implies TLS. An `https://` server
+    /// without it is verified against the system's roots.
+    #[arg(long, env = "STATS_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM), for servers that verify clients; implies TLS.
+    #[arg(
+        long,
+        env = "STATS_TLS_CLIENT_CERT",
+        global = true,
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// The private key of `--tls-client-cert` (PEM).
+    #[arg(
+        long,
+        env = "STATS_TLS_CLIENT_KEY",
+        global = true,
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// A bearer token, sent as `authorization: Bearer <token>` on every call; `Debug` hides it.
@@ -93,12 +113,35 @@ pub type ServerChannel = tonic::service::interceptor::InterceptedService<Channel
 impl ClientArgs {
     /// A connection to the server, sending the token.
     pub(super) async fn channel(&self) -> anyhow::Result<ServerChannel> {
-        let channel = Channel::from_shared(endpoint_uri(&self.server))
-            .with_context(|| format!("invalid server address {:?}", self.server))?
+        let tls = self.tls_ca.is_some() || self.tls_client_cert.is_some();
+        let uri = endpoint_uri(&self.server, tls);
+        let mut endpoint = Channel::from_shared(uri.clone())
+            .with_context(|| format!("invalid server address {:?}", self.server))?;
+        if uri.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(self.tls_config()?)
+                .context("unusable TLS settings")?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("cannot reach the server at {}", self.server))?;
         Ok(ServerChannel::new(channel, WithToken(self.token.clone())))
+    }
+
+    /// TLS towards the server: its CA (or the system's roots) and the client's identity.
+    fn tls_config(&self) -> anyhow::Result<ClientTlsConfig> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let mut config = match &self.tls_ca {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(config)
     }
 
     async fn migration(&self) -> anyhow::Result<MigrationServiceClient<ServerChannel>> {
@@ -106,10 +149,13 @@ impl ClientArgs {
     }
 }
 
-/// The URI of a server address: a bare `host:port` means plaintext `http://host:port`.
-fn endpoint_uri(server: &str) -> String {
+/// The URI of a server address: a bare `host:port` means `http://host:port`, or
+/// `https://host:port` when `tls` is asked for.
+fn endpoint_uri(server: &str, tls: bool) -> String {
     if server.contains("://") {
         server.to_owned()
+    } else if tls {
+        format!("https://{server}")
     } else {
         format!("http://{server}")
     }

@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::app::GroupCommitSettings;
-use crate::server::{AuthSettings, Listeners, ServerConfig, launch};
+use crate::server::{AuthSettings, Listeners, ServerConfig, TlsSettings, launch};
 use crate::storage::{Backend, DatabaseUrl, PoolOptions, PostgresStore, SqliteStore, Store};
 use crate::telemetry::{self, LogFormat};
 
@@ -185,6 +185,15 @@ pub struct ServeArgs {
     /// Serve without tokens on an address other hosts can reach (warned at every start).
     #[arg(long, env = "STATS_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// The server's TLS certificate chain (PEM); with `--tls-key`, the API speaks TLS only.
+    #[arg(long, env = "STATS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, env = "STATS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Verify clients: only those presenting a certificate this CA (PEM) signed may connect.
+    #[arg(long, env = "STATS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -211,6 +220,15 @@ impl ServeArgs {
                 .clone()
                 .map(|tokens_file| AuthSettings { tokens_file }),
             insecure_no_auth: self.insecure_no_auth,
+            tls: self
+                .tls_cert
+                .clone()
+                .zip(self.tls_key.clone())
+                .map(|(cert, key)| TlsSettings {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca.clone(),
+                }),
         }
     }
 }

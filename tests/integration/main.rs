@@ -18,3 +18,4 @@ mod schema;
 mod service;
 mod streams;
 mod timeouts;
+mod tls;
