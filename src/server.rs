@@ -21,7 +21,10 @@ use crate::domain::Tokens;
 use crate::grpc::proto::migration_service_server::MigrationServiceServer;
 use crate::grpc::proto::rollout_service_server::RolloutServiceServer;
 use crate::grpc::proto::stats_service_server::StatsServiceServer;
-use crate::grpc::{self, AuthLayer, Authenticator, MigrationApi, RolloutApi, StatsApi};
+use crate::grpc::{
+    self, AuthLayer, Authenticator, CallLimitsLayer, Limits, MigrationApi, RolloutApi, StatsApi,
+    limit_connections,
+};
 use crate::health;
 use crate::migration::Phase;
 use crate::storage::{Bounded, Database, StorageError, Store};
@@ -47,6 +50,8 @@ pub struct ServerConfig {
     pub insecure_no_auth: bool,
     /// TLS for the gRPC API; `None`: plaintext.
     pub tls: Option<TlsSettings>,
+    /// What callers get at most.
+    pub limits: Limits,
 }
 
 /// The server's certificate and key, and the CA that client certificates must be signed by
@@ -94,6 +99,7 @@ impl ServerConfig {
         auth: None,
         insecure_no_auth: false,
         tls: None,
+        limits: Limits::DEFAULT,
     };
 }
 
@@ -133,14 +139,12 @@ impl From<TcpListener> for Listeners {
 /// (1 MiB for both windows) 64 streams of ~60-byte events fill the connection window before
 /// their handlers run and trip the budget 6 times over. Here: 128 streams × 64 KiB = 8 MiB of
 /// unread data at most, which for events of 30 bytes and more charges at most 60 MiB, under
-/// the 64 MiB budget a 128 MiB connection window gives. The budget still caps what a client
+/// the 64 MiB budget a 128 MiB connection window gives (with the default
+/// [`Limits::max_streams_per_connection`]). The budget still caps what a client
 /// sending tinier frames can make a connection hold.
 const HTTP2_STREAM_WINDOW: u32 = 64 * 1024;
 /// See [`HTTP2_STREAM_WINDOW`].
 const HTTP2_CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
-/// Concurrent calls on one connection; further calls wait in the client. See
-/// [`HTTP2_STREAM_WINDOW`].
-const HTTP2_MAX_STREAMS: u32 = 128;
 
 /// The encoded descriptors of everything served: reflection describes them, and the metrics
 /// label calls by the methods they define.
@@ -364,7 +368,8 @@ impl<S: Store> Application<S> {
                     view.clone(),
                     Arc::clone(&server_metrics),
                     group_commit.clone(),
-                )
+                ),
+                config.limits.stream_idle_timeout,
             ))))
             .add_service(with_limits!(RolloutServiceServer::new(RolloutApi::new(
                 RolloutControl::new(Arc::clone(&store), view.clone(), jobs.clone())
@@ -425,22 +430,27 @@ impl<S: Store> Application<S> {
             tracing::warn!(?grace, "calls still open after the grace period are closed");
         };
         // The builder's TCP options only apply to listeners it binds itself: set them here.
+        let limits = config.limits;
         let incoming = TcpIncoming::from(grpc)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
+        let incoming = limit_connections(incoming, limits.max_connections);
         let mut builder = Server::builder();
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
         let server = builder
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-            .max_concurrent_streams(HTTP2_MAX_STREAMS)
+            .max_concurrent_streams(limits.max_streams_per_connection)
             .layer(trace_layer())
             .layer(RpcMetricsLayer::new(Arc::clone(&running.metrics)))
-            // Inside tracing and metrics, so that refused calls are logged and counted too.
+            // Inside tracing and metrics, so that refused calls are logged and counted too;
+            // authentication before the call limits, so that strangers cannot use them up.
             .layer(tower::util::option_layer(authenticator.map(AuthLayer::new)))
+            .layer(CallLimitsLayer::new(&limits))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown);
         let served = tokio::select! {

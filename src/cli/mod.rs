@@ -23,6 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::app::GroupCommitSettings;
+use crate::grpc::Limits;
 use crate::server::{AuthSettings, Listeners, ServerConfig, TlsSettings, launch};
 use crate::storage::{Backend, DatabaseUrl, PoolOptions, PostgresStore, SqliteStore, Store};
 use crate::telemetry::{self, LogFormat};
@@ -185,6 +186,44 @@ pub struct ServeArgs {
     /// Serve without tokens on an address other hosts can reach (warned at every start).
     #[arg(long, env = "STATS_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// API calls in flight at once on this replica (a stream counts until it ends); past it,
+    /// RESOURCE_EXHAUSTED at once. Health and reflection are not counted.
+    #[arg(long, env = "STATS_MAX_CONCURRENT_CALLS",
+          default_value_t = SERVER.limits.max_concurrent_calls as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_concurrent_calls: u32,
+    /// Open connections at once; past it a new connection is closed at once.
+    #[arg(long, env = "STATS_MAX_CONNECTIONS",
+          default_value_t = SERVER.limits.max_connections as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Concurrent calls on one HTTP/2 connection (the client queues the rest).
+    #[arg(long, env = "STATS_MAX_STREAMS_PER_CONNECTION",
+          default_value_t = SERVER.limits.max_streams_per_connection,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_streams_per_connection: u32,
+    /// Milliseconds a unary call may take at most (a shorter client deadline is honoured);
+    /// past it, DEADLINE_EXCEEDED and nothing of the call is kept.
+    #[arg(long, env = "STATS_MAX_CALL_MS",
+          default_value_t = millis(SERVER.limits.max_call_duration),
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub max_call_ms: u64,
+    /// Milliseconds a StreamEvents stream may stay silent before it is closed
+    /// (DEADLINE_EXCEEDED, with the stored count in its trailer).
+    #[arg(long, env = "STATS_STREAM_IDLE_TIMEOUT_MS",
+          default_value_t = millis(SERVER.limits.stream_idle_timeout),
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub stream_idle_timeout_ms: u64,
+    /// Seconds between HTTP/2 pings on a connection.
+    #[arg(long, env = "STATS_KEEPALIVE_INTERVAL_SECS",
+          default_value_t = SERVER.limits.keepalive_interval.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_interval_secs: u64,
+    /// Seconds a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "STATS_KEEPALIVE_TIMEOUT_SECS",
+          default_value_t = SERVER.limits.keepalive_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_timeout_secs: u64,
     /// The server's TLS certificate chain (PEM); with `--tls-key`, the API speaks TLS only.
     #[arg(long, env = "STATS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -220,6 +259,15 @@ impl ServeArgs {
                 .clone()
                 .map(|tokens_file| AuthSettings { tokens_file }),
             insecure_no_auth: self.insecure_no_auth,
+            limits: Limits {
+                max_concurrent_calls: self.max_concurrent_calls as usize,
+                max_connections: self.max_connections as usize,
+                max_streams_per_connection: self.max_streams_per_connection,
+                max_call_duration: Duration::from_millis(self.max_call_ms),
+                stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
+                keepalive_interval: Duration::from_secs(self.keepalive_interval_secs),
+                keepalive_timeout: Duration::from_secs(self.keepalive_timeout_secs),
+            },
             tls: self
                 .tls_cert
                 .clone()

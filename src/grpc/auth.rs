@@ -6,10 +6,11 @@
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use futures::future::{BoxFuture, Either};
+use futures::future::Either;
 use tonic::{Request, Status};
 use tower::{Layer, Service};
 
+use super::limits::{Guarded, refuse};
 use super::proto::{migration_service_server, rollout_service_server, stats_service_server};
 use crate::domain::{Caller, Role, Tokens};
 
@@ -140,11 +141,12 @@ impl<S, RequestBody, ResponseBody> Service<http::Request<RequestBody>> for Authe
 where
     S: Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     ResponseBody: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Either<S::Future, BoxFuture<'static, Result<Self::Response, Self::Error>>>;
+    type Future = Guarded<S::Future, Self::Response, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -161,10 +163,7 @@ where
                 }
                 Either::Left(self.inner.call(request))
             }
-            Err(status) => {
-                let response = status.into_http();
-                Either::Right(Box::pin(async move { Ok(response) }))
-            }
+            Err(status) => refuse(status),
         }
     }
 }

@@ -10,6 +10,8 @@
 //! message counts the rest), every text is cut, and echoed input is quoted by
 //! [`crate::domain::echo`].
 
+use std::time::Duration;
+
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -33,6 +35,29 @@ const MAX_DETAILS_BYTES: usize = 3_400;
 /// Longest field path and description of one violation, in bytes.
 const MAX_FIELD_BYTES: usize = 96;
 const MAX_DESCRIPTION_BYTES: usize = 160;
+
+/// How long a caller should wait before retrying a call the storage could not take: about
+/// one health-check interval, within which a database that returns is found again.
+pub const STORAGE_PUSHBACK: Duration = Duration::from_secs(1);
+/// … a write the replica's queue had no room for, or a call past the replica's call limit.
+pub const QUEUE_PUSHBACK: Duration = Duration::from_millis(100);
+/// … a call a replica that is shutting down turned away (the next one goes elsewhere).
+pub const SHUTDOWN_PUSHBACK: Duration = Duration::from_millis(100);
+
+/// A status a caller should retry after `after`: said twice, as gRPC's own retry policy reads
+/// it (`grpc-retry-pushback-ms` metadata) and as applications read it (a `google.rpc.RetryInfo`
+/// detail).
+pub fn retry_later(
+    code: Code,
+    message: String,
+    mut metadata: MetadataMap,
+    after: Duration,
+) -> Status {
+    let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+    metadata.insert("grpc-retry-pushback-ms", millis.into());
+    let details = ErrorDetails::with_retry_info(Some(after));
+    Status::with_error_details_and_metadata(code, message, details, metadata)
+}
 
 /// The status for `error`, naming the event at position `i` of the caller's events as
 /// `event_path(i)`, with `metadata` attached: the one mapping from what a use case refused to
@@ -98,16 +123,16 @@ pub fn status_of(
             let message = format!(
                 "too many writes are queued on this replica ({events} events); retry later"
             );
-            return plain(Code::ResourceExhausted, message, metadata);
+            return retry_later(Code::ResourceExhausted, message, metadata, QUEUE_PUSHBACK);
         }
         AppError::ShuttingDown => {
             let message = "the server is shutting down; retry on another replica".to_owned();
-            return plain(Code::Unavailable, message, metadata);
+            return retry_later(Code::Unavailable, message, metadata, SHUTDOWN_PUSHBACK);
         }
         AppError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "storage unavailable");
             let message = "storage is unavailable, retry later".to_owned();
-            return plain(Code::Unavailable, message, metadata);
+            return retry_later(Code::Unavailable, message, metadata, STORAGE_PUSHBACK);
         }
         AppError::Internal(detail) => {
             tracing::error!(error = %detail, "internal failure");

@@ -4,12 +4,14 @@
 mod auth;
 mod convert;
 mod error;
+mod limits;
 mod migration;
 mod rollout;
 mod stats;
 
 pub use auth::{Access, AuthLayer, Authenticator, access_for};
 pub use error::{MAX_STATUS_BYTES, status_header_bytes, status_of, write_status};
+pub use limits::{CallLimitsLayer, CountedConnection, Limits, limit_connections};
 pub use migration::MigrationApi;
 pub use rollout::RolloutApi;
 pub use stats::StatsApi;

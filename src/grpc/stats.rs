@@ -1,7 +1,9 @@
 //! `stats.v1.StatsService`: validate, call the use case, shape the answer.
 
+use std::time::Duration;
+
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::auth::may_read_all_users;
 use super::convert::{bucket_to_proto, event_from_request, events_from_proto};
@@ -29,17 +31,24 @@ enum BadMessage {
     Invalid(ValidationError),
     /// The stream itself failed (the client went away, a transport error).
     Transport(Status),
+    /// No message came for this long.
+    Idle(Duration),
 }
 
 /// The `StatsService` handlers.
 #[derive(Debug)]
 pub struct StatsApi<S> {
     stats: Stats<S>,
+    stream_idle_timeout: Duration,
 }
 
 impl<S: Store> StatsApi<S> {
-    pub fn new(stats: Stats<S>) -> Self {
-        Self { stats }
+    /// The handlers over `stats`; an ingest stream silent for `stream_idle_timeout` is closed.
+    pub fn new(stats: Stats<S>, stream_idle_timeout: Duration) -> Self {
+        Self {
+            stats,
+            stream_idle_timeout,
+        }
     }
 }
 
@@ -85,31 +94,40 @@ impl<S: Store> StatsService for StatsApi<S> {
         &self,
         request: Request<Streaming<RecordEventRequest>>,
     ) -> Result<Response<RecordEventsResponse>, Status> {
-        let events = request
-            .into_inner()
+        let idle = self.stream_idle_timeout;
+        let events = tokio_stream::StreamExt::timeout(request.into_inner(), idle)
             .enumerate()
-            .map(|(position, message)| match message {
-                Ok(request) => event_from_request(request, &format!("events[{position}]"))
+            .map(move |(position, message)| match message {
+                Ok(Ok(request)) => event_from_request(request, &format!("events[{position}]"))
                     .map_err(BadMessage::Invalid),
-                Err(status) => Err(BadMessage::Transport(status)),
+                Ok(Err(status)) => Err(BadMessage::Transport(status)),
+                Err(_elapsed) => Err(BadMessage::Idle(idle)),
             });
         let recorded = self.stats.record_stream(events).await;
         // Failures name the event's position in the whole stream and say how much of the
         // stream was stored, so that a producer knows where to resume.
         let stored = recorded.stored;
-        let fail = |error: AppError| {
+        let trailers = || {
             let mut trailers = MetadataMap::new();
             trailers.insert(
                 STORED_COUNT_METADATA,
                 MetadataValue::from(stored.stored + stored.duplicates),
             );
-            Err(status_of(error, |i| format!("events[{i}]"), trailers))
+            trailers
         };
+        let fail = |error: AppError| Err(status_of(error, |i| format!("events[{i}]"), trailers()));
         match recorded.failure {
             None => Ok(Response::new(record_response(stored))),
             Some(StreamFailure::Write(error)) => fail(error),
             Some(StreamFailure::Source(BadMessage::Invalid(error))) => fail(error.into()),
             Some(StreamFailure::Source(BadMessage::Transport(status))) => Err(status),
+            // The events of the chunk being read are not stored: the trailer says how many
+            // were, and a retry with idempotency keys counts each once.
+            Some(StreamFailure::Source(BadMessage::Idle(idle))) => Err(Status::with_metadata(
+                Code::DeadlineExceeded,
+                format!("no message for {idle:?}: the stream is closed"),
+                trailers(),
+            )),
         }
     }
 

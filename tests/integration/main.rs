@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod group_commit;
 mod limits;
+mod load;
 mod metrics;
 mod migration;
 mod overflow;

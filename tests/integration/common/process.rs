@@ -117,6 +117,18 @@ impl ServerProcess {
         self.signal("-TERM").await;
     }
 
+    /// The process's resident memory, in bytes (Linux: `VmRSS` of `/proc/PID/status`).
+    pub fn resident_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("still running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     /// Sends SIGHUP: the server re-reads its tokens file.
     pub async fn hang_up(&self) {
         self.signal("-HUP").await;
