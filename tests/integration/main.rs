@@ -5,6 +5,7 @@ mod auth;
 mod backfill;
 mod cli;
 mod common;
+mod crash;
 mod group_commit;
 mod limits;
 mod load;
