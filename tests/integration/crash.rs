@@ -99,17 +99,7 @@ async fn producers_lose_nothing_and_double_nothing_through_kills_restarts_and_ou
     // Both storages are written (DUAL_WRITE), so both are checked.
     let db = db.in_phase(Phase::DualWrite);
     db.start_server().await.stop().await;
-    let mut url = url::Url::parse(&db.url).expect("database URL");
-    let upstream =
-        tokio::net::lookup_host((url.host_str().expect("host"), url.port().unwrap_or(5432)))
-            .await
-            .expect("resolve PostgreSQL")
-            .next()
-            .expect("an address");
-    let proxy = Proxy::start(upstream).await;
-    url.set_host(Some("127.0.0.1")).expect("host");
-    url.set_port(Some(proxy.addr.port())).expect("port");
-    let url = url.to_string();
+    let (proxy, url) = Proxy::in_front_of(&db.url).await;
     let args = [
         "--db-statement-timeout-ms",
         "1000",

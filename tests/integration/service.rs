@@ -215,17 +215,8 @@ async fn postgres_health_follows_the_database() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {
         return;
     };
-    let mut url = url::Url::parse(&db.url).expect("database URL");
-    let upstream =
-        tokio::net::lookup_host((url.host_str().expect("host"), url.port().unwrap_or(5432)))
-            .await
-            .expect("resolve PostgreSQL")
-            .next()
-            .expect("an address");
-    let proxy = Proxy::start(upstream).await;
-    url.set_host(Some("127.0.0.1")).expect("host");
-    url.set_port(Some(proxy.addr.port())).expect("port");
-    let server = db.start_server_at(url.as_str()).await;
+    let (proxy, url) = Proxy::in_front_of(&db.url).await;
+    let server = db.start_server_at(&url).await;
     let mut client = server.stats().await;
     let mut health = HealthClient::new(server.channel().await);
     let mut watch = health

@@ -84,22 +84,8 @@ async fn a_statement_past_the_timeout_is_unavailable_and_rolled_back(db: TestDb)
 }
 
 async fn a_database_that_stops_answering_ends_calls_in_flight(db: TestDb) {
-    let upstream: std::net::SocketAddr = {
-        let url = url::Url::parse(&db.url).expect("URL");
-        let host = url.host_str().expect("host").to_owned();
-        tokio::net::lookup_host((host, url.port().unwrap_or(5432)))
-            .await
-            .expect("resolve")
-            .next()
-            .expect("an address")
-    };
-    let proxy = Proxy::start(upstream).await;
-    let mut via_proxy = url::Url::parse(&db.url).expect("URL");
-    via_proxy.set_port(Some(proxy.addr.port())).expect("port");
-    via_proxy.set_host(Some("127.0.0.1")).expect("host");
-    let server = db
-        .start_server_with(via_proxy.as_str(), &short_timeouts())
-        .await;
+    let (proxy, via_proxy) = Proxy::in_front_of(&db.url).await;
+    let server = db.start_server_with(&via_proxy, &short_timeouts()).await;
     let mut stats = server.stats().await;
     stats
         .record_event(keyed_sent("first"))

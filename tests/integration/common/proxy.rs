@@ -70,6 +70,22 @@ impl Proxy {
         }
     }
 
+    /// A proxy in front of the PostgreSQL server `database_url` names, and the same URL
+    /// through the proxy.
+    pub async fn in_front_of(database_url: &str) -> (Self, String) {
+        let mut url = url::Url::parse(database_url).expect("database URL");
+        let upstream =
+            tokio::net::lookup_host((url.host_str().expect("host"), url.port().unwrap_or(5432)))
+                .await
+                .expect("resolve PostgreSQL")
+                .next()
+                .expect("an address");
+        let proxy = Self::start(upstream).await;
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(proxy.addr.port())).expect("port");
+        (proxy, url.to_string())
+    }
+
     /// Drops every connection and refuses new ones.
     pub fn cut(&self) {
         self.open.send_replace(false);
