@@ -6,6 +6,7 @@ mod backfill;
 mod cli;
 mod common;
 mod crash;
+mod fuzz;
 mod group_commit;
 mod limits;
 mod load;
