@@ -15,7 +15,9 @@ use tonic_health::server::HealthReporter;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
-use crate::app::{GroupCommit, GroupCommitSettings, Jobs, RolloutView};
+use crate::app::{
+    GroupCommit, GroupCommitSettings, Jobs, RetentionSettings, RolloutView, keep_raw_events_trimmed,
+};
 use crate::app::{Migration, RolloutControl, Stats};
 use crate::domain::Tokens;
 use crate::grpc::proto::migration_service_server::MigrationServiceServer;
@@ -52,6 +54,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// What callers get at most.
     pub limits: Limits,
+    /// How long raw events are kept, and partitions made ahead.
+    pub retention: RetentionSettings,
 }
 
 /// The server's certificate and key, and the CA that client certificates must be signed by
@@ -100,6 +104,7 @@ impl ServerConfig {
         insecure_no_auth: false,
         tls: None,
         limits: Limits::DEFAULT,
+        retention: RetentionSettings::DEFAULT,
     };
 }
 
@@ -343,6 +348,10 @@ impl<S: Store> Application<S> {
             let (view, store) = (view.clone(), Arc::clone(&store));
             let every = config.rollout_refresh_interval;
             jobs.spawn(move |stop| view.keep_fresh(store, every, stop));
+        }
+        {
+            let (store, settings) = (Arc::clone(&store), config.retention);
+            jobs.spawn(move |stop| keep_raw_events_trimmed(store, settings, stop));
         }
         let (health, health_service) = tonic_health::server::health_reporter();
         health::check_once(store.as_ref(), &health, config.health_check_interval).await;

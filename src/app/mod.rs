@@ -1,7 +1,7 @@
 //! The use cases behind the RPCs, one file each: record events and read statistics
 //! (`stats.rs`), the storage migration (`migration.rs`), the read rollout (`rollout.rs`);
 //! and the drivers that run the rules against storage: the write queue (`group_commit.rs`),
-//! each replica's rollout (`rollout_view.rs`), background runs (`runner.rs`).
+//! each replica's rollout (`rollout_view.rs`), background runs (`runner.rs`), retention (`retention.rs`).
 //! Transport-free, so that every entry point (gRPC today, admin tools later) shares one
 //! behaviour.
 
@@ -9,6 +9,7 @@ mod error;
 mod group_commit;
 mod jobs;
 mod migration;
+mod retention;
 mod rollout;
 mod rollout_view;
 mod runner;
@@ -22,6 +23,7 @@ pub use migration::{
     Migration, MigrationState, NEW_TABLES, STALE_RUN_AFTER, StartRefused, StorageReport,
     VERIFY_SAMPLE,
 };
+pub use retention::{RetentionSettings, keep_raw_events_trimmed, retention_pass};
 pub use rollout::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, RolloutControl, page_size};
 pub use rollout_view::RolloutView;
 pub use runner::run_backfill;

@@ -22,7 +22,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::app::GroupCommitSettings;
+use crate::app::{GroupCommitSettings, RetentionSettings};
 use crate::grpc::Limits;
 use crate::server::{AuthSettings, Listeners, ServerConfig, TlsSettings, launch};
 use crate::storage::{Backend, DatabaseUrl, PoolOptions, PostgresStore, SqliteStore, Store};
@@ -224,6 +224,21 @@ pub struct ServeArgs {
           default_value_t = SERVER.limits.keepalive_timeout.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub keepalive_timeout_secs: u64,
+    /// Days raw events are kept (by when they occurred) and idempotency keys (by when they
+    /// were recorded); rollups are kept forever. Unset: raw events are kept forever.
+    #[arg(long, env = "STATS_RAW_RETENTION_DAYS",
+          value_parser = clap::value_parser!(u32).range(1..=36_600))]
+    pub raw_retention_days: Option<u32>,
+    /// Months ahead of the current one whose raw-event partitions are made (PostgreSQL).
+    #[arg(long, env = "STATS_PARTITIONS_AHEAD_MONTHS",
+          default_value_t = SERVER.retention.partitions_ahead_months,
+          value_parser = clap::value_parser!(u32).range(0..=120))]
+    pub partitions_ahead_months: u32,
+    /// Seconds between retention passes (the first runs at start).
+    #[arg(long, env = "STATS_RETENTION_INTERVAL_SECS",
+          default_value_t = SERVER.retention.every.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub retention_interval_secs: u64,
     /// The server's TLS certificate chain (PEM); with `--tls-key`, the API speaks TLS only.
     #[arg(long, env = "STATS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -267,6 +282,14 @@ impl ServeArgs {
                 stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
                 keepalive_interval: Duration::from_secs(self.keepalive_interval_secs),
                 keepalive_timeout: Duration::from_secs(self.keepalive_timeout_secs),
+            },
+            retention: RetentionSettings {
+                raw_retention: self
+                    .raw_retention_days
+                    .map(|days| Duration::from_secs(u64::from(days) * 86_400)),
+                partitions_ahead_months: self.partitions_ahead_months,
+                every: Duration::from_secs(self.retention_interval_secs),
+                ..RetentionSettings::DEFAULT
             },
             tls: self
                 .tls_cert

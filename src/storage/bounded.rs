@@ -13,11 +13,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, RolloutStore, RunIssues,
-    RunStore, StorageError, Store, TableSize,
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, Pruned, RetentionStore,
+    RolloutStore, RunIssues, RunStore, StorageError, Store, TableSize,
 };
 use crate::domain::{CampaignId, DateRange, Event, EventTotals, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
@@ -245,5 +245,20 @@ impl<S: Store> AdminStore for Bounded<S> {
 
     async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
         self.bound(self.inner.insert_legacy_rows(rows)).await
+    }
+}
+
+impl<S: Store> RetentionStore for Bounded<S> {
+    async fn prepare_partitions(&self, from: NaiveDate, months: u32) -> Result<(), StorageError> {
+        self.bound(self.inner.prepare_partitions(from, months))
+            .await
+    }
+
+    async fn prune_raw(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Option<Pruned>, StorageError> {
+        self.bound(self.inner.prune_raw(cutoff, limit)).await
     }
 }

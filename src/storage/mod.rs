@@ -22,7 +22,7 @@ mod sqlite;
 use std::collections::HashMap;
 use std::future::Future;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::domain::{CampaignId, DateRange, Event, EventTotals, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
@@ -120,13 +120,50 @@ impl std::ops::AddAssign for RecordOutcome {
 /// [`RolloutStore`], [`AdminStore`], all over [`Database`]), so that each part of the service
 /// asks for what it uses. Every method is one short unit of work; writes are atomic.
 pub trait Store:
-    EventStore + PhaseStore + RunStore + CutoverStore + RolloutStore + AdminStore
+    EventStore + PhaseStore + RunStore + CutoverStore + RolloutStore + AdminStore + RetentionStore
 {
 }
 
 impl<T> Store for T where
-    T: EventStore + PhaseStore + RunStore + CutoverStore + RolloutStore + AdminStore
+    T: EventStore
+        + PhaseStore
+        + RunStore
+        + CutoverStore
+        + RolloutStore
+        + AdminStore
+        + RetentionStore
 {
+}
+
+/// What one retention step removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Raw-event partitions dropped whole (PostgreSQL), by name.
+    pub partitions: Vec<String>,
+    /// Raw events deleted one by one (SQLite; rows PostgreSQL put in its default partition).
+    pub events: u64,
+    /// Idempotency keys recorded before the cutoff.
+    pub keys: u64,
+}
+
+/// Raw events are kept for a while; rollups forever.
+pub trait RetentionStore: Database {
+    /// Makes sure the raw events of `months` months from the month of `from` have partitions
+    /// of their own (PostgreSQL; nothing to do elsewhere).
+    fn prepare_partitions(
+        &self,
+        from: NaiveDate,
+        months: u32,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// One step of retention: raw events that occurred before `cutoff` and idempotency keys
+    /// recorded before it, at most `limit` rows of each (and every partition wholly before
+    /// it); rollups are not touched. `None` when another replica is pruning at this moment.
+    fn prune_raw(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Option<Pruned>, StorageError>> + Send;
 }
 
 /// The database itself: schema, health, pools.

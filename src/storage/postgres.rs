@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
-use chrono::{Datelike, Months, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use tokio::sync::watch;
@@ -13,8 +13,9 @@ use super::backfill::{BackfillSql, CopyStatements};
 use super::pg_copy;
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, RolloutStore,
-    RunIssues, RunStore, StorageError, TableSize, batch, parse_phase, sql,
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, Pruned,
+    RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, TableSize, batch, parse_phase,
+    sql,
 };
 use crate::domain::{
     CampaignId, DateRange, Event, EventTotals, LEGACY_COLUMN_COUNT, Scope, StorageSource, UserId,
@@ -939,5 +940,90 @@ impl AdminStore for PostgresStore {
         .await?
         .rows_affected();
         Ok(written)
+    }
+}
+
+/// The monthly partitions a name like `events_p2026_03` stands for: its first day.
+fn partition_month(name: &str) -> Option<NaiveDate> {
+    let (year, month) = name.strip_prefix("events_p")?.split_once('_')?;
+    NaiveDate::from_ymd_opt(year.parse().ok()?, month.parse().ok()?, 1)
+}
+
+/// Retention drops whole monthly partitions once their last day is past the cutoff (so at
+/// least the retention is kept, up to a month more), and deletes what the default partition
+/// caught row by row.
+impl RetentionStore for PostgresStore {
+    async fn prepare_partitions(&self, from: NaiveDate, months: u32) -> Result<(), StorageError> {
+        let first = month_of(from);
+        self.ensure_partitions((0..=months).map(|ahead| first + Months::new(ahead)))
+            .await;
+        Ok(())
+    }
+
+    async fn prune_raw(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Option<Pruned>, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        // One replica prunes at a time; the others skip this round.
+        let ours: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtext('campaign_stats.retention'))",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if !ours {
+            return Ok(None);
+        }
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'events'::regclass",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let cutoff_day = cutoff.date_naive();
+        let mut dropped = Vec::new();
+        for name in names {
+            let Some(month) = partition_month(&name) else {
+                continue; // the default partition
+            };
+            if month + Months::new(1) <= cutoff_day {
+                // The name was read from the catalogue and matched `events_pYYYY_MM`.
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
+                    .execute(&mut *tx)
+                    .await?;
+                dropped.push((month, name));
+            }
+        }
+        let events = sqlx::query(
+            "DELETE FROM events_default WHERE ctid IN \
+             (SELECT ctid FROM events_default WHERE occurred_at < $1 LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let keys = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (user_id, idempotency_key) IN \
+             (SELECT user_id, idempotency_key FROM idempotency_keys \
+              WHERE recorded_at < $1 LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        // A month written to again gets its partition back.
+        let mut known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        for (month, _) in &dropped {
+            known.remove(month);
+        }
+        Ok(Some(Pruned {
+            partitions: dropped.into_iter().map(|(_, name)| name).collect(),
+            events,
+            keys,
+        }))
     }
 }

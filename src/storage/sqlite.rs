@@ -7,15 +7,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::backfill::{BackfillSql, CopyStatements};
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, RolloutStore,
-    RunIssues, RunStore, StorageError, TableSize, batch, parse_phase, sql,
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, Pruned,
+    RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, TableSize, batch, parse_phase,
+    sql,
 };
 use crate::domain::{
     CampaignId, DateRange, Event, EventTotals, EventType, LEGACY_COLUMNS, Scope, StorageSource,
@@ -652,5 +653,49 @@ impl AdminStore for SqliteStore {
         }
         tx.commit().await?;
         Ok(written)
+    }
+}
+
+/// SQLite keeps raw events in one table: retention deletes them in small batches, so that the
+/// single writer is never held for long.
+impl RetentionStore for SqliteStore {
+    async fn prepare_partitions(&self, _from: NaiveDate, _months: u32) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    async fn prune_raw(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Option<Pruned>, StorageError> {
+        // Both columns hold ISO 8601 text that starts `YYYY-MM-DDTHH:MM:SS`: compared as text
+        // with the cutoff to the second, an earlier time sorts first.
+        let cutoff = cutoff.format("%Y-%m-%dT%H:%M:%S").to_string();
+        let mut tx = self.writer.begin().await?;
+        let events = sqlx::query(
+            "DELETE FROM events WHERE id IN \
+             (SELECT id FROM events WHERE occurred_at < ?1 LIMIT ?2)",
+        )
+        .bind(&cutoff)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let keys = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (user_id, idempotency_key) IN \
+             (SELECT user_id, idempotency_key FROM idempotency_keys \
+              WHERE recorded_at < ?1 LIMIT ?2)",
+        )
+        .bind(&cutoff)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Some(Pruned {
+            partitions: Vec::new(),
+            events,
+            keys,
+        }))
     }
 }
