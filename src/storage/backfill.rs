@@ -131,20 +131,26 @@ impl BackfillSql {
         let claims = "INSERT INTO campaigns (campaign_id, user_id) \
              SELECT DISTINCT campaign_id, user_id FROM copied WHERE true \
              ON CONFLICT (campaign_id) DO NOTHING";
-        let campaign_days = format!(
-            "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {columns}) \
-             SELECT user_id, campaign_id, day, {columns} FROM copied WHERE true \
-             ON CONFLICT (user_id, campaign_id, day){grows}"
-        );
+        let into = |table: &str| {
+            format!(
+                "INSERT INTO {table} AS t (user_id, campaign_id, day, {columns}) \
+                 SELECT user_id, campaign_id, day, {columns} FROM copied WHERE true \
+                 ON CONFLICT (user_id, campaign_id, day){grows}"
+            )
+        };
+        let campaign_days = into("campaign_day_totals");
+        // What was copied, remembered apart for rollup repair.
+        let backfilled = into("backfilled_totals");
         let copy = match statements {
             CopyStatements::One => vec![format!(
                 "WITH copied AS MATERIALIZED ({copied}), \
-                 days AS ({all_days} RETURNING 1), claims AS ({claims} RETURNING 1) \
+                 days AS ({all_days} RETURNING 1), claims AS ({claims} RETURNING 1), \
+                 backfilled AS ({backfilled} RETURNING 1) \
                  {campaign_days}"
             )],
-            // Each statement reads the rows anew: the all-users rollup and the owners first,
-            // as the campaign rollups, once grown, no longer lack them.
-            CopyStatements::PerTable => [all_days, claims.to_owned(), campaign_days]
+            // Each statement reads the rows anew: the all-users rollup, the owners and the
+            // provenance first, as the campaign rollups, once grown, no longer lack them.
+            CopyStatements::PerTable => [all_days, claims.to_owned(), backfilled, campaign_days]
                 .into_iter()
                 .map(|statement| format!("WITH copied AS ({copied}) {statement}"))
                 .collect(),

@@ -232,17 +232,30 @@ async fn copy_into_rollups(
     .bind(&owners)
     .execute(&mut *tx)
     .await?;
+    let deltas = batch::copy_deltas(copies);
+    // Remembered apart too: rollup repair keeps what no raw event accounts for.
+    bind_campaign_days(
+        sqlx::query(sqlx::AssertSqlSafe(&*statements().backfilled)),
+        &deltas,
+    )
+    .execute(&mut *tx)
+    .await?;
     // Copies take turns (see `lock_backfill`): they share one stripe, so a day's history
     // stays in one row.
-    add_to_rollups(tx, &batch::copy_deltas(copies), batch::BACKFILL_STRIPE).await
+    add_to_rollups(tx, &deltas, batch::BACKFILL_STRIPE).await
 }
 
 /// The upsert growing the campaign rollups from arrays `$first` (users), `$first + 1`
 /// (campaigns), `$first + 2` (days) and six arrays of totals (see [`bind_campaign_days`]).
 fn campaign_days_upsert(first: usize) -> String {
+    campaign_days_upsert_into("campaign_day_totals", first)
+}
+
+/// [`campaign_days_upsert`] into `table`, a table of the same shape.
+fn campaign_days_upsert_into(table: &str, first: usize) -> String {
     let totals: Vec<String> = (3..9).map(|i| format!("${}::int8[]", first + i)).collect();
     format!(
-        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) \
+        "INSERT INTO {table} AS t (user_id, campaign_id, day, {}) \
          SELECT * FROM UNNEST(${first}::text[], ${}::text[], ${}::date[], {}) \
          ON CONFLICT (user_id, campaign_id, day){}",
         crate::domain::rollup_columns(),
@@ -338,6 +351,8 @@ struct WriteStatements {
     apply_after_copy: String,
     /// The campaign rollups' upsert on its own (`$1`…`$9`).
     campaign_days: String,
+    /// The same into `backfilled_totals`: what a backfill copied, for rollup repair.
+    backfilled: String,
     /// The all-users rollup's upsert on its own (`$1`…`$8`).
     all_days: String,
 }
@@ -370,6 +385,7 @@ fn statements() -> &'static WriteStatements {
         apply: apply_statement(true),
         apply_after_copy: apply_statement(false),
         campaign_days: campaign_days_upsert(1),
+        backfilled: campaign_days_upsert_into("backfilled_totals", 1),
         all_days: all_days_upsert(1),
     })
 }

@@ -232,22 +232,24 @@ async fn copy_into_rollups(
         insert.push(" ON CONFLICT (campaign_id) DO NOTHING");
         insert.build().execute(&mut *tx).await?;
     }
+    let deltas = batch::copy_deltas(copies);
+    // Remembered apart too: rollup repair keeps what no raw event accounts for.
+    grow_campaign_days(tx, "backfilled_totals", &deltas).await?;
     // Copies take turns (one writer): they share one stripe, so a day's history stays in
     // one row.
-    add_to_rollups(tx, &batch::copy_deltas(copies), batch::BACKFILL_STRIPE).await
+    add_to_rollups(tx, &deltas, batch::BACKFILL_STRIPE).await
 }
 
-/// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
-/// per day.
-async fn add_to_rollups(
+/// Grows the rows of `table` (the campaign rollups' shape) by `deltas`.
+async fn grow_campaign_days(
     tx: &mut sqlx::SqliteConnection,
+    table: &str,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
-    stripe: i16,
 ) -> Result<(), sqlx::Error> {
     let rows: Vec<_> = deltas.iter().collect();
     for chunk in rows.chunks(rows_per_statement(9)) {
         let mut upsert = QueryBuilder::<Sqlite>::new(format!(
-            "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) ",
+            "INSERT INTO {table} AS t (user_id, campaign_id, day, {}) ",
             crate::domain::rollup_columns()
         ));
         upsert.push_values(chunk, |mut row, ((user, campaign, day), totals)| {
@@ -260,6 +262,17 @@ async fn add_to_rollups(
         upsert.push(batch::rollup_grows());
         upsert.build().execute(&mut *tx).await?;
     }
+    Ok(())
+}
+
+/// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
+/// per day.
+async fn add_to_rollups(
+    tx: &mut sqlx::SqliteConnection,
+    deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
+    stripe: i16,
+) -> Result<(), sqlx::Error> {
+    grow_campaign_days(tx, "campaign_day_totals", deltas).await?;
     let days: Vec<_> = batch::all_day_deltas(deltas).into_iter().collect();
     for chunk in days.chunks(rows_per_statement(8)) {
         let mut upsert = QueryBuilder::<Sqlite>::new(format!(
