@@ -384,7 +384,10 @@ impl<S: Store> Application<S> {
                 RolloutControl::new(Arc::clone(&store), view.clone(), jobs.clone())
             ))))
             .add_service(with_limits!(MigrationServiceServer::new(
-                MigrationApi::new(Migration::new(Arc::clone(&store), jobs.clone(), view))
+                MigrationApi::new(
+                    Migration::new(Arc::clone(&store), jobs.clone(), view)
+                        .with_retention(config.retention)
+                )
             )));
         Ok(Self {
             grpc,

@@ -42,6 +42,9 @@ pub enum AppError {
     /// A backfill cannot start now.
     #[error(transparent)]
     StartRefused(#[from] StartRefused),
+    /// A rollup repair cannot cover the range asked (its raw events are no longer kept).
+    #[error("{0}")]
+    RepairRefused(String),
     /// What the request names does not exist.
     #[error("{0}")]
     NotFound(String),

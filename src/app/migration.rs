@@ -6,13 +6,13 @@ use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveReque
 use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::baseline;
-use crate::storage::{RunIssues, StorageError, Store, TableSize};
+use crate::storage::{RepairOutcome, RunIssues, StorageError, Store, TableSize};
 use futures::Stream;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{AppError, Jobs, RolloutView, run_backfill};
+use super::{AppError, Jobs, RetentionSettings, RolloutView, run_backfill};
 
 /// The migration use cases: read and move the phase, run backfills.
 #[derive(Debug)]
@@ -22,6 +22,8 @@ pub struct Migration<S> {
     rollout: RolloutView,
     /// Backfills running in this process, by dry-run flag: one of each kind at a time.
     active: Arc<Mutex<HashMap<bool, String>>>,
+    /// How long raw events are kept: a repair needs them.
+    retention: RetentionSettings,
 }
 
 impl<S> Clone for Migration<S> {
@@ -31,6 +33,7 @@ impl<S> Clone for Migration<S> {
             jobs: self.jobs.clone(),
             rollout: self.rollout.clone(),
             active: Arc::clone(&self.active),
+            retention: self.retention,
         }
     }
 }
@@ -172,7 +175,50 @@ impl<S: Store> Migration<S> {
             jobs,
             rollout,
             active: Arc::default(),
+            retention: RetentionSettings::DEFAULT,
         }
+    }
+
+    /// The same, knowing how long raw events are kept (a rollup repair needs them).
+    pub fn with_retention(mut self, retention: RetentionSettings) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Compares the rollups of `range` with their sources (what the backfill copied plus
+    /// the raw events) and, when `apply`, rewrites the rows that differ. Refused for days
+    /// whose raw events may already be gone.
+    pub async fn repair_rollups(
+        &self,
+        range: DateRange,
+        apply: bool,
+        actor: &str,
+        reason: &str,
+    ) -> Result<RepairOutcome, AppError> {
+        if let Some(cutoff) = self.retention.cutoff(chrono::Utc::now()) {
+            // The cutoff's own day is partly gone.
+            let first_whole = cutoff.date_naive() + chrono::Days::new(1);
+            if range.start < first_whole {
+                return Err(AppError::RepairRefused(format!(
+                    "raw events are kept from {first_whole} on (--raw-retention-days); \
+                     start_date {} is before that",
+                    range.start
+                )));
+            }
+        }
+        let outcome = self.store.repair_rollups(range, apply).await?;
+        tracing::info!(
+            actor,
+            reason,
+            apply,
+            from = %range.start,
+            to = %range.end,
+            checked = outcome.checked,
+            rows = outcome.fixes.len(),
+            all_users_days = outcome.all_users_days,
+            "rollup repair"
+        );
+        Ok(outcome)
     }
 
     /// Starts (or resumes) a backfill in the background and returns it as recorded.

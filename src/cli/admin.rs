@@ -14,8 +14,8 @@ use super::printable;
 use crate::grpc::proto::migration_service_client::MigrationServiceClient;
 use crate::grpc::proto::{
     self, GetMigrationStateRequest, GetRunRequest, GetStorageReportRequest,
-    ListPhaseTransitionsRequest, MigrationPhase, StartBackfillRequest, TransitionPhaseRequest,
-    VerifyConsistencyRequest,
+    ListPhaseTransitionsRequest, MigrationPhase, RepairRollupsRequest, StartBackfillRequest,
+    TransitionPhaseRequest, VerifyConsistencyRequest,
 };
 use crate::migration::Phase;
 use crate::migration::ambiguous::AmbiguityKind;
@@ -293,6 +293,23 @@ pub struct VerifyArgs {
     /// Who (kept with the run); defaults to $USER.
     #[arg(long, env = "USER", default_value = "cli")]
     pub actor: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RepairArgs {
+    /// First day (YYYY-MM-DD).
+    #[arg(long)]
+    pub from: String,
+    /// Last day (YYYY-MM-DD).
+    #[arg(long)]
+    pub to: String,
+    /// Rewrite the rows that differ (without it: only report them).
+    #[arg(long)]
+    pub apply: bool,
+    #[command(flatten)]
+    pub audit: Audited,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -711,6 +728,70 @@ async fn follow_run(
     }
     bar.finish_and_clear();
     last.context("the server sent no progress")
+}
+
+/// Runs `repair-rollups`: lists the rows that differ from their sources, and rewrites them
+/// with `--apply`.
+pub async fn repair_rollups(args: RepairArgs) -> anyhow::Result<()> {
+    let mut client = args.client.migration().await?;
+    let result = client
+        .repair_rollups(RepairRollupsRequest {
+            start_date: args.from,
+            end_date: args.to,
+            apply: args.apply,
+            reason: args.audit.reason,
+            actor: args.audit.actor,
+        })
+        .await
+        .map_err(|s| failed("cannot repair the rollups", s))?
+        .into_inner();
+    let sent = |m: &Option<proto::Metrics>| m.unwrap_or_default();
+    match args.client.output {
+        Output::Json => print_json(&json!({
+            "checked": result.checked, "differing": result.differing,
+            "all_users_days": result.all_users_days, "applied": result.applied,
+            "rows": result.rows.iter().map(|r| json!({
+                "user_id": r.user_id, "campaign_id": r.campaign_id, "date": r.date,
+                "stored": metrics_json(&sent(&r.stored)), "expected": metrics_json(&sent(&r.expected)),
+            })).collect::<Vec<_>>(),
+        }))?,
+        Output::Text => {
+            outln!("{:<15} {:>12}", "checked", result.checked)?;
+            outln!("{:<15} {:>12}", "differing", result.differing)?;
+            outln!("{:<15} {:>12}", "all-users days", result.all_users_days)?;
+            outln!(
+                "{}",
+                if result.applied {
+                    "applied: the rows now hold what their sources say"
+                } else {
+                    "dry run: nothing changed (--apply rewrites these rows)"
+                }
+            )?;
+            for r in &result.rows {
+                outln!(
+                    "  {}/{} {}: {} -> {}",
+                    printable(&r.user_id),
+                    printable(&r.campaign_id),
+                    r.date,
+                    metrics_text(&sent(&r.stored)),
+                    metrics_text(&sent(&r.expected))
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn metrics_json(m: &proto::Metrics) -> Value {
+    json!({"sent": m.sent, "opened": m.opened, "clicked": m.clicked, "replied": m.replied,
+           "positive_replies": m.positive_replies, "bounced": m.bounced})
+}
+
+fn metrics_text(m: &proto::Metrics) -> String {
+    format!(
+        "sent {} opened {} clicked {} replied {} positive {} bounced {}",
+        m.sent, m.opened, m.clicked, m.replied, m.positive_replies, m.bounced
+    )
 }
 
 /// Runs `verify`; fails when the storages differ.

@@ -67,6 +67,9 @@ pub enum Command {
     Backfill(admin::BackfillArgs),
     /// Compare the legacy and new storages on a running server; fails on any difference.
     Verify(admin::VerifyArgs),
+    /// Recompute the rollups of a range from what the backfill copied plus the raw events
+    /// (a dry run unless --apply), on a running server.
+    RepairRollups(admin::RepairArgs),
     /// Rows and bytes of the legacy table against the new storage.
     StorageReport(admin::ClientArgs),
     /// Fill the legacy table of a database with generated history (tests, rehearsals).
@@ -351,6 +354,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollout { command, client } => rollout::rollout(command, client).await,
         Command::Backfill(args) => admin::backfill(args).await,
         Command::Verify(args) => admin::verify(args).await,
+        Command::RepairRollups(args) => admin::repair_rollups(args).await,
         Command::StorageReport(args) => admin::storage_report(args).await,
         Command::GenerateLegacy(args) => generate::generate(args).await,
     }

@@ -6,6 +6,7 @@ mod event;
 mod ids;
 mod query;
 mod range;
+mod repair;
 mod text;
 mod totals;
 mod validation;
@@ -18,6 +19,7 @@ pub use event::{
 pub use ids::{CampaignId, MAX_ID_BYTES, UserId, validate_id};
 pub use query::{CampaignStatsQuery, SeriesQuery};
 pub use range::{DateRange, Granularity, MAX_RANGE_DAYS, bucket_series, parse_date};
+pub use repair::{RollupFix, RollupKey, rollup_fixes};
 pub use text::{MAX_TEXT_BYTES, UNKNOWN_ACTOR, parse_actor, parse_reason, validate_text};
 pub use totals::{EventTotals, TotalOverflow};
 pub use validation::{ECHO_CHARS, FieldViolation, LimitExceeded, ValidationError, echo};

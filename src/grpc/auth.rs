@@ -198,6 +198,7 @@ audited!(
     StartBackfillRequest,
     VerifyConsistencyRequest,
     ResolveAmbiguousRowsRequest,
+    RepairRollupsRequest,
 );
 
 /// The message of `request`, its `actor` the authenticated caller's token name when there is

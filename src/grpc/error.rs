@@ -118,6 +118,9 @@ pub fn status_of(
             };
             return plain(code, refused.to_string(), metadata);
         }
+        AppError::RepairRefused(message) => {
+            return plain(Code::FailedPrecondition, message, metadata);
+        }
         AppError::NotFound(message) => return plain(Code::NotFound, message, metadata),
         AppError::QueueFull(events) => {
             let message = format!(

@@ -320,6 +320,11 @@ fn actor(value: String) -> Result<String, ValidationError> {
 /// The stream of `WatchRun`.
 pub type RunStream = Pin<Box<dyn Stream<Item = Result<proto::Run, Status>> + Send>>;
 
+/// What a repair's reason must say.
+const REPAIR_REASON: &str = "must say why the rollups are repaired";
+/// Most differing rows a repair lists (all are counted).
+const REPAIR_ROWS_LISTED: usize = 1_000;
+
 #[tonic::async_trait]
 impl<S: Store> MigrationService for MigrationApi<S> {
     type WatchRunStream = RunStream;
@@ -401,6 +406,39 @@ impl<S: Store> MigrationService for MigrationApi<S> {
                     new: m.new,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn repair_rollups(
+        &self,
+        request: Request<proto::RepairRollupsRequest>,
+    ) -> Result<Response<proto::RepairRollupsResponse>, Status> {
+        let request = audited(request);
+        let (range, (actor, reason)) = both_valid(
+            DateRange::parse(&request.start_date, &request.end_date),
+            audit(request.actor, request.reason, REPAIR_REASON),
+        )?;
+        let outcome = self
+            .migration
+            .repair_rollups(range, request.apply, &actor, &reason)
+            .await?;
+        Ok(Response::new(proto::RepairRollupsResponse {
+            checked: outcome.checked,
+            differing: outcome.fixes.len() as u64,
+            rows: outcome
+                .fixes
+                .into_iter()
+                .take(REPAIR_ROWS_LISTED)
+                .map(|fix| proto::RollupRepair {
+                    user_id: fix.key.0,
+                    campaign_id: fix.key.1,
+                    date: fix.key.2.to_string(),
+                    stored: Some(fix.stored.into()),
+                    expected: Some(fix.expected.into()),
+                })
+                .collect(),
+            all_users_days: outcome.all_users_days,
+            applied: request.apply,
         }))
     }
 

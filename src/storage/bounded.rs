@@ -16,8 +16,8 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, Pruned, RetentionStore,
-    RolloutStore, RunIssues, RunStore, StorageError, Store, TableSize,
+    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, Pruned, RepairOutcome,
+    RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, Store, TableSize,
 };
 use crate::domain::{CampaignId, DateRange, Event, EventTotals, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
@@ -245,6 +245,14 @@ impl<S: Store> AdminStore for Bounded<S> {
 
     async fn insert_legacy_rows(&self, rows: &[LegacyRow]) -> Result<u64, StorageError> {
         self.bound(self.inner.insert_legacy_rows(rows)).await
+    }
+
+    async fn repair_rollups(
+        &self,
+        range: DateRange,
+        apply: bool,
+    ) -> Result<RepairOutcome, StorageError> {
+        self.bound(self.inner.repair_rollups(range, apply)).await
     }
 }
 

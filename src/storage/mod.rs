@@ -15,6 +15,7 @@ mod bounded;
 mod error;
 mod pg_copy;
 mod postgres;
+mod repair;
 mod shared;
 mod sql;
 mod sqlite;
@@ -386,6 +387,26 @@ pub trait AdminStore: Database {
         &self,
         rows: &[LegacyRow],
     ) -> impl Future<Output = Result<u64, StorageError>> + Send;
+
+    /// Compares the rollups of `range` with their sources (backfilled history plus raw
+    /// events) and, when `apply`, rewrites the rows that differ and the all-users days
+    /// around them, in one transaction that writes wait for.
+    fn repair_rollups(
+        &self,
+        range: DateRange,
+        apply: bool,
+    ) -> impl Future<Output = Result<RepairOutcome, StorageError>> + Send;
+}
+
+/// What a rollup repair found (and fixed, when applied).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairOutcome {
+    /// Campaign rows that differ from their sources, in key order.
+    pub fixes: Vec<crate::domain::RollupFix>,
+    /// Days whose all-users totals differ from the sum of their (repaired) campaign rows.
+    pub all_users_days: u64,
+    /// Campaign rows compared.
+    pub checked: u64,
 }
 
 /// The phase stored under `name`.

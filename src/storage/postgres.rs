@@ -14,8 +14,8 @@ use super::pg_copy;
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
     AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, Pruned,
-    RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, TableSize, batch, parse_phase,
-    sql,
+    RepairOutcome, RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, TableSize,
+    batch, parse_phase, sql,
 };
 use crate::domain::{
     CampaignId, DateRange, Event, EventTotals, LEGACY_COLUMN_COUNT, Scope, StorageSource, UserId,
@@ -956,6 +956,28 @@ impl AdminStore for PostgresStore {
         .await?
         .rows_affected();
         Ok(written)
+    }
+
+    async fn repair_rollups(
+        &self,
+        range: DateRange,
+        apply: bool,
+    ) -> Result<RepairOutcome, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        // Writes wait until the repair commits (and it waits for those under way), so no
+        // event lands between reading a row's sources and rewriting the row.
+        sqlx::query("LOCK TABLE campaign_day_totals, all_day_totals IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let outcome = super::repair::repair_rollups::<Postgres>(
+            &mut tx,
+            range,
+            apply,
+            "(occurred_at AT TIME ZONE 'UTC')::date",
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(outcome)
     }
 }
 

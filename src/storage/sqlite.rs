@@ -15,8 +15,8 @@ use super::backfill::{BackfillSql, CopyStatements};
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
     AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, Pruned,
-    RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, TableSize, batch, parse_phase,
-    sql,
+    RepairOutcome, RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, TableSize,
+    batch, parse_phase, sql,
 };
 use crate::domain::{
     CampaignId, DateRange, Event, EventTotals, EventType, LEGACY_COLUMNS, Scope, StorageSource,
@@ -666,6 +666,24 @@ impl AdminStore for SqliteStore {
         }
         tx.commit().await?;
         Ok(written)
+    }
+
+    async fn repair_rollups(
+        &self,
+        range: DateRange,
+        apply: bool,
+    ) -> Result<RepairOutcome, StorageError> {
+        // On the one writer connection: writes wait until the repair commits.
+        let mut tx = self.writer.begin().await?;
+        let outcome = super::repair::repair_rollups::<Sqlite>(
+            &mut tx,
+            range,
+            apply,
+            "substr(occurred_at, 1, 10)",
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(outcome)
     }
 }
 

@@ -83,7 +83,7 @@ async fn move_to(server: &TestServer, phase: MigrationPhase) {
 }
 
 /// Starts a backfill and follows its progress stream to the end.
-async fn backfill(
+pub(crate) async fn backfill(
     client: &mut MigrationServiceClient<Channel>,
     dry_run: bool,
     batch_size: u32,

@@ -15,6 +15,7 @@ mod migration;
 mod overflow;
 mod read;
 mod record;
+mod repair;
 mod retention;
 mod rollout;
 mod rollups;
