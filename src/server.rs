@@ -16,7 +16,8 @@ use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
 use crate::app::{
-    GroupCommit, GroupCommitSettings, Jobs, RetentionSettings, RolloutView, keep_raw_events_trimmed,
+    GroupCommit, GroupCommitSettings, Jobs, RetentionSettings, RolloutView, Shadow, ShadowSettings,
+    keep_raw_events_trimmed,
 };
 use crate::app::{Migration, RolloutControl, Stats};
 use crate::domain::Tokens;
@@ -56,6 +57,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// How long raw events are kept, and partitions made ahead.
     pub retention: RetentionSettings,
+    /// Which reads are run again on the other storage and compared.
+    pub shadow: ShadowSettings,
 }
 
 /// The server's certificate and key, and the CA that client certificates must be signed by
@@ -105,6 +108,7 @@ impl ServerConfig {
         tls: None,
         limits: Limits::DEFAULT,
         retention: RetentionSettings::DEFAULT,
+        shadow: ShadowSettings::DEFAULT,
     };
 }
 
@@ -366,6 +370,13 @@ impl<S: Store> Application<S> {
             &jobs,
             Arc::clone(&server_metrics),
         );
+        let shadow = Shadow::start(
+            Arc::clone(&store),
+            view.clone(),
+            config.shadow,
+            &jobs,
+            Arc::clone(&server_metrics),
+        );
         let mut routes = Routes::builder();
         routes
             .add_service(health_service)
@@ -377,11 +388,13 @@ impl<S: Store> Application<S> {
                     view.clone(),
                     Arc::clone(&server_metrics),
                     group_commit.clone(),
-                ),
+                )
+                .with_shadow(shadow.clone()),
                 config.limits.stream_idle_timeout,
             ))))
             .add_service(with_limits!(RolloutServiceServer::new(RolloutApi::new(
                 RolloutControl::new(Arc::clone(&store), view.clone(), jobs.clone())
+                    .with_shadow(shadow)
             ))))
             .add_service(with_limits!(MigrationServiceServer::new(
                 MigrationApi::new(

@@ -13,6 +13,7 @@ mod retention;
 mod rollout;
 mod rollout_view;
 mod runner;
+mod shadow;
 mod stats;
 
 pub use error::AppError;
@@ -27,4 +28,5 @@ pub use retention::{RetentionSettings, keep_raw_events_trimmed, retention_pass};
 pub use rollout::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, RolloutControl, page_size};
 pub use rollout_view::RolloutView;
 pub use runner::run_backfill;
+pub use shadow::{MISMATCHES_KEPT, Mismatch, Shadow, ShadowRead, ShadowSettings};
 pub use stats::{STREAM_CHUNK_EVENTS, Stats, StreamFailure, StreamRecorded};

@@ -5,7 +5,7 @@ use crate::rollout::{Applied, AuditEntry, Decision, RolloutChange};
 use crate::storage::Store;
 use std::sync::Arc;
 
-use super::{AppError, Jobs, RolloutView};
+use super::{AppError, Jobs, Mismatch, RolloutView, Shadow};
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -41,6 +41,7 @@ pub struct RolloutControl<S> {
     store: Arc<S>,
     view: RolloutView,
     jobs: Jobs,
+    shadow: Option<Shadow>,
 }
 
 impl<S> Clone for RolloutControl<S> {
@@ -49,6 +50,7 @@ impl<S> Clone for RolloutControl<S> {
             store: Arc::clone(&self.store),
             view: self.view.clone(),
             jobs: self.jobs.clone(),
+            shadow: self.shadow.clone(),
         }
     }
 }
@@ -56,7 +58,26 @@ impl<S> Clone for RolloutControl<S> {
 impl<S: Store> RolloutControl<S> {
     /// The use cases over `store`, applying `view`; watches end when `jobs` drain.
     pub fn new(store: Arc<S>, view: RolloutView, jobs: Jobs) -> Self {
-        Self { store, view, jobs }
+        Self {
+            store,
+            view,
+            jobs,
+            shadow: None,
+        }
+    }
+
+    /// The same, able to list what this replica's shadow reads found.
+    pub fn with_shadow(mut self, shadow: Shadow) -> Self {
+        self.shadow = Some(shadow);
+        self
+    }
+
+    /// The recent mismatches this replica's shadow reads found, newest first (at most
+    /// [`super::MISMATCHES_KEPT`]).
+    pub fn shadow_mismatches(&self) -> Vec<Mismatch> {
+        self.shadow
+            .as_ref()
+            .map_or_else(Vec::new, Shadow::mismatches)
     }
 
     /// The rollout this replica applies.

@@ -13,7 +13,7 @@ use crate::storage::{RecordOutcome, Store};
 use crate::telemetry::ServerMetrics;
 use futures::{Stream, StreamExt};
 
-use super::{AppError, GroupCommit, RolloutView};
+use super::{AppError, GroupCommit, RolloutView, Shadow, ShadowRead};
 
 /// How many streamed events are written together by [`Stats::record_stream`].
 pub const STREAM_CHUNK_EVENTS: usize = 1_000;
@@ -47,6 +47,7 @@ pub struct Stats<S> {
     rollout: RolloutView,
     metrics: Arc<ServerMetrics>,
     group_commit: GroupCommit,
+    shadow: Option<Shadow>,
 }
 
 impl<S> Clone for Stats<S> {
@@ -56,6 +57,7 @@ impl<S> Clone for Stats<S> {
             rollout: self.rollout.clone(),
             metrics: Arc::clone(&self.metrics),
             group_commit: self.group_commit.clone(),
+            shadow: self.shadow.clone(),
         }
     }
 }
@@ -73,7 +75,14 @@ impl<S: Store> Stats<S> {
             rollout,
             metrics,
             group_commit,
+            shadow: None,
         }
+    }
+
+    /// The same, shadowing a sample of reads on the other storage.
+    pub fn with_shadow(mut self, shadow: Shadow) -> Self {
+        self.shadow = Some(shadow);
+        self
     }
 
     /// Stores one validated event, in one transaction with other callers' single events
@@ -159,6 +168,14 @@ impl<S: Store> Stats<S> {
             .await?;
         self.metrics
             .observe_read("campaign_totals", source, started.elapsed());
+        if let Some(shadow) = &self.shadow {
+            shadow.offer(source, || ShadowRead::Campaigns {
+                user: query.user.clone(),
+                campaigns: query.campaigns.clone(),
+                range: query.range,
+                primary: totals.clone(),
+            });
+        }
         let value = query
             .campaigns
             .iter()
@@ -181,6 +198,13 @@ impl<S: Store> Stats<S> {
             .await?;
         self.metrics
             .observe_read("daily_totals", source, started.elapsed());
+        if let Some(shadow) = &self.shadow {
+            shadow.offer(source, || ShadowRead::Daily {
+                scope: query.scope.clone(),
+                range: query.range,
+                primary: daily.clone(),
+            });
+        }
         Ok(Answer {
             value: bucket_series(daily, query.range, query.granularity, query.fill_empty)?,
             source,

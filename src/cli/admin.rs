@@ -782,7 +782,8 @@ pub async fn repair_rollups(args: RepairArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn metrics_json(m: &proto::Metrics) -> Value {
+/// Six totals as JSON, named as in the API.
+pub(super) fn metrics_json(m: &proto::Metrics) -> Value {
     json!({"sent": m.sent, "opened": m.opened, "clicked": m.clicked, "replied": m.replied,
            "positive_replies": m.positive_replies, "bounced": m.bounced})
 }

@@ -22,7 +22,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::app::{GroupCommitSettings, RetentionSettings};
+use crate::app::{GroupCommitSettings, RetentionSettings, ShadowSettings};
 use crate::grpc::Limits;
 use crate::server::{AuthSettings, Listeners, ServerConfig, TlsSettings, launch};
 use crate::storage::{Backend, DatabaseUrl, PoolOptions, PostgresStore, SqliteStore, Store};
@@ -80,6 +80,16 @@ pub enum Command {
 /// (`PoolOptions::DEFAULT`, `ServerConfig::DEFAULT`).
 const POOL: PoolOptions = PoolOptions::DEFAULT;
 const SERVER: ServerConfig = ServerConfig::DEFAULT;
+
+/// A fraction from 0 to 1.
+fn parse_fraction(value: &str) -> Result<f64, String> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|f| (0.0..=1.0).contains(f))
+        .ok_or_else(|| format!("{value:?} is not a fraction from 0 to 1 (e.g. 0.05)"))
+}
 
 /// `duration` in whole milliseconds, as the flags take it.
 const fn millis(duration: Duration) -> u64 {
@@ -242,6 +252,11 @@ pub struct ServeArgs {
           default_value_t = SERVER.retention.every.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub retention_interval_secs: u64,
+    /// The share of reads (0 to 1) also run on the other storage and compared, once both hold
+    /// all history (BACKFILLED to NEW_PRIMARY); the caller never waits for it.
+    #[arg(long, env = "STATS_SHADOW_SAMPLE_RATE",
+          default_value_t = SERVER.shadow.sample_rate, value_parser = parse_fraction)]
+    pub shadow_sample_rate: f64,
     /// The server's TLS certificate chain (PEM); with `--tls-key`, the API speaks TLS only.
     #[arg(long, env = "STATS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -293,6 +308,10 @@ impl ServeArgs {
                 partitions_ahead_months: self.partitions_ahead_months,
                 every: Duration::from_secs(self.retention_interval_secs),
                 ..RetentionSettings::DEFAULT
+            },
+            shadow: ShadowSettings {
+                sample_rate: self.shadow_sample_rate,
+                ..ShadowSettings::DEFAULT
             },
             tls: self
                 .tls_cert

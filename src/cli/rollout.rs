@@ -5,13 +5,16 @@ use clap::{Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
-use super::admin::{Audited, ClientArgs, Output, ServerChannel, failed, print_json, time};
+use super::admin::{
+    Audited, ClientArgs, Output, ServerChannel, failed, metrics_json, print_json, time,
+};
 use super::printable;
 use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
 use crate::grpc::proto::{
     self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, GetRolloutResponse,
-    KillSwitchRequest, ListRolloutHistoryRequest, ResetSaltRequest, Rollout,
-    SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource, WatchRolloutRequest,
+    KillSwitchRequest, ListRolloutHistoryRequest, ListShadowMismatchesRequest, ResetSaltRequest,
+    Rollout, SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource,
+    WatchRolloutRequest,
 };
 
 /// A storage, as typed on the command line.
@@ -87,6 +90,8 @@ pub enum RolloutCommand {
     },
     /// Print the rollout, then every change, until interrupted.
     Watch,
+    /// The recent disagreements this server's shadow reads found, newest first.
+    Mismatches,
 }
 
 fn rollout_json(r: &Rollout) -> Value {
@@ -149,6 +154,7 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
         RolloutCommand::Evaluate { user } => evaluate(&mut client, user, args.output).await,
         RolloutCommand::History { limit } => history(&mut client, limit, args.output).await,
         RolloutCommand::Watch => watch(&mut client, args.output).await,
+        RolloutCommand::Mismatches => mismatches(&mut client, args.output).await,
         change => {
             let rollout = change_rollout(&mut client, change).await?;
             Ok(print_rollout(args.output, &rollout)?)
@@ -253,7 +259,8 @@ async fn change_rollout(
         ),
         RolloutCommand::Evaluate { .. }
         | RolloutCommand::History { .. }
-        | RolloutCommand::Watch => {
+        | RolloutCommand::Watch
+        | RolloutCommand::Mismatches => {
             unreachable!("rollout() answers the commands that change nothing")
         }
     }
@@ -345,6 +352,52 @@ async fn watch(
             output,
             &update.map_err(|s| failed("lost the rollout stream", s))?,
         )?;
+    }
+    Ok(())
+}
+
+async fn mismatches(
+    client: &mut RolloutServiceClient<ServerChannel>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let found = client
+        .list_shadow_mismatches(ListShadowMismatchesRequest {})
+        .await
+        .map_err(|s| failed("cannot read the mismatches", s))?
+        .into_inner()
+        .mismatches;
+    let sent = |m: &Option<proto::Metrics>| m.unwrap_or_default();
+    match output {
+        Output::Json => print_json(&Value::Array(
+            found
+                .iter()
+                .map(|m| {
+                    let (legacy, new) = (sent(&m.legacy), sent(&m.new));
+                    json!({"at": time(m.at), "method": m.method, "user_id": m.user_id,
+                           "campaign_id": m.campaign_id, "date": m.date,
+                           "legacy": metrics_json(&legacy), "new": metrics_json(&new)})
+                })
+                .collect(),
+        ))?,
+        Output::Text => {
+            for m in &found {
+                let (legacy, new) = (sent(&m.legacy), sent(&m.new));
+                outln!(
+                    "{} {} user {} {}{}: legacy sent {} opened {} replied {} | new sent {} opened {} replied {}",
+                    time(m.at),
+                    m.method,
+                    printable(&m.user_id),
+                    printable(&m.campaign_id),
+                    m.date,
+                    legacy.sent,
+                    legacy.opened,
+                    legacy.replied,
+                    new.sent,
+                    new.opened,
+                    new.replied
+                )?;
+            }
+        }
     }
     Ok(())
 }

@@ -179,6 +179,29 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         Ok(response(&applied))
     }
 
+    async fn list_shadow_mismatches(
+        &self,
+        _: Request<proto::ListShadowMismatchesRequest>,
+    ) -> Result<Response<proto::ListShadowMismatchesResponse>, Status> {
+        let mismatches = self
+            .rollout
+            .shadow_mismatches()
+            .into_iter()
+            .map(|m| proto::ShadowMismatch {
+                method: m.method.to_owned(),
+                user_id: m.user.unwrap_or_default(),
+                campaign_id: m.campaign.unwrap_or_default(),
+                date: m.day.map(|d| d.to_string()).unwrap_or_default(),
+                legacy: Some(m.legacy.into()),
+                new: Some(m.new.into()),
+                at: Some(super::migration::timestamp(m.at)),
+            })
+            .collect();
+        Ok(Response::new(proto::ListShadowMismatchesResponse {
+            mismatches,
+        }))
+    }
+
     async fn evaluate_user(
         &self,
         request: Request<EvaluateUserRequest>,

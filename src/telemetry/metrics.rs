@@ -14,6 +14,7 @@ use axum::Router;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -44,6 +45,12 @@ struct RpcLabels {
 struct ReadLabels {
     method: &'static str,
     source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowLabels {
+    method: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -101,6 +108,9 @@ pub struct ServerMetrics {
     rollout_kill_switch: Gauge,
     migration_phase: Family<PhaseLabels, Gauge>,
     pool_connections: Family<PoolLabels, Gauge>,
+    shadow_comparisons: Family<ShadowLabels, Counter>,
+    shadow_queued: Gauge,
+    shadow_dropped: Counter,
 }
 
 /// Latency buckets from 0.5 ms to ~16 s.
@@ -170,9 +180,30 @@ impl ServerMetrics {
             "Database connections by pool and state (idle, in_use, max)",
             pool_connections.clone(),
         );
+        let shadow_comparisons = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "shadow_comparisons",
+            "Shadow reads by read method and outcome (match, mismatch, error, timeout, skipped)",
+            shadow_comparisons.clone(),
+        );
+        let shadow_queued = Gauge::default();
+        registry.register(
+            "shadow_queued_reads",
+            "Shadow reads waiting for a worker",
+            shadow_queued.clone(),
+        );
+        let shadow_dropped = Counter::default();
+        registry.register(
+            "shadow_dropped_reads",
+            "Shadow reads dropped because the shadow queue was full",
+            shadow_dropped.clone(),
+        );
         Self {
             registry,
             known_methods: known_methods(descriptor_sets),
+            shadow_comparisons,
+            shadow_queued,
+            shadow_dropped,
             rpc_duration,
             read_duration,
             recorded_batch_events,
@@ -218,6 +249,23 @@ impl ServerMetrics {
         self.read_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts a shadow read of `method` that ended with `outcome`.
+    pub fn observe_shadow(&self, method: &'static str, outcome: &'static str) {
+        self.shadow_comparisons
+            .get_or_create(&ShadowLabels { method, outcome })
+            .inc();
+    }
+
+    /// The gauge of shadow reads waiting (its owner adds and takes away).
+    pub fn shadow_queued(&self) -> Gauge {
+        self.shadow_queued.clone()
+    }
+
+    /// Counts a shadow read dropped for want of room.
+    pub fn shadow_dropped(&self) {
+        self.shadow_dropped.inc();
     }
 
     /// Counts a stored batch of `events` events.

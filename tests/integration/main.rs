@@ -21,6 +21,7 @@ mod rollout;
 mod rollups;
 mod schema;
 mod service;
+mod shadow;
 mod streams;
 mod timeouts;
 mod tls;

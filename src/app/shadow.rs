@@ -1,0 +1,324 @@
+//! Shadow reads: a sampled share of reads is run again on the other storage, after the caller
+//! has its answer, and the two answers are compared. The work waits in a bounded queue served
+//! by workers registered with [`Jobs`]: when the queue is full the shadow read is dropped and
+//! counted, so shadow work never slows a primary read.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use tokio::sync::{mpsc, watch};
+
+use crate::domain::{CampaignId, DateRange, EventTotals, Scope, StorageSource, UserId};
+use crate::migration::Phase;
+use crate::storage::{StorageError, Store};
+use crate::telemetry::ServerMetrics;
+
+use super::{Jobs, RolloutView};
+
+/// How reads are shadowed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShadowSettings {
+    /// The share of reads shadowed, 0 to 1.
+    pub sample_rate: f64,
+    /// Shadow reads that may wait; past it they are dropped.
+    pub queue: usize,
+    /// Workers running shadow reads at once.
+    pub workers: usize,
+    /// The longest a shadow read may take before it counts as `timeout`.
+    pub timeout: Duration,
+}
+
+impl ShadowSettings {
+    pub const DEFAULT: Self = Self {
+        sample_rate: 0.01,
+        queue: 256,
+        workers: 2,
+        timeout: Duration::from_secs(2),
+    };
+}
+
+impl Default for ShadowSettings {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Most mismatches kept for people to read (the most recent).
+pub const MISMATCHES_KEPT: usize = 100;
+
+/// One place where the two storages disagreed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// `campaign_totals` or `daily_totals`.
+    pub method: &'static str,
+    /// The user read (`None`: the all-users view).
+    pub user: Option<String>,
+    /// The campaign whose totals differ (`campaign_totals`), or the day (`daily_totals`).
+    pub campaign: Option<String>,
+    pub day: Option<NaiveDate>,
+    pub legacy: EventTotals,
+    pub new: EventTotals,
+    pub at: DateTime<Utc>,
+}
+
+/// A read to run again and compare, with what the primary storage answered.
+#[derive(Debug)]
+pub enum ShadowRead {
+    Campaigns {
+        user: UserId,
+        campaigns: Vec<CampaignId>,
+        range: DateRange,
+        primary: HashMap<CampaignId, EventTotals>,
+    },
+    Daily {
+        scope: Scope,
+        range: DateRange,
+        primary: Vec<(NaiveDate, EventTotals)>,
+    },
+}
+
+impl ShadowRead {
+    fn method(&self) -> &'static str {
+        match self {
+            ShadowRead::Campaigns { .. } => "campaign_totals",
+            ShadowRead::Daily { .. } => "daily_totals",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Task {
+    primary: StorageSource,
+    read: ShadowRead,
+}
+
+/// The replica's shadow reads: the queue, the sample rate and the recent mismatches.
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    queue: mpsc::Sender<Task>,
+    sample_rate: f64,
+    metrics: Arc<ServerMetrics>,
+    mismatches: Arc<Mutex<VecDeque<Mismatch>>>,
+}
+
+/// The storage a shadow read asks, when the phase lets it answer as the primary would:
+/// the new storage holds all history from BACKFILLED on, the legacy table until it retires.
+fn other_storage(phase: Phase, primary: StorageSource) -> Option<StorageSource> {
+    let both = matches!(
+        phase,
+        Phase::Backfilled | Phase::Verified | Phase::NewPrimary
+    );
+    both.then_some(match primary {
+        StorageSource::Legacy => StorageSource::New,
+        StorageSource::New => StorageSource::Legacy,
+    })
+}
+
+impl Shadow {
+    /// Starts `settings.workers` workers reading `store` (stopped with `jobs`).
+    pub fn start<S: Store>(
+        store: Arc<S>,
+        view: RolloutView,
+        settings: ShadowSettings,
+        jobs: &Jobs,
+        metrics: Arc<ServerMetrics>,
+    ) -> Self {
+        let (queue, tasks) = mpsc::channel::<Task>(settings.queue.max(1));
+        let tasks = Arc::new(tokio::sync::Mutex::new(tasks));
+        let shadow = Self {
+            queue,
+            sample_rate: settings.sample_rate,
+            metrics,
+            mismatches: Arc::default(),
+        };
+        for _ in 0..settings.workers.max(1) {
+            let (store, view, tasks, shadow) = (
+                Arc::clone(&store),
+                view.clone(),
+                Arc::clone(&tasks),
+                shadow.clone(),
+            );
+            jobs.spawn(move |stop| async move {
+                shadow
+                    .work(store, view, tasks, settings.timeout, stop)
+                    .await;
+            });
+        }
+        shadow
+    }
+
+    /// Queues `read` (answered by `primary`) for a shadow read if this read is sampled and
+    /// there is room; never waits.
+    pub fn offer(&self, primary: StorageSource, read: impl FnOnce() -> ShadowRead) {
+        if self.sample_rate <= 0.0 || rand::random::<f64>() >= self.sample_rate {
+            return;
+        }
+        // Counted before it is sent, so that a worker never takes away what is not added.
+        let queued = self.metrics.shadow_queued();
+        queued.inc();
+        let sent = self.queue.try_send(Task {
+            primary,
+            read: read(),
+        });
+        if let Err(refused) = sent {
+            queued.dec();
+            if matches!(refused, mpsc::error::TrySendError::Full(_)) {
+                self.metrics.shadow_dropped();
+            }
+        }
+    }
+
+    /// The recent mismatches, newest first.
+    pub fn mismatches(&self) -> Vec<Mismatch> {
+        let kept = self.mismatches.lock().unwrap_or_else(|e| e.into_inner());
+        kept.iter().rev().cloned().collect()
+    }
+
+    async fn work<S: Store>(
+        &self,
+        store: Arc<S>,
+        view: RolloutView,
+        tasks: Arc<tokio::sync::Mutex<mpsc::Receiver<Task>>>,
+        timeout: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let task = tokio::select! {
+                task = async { tasks.lock().await.recv().await } => task,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            let Some(task) = task else { return };
+            self.metrics.shadow_queued().dec();
+            let method = task.read.method();
+            let outcome = match other_storage(view.current().phase, task.primary) {
+                None => "skipped",
+                Some(other) => {
+                    match tokio::time::timeout(timeout, self.compare(store.as_ref(), task, other))
+                        .await
+                    {
+                        Ok(Ok(true)) => "match",
+                        Ok(Ok(false)) => "mismatch",
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, method, "shadow read failed");
+                            "error"
+                        }
+                        Err(_) => "timeout",
+                    }
+                }
+            };
+            self.metrics.observe_shadow(method, outcome);
+        }
+    }
+
+    /// Runs `task` on `other` and compares; keeps each difference. True when all agree.
+    async fn compare<S: Store>(
+        &self,
+        store: &S,
+        task: Task,
+        other: StorageSource,
+    ) -> Result<bool, StorageError> {
+        let now = Utc::now();
+        let in_order = |primary: EventTotals, shadow: EventTotals| match task.primary {
+            StorageSource::Legacy => (primary, shadow),
+            StorageSource::New => (shadow, primary),
+        };
+        let mut found = Vec::new();
+        let method = task.read.method();
+        let mut differ = |user: Option<String>,
+                          campaign: Option<String>,
+                          day: Option<NaiveDate>,
+                          primary: EventTotals,
+                          shadow: EventTotals| {
+            if primary != shadow {
+                let (legacy, new) = in_order(primary, shadow);
+                found.push(Mismatch {
+                    method,
+                    user,
+                    campaign,
+                    day,
+                    legacy,
+                    new,
+                    at: now,
+                });
+            }
+        };
+        match task.read {
+            ShadowRead::Campaigns {
+                user,
+                campaigns,
+                range,
+                primary,
+            } => {
+                let shadow = store
+                    .campaign_totals(other, &user, &campaigns, range)
+                    .await?;
+                for campaign in &campaigns {
+                    differ(
+                        Some(user.as_str().to_owned()),
+                        Some(campaign.as_str().to_owned()),
+                        None,
+                        primary.get(campaign).copied().unwrap_or_default(),
+                        shadow.get(campaign).copied().unwrap_or_default(),
+                    );
+                }
+            }
+            ShadowRead::Daily {
+                scope,
+                range,
+                primary,
+            } => {
+                let shadow: HashMap<NaiveDate, EventTotals> = store
+                    .daily_totals(other, &scope, range)
+                    .await?
+                    .into_iter()
+                    .collect();
+                let primary: HashMap<NaiveDate, EventTotals> = primary.into_iter().collect();
+                let mut days: Vec<&NaiveDate> = primary.keys().chain(shadow.keys()).collect();
+                days.sort();
+                days.dedup();
+                for day in days {
+                    differ(
+                        scope.user.as_ref().map(|u| u.as_str().to_owned()),
+                        None,
+                        Some(*day),
+                        primary.get(day).copied().unwrap_or_default(),
+                        shadow.get(day).copied().unwrap_or_default(),
+                    );
+                }
+            }
+        }
+        let agreed = found.is_empty();
+        let mut kept = self.mismatches.lock().unwrap_or_else(|e| e.into_inner());
+        for mismatch in found {
+            if kept.len() == MISMATCHES_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back(mismatch);
+        }
+        Ok(agreed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_phases_where_both_storages_hold_all_history_are_compared() {
+        assert_eq!(other_storage(Phase::DualWrite, StorageSource::Legacy), None);
+        assert_eq!(
+            other_storage(Phase::Verified, StorageSource::Legacy),
+            Some(StorageSource::New)
+        );
+        assert_eq!(
+            other_storage(Phase::NewPrimary, StorageSource::New),
+            Some(StorageSource::Legacy)
+        );
+        assert_eq!(
+            other_storage(Phase::LegacyRetired, StorageSource::New),
+            None
+        );
+    }
+}
