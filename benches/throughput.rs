@@ -671,6 +671,7 @@ fn decision_cost() {
         kill_switch: false,
         salt: "bench".into(),
         version: 1,
+        shadow_sample_ppm: None,
     };
     let rounds = 200;
     let started = Instant::now();

@@ -51,6 +51,7 @@ fn a_rollout_decision_allocates_nothing() {
         kill_switch: false,
         salt: "0196f1c2-7a3b-7cc1-9d1e-2f3a4b5c6d7e".into(),
         version: 9,
+        shadow_sample_ppm: None,
     };
     let killed = RolloutConfig {
         kill_switch: true,

@@ -98,7 +98,9 @@ struct Task {
 #[derive(Debug, Clone)]
 pub struct Shadow {
     queue: mpsc::Sender<Task>,
+    /// The replica's `--shadow-sample-rate`, unless the rollout sets one for all.
     sample_rate: f64,
+    view: RolloutView,
     metrics: Arc<ServerMetrics>,
     mismatches: Arc<Mutex<VecDeque<Mismatch>>>,
 }
@@ -130,6 +132,7 @@ impl Shadow {
         let shadow = Self {
             queue,
             sample_rate: settings.sample_rate,
+            view: view.clone(),
             metrics,
             mismatches: Arc::default(),
         };
@@ -152,7 +155,14 @@ impl Shadow {
     /// Queues `read` (answered by `primary`) for a shadow read if this read is sampled and
     /// there is room; never waits.
     pub fn offer(&self, primary: StorageSource, read: impl FnOnce() -> ShadowRead) {
-        if self.sample_rate <= 0.0 || rand::random::<f64>() >= self.sample_rate {
+        let rate = self
+            .view
+            .current()
+            .rollout
+            .config
+            .shadow_sample_ppm
+            .map_or(self.sample_rate, |ppm| f64::from(ppm) / 1e6);
+        if rate <= 0.0 || rand::random::<f64>() >= rate {
             return;
         }
         // Counted before it is sent, so that a worker never takes away what is not added.

@@ -13,8 +13,8 @@ use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
 use crate::grpc::proto::{
     self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, GetRolloutResponse,
     KillSwitchRequest, ListRolloutHistoryRequest, ListShadowMismatchesRequest, ResetSaltRequest,
-    Rollout, SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource,
-    WatchRolloutRequest,
+    Rollout, SetRolloutPercentageRequest, SetShadowSampleRateRequest, SetUserOverrideRequest,
+    StorageSource, WatchRolloutRequest,
 };
 
 /// A storage, as typed on the command line.
@@ -92,6 +92,14 @@ pub enum RolloutCommand {
     Watch,
     /// The recent disagreements this server's shadow reads found, newest first.
     Mismatches,
+    /// Set the share of reads shadowed on every replica (0 to 1), or `default` for each
+    /// replica's own --shadow-sample-rate.
+    ShadowRate {
+        #[arg(value_parser = parse_rate)]
+        rate: SampleRate,
+        #[command(flatten)]
+        audit: Audited,
+    },
 }
 
 fn rollout_json(r: &Rollout) -> Value {
@@ -135,6 +143,27 @@ async fn get(client: &mut RolloutServiceClient<ServerChannel>) -> anyhow::Result
         client.get_rollout(GetRolloutRequest {}).await,
         "cannot read the rollout",
     )
+}
+
+/// A shadow sample rate as typed: a fraction, or `default`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SampleRate {
+    /// Each replica's own `--shadow-sample-rate`.
+    ServerDefault,
+    /// 0 to 1 (the server checks the range).
+    Rate(f64),
+}
+
+/// `0.05`, or `default`.
+fn parse_rate(value: &str) -> Result<SampleRate, String> {
+    if value.trim().eq_ignore_ascii_case("default") {
+        return Ok(SampleRate::ServerDefault);
+    }
+    value
+        .trim()
+        .parse::<f64>()
+        .map(SampleRate::Rate)
+        .map_err(|_| format!("{value:?} is neither a rate from 0 to 1 nor `default`"))
 }
 
 /// `12.5` or `12.5%`; the server checks the range and the 0.01 steps.
@@ -249,6 +278,24 @@ async fn change_rollout(
             changed(
                 client.kill_switch(request).await,
                 "cannot move the kill switch",
+            )
+        }
+        RolloutCommand::ShadowRate {
+            rate,
+            audit: Audited { reason, actor },
+        } => {
+            let request = SetShadowSampleRateRequest {
+                rate: match rate {
+                    SampleRate::Rate(rate) => rate,
+                    SampleRate::ServerDefault => 0.0,
+                },
+                server_default: matches!(rate, SampleRate::ServerDefault),
+                reason,
+                actor,
+            };
+            changed(
+                client.set_shadow_sample_rate(request).await,
+                "cannot set the shadow sample rate",
             )
         }
         RolloutCommand::ResetSalt {

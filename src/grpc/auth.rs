@@ -199,6 +199,7 @@ audited!(
     VerifyConsistencyRequest,
     ResolveAmbiguousRowsRequest,
     RepairRollupsRequest,
+    SetShadowSampleRateRequest,
 );
 
 /// The message of `request`, its `actor` the authenticated caller's token name when there is

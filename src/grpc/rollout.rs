@@ -48,6 +48,7 @@ fn rollout_to_proto(applied: &Applied) -> proto::Rollout {
         applied_version: config.version,
         phase: proto::MigrationPhase::from(applied.phase).into(),
         overrides: u32::try_from(applied.rollout.overrides.len()).unwrap_or(u32::MAX),
+        shadow_sample_rate: config.shadow_sample_ppm.map(|ppm| f64::from(ppm) / 1e6),
     }
 }
 
@@ -55,6 +56,17 @@ fn response(applied: &Applied) -> Response<GetRolloutResponse> {
     Response::new(GetRolloutResponse {
         rollout: Some(rollout_to_proto(applied)),
     })
+}
+
+/// A sample rate, 0 to 1, as millionths.
+fn sample_ppm(rate: f64) -> Result<u32, ValidationError> {
+    if rate.is_finite() && (0.0..=1.0).contains(&rate) {
+        Ok((rate * 1e6).round() as u32)
+    } else {
+        Err(ValidationError::from_failures([Some(
+            crate::domain::FieldViolation::new("rate", "must be from 0 to 1"),
+        )]))
+    }
 }
 
 /// A percentage as hundredths: 0.00 to 100.00 in 0.01 steps.
@@ -177,6 +189,21 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         let (actor, reason) = audit(request.actor, request.reason, ROLLOUT_REASON)?;
         let applied = self.rollout.reset_salt(&actor, &reason).await?;
         Ok(response(&applied))
+    }
+
+    async fn set_shadow_sample_rate(
+        &self,
+        request: Request<proto::SetShadowSampleRateRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = audited(request);
+        let ppm = if request.server_default {
+            Ok(None)
+        } else {
+            sample_ppm(request.rate).map(Some)
+        };
+        let change = ppm.map(|ppm| RolloutChange::ShadowSampleRate { ppm });
+        self.apply(change, None, request.actor, request.reason)
+            .await
     }
 
     async fn list_shadow_mismatches(

@@ -15,6 +15,9 @@ pub struct RolloutConfig {
     pub salt: String,
     /// Bumped by every change.
     pub version: u64,
+    /// The share of reads shadowed, in millionths, when set at run time; `None`: each
+    /// replica's `--shadow-sample-rate`.
+    pub shadow_sample_ppm: Option<u32>,
 }
 
 /// Why a read goes where it goes.
@@ -142,6 +145,7 @@ mod tests {
             kill_switch: false,
             salt: "s1".into(),
             version: 1,
+            shadow_sample_ppm: None,
         }
     }
 

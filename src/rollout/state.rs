@@ -36,6 +36,11 @@ pub enum RolloutChange {
     ClearOverride {
         user_id: String,
     },
+    /// Shadow this share of reads (millionths) on every replica; `None`: each replica's own
+    /// `--shadow-sample-rate` again.
+    ShadowSampleRate {
+        ppm: Option<u32>,
+    },
 }
 
 /// Why a rollout change was refused.
@@ -121,6 +126,19 @@ pub fn apply(
             source_name(current_override).to_owned(),
             "none".to_owned(),
         ),
+        RolloutChange::ShadowSampleRate { ppm } => {
+            next.shadow_sample_ppm = ppm.map(|p| p.min(1_000_000));
+            let rate = |ppm: Option<u32>| {
+                ppm.map_or("server default".to_owned(), |p| {
+                    format!("{:.4}%", f64::from(p) / 10_000.0)
+                })
+            };
+            (
+                "shadow sample rate".to_owned(),
+                rate(config.shadow_sample_ppm),
+                rate(next.shadow_sample_ppm),
+            )
+        }
     };
     (next, what, before, after)
 }

@@ -632,16 +632,26 @@ fn mismatch_reason(m: &crate::migration::verify::Mismatch) -> String {
 }
 
 /// A row of [`sql::ROLLOUT_STATE`].
-type RolloutRow = (i64, bool, String, i64, chrono::DateTime<chrono::Utc>);
+type RolloutRow = (
+    i64,
+    bool,
+    String,
+    i64,
+    chrono::DateTime<chrono::Utc>,
+    Option<i64>,
+);
 
 fn rollout_config(
-    (basis_points, kill_switch, salt, version, _): &RolloutRow,
+    (basis_points, kill_switch, salt, version, _, shadow_sample_ppm): &RolloutRow,
 ) -> Result<crate::rollout::RolloutConfig, StorageError> {
     Ok(crate::rollout::RolloutConfig {
         basis_points: stored(*basis_points, "rollout basis points")?,
         kill_switch: *kill_switch,
         salt: salt.clone(),
         version: stored(*version, "rollout version")?,
+        shadow_sample_ppm: shadow_sample_ppm
+            .map(|ppm| stored(ppm, "shadow sample rate"))
+            .transpose()?,
     })
 }
 
@@ -800,14 +810,26 @@ mod tests {
 
     #[test]
     fn a_stored_value_out_of_range_is_corrupt_not_zero() {
-        let row: RolloutRow = (1_250, false, "s".into(), -1, chrono::Utc::now());
+        let row: RolloutRow = (1_250, false, "s".into(), -1, chrono::Utc::now(), None);
         assert!(matches!(
             rollout_config(&row),
             Err(StorageError::Corrupt(_))
         ));
-        let row: RolloutRow = (1_250, false, "s".into(), 7, chrono::Utc::now());
+        let row: RolloutRow = (1_250, false, "s".into(), 7, chrono::Utc::now(), Some(-5));
+        assert!(matches!(
+            rollout_config(&row),
+            Err(StorageError::Corrupt(_))
+        ));
+        let row: RolloutRow = (1_250, false, "s".into(), 7, chrono::Utc::now(), Some(50));
         let config = rollout_config(&row).expect("a valid row");
-        assert_eq!((config.basis_points, config.version), (1_250, 7));
+        assert_eq!(
+            (
+                config.basis_points,
+                config.version,
+                config.shadow_sample_ppm
+            ),
+            (1_250, 7, Some(50))
+        );
         assert!(matches!(
             stored::<u32>(i64::from(u32::MAX) + 1, "batch size"),
             Err(StorageError::Corrupt(_))

@@ -53,6 +53,7 @@ where
     for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
     for<'q> NaiveDate: Encode<'q, DB> + Type<DB>,
     for<'q> Option<NaiveDate>: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (bool,): FromRow<'r, DB::Row>,
@@ -689,6 +690,7 @@ where
             .bind(next.salt.as_str())
             .bind(next.version as i64)
             .bind(now)
+            .bind(next.shadow_sample_ppm.map(i64::from))
             .execute(&mut *tx)
             .await?;
         match change {

@@ -48,9 +48,10 @@ const UNRESOLVED_ISSUES: &str = concatcp!(
          WHERE x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date)"
 );
 
-/// The rollout row: basis points, kill switch, salt, version, last change.
+/// The rollout row: basis points, kill switch, salt, version, last change, shadow sample rate.
 const ROLLOUT_STATE_ROW: &str = "SELECT CAST(basis_points AS BIGINT), kill_switch, salt, \
-     CAST(version AS BIGINT), updated_at FROM rollout_state WHERE id = 1";
+     CAST(version AS BIGINT), updated_at, CAST(shadow_sample_ppm AS BIGINT) \
+     FROM rollout_state WHERE id = 1";
 
 // Schema.
 
@@ -269,7 +270,7 @@ pub const ROLLOUT_STATE: &str = ROLLOUT_STATE_ROW;
 /// writer serialises changes by itself).
 pub const ROLLOUT_STATE_FOR_UPDATE: &str = concatcp!(ROLLOUT_STATE_ROW, " FOR UPDATE");
 pub const SET_ROLLOUT: &str = "UPDATE rollout_state SET basis_points = $1, kill_switch = $2, \
-    salt = $3, version = $4, updated_at = $5 WHERE id = 1";
+    salt = $3, version = $4, updated_at = $5, shadow_sample_ppm = $6 WHERE id = 1";
 pub const OVERRIDES: &str = "SELECT user_id, source FROM rollout_overrides";
 pub const OVERRIDE_OF_USER: &str = "SELECT source FROM rollout_overrides WHERE user_id = $1";
 pub const UPSERT_OVERRIDE: &str = "INSERT INTO rollout_overrides \

@@ -65,6 +65,44 @@ async fn shadow_reads_count_agreements_and_keep_disagreements(db: TestDb) {
     until_counted(&server, MATCHED, 10.0).await;
     assert_eq!(server.metrics().await.value(MISMATCHED).unwrap_or(0.0), 0.0);
 
+    // The rate set at run time for every replica wins over the flag, and is audited.
+    let addr = server.addr.to_string();
+    let shadow_rate = async |rate: &str| {
+        let (ok, _, stderr) = crate::cli::cli(&[
+            "rollout",
+            "shadow-rate",
+            rate,
+            "--reason",
+            "tune",
+            "--server",
+            &addr,
+        ])
+        .await;
+        assert!(ok, "{stderr}");
+    };
+    shadow_rate("0").await;
+    assert_eq!(server.current_rollout().await.shadow_sample_rate, Some(0.0));
+    for _ in 0..5 {
+        campaign_metrics(&mut stats, "u1", "c1", "2026-03-01", "2026-03-31").await;
+    }
+    shadow_rate("default").await;
+    assert_eq!(server.current_rollout().await.shadow_sample_rate, None);
+    campaign_metrics(&mut stats, "u1", "c1", "2026-03-01", "2026-03-31").await;
+    // Only the read after the flag came back was shadowed.
+    until_counted(&server, MATCHED, 11.0).await;
+    let history = server.rollout_history(2, "").await.changes;
+    let audited: Vec<(&str, &str, &str)> = history
+        .iter()
+        .map(|c| (c.change.as_str(), c.before.as_str(), c.after.as_str()))
+        .collect();
+    assert_eq!(
+        audited,
+        [
+            ("shadow sample rate", "0.0000%", "server default"),
+            ("shadow sample rate", "server default", "0.0000%"),
+        ]
+    );
+
     // A divergence planted in the new storage: the caller still gets LEGACY's answer, and
     // the shadow read counts and keeps the difference.
     db.execute(

@@ -214,6 +214,7 @@ impl TestDb {
             kill_switch: false,
             salt: String::new(),
             version: 0,
+            shadow_sample_ppm: None,
         };
         campaign_stats::rollout::baseline(self.phase, &fresh)
     }

@@ -1,0 +1,3 @@
+-- The share of reads shadowed, in millionths, when set at run time (RolloutService.
+-- SetShadowSampleRate); NULL: each replica uses its --shadow-sample-rate.
+ALTER TABLE rollout_state ADD COLUMN shadow_sample_ppm INTEGER;
