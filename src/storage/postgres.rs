@@ -1042,16 +1042,12 @@ impl RetentionStore for PostgresStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let keys = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE (user_id, idempotency_key) IN \
-             (SELECT user_id, idempotency_key FROM idempotency_keys \
-              WHERE recorded_at < $1 LIMIT $2)",
-        )
-        .bind(cutoff)
-        .bind(i64::from(limit))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let keys = sqlx::query(sql::PRUNE_KEYS)
+            .bind(cutoff)
+            .bind(i64::from(limit))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         // A month written to again gets its partition back.
         let mut known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());

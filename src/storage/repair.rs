@@ -121,13 +121,15 @@ where
     for (day, a, b, c, d, e, f) in day_rows {
         all_users.insert(day, totals([a, b, c, d, e, f])?);
     }
+    // Days the all-users rollup has and no campaign row has: they should hold nothing.
+    let no_events = EventTotals::default();
     let wrong_days: Vec<(NaiveDate, EventTotals)> = days
         .iter()
         .chain(
             all_users
                 .keys()
                 .filter(|d| !days.contains_key(d))
-                .map(|d| (d, &ZERO)),
+                .map(|d| (d, &no_events)),
         )
         .filter(|(day, expected)| all_users.get(day).copied().unwrap_or_default() != **expected)
         .map(|(day, expected)| (*day, *expected))
@@ -184,13 +186,3 @@ where
         fixes,
     })
 }
-
-/// No events at all.
-const ZERO: EventTotals = EventTotals {
-    sent: 0,
-    opened: 0,
-    clicked: 0,
-    replied: 0,
-    positive_replies: 0,
-    bounced: 0,
-};

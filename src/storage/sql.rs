@@ -271,6 +271,9 @@ pub const ROLLOUT_STATE: &str = ROLLOUT_STATE_ROW;
 pub const ROLLOUT_STATE_FOR_UPDATE: &str = concatcp!(ROLLOUT_STATE_ROW, " FOR UPDATE");
 pub const SET_ROLLOUT: &str = "UPDATE rollout_state SET basis_points = $1, kill_switch = $2, \
     salt = $3, version = $4, updated_at = $5, shadow_sample_ppm = $6 WHERE id = 1";
+/// Deletes up to `$2` idempotency keys recorded before `$1` (retention).
+pub const PRUNE_KEYS: &str = "DELETE FROM idempotency_keys WHERE (user_id, idempotency_key) IN \
+    (SELECT user_id, idempotency_key FROM idempotency_keys WHERE recorded_at < $1 LIMIT $2)";
 pub const OVERRIDES: &str = "SELECT user_id, source FROM rollout_overrides";
 pub const OVERRIDE_OF_USER: &str = "SELECT source FROM rollout_overrides WHERE user_id = $1";
 pub const UPSERT_OVERRIDE: &str = "INSERT INTO rollout_overrides \
