@@ -107,7 +107,7 @@ fn rollout_json(r: &Rollout) -> Value {
         "percentage": r.percentage, "version": r.version, "applied_version": r.applied_version,
         "kill_switch": r.kill_switch, "salt": r.salt, "updated_at": time(r.updated_at),
         "phase": proto::MigrationPhase::try_from(r.phase).map(|p| p.as_str_name()).unwrap_or("UNKNOWN"),
-        "overrides": r.overrides,
+        "overrides": r.overrides, "shadow_sample_rate": r.shadow_sample_rate,
     })
 }
 
@@ -115,7 +115,7 @@ fn print_rollout(output: Output, rollout: &Rollout) -> std::io::Result<()> {
     match output {
         Output::Json => print_json(&rollout_json(rollout)),
         Output::Text => outln!(
-            "version {} (applied {})  percentage {:.2}%  kill switch {}  overrides {}  phase {}  salt {}  updated {}",
+            "version {} (applied {})  percentage {:.2}%  kill switch {}  overrides {}  phase {}  salt {}  shadow {}  updated {}",
             rollout.version,
             rollout.applied_version,
             rollout.percentage,
@@ -129,6 +129,9 @@ fn print_rollout(output: Output, rollout: &Rollout) -> std::io::Result<()> {
                 .map(|p| p.as_str_name().trim_start_matches("MIGRATION_PHASE_"))
                 .unwrap_or("UNKNOWN"),
             rollout.salt,
+            rollout
+                .shadow_sample_rate
+                .map_or("server default".to_owned(), |rate| format!("{rate}")),
             time(rollout.updated_at),
         ),
     }
