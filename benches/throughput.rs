@@ -672,6 +672,7 @@ fn decision_cost() {
         salt: "bench".into(),
         version: 1,
         shadow_sample_ppm: None,
+        automation: Default::default(),
     };
     let rounds = 200;
     let started = Instant::now();

@@ -16,8 +16,8 @@ use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
 use crate::app::{
-    GroupCommit, GroupCommitSettings, Jobs, RetentionSettings, RolloutView, Shadow, ShadowSettings,
-    keep_raw_events_trimmed,
+    GroupCommit, GroupCommitSettings, Guard, Jobs, RetentionSettings, RolloutView, ScheduleDriver,
+    ScheduleSettings, Shadow, ShadowSettings, keep_raw_events_trimmed,
 };
 use crate::app::{Migration, RolloutControl, Stats};
 use crate::domain::Tokens;
@@ -30,6 +30,7 @@ use crate::grpc::{
 };
 use crate::health;
 use crate::migration::Phase;
+use crate::rollout::GuardSettings;
 use crate::storage::{Bounded, Database, StorageError, Store};
 use crate::telemetry::{ReplicaSample, RpcMetricsLayer, ServerMetrics, serve_metrics};
 
@@ -59,6 +60,10 @@ pub struct ServerConfig {
     pub retention: RetentionSettings,
     /// Which reads are run again on the other storage and compared.
     pub shadow: ShadowSettings,
+    /// The guard's thresholds until the rollout sets others at run time.
+    pub guard: GuardSettings,
+    /// How the progressive schedule is driven.
+    pub schedule: ScheduleSettings,
 }
 
 /// The server's certificate and key, and the CA that client certificates must be signed by
@@ -109,6 +114,8 @@ impl ServerConfig {
         limits: Limits::DEFAULT,
         retention: RetentionSettings::DEFAULT,
         shadow: ShadowSettings::DEFAULT,
+        guard: GuardSettings::DEFAULT,
+        schedule: ScheduleSettings::DEFAULT,
     };
 }
 
@@ -370,12 +377,28 @@ impl<S: Store> Application<S> {
             &jobs,
             Arc::clone(&server_metrics),
         );
+        let guard = Guard::start(
+            Arc::clone(&store),
+            view.clone(),
+            config.guard,
+            &jobs,
+            Arc::clone(&server_metrics),
+        );
+        ScheduleDriver::start(
+            Arc::clone(&store),
+            view.clone(),
+            guard.clone(),
+            config.schedule,
+            &jobs,
+            Arc::clone(&server_metrics),
+        );
         let shadow = Shadow::start(
             Arc::clone(&store),
             view.clone(),
             config.shadow,
             &jobs,
             Arc::clone(&server_metrics),
+            guard.clone(),
         );
         let mut routes = Routes::builder();
         routes
@@ -389,12 +412,14 @@ impl<S: Store> Application<S> {
                     Arc::clone(&server_metrics),
                     group_commit.clone(),
                 )
-                .with_shadow(shadow.clone()),
+                .with_shadow(shadow.clone())
+                .with_guard(guard.clone()),
                 config.limits.stream_idle_timeout,
             ))))
             .add_service(with_limits!(RolloutServiceServer::new(RolloutApi::new(
                 RolloutControl::new(Arc::clone(&store), view.clone(), jobs.clone())
                     .with_shadow(shadow)
+                    .with_guard(guard)
             ))))
             .add_service(with_limits!(MigrationServiceServer::new(
                 MigrationApi::new(
@@ -547,6 +572,7 @@ impl MetricsEndpoint {
         }
         let store = Arc::clone(store);
         let phases = Phase::ALL.map(Phase::name);
+        let schedule_statuses = crate::rollout::ScheduleStatus::ALL.map(|s| s.name());
         let scrape = move || {
             let applied = view.current();
             let config = &applied.rollout.config;
@@ -556,6 +582,14 @@ impl MetricsEndpoint {
                 rollout_version: config.version,
                 rollout_basis_points: config.basis_points,
                 kill_switch: config.kill_switch,
+                guard_tripped: config.automation.tripped.is_some(),
+                quarantined: applied.rollout.quarantined.len(),
+                schedule: config
+                    .automation
+                    .schedule
+                    .as_ref()
+                    .map(|s| (s.step + 1, s.status.name())),
+                schedule_statuses: &schedule_statuses,
                 pools: &store.pool_use(),
             })
         };

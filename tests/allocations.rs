@@ -52,6 +52,7 @@ fn a_rollout_decision_allocates_nothing() {
         salt: "0196f1c2-7a3b-7cc1-9d1e-2f3a4b5c6d7e".into(),
         version: 9,
         shadow_sample_ppm: None,
+        automation: Default::default(),
     };
     let killed = RolloutConfig {
         kill_switch: true,

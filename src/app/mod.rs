@@ -7,17 +7,20 @@
 
 mod error;
 mod group_commit;
+mod guard;
 mod jobs;
 mod migration;
 mod retention;
 mod rollout;
 mod rollout_view;
 mod runner;
+mod schedule;
 mod shadow;
 mod stats;
 
 pub use error::AppError;
 pub use group_commit::{GroupCommit, GroupCommitSettings, IngestError};
+pub use guard::{GUARD_TICK, Guard, GuardStatus};
 pub use jobs::Jobs;
 pub use migration::{
     BackfillRequest, DEFAULT_BATCH_SIZE, LEGACY_TABLES, MAX_BATCH_SIZE, MAX_TRANSITIONS_LISTED,
@@ -28,5 +31,6 @@ pub use retention::{RetentionSettings, keep_raw_events_trimmed, retention_pass};
 pub use rollout::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, RolloutControl, page_size};
 pub use rollout_view::RolloutView;
 pub use runner::run_backfill;
+pub use schedule::{SCHEDULE_LEASE, ScheduleDriver, ScheduleSettings};
 pub use shadow::{MISMATCHES_KEPT, Mismatch, Shadow, ShadowRead, ShadowSettings};
 pub use stats::{STREAM_CHUNK_EVENTS, Stats, StreamFailure, StreamRecorded};

@@ -1,11 +1,11 @@
 //! The read rollout: read it, change it, evaluate a user, read its audit.
 
 use crate::domain::{StorageSource, ValidationError, validate_id};
-use crate::rollout::{Applied, AuditEntry, Decision, RolloutChange};
-use crate::storage::Store;
+use crate::rollout::{Applied, AuditEntry, Decision, GUARD_ACTOR, RolloutChange, SCHEDULE_ACTOR};
+use crate::storage::{PhaseStore, RolloutStore, Store};
 use std::sync::Arc;
 
-use super::{AppError, Jobs, Mismatch, RolloutView, Shadow};
+use super::{AppError, Guard, GuardStatus, Jobs, Mismatch, RolloutView, Shadow};
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -35,6 +35,32 @@ fn bad_token() -> AppError {
     ValidationError::single("page_token", "is not a token this service gave").into()
 }
 
+/// Applies `change` to the stored rollout (see [`crate::storage::RolloutStore::change_rollout`])
+/// and at once to `view`; the other replicas apply it within their refresh interval. The one
+/// way every rollout change is made: by people, the guard and the schedule.
+pub(super) async fn change_rollout<S: RolloutStore + PhaseStore>(
+    store: &S,
+    view: &RolloutView,
+    change: &RolloutChange,
+    expected_version: Option<u64>,
+    actor: &str,
+    reason: &str,
+) -> Result<Arc<Applied>, AppError> {
+    store
+        .change_rollout(change, expected_version, actor, reason)
+        .await?;
+    view.refresh(store).await?;
+    let applied = view.current();
+    tracing::info!(
+        version = applied.rollout.config.version,
+        ?change,
+        actor,
+        reason,
+        "rollout changed"
+    );
+    Ok(applied)
+}
+
 /// The rollout use cases: read, change, evaluate, audit.
 #[derive(Debug)]
 pub struct RolloutControl<S> {
@@ -42,6 +68,7 @@ pub struct RolloutControl<S> {
     view: RolloutView,
     jobs: Jobs,
     shadow: Option<Shadow>,
+    guard: Option<Guard>,
 }
 
 impl<S> Clone for RolloutControl<S> {
@@ -51,6 +78,7 @@ impl<S> Clone for RolloutControl<S> {
             view: self.view.clone(),
             jobs: self.jobs.clone(),
             shadow: self.shadow.clone(),
+            guard: self.guard.clone(),
         }
     }
 }
@@ -63,7 +91,19 @@ impl<S: Store> RolloutControl<S> {
             view,
             jobs,
             shadow: None,
+            guard: None,
         }
+    }
+
+    /// The same, able to say what this replica's guard sees.
+    pub fn with_guard(mut self, guard: Guard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// What this replica's guard sees now (`None`: this server runs no guard).
+    pub fn guard_status(&self) -> Option<GuardStatus> {
+        self.guard.as_ref().map(Guard::status)
     }
 
     /// The same, able to list what this replica's shadow reads found.
@@ -94,19 +134,22 @@ impl<S: Store> RolloutControl<S> {
         actor: &str,
         reason: &str,
     ) -> Result<Arc<Applied>, AppError> {
-        self.store
-            .change_rollout(&change, expected_version, actor, reason)
-            .await?;
-        self.view.refresh(self.store.as_ref()).await?;
-        let applied = self.view.current();
-        tracing::info!(
-            version = applied.rollout.config.version,
-            ?change,
+        if [GUARD_ACTOR, SCHEDULE_ACTOR].contains(&actor) {
+            return Err(ValidationError::single(
+                "actor",
+                format!("{actor:?} is kept for the service's own changes"),
+            )
+            .into());
+        }
+        change_rollout(
+            self.store.as_ref(),
+            &self.view,
+            &change,
+            expected_version,
             actor,
             reason,
-            "rollout changed"
-        );
-        Ok(applied)
+        )
+        .await
     }
 
     /// Replaces the salt with a fresh random one, so every user's bucket moves (the

@@ -15,7 +15,8 @@ use crate::migration::Phase;
 use crate::storage::{StorageError, Store};
 use crate::telemetry::ServerMetrics;
 
-use super::{Jobs, RolloutView};
+use super::{Guard, Jobs, RolloutView};
+use crate::rollout::ALL_USERS;
 
 /// How reads are shadowed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,6 +81,16 @@ pub enum ShadowRead {
 }
 
 impl ShadowRead {
+    /// The user whose read it is (`*`: the all-users view).
+    fn user(&self) -> &str {
+        match self {
+            ShadowRead::Campaigns { user, .. } => user.as_str(),
+            ShadowRead::Daily { scope, .. } => {
+                scope.user.as_ref().map_or(ALL_USERS, UserId::as_str)
+            }
+        }
+    }
+
     fn method(&self) -> &'static str {
         match self {
             ShadowRead::Campaigns { .. } => "campaign_totals",
@@ -103,6 +114,8 @@ pub struct Shadow {
     view: RolloutView,
     metrics: Arc<ServerMetrics>,
     mismatches: Arc<Mutex<VecDeque<Mismatch>>>,
+    /// Told every comparison and every shadow read's time.
+    guard: Guard,
 }
 
 /// The storage a shadow read asks, when the phase lets it answer as the primary would:
@@ -119,13 +132,15 @@ fn other_storage(phase: Phase, primary: StorageSource) -> Option<StorageSource> 
 }
 
 impl Shadow {
-    /// Starts `settings.workers` workers reading `store` (stopped with `jobs`).
+    /// Starts `settings.workers` workers reading `store` (stopped with `jobs`), telling
+    /// `guard` what they find.
     pub fn start<S: Store>(
         store: Arc<S>,
         view: RolloutView,
         settings: ShadowSettings,
         jobs: &Jobs,
         metrics: Arc<ServerMetrics>,
+        guard: Guard,
     ) -> Self {
         let (queue, tasks) = mpsc::channel::<Task>(settings.queue.max(1));
         let tasks = Arc::new(tokio::sync::Mutex::new(tasks));
@@ -135,6 +150,7 @@ impl Shadow {
             view: view.clone(),
             metrics,
             mismatches: Arc::default(),
+            guard,
         };
         for _ in 0..settings.workers.max(1) {
             let (store, view, tasks, shadow) = (
@@ -202,12 +218,16 @@ impl Shadow {
             let Some(task) = task else { return };
             self.metrics.shadow_queued().dec();
             let method = task.read.method();
+            let user = task.read.user().to_owned();
             let outcome = match other_storage(view.current().phase, task.primary) {
                 None => "skipped",
                 Some(other) => {
-                    match tokio::time::timeout(timeout, self.compare(store.as_ref(), task, other))
-                        .await
-                    {
+                    let started = std::time::Instant::now();
+                    let compared =
+                        tokio::time::timeout(timeout, self.compare(store.as_ref(), task, other))
+                            .await;
+                    let took = started.elapsed();
+                    let outcome = match compared {
                         Ok(Ok(true)) => "match",
                         Ok(Ok(false)) => "mismatch",
                         Ok(Err(error)) => {
@@ -215,7 +235,13 @@ impl Shadow {
                             "error"
                         }
                         Err(_) => "timeout",
+                    };
+                    let failed = matches!(outcome, "error" | "timeout");
+                    self.guard.read(other, took, failed);
+                    if !failed {
+                        self.guard.compared(&user, outcome == "mismatch");
                     }
+                    outcome
                 }
             };
             self.metrics.observe_shadow(method, outcome);

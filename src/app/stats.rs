@@ -13,7 +13,7 @@ use crate::storage::{RecordOutcome, Store};
 use crate::telemetry::ServerMetrics;
 use futures::{Stream, StreamExt};
 
-use super::{AppError, GroupCommit, RolloutView, Shadow, ShadowRead};
+use super::{AppError, GroupCommit, Guard, RolloutView, Shadow, ShadowRead};
 
 /// How many streamed events are written together by [`Stats::record_stream`].
 pub const STREAM_CHUNK_EVENTS: usize = 1_000;
@@ -48,6 +48,7 @@ pub struct Stats<S> {
     metrics: Arc<ServerMetrics>,
     group_commit: GroupCommit,
     shadow: Option<Shadow>,
+    guard: Option<Guard>,
 }
 
 impl<S> Clone for Stats<S> {
@@ -58,6 +59,7 @@ impl<S> Clone for Stats<S> {
             metrics: Arc::clone(&self.metrics),
             group_commit: self.group_commit.clone(),
             shadow: self.shadow.clone(),
+            guard: self.guard.clone(),
         }
     }
 }
@@ -76,7 +78,27 @@ impl<S: Store> Stats<S> {
             metrics,
             group_commit,
             shadow: None,
+            guard: None,
         }
+    }
+
+    /// The same, telling `guard` how each read went.
+    pub fn with_guard(mut self, guard: Guard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// Tells the guard, if any, how a read of `source` went; hands the result on.
+    fn watched<T>(
+        &self,
+        source: crate::domain::StorageSource,
+        started: Instant,
+        result: Result<T, crate::storage::StorageError>,
+    ) -> Result<T, crate::storage::StorageError> {
+        if let Some(guard) = &self.guard {
+            guard.read(source, started.elapsed(), result.is_err());
+        }
+        result
     }
 
     /// The same, shadowing a sample of reads on the other storage.
@@ -165,7 +187,8 @@ impl<S: Store> Stats<S> {
         let totals = self
             .store
             .campaign_totals(source, &query.user, &query.campaigns, query.range)
-            .await?;
+            .await;
+        let totals = self.watched(source, started, totals)?;
         self.metrics
             .observe_read("campaign_totals", source, started.elapsed());
         if let Some(shadow) = &self.shadow {
@@ -195,7 +218,8 @@ impl<S: Store> Stats<S> {
         let daily = self
             .store
             .daily_totals(source, &query.scope, query.range)
-            .await?;
+            .await;
+        let daily = self.watched(source, started, daily)?;
         self.metrics
             .observe_read("daily_totals", source, started.elapsed());
         if let Some(shadow) = &self.shadow {

@@ -22,8 +22,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::app::{GroupCommitSettings, RetentionSettings, ShadowSettings};
+use crate::app::{GroupCommitSettings, RetentionSettings, ScheduleSettings, ShadowSettings};
 use crate::grpc::Limits;
+use crate::rollout::{GuardAction, GuardSettings, fraction, ppm};
 use crate::server::{AuthSettings, Listeners, ServerConfig, TlsSettings, launch};
 use crate::storage::{Backend, DatabaseUrl, PoolOptions, PostgresStore, SqliteStore, Store};
 use crate::telemetry::{self, LogFormat};
@@ -89,6 +90,16 @@ fn parse_fraction(value: &str) -> Result<f64, String> {
         .ok()
         .filter(|f| (0.0..=1.0).contains(f))
         .ok_or_else(|| format!("{value:?} is not a fraction from 0 to 1 (e.g. 0.05)"))
+}
+
+/// A latency ratio: 0 (off), or from 1 to 1,000.
+fn parse_ratio(value: &str) -> Result<f64, String> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|r| *r == 0.0 || (1.0..=1_000.0).contains(r))
+        .ok_or_else(|| format!("{value:?} is not 0 (off) or a ratio from 1 to 1000 (e.g. 3)"))
 }
 
 /// `duration` in whole milliseconds, as the flags take it.
@@ -257,6 +268,49 @@ pub struct ServeArgs {
     #[arg(long, env = "STATS_SHADOW_SAMPLE_RATE",
           default_value_t = SERVER.shadow.sample_rate, value_parser = parse_fraction)]
     pub shadow_sample_rate: f64,
+    /// The guard trips when more than this share (0 to 1) of shadow comparisons in its window
+    /// disagree. The rollout's guard settings (`rollout guard set`) win over every `--guard-*`
+    /// flag while set.
+    #[arg(long, env = "STATS_GUARD_MAX_MISMATCH_RATE",
+          default_value_t = fraction(SERVER.guard.max_mismatch_ppm), value_parser = parse_fraction)]
+    pub guard_max_mismatch_rate: f64,
+    /// The guard trips when more than this share (0 to 1) of new-storage reads fail.
+    #[arg(long, env = "STATS_GUARD_MAX_ERROR_RATE",
+          default_value_t = fraction(SERVER.guard.max_error_ppm), value_parser = parse_fraction)]
+    pub guard_max_error_rate: f64,
+    /// The guard trips when the new storage's p99 read time exceeds legacy's by more than
+    /// this factor (e.g. 3); 0 turns the signal off.
+    #[arg(long, env = "STATS_GUARD_MAX_P99_RATIO", default_value_t = 0.0,
+          value_parser = parse_ratio)]
+    pub guard_max_p99_ratio: f64,
+    /// Samples a signal needs in the window before the guard acts on it.
+    #[arg(long, env = "STATS_GUARD_MIN_SAMPLES", default_value_t = SERVER.guard.min_samples,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub guard_min_samples: u32,
+    /// The guard's sliding window, in seconds.
+    #[arg(long, env = "STATS_GUARD_WINDOW_SECS", default_value_t = SERVER.guard.window_secs,
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub guard_window_secs: u32,
+    /// What the guard does when it trips: engage the kill switch, or step the percentage back
+    /// to the schedule's last green step (0 without a schedule).
+    #[arg(long, env = "STATS_GUARD_ACTION", default_value = "kill-switch",
+          value_parser = ["kill-switch", "step-back"])]
+    pub guard_action: String,
+    /// Quarantine (pin to legacy) a user whose own reads disagree this many times in the
+    /// window, before anything trips for everyone; 0 turns quarantine off.
+    #[arg(long, env = "STATS_GUARD_QUARANTINE_AFTER",
+          default_value_t = SERVER.guard.quarantine_after)]
+    pub guard_quarantine_after: u32,
+    /// Most users quarantined at once; one more trips the guard for everyone.
+    #[arg(long, env = "STATS_GUARD_MAX_QUARANTINED",
+          default_value_t = SERVER.guard.max_quarantined)]
+    pub guard_max_quarantined: u32,
+    /// Seconds a replica driving the progressive schedule holds its lease without renewing
+    /// it: how soon another replica takes over from one that died.
+    #[arg(long, env = "STATS_SCHEDULE_LEASE_SECS",
+          default_value_t = SERVER.schedule.lease.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub schedule_lease_secs: u64,
     /// The server's TLS certificate chain (PEM); with `--tls-key`, the API speaks TLS only.
     #[arg(long, env = "STATS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -312,6 +366,20 @@ impl ServeArgs {
             shadow: ShadowSettings {
                 sample_rate: self.shadow_sample_rate,
                 ..ShadowSettings::DEFAULT
+            },
+            guard: GuardSettings {
+                max_mismatch_ppm: ppm(self.guard_max_mismatch_rate),
+                max_error_ppm: ppm(self.guard_max_error_rate),
+                max_p99_ratio_percent: (self.guard_max_p99_ratio * 100.0).round() as u32,
+                min_samples: self.guard_min_samples,
+                window_secs: self.guard_window_secs,
+                action: GuardAction::from_name(&self.guard_action).unwrap_or_default(),
+                quarantine_after: self.guard_quarantine_after,
+                max_quarantined: self.guard_max_quarantined,
+            },
+            schedule: ScheduleSettings {
+                lease: Duration::from_secs(self.schedule_lease_secs),
+                ..ScheduleSettings::DEFAULT
             },
             tls: self
                 .tls_cert

@@ -100,6 +100,97 @@ pub enum RolloutCommand {
         #[command(flatten)]
         audit: Audited,
     },
+    /// The guard that rolls reads back by itself: its state and thresholds (default), or set
+    /// them.
+    Guard {
+        #[command(subcommand)]
+        command: Option<GuardCommand>,
+    },
+    /// The progressive schedule: start, pause, resume, abort.
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
+    /// The users the guard quarantined (pinned to LEGACY because their reads disagreed).
+    Quarantines,
+    /// Release a quarantined user (clears their override).
+    Release {
+        /// The user id.
+        user: String,
+        #[command(flatten)]
+        audit: Audited,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GuardCommand {
+    /// What the guard sees now on the server asked.
+    Status,
+    /// Set the thresholds for every replica; an option left out keeps the value in effect.
+    Set {
+        /// Trip above this share (0 to 1) of disagreeing shadow comparisons.
+        #[arg(long)]
+        max_mismatch_rate: Option<f64>,
+        /// Trip above this share (0 to 1) of failing new-storage reads.
+        #[arg(long)]
+        max_error_rate: Option<f64>,
+        /// Trip when new's p99 read time exceeds legacy's by more than this factor (0: off).
+        #[arg(long)]
+        max_p99_ratio: Option<f64>,
+        /// Samples a signal needs before it counts.
+        #[arg(long)]
+        min_samples: Option<u32>,
+        /// The sliding window, in seconds.
+        #[arg(long)]
+        window_secs: Option<u32>,
+        /// `kill-switch` or `step-back`.
+        #[arg(long, value_parser = ["kill-switch", "step-back"])]
+        action: Option<String>,
+        /// Quarantine a user after this many disagreements in the window (0: off).
+        #[arg(long)]
+        quarantine_after: Option<u32>,
+        /// Most users quarantined at once.
+        #[arg(long)]
+        max_quarantined: Option<u32>,
+        /// Hand the thresholds back to each replica's --guard-* flags.
+        #[arg(long, conflicts_with_all = ["max_mismatch_rate", "max_error_rate", "max_p99_ratio", "min_samples", "window_secs", "action", "quarantine_after", "max_quarantined"])]
+        default: bool,
+        #[command(flatten)]
+        audit: Audited,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Start walking the percentage up, e.g. `--steps 1,5,25,50,100 --dwell-secs 300`.
+    Start {
+        /// The steps' percentages, rising, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true, value_parser = parse_percent)]
+        steps: Vec<f64>,
+        /// Least seconds on each step.
+        #[arg(long, default_value_t = 300)]
+        dwell_secs: u32,
+        /// Least shadow comparisons on each step.
+        #[arg(long, default_value_t = 100)]
+        min_comparisons: u32,
+        #[command(flatten)]
+        audit: Audited,
+    },
+    /// Stop advancing; the percentage stays.
+    Pause {
+        #[command(flatten)]
+        audit: Audited,
+    },
+    /// Go on from the step in effect (after a pause, or after the guard halted it).
+    Resume {
+        #[command(flatten)]
+        audit: Audited,
+    },
+    /// Abandon the schedule; the percentage stays.
+    Abort {
+        #[command(flatten)]
+        audit: Audited,
+    },
 }
 
 fn rollout_json(r: &Rollout) -> Value {
@@ -108,14 +199,46 @@ fn rollout_json(r: &Rollout) -> Value {
         "kill_switch": r.kill_switch, "salt": r.salt, "updated_at": time(r.updated_at),
         "phase": proto::MigrationPhase::try_from(r.phase).map(|p| p.as_str_name()).unwrap_or("UNKNOWN"),
         "overrides": r.overrides, "shadow_sample_rate": r.shadow_sample_rate,
+        "guard_tripped": r.guard_tripped, "quarantined": r.quarantined,
+        "schedule": r.schedule.as_ref().map(schedule_json),
     })
+}
+
+fn schedule_status(schedule: &proto::Schedule) -> &'static str {
+    proto::ScheduleStatus::try_from(schedule.status)
+        .map(|s| s.as_str_name().trim_start_matches("SCHEDULE_STATUS_"))
+        .unwrap_or("UNKNOWN")
+}
+
+fn schedule_json(schedule: &proto::Schedule) -> Value {
+    json!({
+        "percentages": schedule.percentages, "step": schedule.step,
+        "status": schedule_status(schedule), "dwell_seconds": schedule.dwell_seconds,
+        "min_comparisons": schedule.min_comparisons,
+        "step_started_at": time(schedule.step_started_at),
+    })
+}
+
+/// `RUNNING at step 2 of 5 (5.00%)`.
+fn schedule_text(schedule: &proto::Schedule) -> String {
+    format!(
+        "{} at step {} of {} ({:.2}%)",
+        schedule_status(schedule),
+        schedule.step,
+        schedule.percentages.len(),
+        schedule
+            .percentages
+            .get(schedule.step.saturating_sub(1) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    )
 }
 
 fn print_rollout(output: Output, rollout: &Rollout) -> std::io::Result<()> {
     match output {
         Output::Json => print_json(&rollout_json(rollout)),
         Output::Text => outln!(
-            "version {} (applied {})  percentage {:.2}%  kill switch {}  overrides {}  phase {}  salt {}  shadow {}  updated {}",
+            "version {} (applied {})  percentage {:.2}%  kill switch {}  overrides {}  phase {}  salt {}  shadow {}  guard {}  schedule {}  updated {}",
             rollout.version,
             rollout.applied_version,
             rollout.percentage,
@@ -132,6 +255,15 @@ fn print_rollout(output: Output, rollout: &Rollout) -> std::io::Result<()> {
             rollout
                 .shadow_sample_rate
                 .map_or("server default".to_owned(), |rate| format!("{rate}")),
+            if rollout.guard_tripped {
+                "TRIPPED"
+            } else {
+                "armed"
+            },
+            rollout
+                .schedule
+                .as_ref()
+                .map_or("none".to_owned(), schedule_text),
             time(rollout.updated_at),
         ),
     }
@@ -187,6 +319,10 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
         RolloutCommand::History { limit } => history(&mut client, limit, args.output).await,
         RolloutCommand::Watch => watch(&mut client, args.output).await,
         RolloutCommand::Mismatches => mismatches(&mut client, args.output).await,
+        RolloutCommand::Guard {
+            command: None | Some(GuardCommand::Status),
+        } => guard(&mut client, args.output).await,
+        RolloutCommand::Quarantines => quarantines(&mut client, args.output).await,
         change => {
             let rollout = change_rollout(&mut client, change).await?;
             Ok(print_rollout(args.output, &rollout)?)
@@ -307,10 +443,73 @@ async fn change_rollout(
             client.reset_salt(ResetSaltRequest { reason, actor }).await,
             "cannot reset the salt",
         ),
+        RolloutCommand::Guard {
+            command:
+                Some(GuardCommand::Set {
+                    max_mismatch_rate,
+                    max_error_rate,
+                    max_p99_ratio,
+                    min_samples,
+                    window_secs,
+                    action,
+                    quarantine_after,
+                    max_quarantined,
+                    default,
+                    audit: Audited { reason, actor },
+                }),
+        } => {
+            let mut settings = guard_status(client).await?.settings.unwrap_or_default();
+            let or = |value: Option<f64>, current: &mut f64| {
+                if let Some(value) = value {
+                    *current = value;
+                }
+            };
+            or(max_mismatch_rate, &mut settings.max_mismatch_rate);
+            or(max_error_rate, &mut settings.max_error_rate);
+            or(max_p99_ratio, &mut settings.max_p99_ratio);
+            settings.min_samples = min_samples.unwrap_or(settings.min_samples);
+            settings.window_seconds = window_secs.unwrap_or(settings.window_seconds);
+            settings.quarantine_after = quarantine_after.unwrap_or(settings.quarantine_after);
+            settings.max_quarantined = max_quarantined.unwrap_or(settings.max_quarantined);
+            if let Some(action) = action {
+                settings.action = match action.as_str() {
+                    "step-back" => proto::GuardAction::StepBack,
+                    _ => proto::GuardAction::KillSwitch,
+                }
+                .into();
+            }
+            let request = proto::SetGuardSettingsRequest {
+                settings: Some(settings),
+                server_default: default,
+                reason,
+                actor,
+            };
+            changed(
+                client.set_guard_settings(request).await,
+                "cannot set the guard's thresholds",
+            )
+        }
+        RolloutCommand::Schedule { command } => schedule(client, command).await,
+        RolloutCommand::Release {
+            user,
+            audit: Audited { reason, actor },
+        } => {
+            let request = ClearUserOverrideRequest {
+                user_id: user,
+                reason,
+                actor,
+            };
+            changed(
+                client.clear_user_override(request).await,
+                "cannot release the user",
+            )
+        }
         RolloutCommand::Evaluate { .. }
         | RolloutCommand::History { .. }
         | RolloutCommand::Watch
-        | RolloutCommand::Mismatches => {
+        | RolloutCommand::Mismatches
+        | RolloutCommand::Quarantines
+        | RolloutCommand::Guard { .. } => {
             unreachable!("rollout() answers the commands that change nothing")
         }
     }
@@ -446,6 +645,164 @@ async fn mismatches(
                     new.opened,
                     new.replied
                 )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn schedule(
+    client: &mut RolloutServiceClient<ServerChannel>,
+    command: ScheduleCommand,
+) -> anyhow::Result<Rollout> {
+    match command {
+        ScheduleCommand::Start {
+            steps,
+            dwell_secs,
+            min_comparisons,
+            audit: Audited { reason, actor },
+        } => {
+            let request = proto::StartScheduleRequest {
+                percentages: steps,
+                dwell_seconds: dwell_secs,
+                min_comparisons,
+                reason,
+                actor,
+            };
+            changed(
+                client.start_schedule(request).await,
+                "cannot start the schedule",
+            )
+        }
+        ScheduleCommand::Pause {
+            audit: Audited { reason, actor },
+        } => changed(
+            client
+                .pause_schedule(proto::PauseScheduleRequest { reason, actor })
+                .await,
+            "cannot pause the schedule",
+        ),
+        ScheduleCommand::Resume {
+            audit: Audited { reason, actor },
+        } => changed(
+            client
+                .resume_schedule(proto::ResumeScheduleRequest { reason, actor })
+                .await,
+            "cannot resume the schedule",
+        ),
+        ScheduleCommand::Abort {
+            audit: Audited { reason, actor },
+        } => changed(
+            client
+                .abort_schedule(proto::AbortScheduleRequest { reason, actor })
+                .await,
+            "cannot abort the schedule",
+        ),
+    }
+}
+
+async fn guard_status(
+    client: &mut RolloutServiceClient<ServerChannel>,
+) -> anyhow::Result<proto::GetGuardResponse> {
+    Ok(client
+        .get_guard(proto::GetGuardRequest {})
+        .await
+        .map_err(|s| failed("cannot read the guard", s))?
+        .into_inner())
+}
+
+fn action_name(settings: &proto::GuardSettings) -> &'static str {
+    match proto::GuardAction::try_from(settings.action) {
+        Ok(proto::GuardAction::StepBack) => "step-back",
+        _ => "kill-switch",
+    }
+}
+
+async fn guard(
+    client: &mut RolloutServiceClient<ServerChannel>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let status = guard_status(client).await?;
+    let settings = status.settings.unwrap_or_default();
+    let window = status.window.unwrap_or_default();
+    match output {
+        Output::Json => print_json(&json!({
+            "active": status.active, "tripped": status.tripped,
+            "tripped_at": status.tripped_at.map(|t| time(Some(t))),
+            "trip_signal": status.trip_signal, "trip_figures": status.trip_figures,
+            "settings_from_rollout": status.settings_from_rollout,
+            "settings": {
+                "max_mismatch_rate": settings.max_mismatch_rate,
+                "max_error_rate": settings.max_error_rate,
+                "max_p99_ratio": settings.max_p99_ratio, "min_samples": settings.min_samples,
+                "window_seconds": settings.window_seconds, "action": action_name(&settings),
+                "quarantine_after": settings.quarantine_after,
+                "max_quarantined": settings.max_quarantined,
+            },
+            "window": {
+                "comparisons": window.comparisons, "mismatches": window.mismatches,
+                "new_reads": window.new_reads, "new_errors": window.new_errors,
+                "legacy_reads": window.legacy_reads, "new_p99_ms": window.new_p99_ms,
+                "legacy_p99_ms": window.legacy_p99_ms,
+            },
+            "quarantined_user_ids": status.quarantined_user_ids,
+        }))?,
+        Output::Text => {
+            let state = match (status.tripped, status.active) {
+                (true, _) => format!(
+                    "TRIPPED at {} on {}: {}",
+                    time(status.tripped_at),
+                    status.trip_signal,
+                    printable(&status.trip_figures)
+                ),
+                (false, true) => "armed, watching".to_owned(),
+                (false, false) => "armed, idle (no read goes to new)".to_owned(),
+            };
+            outln!("guard {state}")?;
+            outln!(
+                "thresholds ({}): mismatch rate > {}, new error rate > {}, p99 ratio > {}, min samples {}, window {} s, action {}, quarantine after {} (at most {})",
+                if status.settings_from_rollout {
+                    "set for every replica"
+                } else {
+                    "this server's flags"
+                },
+                settings.max_mismatch_rate,
+                settings.max_error_rate,
+                if settings.max_p99_ratio == 0.0 {
+                    "off".to_owned()
+                } else {
+                    settings.max_p99_ratio.to_string()
+                },
+                settings.min_samples,
+                settings.window_seconds,
+                action_name(&settings),
+                settings.quarantine_after,
+                settings.max_quarantined,
+            )?;
+            outln!(
+                "window here: {} comparisons, {} mismatches; new reads {}, errors {}; legacy reads {}",
+                window.comparisons,
+                window.mismatches,
+                window.new_reads,
+                window.new_errors,
+                window.legacy_reads
+            )?;
+            outln!("quarantined users: {}", status.quarantined_user_ids.len())?;
+        }
+    }
+    Ok(())
+}
+
+async fn quarantines(
+    client: &mut RolloutServiceClient<ServerChannel>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let users = guard_status(client).await?.quarantined_user_ids;
+    match output {
+        Output::Json => print_json(&json!(users))?,
+        Output::Text => {
+            for user in &users {
+                outln!("{}", printable(user))?;
             }
         }
     }

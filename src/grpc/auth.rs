@@ -200,6 +200,11 @@ audited!(
     ResolveAmbiguousRowsRequest,
     RepairRollupsRequest,
     SetShadowSampleRateRequest,
+    SetGuardSettingsRequest,
+    StartScheduleRequest,
+    PauseScheduleRequest,
+    ResumeScheduleRequest,
+    AbortScheduleRequest,
 );
 
 /// The message of `request`, its `actor` the authenticated caller's token name when there is

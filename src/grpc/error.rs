@@ -112,9 +112,11 @@ pub fn status_of(
         AppError::RolloutRefused(refused) => {
             let code = match refused {
                 RolloutRefused::VersionConflict { .. } => Code::Aborted,
-                RolloutRefused::NotVerified(_) | RolloutRefused::LegacyRetired => {
-                    Code::FailedPrecondition
-                }
+                RolloutRefused::NotVerified(_)
+                | RolloutRefused::LegacyRetired
+                | RolloutRefused::GuardTripped(_)
+                | RolloutRefused::AlreadyOverridden(_)
+                | RolloutRefused::Schedule(_) => Code::FailedPrecondition,
             };
             return plain(code, refused.to_string(), metadata);
         }

@@ -15,8 +15,11 @@ use super::proto::{
     SetRolloutPercentageRequest, SetUserOverrideRequest, UserOverride, WatchRolloutRequest,
 };
 use crate::app::RolloutControl;
-use crate::domain::{StorageSource, ValidationError, validate_id};
-use crate::rollout::{Applied, RolloutChange};
+use crate::domain::{FieldViolation, StorageSource, ValidationError, validate_id};
+use crate::rollout::{
+    Applied, GuardAction, GuardSettings, RolloutChange, Schedule, ScheduleStatus, check_steps,
+    fraction, ppm,
+};
 use crate::storage::Store;
 
 /// What a rollout change's reason must say.
@@ -37,6 +40,112 @@ impl<S: Store> RolloutApi<S> {
 /// The stream of `WatchRollout`.
 pub type RolloutStream = Pin<Box<dyn Stream<Item = Result<proto::Rollout, Status>> + Send>>;
 
+fn schedule_status_to_proto(status: ScheduleStatus) -> proto::ScheduleStatus {
+    match status {
+        ScheduleStatus::Running => proto::ScheduleStatus::Running,
+        ScheduleStatus::Paused => proto::ScheduleStatus::Paused,
+        ScheduleStatus::Halted => proto::ScheduleStatus::Halted,
+        ScheduleStatus::Aborted => proto::ScheduleStatus::Aborted,
+        ScheduleStatus::Done => proto::ScheduleStatus::Done,
+    }
+}
+
+fn schedule_to_proto(schedule: &Schedule) -> proto::Schedule {
+    proto::Schedule {
+        percentages: schedule
+            .steps
+            .iter()
+            .map(|bp| f64::from(*bp) / 100.0)
+            .collect(),
+        step: u32::try_from(schedule.step + 1).unwrap_or(u32::MAX),
+        status: schedule_status_to_proto(schedule.status).into(),
+        dwell_seconds: schedule.dwell_secs,
+        min_comparisons: schedule.min_comparisons,
+        step_started_at: Some(super::migration::timestamp(schedule.step_started_at)),
+    }
+}
+
+fn guard_settings_to_proto(settings: &GuardSettings) -> proto::GuardSettings {
+    proto::GuardSettings {
+        max_mismatch_rate: fraction(settings.max_mismatch_ppm),
+        max_error_rate: fraction(settings.max_error_ppm),
+        max_p99_ratio: f64::from(settings.max_p99_ratio_percent) / 100.0,
+        min_samples: settings.min_samples,
+        window_seconds: settings.window_secs,
+        action: match settings.action {
+            GuardAction::KillSwitch => proto::GuardAction::KillSwitch,
+            GuardAction::StepBack => proto::GuardAction::StepBack,
+        }
+        .into(),
+        quarantine_after: settings.quarantine_after,
+        max_quarantined: settings.max_quarantined,
+    }
+}
+
+impl TryFrom<proto::GuardSettings> for GuardSettings {
+    type Error = ValidationError;
+
+    /// Every bad field named at once.
+    fn try_from(settings: proto::GuardSettings) -> Result<Self, Self::Error> {
+        let rate = |field: &str, value: f64| {
+            (value.is_finite() && (0.0..=1.0).contains(&value))
+                .then(|| ppm(value))
+                .ok_or_else(|| FieldViolation::new(field, "must be from 0 to 1"))
+        };
+        let p99 = settings.max_p99_ratio;
+        let checks = [
+            rate("settings.max_mismatch_rate", settings.max_mismatch_rate).err(),
+            rate("settings.max_error_rate", settings.max_error_rate).err(),
+            (!(p99 == 0.0 || (1.0..=1_000.0).contains(&p99))).then(|| {
+                FieldViolation::new("settings.max_p99_ratio", "must be 0 (off) or 1 to 1000")
+            }),
+            (settings.min_samples == 0)
+                .then(|| FieldViolation::new("settings.min_samples", "must be at least 1")),
+            (!(1..=86_400).contains(&settings.window_seconds))
+                .then(|| FieldViolation::new("settings.window_seconds", "must be 1 to 86400")),
+        ];
+        let action = match proto::GuardAction::try_from(settings.action) {
+            Ok(proto::GuardAction::KillSwitch) => Ok(GuardAction::KillSwitch),
+            Ok(proto::GuardAction::StepBack) => Ok(GuardAction::StepBack),
+            _ => Err(FieldViolation::new(
+                "settings.action",
+                "must be GUARD_ACTION_KILL_SWITCH or GUARD_ACTION_STEP_BACK",
+            )),
+        };
+        if checks.iter().any(Option::is_some) || action.is_err() {
+            return Err(ValidationError::from_failures(
+                checks.into_iter().chain([action.err()]),
+            ));
+        }
+        Ok(GuardSettings {
+            max_mismatch_ppm: ppm(settings.max_mismatch_rate),
+            max_error_ppm: ppm(settings.max_error_rate),
+            max_p99_ratio_percent: (p99 * 100.0).round() as u32,
+            min_samples: settings.min_samples,
+            window_secs: settings.window_seconds,
+            action: action.unwrap_or_default(),
+            quarantine_after: settings.quarantine_after,
+            max_quarantined: settings.max_quarantined,
+        })
+    }
+}
+
+/// A schedule's steps as basis points, each a valid percentage, rising.
+fn schedule_steps(percentages: &[f64]) -> Result<Vec<u32>, ValidationError> {
+    let steps = percentages
+        .iter()
+        .map(|p| basis_points(*p))
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(|_| {
+            ValidationError::single(
+                "percentages",
+                "each must be 0.01 to 100.00 in steps of 0.01",
+            )
+        })?;
+    check_steps(&steps).map_err(|why| ValidationError::single("percentages", why))?;
+    Ok(steps)
+}
+
 fn rollout_to_proto(applied: &Applied) -> proto::Rollout {
     let config = &applied.rollout.config;
     proto::Rollout {
@@ -48,7 +157,10 @@ fn rollout_to_proto(applied: &Applied) -> proto::Rollout {
         applied_version: config.version,
         phase: proto::MigrationPhase::from(applied.phase).into(),
         overrides: u32::try_from(applied.rollout.overrides.len()).unwrap_or(u32::MAX),
-        shadow_sample_rate: config.shadow_sample_ppm.map(|ppm| f64::from(ppm) / 1e6),
+        shadow_sample_rate: config.shadow_sample_ppm.map(fraction),
+        guard_tripped: config.automation.tripped.is_some(),
+        schedule: config.automation.schedule.as_ref().map(schedule_to_proto),
+        quarantined: u32::try_from(applied.rollout.quarantined.len()).unwrap_or(u32::MAX),
     }
 }
 
@@ -61,11 +173,9 @@ fn response(applied: &Applied) -> Response<GetRolloutResponse> {
 /// A sample rate, 0 to 1, as millionths.
 fn sample_ppm(rate: f64) -> Result<u32, ValidationError> {
     if rate.is_finite() && (0.0..=1.0).contains(&rate) {
-        Ok((rate * 1e6).round() as u32)
+        Ok(ppm(rate))
     } else {
-        Err(ValidationError::from_failures([Some(
-            crate::domain::FieldViolation::new("rate", "must be from 0 to 1"),
-        )]))
+        Err(ValidationError::single("rate", "must be from 0 to 1"))
     }
 }
 
@@ -204,6 +314,116 @@ impl<S: Store> RolloutService for RolloutApi<S> {
         let change = ppm.map(|ppm| RolloutChange::ShadowSampleRate { ppm });
         self.apply(change, None, request.actor, request.reason)
             .await
+    }
+
+    async fn get_guard(
+        &self,
+        _: Request<proto::GetGuardRequest>,
+    ) -> Result<Response<proto::GetGuardResponse>, Status> {
+        let status = self
+            .rollout
+            .guard_status()
+            .ok_or_else(|| Status::unimplemented("this server runs no guard"))?;
+        let figures = status.figures;
+        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        Ok(Response::new(proto::GetGuardResponse {
+            settings: Some(guard_settings_to_proto(&status.settings)),
+            settings_from_rollout: status.settings_from_rollout,
+            active: status.active,
+            tripped: status.trip.is_some(),
+            tripped_at: status
+                .trip
+                .as_ref()
+                .map(|t| super::migration::timestamp(t.at)),
+            trip_signal: status
+                .trip
+                .as_ref()
+                .map(|t| t.signal.clone())
+                .unwrap_or_default(),
+            trip_figures: status.trip.map(|t| t.figures).unwrap_or_default(),
+            window: Some(proto::GuardWindow {
+                comparisons: figures.comparisons,
+                mismatches: figures.mismatches,
+                new_reads: figures.new_reads,
+                new_errors: figures.new_errors,
+                legacy_reads: figures.legacy_reads,
+                new_p99_ms: ms(figures.new_p99),
+                legacy_p99_ms: ms(figures.legacy_p99),
+            }),
+            quarantined_user_ids: status.quarantined,
+        }))
+    }
+
+    async fn set_guard_settings(
+        &self,
+        request: Request<proto::SetGuardSettingsRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = audited(request);
+        let settings = if request.server_default {
+            Ok(None)
+        } else {
+            GuardSettings::try_from(request.settings.unwrap_or_default()).map(Some)
+        };
+        let change = settings.map(|settings| RolloutChange::GuardSettings { settings });
+        self.apply(change, None, request.actor, request.reason)
+            .await
+    }
+
+    async fn start_schedule(
+        &self,
+        request: Request<proto::StartScheduleRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = audited(request);
+        let change =
+            schedule_steps(&request.percentages).map(|steps| RolloutChange::ScheduleStart {
+                steps,
+                dwell_secs: request.dwell_seconds,
+                min_comparisons: request.min_comparisons,
+            });
+        self.apply(change, None, request.actor, request.reason)
+            .await
+    }
+
+    async fn pause_schedule(
+        &self,
+        request: Request<proto::PauseScheduleRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = audited(request);
+        self.apply(
+            Ok(RolloutChange::SchedulePause),
+            None,
+            request.actor,
+            request.reason,
+        )
+        .await
+    }
+
+    async fn resume_schedule(
+        &self,
+        request: Request<proto::ResumeScheduleRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = audited(request);
+        self.apply(
+            Ok(RolloutChange::ScheduleResume),
+            None,
+            request.actor,
+            request.reason,
+        )
+        .await
+    }
+
+    async fn abort_schedule(
+        &self,
+        request: Request<proto::AbortScheduleRequest>,
+    ) -> Result<Response<GetRolloutResponse>, Status> {
+        let request = audited(request);
+        self.apply(
+            Ok(RolloutChange::ScheduleAbort),
+            None,
+            request.actor,
+            request.reason,
+        )
+        .await
     }
 
     async fn list_shadow_mismatches(

@@ -18,6 +18,8 @@ pub struct RolloutConfig {
     /// The share of reads shadowed, in millionths, when set at run time; `None`: each
     /// replica's `--shadow-sample-rate`.
     pub shadow_sample_ppm: Option<u32>,
+    /// The guard's run-time settings and state, and the progressive schedule.
+    pub automation: super::Automation,
 }
 
 /// Why a read goes where it goes.
@@ -146,6 +148,7 @@ mod tests {
             salt: "s1".into(),
             version: 1,
             shadow_sample_ppm: None,
+            automation: Default::default(),
         }
     }
 

@@ -1,8 +1,10 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::{BUCKETS, RolloutConfig};
+use super::{
+    BUCKETS, GuardAction, GuardSettings, GuardTrip, RolloutConfig, Schedule, ScheduleStatus,
+};
 use crate::domain::StorageSource;
 
 /// The whole rollout as stored: the versioned settings and every per-user override.
@@ -11,6 +13,8 @@ pub struct RolloutSnapshot {
     pub config: RolloutConfig,
     pub updated_at: DateTime<Utc>,
     pub overrides: HashMap<String, StorageSource>,
+    /// The users among `overrides` the guard pinned to LEGACY (quarantined).
+    pub quarantined: HashSet<String>,
 }
 
 /// One change to the rollout; each bumps the version and is audited.
@@ -41,6 +45,34 @@ pub enum RolloutChange {
     ShadowSampleRate {
         ppm: Option<u32>,
     },
+    /// Guard thresholds for every replica; `None`: each replica's `--guard-*` flags again.
+    GuardSettings {
+        settings: Option<GuardSettings>,
+    },
+    /// The guard rolls reads back (made by the service, actor `guard`).
+    GuardTrip {
+        signal: String,
+        figures: String,
+        action: GuardAction,
+    },
+    /// The guard pins one user whose reads disagree to LEGACY (actor `guard`).
+    Quarantine {
+        user_id: String,
+    },
+    /// Starts a progressive schedule at its first step.
+    ScheduleStart {
+        steps: Vec<u32>,
+        dwell_secs: u32,
+        min_comparisons: u32,
+    },
+    /// The schedule moves on from step `from_step` (made by the service, actor `schedule`).
+    ScheduleAdvance {
+        from_step: usize,
+    },
+    SchedulePause,
+    /// Resumes a paused or halted schedule at its step, whose dwell starts again.
+    ScheduleResume,
+    ScheduleAbort,
 }
 
 /// Why a rollout change was refused.
@@ -52,6 +84,12 @@ pub enum RolloutRefused {
     NotVerified(crate::migration::Phase),
     #[error("the kill switch cannot be engaged in LEGACY_RETIRED: legacy is no longer written")]
     LegacyRetired,
+    #[error("the guard has already tripped ({0}); a person re-arms it")]
+    GuardTripped(String),
+    #[error("user {0} already has an override")]
+    AlreadyOverridden(String),
+    #[error("{0}")]
+    Schedule(String),
 }
 
 /// One audited change.
@@ -74,19 +112,77 @@ fn source_name(source: Option<StorageSource>) -> &'static str {
     source.map_or("none", StorageSource::name)
 }
 
-/// What applying `change` to `config` (with the override currently stored for the user the
-/// change names) gives: the new settings, and the change, before and after as the audit
-/// shows them. The version is bumped by one.
+/// What applying `change` to `config` at `now` (with the override currently stored for the
+/// user the change names) gives: the new settings, and the change, before and after as the
+/// audit shows them. The version is bumped by one. A person's change that takes the
+/// percentage back into their hands (see [`rearms_guard`]) re-arms a tripped guard.
 pub fn apply(
     change: &RolloutChange,
     config: &RolloutConfig,
     current_override: Option<StorageSource>,
+    now: DateTime<Utc>,
 ) -> (RolloutConfig, String, String, String) {
     let mut next = RolloutConfig {
         version: config.version + 1,
         ..config.clone()
     };
-    let (what, before, after) = match change {
+    let (what, before, mut after) = apply_change(change, config, &mut next, current_override, now);
+    if rearms_guard(change) && next.automation.tripped.take().is_some() {
+        after.push_str("; guard re-armed");
+    }
+    // A person moving the percentage or engaging the kill switch takes over from a running
+    // schedule, which would otherwise move the percentage under them.
+    let takes_over = matches!(
+        change,
+        RolloutChange::Percentage { .. } | RolloutChange::KillSwitch { engaged: true }
+    );
+    if let Some(schedule) = next.automation.schedule.as_mut()
+        && takes_over
+        && schedule.status == ScheduleStatus::Running
+    {
+        schedule.status = ScheduleStatus::Paused;
+        after.push_str("; schedule paused");
+    }
+    (next, what, before, after)
+}
+
+/// Whether `change` re-arms a tripped guard: a person releasing the kill switch, setting a
+/// percentage, or starting or resuming a schedule takes the rollout back into their hands.
+pub fn rearms_guard(change: &RolloutChange) -> bool {
+    matches!(
+        change,
+        RolloutChange::KillSwitch { engaged: false }
+            | RolloutChange::Percentage { .. }
+            | RolloutChange::ScheduleStart { .. }
+            | RolloutChange::ScheduleResume
+    )
+}
+
+fn schedule_text(schedule: Option<&Schedule>) -> String {
+    schedule.map_or("none".to_owned(), Schedule::describe)
+}
+
+fn rollout_text(config: &RolloutConfig) -> String {
+    format!(
+        "percentage {}, kill switch {}",
+        percent(config.basis_points),
+        if config.kill_switch {
+            "engaged"
+        } else {
+            "released"
+        }
+    )
+}
+
+/// [`apply`]'s change itself: writes `next`, answers what, before and after.
+fn apply_change(
+    change: &RolloutChange,
+    config: &RolloutConfig,
+    next: &mut RolloutConfig,
+    current_override: Option<StorageSource>,
+    now: DateTime<Utc>,
+) -> (String, String, String) {
+    match change {
         RolloutChange::Percentage {
             basis_points,
             forced,
@@ -139,17 +235,197 @@ pub fn apply(
                 rate(next.shadow_sample_ppm),
             )
         }
-    };
-    (next, what, before, after)
+        RolloutChange::GuardSettings { settings } => {
+            next.automation.guard = *settings;
+            let text =
+                |s: Option<GuardSettings>| s.map_or("server flags".to_owned(), |s| s.to_string());
+            (
+                "guard settings".to_owned(),
+                text(config.automation.guard),
+                text(next.automation.guard),
+            )
+        }
+        RolloutChange::GuardTrip {
+            signal,
+            figures,
+            action,
+        } => {
+            let before = rollout_text(config);
+            match action {
+                GuardAction::KillSwitch => next.kill_switch = true,
+                GuardAction::StepBack => {
+                    // Back to the last step the guard was green on: the one before the
+                    // schedule's current step, or 0 % without one.
+                    let schedule = next.automation.schedule.as_mut();
+                    next.basis_points = match schedule {
+                        Some(s) if s.status == ScheduleStatus::Running && s.step > 0 => {
+                            s.step -= 1;
+                            s.basis_points()
+                        }
+                        _ => 0,
+                    };
+                }
+            }
+            if let Some(schedule) = next.automation.schedule.as_mut()
+                && matches!(
+                    schedule.status,
+                    ScheduleStatus::Running | ScheduleStatus::Paused
+                )
+            {
+                schedule.status = ScheduleStatus::Halted;
+            }
+            next.automation.tripped = Some(GuardTrip {
+                at: now,
+                signal: signal.clone(),
+                figures: figures.clone(),
+            });
+            (
+                format!("guard trip ({signal}, {})", action.name()),
+                before,
+                rollout_text(next),
+            )
+        }
+        RolloutChange::Quarantine { user_id } => (
+            format!("quarantine {user_id}"),
+            source_name(current_override).to_owned(),
+            "legacy".to_owned(),
+        ),
+        RolloutChange::ScheduleStart {
+            steps,
+            dwell_secs,
+            min_comparisons,
+        } => {
+            let schedule = Schedule {
+                steps: steps.clone(),
+                dwell_secs: *dwell_secs,
+                min_comparisons: *min_comparisons,
+                step: 0,
+                status: ScheduleStatus::Running,
+                step_started_at: now,
+            };
+            next.basis_points = schedule.basis_points();
+            let steps: Vec<String> = steps.iter().map(|s| percent(*s)).collect();
+            next.automation.schedule = Some(schedule);
+            (
+                "schedule start".to_owned(),
+                format!(
+                    "{}; {}",
+                    schedule_text(config.automation.schedule.as_ref()),
+                    rollout_text(config)
+                ),
+                format!(
+                    "steps {} (dwell {} s, {} comparisons each); {}",
+                    steps.join(" → "),
+                    dwell_secs,
+                    min_comparisons,
+                    rollout_text(next)
+                ),
+            )
+        }
+        RolloutChange::ScheduleAdvance { .. } => {
+            if let Some(schedule) = next.automation.schedule.as_mut() {
+                schedule.step = (schedule.step + 1).min(schedule.steps.len() - 1);
+                schedule.step_started_at = now;
+                if schedule.step + 1 == schedule.steps.len() {
+                    schedule.status = ScheduleStatus::Done;
+                }
+                next.basis_points = schedule.basis_points();
+            }
+            schedule_change("schedule advance", config, next)
+        }
+        RolloutChange::SchedulePause => {
+            set_status(next, ScheduleStatus::Paused);
+            schedule_change("schedule pause", config, next)
+        }
+        RolloutChange::ScheduleResume => {
+            if let Some(schedule) = next.automation.schedule.as_mut() {
+                schedule.status = ScheduleStatus::Running;
+                schedule.step_started_at = now;
+                next.basis_points = schedule.basis_points();
+            }
+            schedule_change("schedule resume", config, next)
+        }
+        RolloutChange::ScheduleAbort => {
+            set_status(next, ScheduleStatus::Aborted);
+            schedule_change("schedule abort", config, next)
+        }
+    }
 }
 
-/// Refuses changes the migration phase does not allow.
+fn set_status(next: &mut RolloutConfig, status: ScheduleStatus) {
+    if let Some(schedule) = next.automation.schedule.as_mut() {
+        schedule.status = status;
+    }
+}
+
+fn schedule_change(
+    what: &str,
+    config: &RolloutConfig,
+    next: &RolloutConfig,
+) -> (String, String, String) {
+    let text = |c: &RolloutConfig| {
+        format!(
+            "{}; {}",
+            schedule_text(c.automation.schedule.as_ref()),
+            rollout_text(c)
+        )
+    };
+    (what.to_owned(), text(config), text(next))
+}
+
+/// Refuses changes the migration phase, or the state of the guard and the schedule in
+/// `config`, does not allow.
 pub fn check_change(
     change: &RolloutChange,
     phase: crate::migration::Phase,
+    config: &RolloutConfig,
+    current_override: Option<StorageSource>,
 ) -> Result<(), RolloutRefused> {
     use crate::migration::Phase;
+    let schedule = config.automation.schedule.as_ref();
+    let status = schedule.map(|s| s.status);
+    let refuse = |why: &str| Err(RolloutRefused::Schedule(why.to_owned()));
     match change {
+        RolloutChange::GuardTrip { action, .. } => {
+            if let Some(trip) = &config.automation.tripped {
+                return Err(RolloutRefused::GuardTripped(trip.signal.clone()));
+            }
+            if *action == GuardAction::KillSwitch && phase == Phase::LegacyRetired {
+                return Err(RolloutRefused::LegacyRetired);
+            }
+            Ok(())
+        }
+        RolloutChange::Quarantine { user_id } if current_override.is_some() => {
+            Err(RolloutRefused::AlreadyOverridden(user_id.clone()))
+        }
+        RolloutChange::ScheduleStart { .. } if phase < Phase::Verified => {
+            Err(RolloutRefused::NotVerified(phase))
+        }
+        RolloutChange::ScheduleStart { .. } if status == Some(ScheduleStatus::Running) => {
+            refuse("a schedule is running; pause or abort it first")
+        }
+        RolloutChange::ScheduleAdvance { from_step } => match schedule {
+            Some(s) if s.status == ScheduleStatus::Running && s.step == *from_step => Ok(()),
+            _ => refuse("the schedule moved on meanwhile"),
+        },
+        RolloutChange::SchedulePause if status != Some(ScheduleStatus::Running) => {
+            refuse("no schedule is running")
+        }
+        RolloutChange::ScheduleResume => match status {
+            Some(ScheduleStatus::Paused | ScheduleStatus::Halted) if config.kill_switch => {
+                refuse("the kill switch is engaged; release it before resuming the schedule")
+            }
+            Some(ScheduleStatus::Paused | ScheduleStatus::Halted) => Ok(()),
+            _ => refuse("no schedule is paused or halted"),
+        },
+        RolloutChange::ScheduleAbort
+            if !matches!(
+                status,
+                Some(ScheduleStatus::Running | ScheduleStatus::Paused | ScheduleStatus::Halted)
+            ) =>
+        {
+            refuse("no schedule is under way")
+        }
         RolloutChange::Percentage {
             basis_points,
             forced: false,
@@ -166,9 +442,9 @@ pub fn check_change(
 /// The user a change is about, if any.
 pub fn change_user(change: &RolloutChange) -> Option<&str> {
     match change {
-        RolloutChange::SetOverride { user_id, .. } | RolloutChange::ClearOverride { user_id } => {
-            Some(user_id)
-        }
+        RolloutChange::SetOverride { user_id, .. }
+        | RolloutChange::ClearOverride { user_id }
+        | RolloutChange::Quarantine { user_id } => Some(user_id),
         _ => None,
     }
 }

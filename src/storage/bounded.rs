@@ -220,6 +220,19 @@ impl<S: Store> RolloutStore for Bounded<S> {
         .await
     }
 
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StorageError> {
+        self.bound(self.inner.hold_lease(name, holder, ttl)).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StorageError> {
+        self.bound(self.inner.release_lease(name, holder)).await
+    }
+
     async fn rollout_history(
         &self,
         before_version: Option<u64>,

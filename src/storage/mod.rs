@@ -363,6 +363,23 @@ pub trait RolloutStore: Database {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<AuditEntry>, StorageError>> + Send;
 
+    /// Takes or renews the lease `name` for `holder` for `ttl`, if it is free, expired or
+    /// already `holder`'s: true when `holder` holds it now. Exactly one holder at a time
+    /// does the job a lease names (the schedule's driver).
+    fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+
+    /// Gives the lease `name` up, if `holder` holds it.
+    fn release_lease(
+        &self,
+        name: &str,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
     /// A feed that ticks whenever any replica commits a rollout or phase change, where the
     /// backend can push one (PostgreSQL: LISTEN/NOTIFY). `None`: replicas rely on polling.
     fn change_feed(&self) -> Option<ChangeFeed> {
@@ -639,10 +656,17 @@ type RolloutRow = (
     i64,
     chrono::DateTime<chrono::Utc>,
     Option<i64>,
+    Option<String>,
 );
 
+/// The automation document as stored (`None`: nothing set).
+fn automation_text(automation: &crate::rollout::Automation) -> Option<String> {
+    (*automation != crate::rollout::Automation::default())
+        .then(|| serde_json::to_string(automation).expect("automation serialises"))
+}
+
 fn rollout_config(
-    (basis_points, kill_switch, salt, version, _, shadow_sample_ppm): &RolloutRow,
+    (basis_points, kill_switch, salt, version, _, shadow_sample_ppm, automation): &RolloutRow,
 ) -> Result<crate::rollout::RolloutConfig, StorageError> {
     Ok(crate::rollout::RolloutConfig {
         basis_points: stored(*basis_points, "rollout basis points")?,
@@ -652,6 +676,12 @@ fn rollout_config(
         shadow_sample_ppm: shadow_sample_ppm
             .map(|ppm| stored(ppm, "shadow sample rate"))
             .transpose()?,
+        automation: automation
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| StorageError::Corrupt(format!("rollout automation: {e}")))?
+            .unwrap_or_default(),
     })
 }
 
@@ -668,15 +698,21 @@ fn source_from_name(name: &str) -> Result<StorageSource, StorageError> {
 
 fn rollout_snapshot(
     row: RolloutRow,
-    overrides: Vec<(String, String)>,
+    overrides: Vec<(String, String, String)>,
 ) -> Result<RolloutSnapshot, StorageError> {
+    let quarantined = overrides
+        .iter()
+        .filter(|(_, _, actor)| actor == crate::rollout::GUARD_ACTOR)
+        .map(|(user, _, _)| user.clone())
+        .collect();
     Ok(RolloutSnapshot {
         config: rollout_config(&row)?,
         updated_at: row.4,
         overrides: overrides
             .into_iter()
-            .map(|(user, source)| Ok((user, source_from_name(&source)?)))
+            .map(|(user, source, _)| Ok((user, source_from_name(&source)?)))
             .collect::<Result<_, StorageError>>()?,
+        quarantined,
     })
 }
 
@@ -810,17 +846,33 @@ mod tests {
 
     #[test]
     fn a_stored_value_out_of_range_is_corrupt_not_zero() {
-        let row: RolloutRow = (1_250, false, "s".into(), -1, chrono::Utc::now(), None);
+        let row: RolloutRow = (1_250, false, "s".into(), -1, chrono::Utc::now(), None, None);
         assert!(matches!(
             rollout_config(&row),
             Err(StorageError::Corrupt(_))
         ));
-        let row: RolloutRow = (1_250, false, "s".into(), 7, chrono::Utc::now(), Some(-5));
+        let row: RolloutRow = (
+            1_250,
+            false,
+            "s".into(),
+            7,
+            chrono::Utc::now(),
+            Some(-5),
+            None,
+        );
         assert!(matches!(
             rollout_config(&row),
             Err(StorageError::Corrupt(_))
         ));
-        let row: RolloutRow = (1_250, false, "s".into(), 7, chrono::Utc::now(), Some(50));
+        let row: RolloutRow = (
+            1_250,
+            false,
+            "s".into(),
+            7,
+            chrono::Utc::now(),
+            Some(50),
+            None,
+        );
         let config = rollout_config(&row).expect("a valid row");
         assert_eq!(
             (

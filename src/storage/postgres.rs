@@ -897,6 +897,19 @@ impl RolloutStore for PostgresStore {
         Shared::<Postgres>::rollout_history(&self.pool, before_version, limit).await
     }
 
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StorageError> {
+        Shared::<Postgres>::hold_lease(&self.pool, name, holder, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StorageError> {
+        Shared::<Postgres>::release_lease(&self.pool, name, holder).await
+    }
+
     fn change_feed(&self) -> Option<super::ChangeFeed> {
         let (signal, changes) = watch::channel(0);
         Some(super::ChangeFeed {

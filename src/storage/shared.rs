@@ -58,6 +58,7 @@ where
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (bool,): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
+    for<'r> (String, String, String): FromRow<'r, DB::Row>,
     for<'r> (String, DateTime<Utc>): FromRow<'r, DB::Row>,
     for<'r> batch::RunIssueRow: FromRow<'r, DB::Row>,
     for<'r> batch::UnresolvedRow: FromRow<'r, DB::Row>,
@@ -643,7 +644,7 @@ where
 
     pub async fn rollout(pool: &Pool<DB>) -> Result<RolloutSnapshot, StorageError> {
         let row: RolloutRow = sqlx::query_as(sql::ROLLOUT_STATE).fetch_one(pool).await?;
-        let overrides: Vec<(String, String)> =
+        let overrides: Vec<(String, String, String)> =
             sqlx::query_as(sql::OVERRIDES).fetch_all(pool).await?;
         rollout_snapshot(row, overrides)
     }
@@ -671,7 +672,6 @@ where
         let phase: String = sqlx::query_scalar(sql::PHASE_NAME)
             .fetch_one(&mut *tx)
             .await?;
-        check_change(change, parse_phase(&phase)?)?;
         let current_override = match change_user(change) {
             Some(user) => {
                 let source: Option<String> = sqlx::query_scalar(sql::OVERRIDE_OF_USER)
@@ -682,8 +682,9 @@ where
             }
             None => None,
         };
-        let (next, what, before, after) = apply(change, &current, current_override);
+        check_change(change, parse_phase(&phase)?, &current, current_override)?;
         let now = Utc::now();
+        let (next, what, before, after) = apply(change, &current, current_override, now);
         sqlx::query(sql::SET_ROLLOUT)
             .bind(i64::from(next.basis_points))
             .bind(next.kill_switch)
@@ -691,10 +692,18 @@ where
             .bind(next.version as i64)
             .bind(now)
             .bind(next.shadow_sample_ppm.map(i64::from))
+            .bind(super::automation_text(&next.automation))
             .execute(&mut *tx)
             .await?;
+        let pinned = match change {
+            RolloutChange::SetOverride { user_id, source } => Some((user_id, *source)),
+            RolloutChange::Quarantine { user_id } => {
+                Some((user_id, crate::domain::StorageSource::Legacy))
+            }
+            _ => None,
+        };
         match change {
-            RolloutChange::SetOverride { user_id, source } => {
+            _ if let Some((user_id, source)) = pinned => {
                 sqlx::query(sql::UPSERT_OVERRIDE)
                     .bind(user_id.as_str())
                     .bind(source.name())
@@ -721,6 +730,37 @@ where
             .bind(after)
             .bind(reason)
             .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn hold_lease(
+        pool: &Pool<DB>,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StorageError> {
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let held: Option<String> = sqlx::query_scalar(sql::TAKE_LEASE)
+            .bind(name)
+            .bind(holder)
+            .bind(until)
+            .bind(now)
+            .fetch_optional(pool)
+            .await?;
+        Ok(held.is_some())
+    }
+
+    pub async fn release_lease(
+        pool: &Pool<DB>,
+        name: &str,
+        holder: &str,
+    ) -> Result<(), StorageError> {
+        sqlx::query(sql::RELEASE_LEASE)
+            .bind(name)
+            .bind(holder)
+            .execute(pool)
             .await?;
         Ok(())
     }

@@ -48,9 +48,10 @@ const UNRESOLVED_ISSUES: &str = concatcp!(
          WHERE x.campaign_id = i.campaign_id AND x.stat_date = i.stat_date)"
 );
 
-/// The rollout row: basis points, kill switch, salt, version, last change, shadow sample rate.
+/// The rollout row: basis points, kill switch, salt, version, last change, shadow sample rate,
+/// automation (JSON).
 const ROLLOUT_STATE_ROW: &str = "SELECT CAST(basis_points AS BIGINT), kill_switch, salt, \
-     CAST(version AS BIGINT), updated_at, CAST(shadow_sample_ppm AS BIGINT) \
+     CAST(version AS BIGINT), updated_at, CAST(shadow_sample_ppm AS BIGINT), automation \
      FROM rollout_state WHERE id = 1";
 
 // Schema.
@@ -270,11 +271,18 @@ pub const ROLLOUT_STATE: &str = ROLLOUT_STATE_ROW;
 /// writer serialises changes by itself).
 pub const ROLLOUT_STATE_FOR_UPDATE: &str = concatcp!(ROLLOUT_STATE_ROW, " FOR UPDATE");
 pub const SET_ROLLOUT: &str = "UPDATE rollout_state SET basis_points = $1, kill_switch = $2, \
-    salt = $3, version = $4, updated_at = $5, shadow_sample_ppm = $6 WHERE id = 1";
+    salt = $3, version = $4, updated_at = $5, shadow_sample_ppm = $6, automation = $7 WHERE id = 1";
+/// Takes or renews lease `$1` for holder `$2` until `$3`, when it is free, expired (before
+/// `$4`, now) or already `$2`'s; answers a row only when `$2` holds it afterwards.
+pub const TAKE_LEASE: &str = "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+    ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+    WHERE leases.holder = excluded.holder OR leases.expires_at < $4 RETURNING holder";
+/// Gives lease `$1` up, if holder `$2` has it.
+pub const RELEASE_LEASE: &str = "DELETE FROM leases WHERE name = $1 AND holder = $2";
 /// Deletes up to `$2` idempotency keys recorded before `$1` (retention).
 pub const PRUNE_KEYS: &str = "DELETE FROM idempotency_keys WHERE (user_id, idempotency_key) IN \
     (SELECT user_id, idempotency_key FROM idempotency_keys WHERE recorded_at < $1 LIMIT $2)";
-pub const OVERRIDES: &str = "SELECT user_id, source FROM rollout_overrides";
+pub const OVERRIDES: &str = "SELECT user_id, source, actor FROM rollout_overrides";
 pub const OVERRIDE_OF_USER: &str = "SELECT source FROM rollout_overrides WHERE user_id = $1";
 pub const UPSERT_OVERRIDE: &str = "INSERT INTO rollout_overrides \
     (user_id, source, reason, actor, created_at) VALUES ($1, $2, $3, $4, $5) \

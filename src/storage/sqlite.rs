@@ -618,6 +618,19 @@ impl RolloutStore for SqliteStore {
     ) -> Result<Vec<AuditEntry>, StorageError> {
         Shared::<Sqlite>::rollout_history(&self.reader, before_version, limit).await
     }
+
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StorageError> {
+        Shared::<Sqlite>::hold_lease(&self.writer, name, holder, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StorageError> {
+        Shared::<Sqlite>::release_lease(&self.writer, name, holder).await
+    }
 }
 
 impl AdminStore for SqliteStore {

@@ -54,6 +54,16 @@ struct ShadowLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignalLabels {
+    signal: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -90,6 +100,14 @@ pub struct ReplicaSample<'a> {
     pub rollout_version: u64,
     pub rollout_basis_points: u32,
     pub kill_switch: bool,
+    /// Whether the guard has tripped (and not been re-armed), and how many users it keeps
+    /// quarantined.
+    pub guard_tripped: bool,
+    pub quarantined: usize,
+    /// The schedule's step in effect (1-based) and status, if there is a schedule; every
+    /// status in `schedule_statuses` has a gauge, 1 for the one in effect.
+    pub schedule: Option<(usize, &'static str)>,
+    pub schedule_statuses: &'a [&'static str],
     /// Each connection pool's use.
     pub pools: &'a [PoolUse],
 }
@@ -111,6 +129,16 @@ pub struct ServerMetrics {
     shadow_comparisons: Family<ShadowLabels, Counter>,
     shadow_queued: Gauge,
     shadow_dropped: Counter,
+    guard_tripped: Gauge,
+    guard_trips: Family<SignalLabels, Counter>,
+    guard_quarantines: Counter,
+    guard_quarantined: Gauge,
+    guard_window_comparisons: Gauge,
+    guard_window_mismatch_ratio: Gauge<f64, AtomicU64>,
+    guard_window_error_ratio: Gauge<f64, AtomicU64>,
+    schedule_step: Gauge,
+    schedule_status: Family<StatusLabels, Gauge>,
+    schedule_advances: Counter,
 }
 
 /// Latency buckets from 0.5 ms to ~16 s.
@@ -198,9 +226,80 @@ impl ServerMetrics {
             "Shadow reads dropped because the shadow queue was full",
             shadow_dropped.clone(),
         );
+        let guard_tripped = Gauge::default();
+        registry.register(
+            "guard_tripped",
+            "1 while the guard has tripped and no person has re-armed it",
+            guard_tripped.clone(),
+        );
+        let guard_trips = Family::<SignalLabels, Counter>::default();
+        registry.register(
+            "guard_trips",
+            "Automatic rollbacks this replica made, by the signal that tripped the guard \
+             (mismatch_rate, error_rate, p99_ratio, quarantines)",
+            guard_trips.clone(),
+        );
+        let guard_quarantines = Counter::default();
+        registry.register(
+            "guard_quarantines",
+            "Users this replica's guard pinned to legacy because their reads disagreed",
+            guard_quarantines.clone(),
+        );
+        let guard_quarantined = Gauge::default();
+        registry.register(
+            "guard_quarantined_users",
+            "Users pinned to legacy by the guard now",
+            guard_quarantined.clone(),
+        );
+        let guard_window_comparisons = Gauge::default();
+        registry.register(
+            "guard_window_comparisons",
+            "Shadow comparisons in this replica's guard window",
+            guard_window_comparisons.clone(),
+        );
+        let guard_window_mismatch_ratio = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "guard_window_mismatch_ratio",
+            "Share of the comparisons in this replica's guard window that disagreed",
+            guard_window_mismatch_ratio.clone(),
+        );
+        let guard_window_error_ratio = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "guard_window_error_ratio",
+            "Share of new-storage reads in this replica's guard window that failed",
+            guard_window_error_ratio.clone(),
+        );
+        let schedule_step = Gauge::default();
+        registry.register(
+            "schedule_step",
+            "The progressive schedule's step in effect (1-based; 0 without a schedule)",
+            schedule_step.clone(),
+        );
+        let schedule_status = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "schedule_status",
+            "1 for the progressive schedule's status, 0 for the others",
+            schedule_status.clone(),
+        );
+        let schedule_advances = Counter::default();
+        registry.register(
+            "schedule_advances",
+            "Steps this replica advanced the progressive schedule by",
+            schedule_advances.clone(),
+        );
         Self {
             registry,
             known_methods: known_methods(descriptor_sets),
+            guard_tripped,
+            guard_trips,
+            guard_quarantines,
+            guard_quarantined,
+            guard_window_comparisons,
+            guard_window_mismatch_ratio,
+            guard_window_error_ratio,
+            schedule_step,
+            schedule_status,
+            schedule_advances,
             shadow_comparisons,
             shadow_queued,
             shadow_dropped,
@@ -268,6 +367,32 @@ impl ServerMetrics {
         self.shadow_dropped.inc();
     }
 
+    /// Counts a rollback by the guard, tripped by `signal`.
+    pub fn guard_tripped(&self, signal: &'static str) {
+        self.guard_trips
+            .get_or_create(&SignalLabels { signal })
+            .inc();
+    }
+
+    /// Counts a user quarantined by the guard.
+    pub fn guard_quarantined(&self) {
+        self.guard_quarantines.inc();
+    }
+
+    /// Sets the guard window's figures: comparisons, and the shares that disagreed and
+    /// (of new-storage reads) failed.
+    pub fn guard_window(&self, comparisons: u64, mismatch_ratio: f64, error_ratio: f64) {
+        self.guard_window_comparisons
+            .set(i64::try_from(comparisons).unwrap_or(i64::MAX));
+        self.guard_window_mismatch_ratio.set(mismatch_ratio);
+        self.guard_window_error_ratio.set(error_ratio);
+    }
+
+    /// Counts a step the schedule advanced.
+    pub fn schedule_advanced(&self) {
+        self.schedule_advances.inc();
+    }
+
     /// Counts a stored batch of `events` events.
     pub fn observe_batch(&self, events: usize) {
         self.recorded_batch_events.observe(events as f64);
@@ -285,6 +410,20 @@ impl ServerMetrics {
         self.rollout_percentage
             .set(f64::from(sample.rollout_basis_points) / 100.0);
         self.rollout_kill_switch.set(i64::from(sample.kill_switch));
+        self.guard_tripped.set(i64::from(sample.guard_tripped));
+        self.guard_quarantined
+            .set(i64::try_from(sample.quarantined).unwrap_or(i64::MAX));
+        self.schedule_step.set(
+            sample
+                .schedule
+                .map_or(0, |(step, _)| i64::try_from(step).unwrap_or(i64::MAX)),
+        );
+        for &status in sample.schedule_statuses {
+            let current = sample.schedule.is_some_and(|(_, s)| s == status);
+            self.schedule_status
+                .get_or_create(&StatusLabels { status })
+                .set(i64::from(current));
+        }
         for &phase in sample.phases {
             self.migration_phase
                 .get_or_create(&PhaseLabels { phase })
@@ -379,6 +518,10 @@ mod tests {
             rollout_version: 7,
             rollout_basis_points: 1_250,
             kill_switch: false,
+            guard_tripped: true,
+            quarantined: 2,
+            schedule: Some((3, "running")),
+            schedule_statuses: &["running", "halted"],
             pools: &[],
         });
         assert!(

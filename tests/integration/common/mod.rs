@@ -215,6 +215,7 @@ impl TestDb {
             salt: String::new(),
             version: 0,
             shadow_sample_ppm: None,
+            automation: Default::default(),
         };
         campaign_stats::rollout::baseline(self.phase, &fresh)
     }
