@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod fuzz;
 mod group_commit;
+mod guard;
 mod limits;
 mod load;
 mod metrics;

@@ -12,6 +12,7 @@ use campaign_stats::grpc::proto::{
     RecordEventsRequest, RecordEventsResponse, ResetSaltRequest, Rollout,
     SetRolloutPercentageRequest, SetUserOverrideRequest, StorageSource, TransitionPhaseRequest,
 };
+use campaign_stats::grpc::proto::{GetGuardRequest, GetGuardResponse, StartScheduleRequest};
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -225,5 +226,36 @@ impl TestServer {
             .await
             .expect("GetAggregatedDailyStats")
             .into_inner()
+    }
+
+    /// `GetGuard`: what this replica's guard sees.
+    pub async fn guard(&self) -> GetGuardResponse {
+        self.rollout()
+            .await
+            .get_guard(GetGuardRequest {})
+            .await
+            .expect("GetGuard")
+            .into_inner()
+    }
+
+    /// `StartSchedule` through `percentages`, `dwell_seconds` and `min_comparisons` a step,
+    /// by [`TESTER`].
+    pub async fn start_schedule(
+        &self,
+        percentages: &[f64],
+        dwell_seconds: u32,
+        min_comparisons: u32,
+    ) -> Result<Rollout, Status> {
+        self.rollout()
+            .await
+            .start_schedule(StartScheduleRequest {
+                percentages: percentages.to_vec(),
+                dwell_seconds,
+                min_comparisons,
+                reason: "walk the rollout up".into(),
+                actor: TESTER.into(),
+            })
+            .await
+            .map(|response| response.into_inner().rollout.expect("rollout"))
     }
 }
