@@ -36,7 +36,7 @@ fn main() {
             async move { SqliteStore::connect(&url, &options).await.expect("SQLite") }
         };
         let mut next = 0;
-        run("SQLite", &sqlite, None, &mut next).await;
+        run("SQLite", &sqlite, &sqlite_url, None, &mut next).await;
 
         match std::env::var("STATS_TEST_POSTGRES_URL") {
             Ok(server_url) if !server_url.is_empty() => {
@@ -50,7 +50,7 @@ fn main() {
                     }
                 };
                 let mut next = 0;
-                run("PostgreSQL", &postgres, Some(&url), &mut next).await;
+                run("PostgreSQL", &postgres, &url, Some(&url), &mut next).await;
                 propagation(&url).await;
             }
             _ => println!("\nPostgreSQL skipped: set STATS_TEST_POSTGRES_URL to include it."),
@@ -61,9 +61,9 @@ fn main() {
 
 /// Every comparison on one backend, in the phases writes differ in: DUAL_WRITE (both
 /// storages written, reads from legacy) and, after the migration, LEGACY_RETIRED (the new
-/// storage alone); reads are timed in NEW_PRIMARY. `postgres`: the database's URL, for the
-/// raw-SQL anchors.
-async fn run<S, F, Fut>(name: &str, connect: &F, postgres: Option<&str>, next: &mut u32)
+/// storage alone); reads, shadow reads and the guard are timed in NEW_PRIMARY. `url`: the
+/// database's; `postgres`: the same when it is PostgreSQL, for the raw-SQL anchors.
+async fn run<S, F, Fut>(name: &str, connect: &F, url: &str, postgres: Option<&str>, next: &mut u32)
 where
     S: Store,
     F: Fn(PoolOptions) -> Fut,
@@ -89,6 +89,14 @@ where
     .await;
     to_new_primary(server.channel.clone()).await;
     reads(name, server.channel.clone()).await;
+    shadow_cost(name, server.channel.clone()).await;
+    server.stop().await;
+    guard_reaction(name, connect, url).await;
+    let server = BenchServer::start(
+        connect(PoolOptions::default()).await,
+        ServerConfig::default(),
+    )
+    .await;
     move_to(server.channel.clone(), MigrationPhase::LegacyRetired).await;
     bulk_ingest(name, "LEGACY_RETIRED", &server.channel, postgres, next).await;
     server.stop().await;
@@ -347,6 +355,211 @@ async fn reads(name: &str, channel: Channel) {
     report_latency(
         "GetAggregatedDailyStats, all users, a year by month",
         &mut everyone,
+    );
+}
+
+/// One campaign of one user over a year, the `i`-th of the reads' round robin.
+fn campaign_year(i: u32) -> GetStatsRequest {
+    let user = i % USERS;
+    GetStatsRequest {
+        user_id: format!("user-{user}"),
+        campaign_id: format!(
+            "campaign-{}",
+            user * CAMPAIGNS_PER_USER + i % CAMPAIGNS_PER_USER
+        ),
+        start_date: "2025-01-01".into(),
+        end_date: "2025-12-31".into(),
+    }
+}
+
+/// Sets the shadow sample rate for every replica, as an operator would.
+async fn shadow_rate(channel: Channel, rate: f64) {
+    use campaign_stats::grpc::proto::SetShadowSampleRateRequest;
+    use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+    RolloutServiceClient::new(channel)
+        .set_shadow_sample_rate(SetShadowSampleRateRequest {
+            rate,
+            server_default: false,
+            reason: "bench".into(),
+            actor: "bench".into(),
+        })
+        .await
+        .expect("shadow rate");
+}
+
+/// Rounds of [`shadow_cost`], each arm in turn, so that drift hits every arm alike.
+const SHADOW_ROUNDS: usize = 6;
+/// The shadow sample rates compared: off, the default, every read.
+const SHADOW_ARMS: [f64; 3] = [0.0, 0.01, 1.0];
+/// Reads a second of the paced client (about half of what one closed-loop client makes).
+const PACED_READS_PER_SECOND: u64 = 500;
+
+/// What shadowing costs the primary read: `GetStats` latency and process CPU per read at each
+/// of [`SHADOW_ARMS`], in alternating rounds on one server (NEW_PRIMARY: the primary is the
+/// new storage, the shadow read asks legacy). Twice: a closed-loop client (the next read as
+/// soon as the last is answered: the machine never idles, the worst case for work done beside
+/// the answer), and a client paced at [`PACED_READS_PER_SECOND`], as traffic from elsewhere
+/// arrives.
+async fn shadow_cost(name: &str, channel: Channel) {
+    println!("\n== {name}: shadow reads (NEW_PRIMARY; the shadow read asks legacy) ==");
+    for paced in [false, true] {
+        let mut client = StatsServiceClient::new(channel.clone());
+        let mut latencies = vec![Vec::new(); SHADOW_ARMS.len()];
+        let mut cpu = vec![Duration::ZERO; SHADOW_ARMS.len()];
+        let mut i = 0;
+        for _ in 0..SHADOW_ROUNDS {
+            for (arm, rate) in SHADOW_ARMS.iter().enumerate() {
+                shadow_rate(channel.clone(), *rate).await;
+                let mut pace = tokio::time::interval(Duration::from_micros(
+                    1_000_000 / PACED_READS_PER_SECOND,
+                ));
+                let before = process_cpu();
+                for _ in 0..READS / SHADOW_ROUNDS {
+                    if paced {
+                        pace.tick().await;
+                    }
+                    let started = Instant::now();
+                    client.get_stats(campaign_year(i)).await.expect("GetStats");
+                    latencies[arm].push(started.elapsed());
+                    i += 1;
+                }
+                cpu[arm] += cpu_since(before);
+            }
+        }
+        let mode = if paced {
+            format!("paced at {PACED_READS_PER_SECOND}/s")
+        } else {
+            "closed loop".to_owned()
+        };
+        let mut p99s = Vec::new();
+        for (arm, rate) in SHADOW_ARMS.iter().enumerate() {
+            let samples = &mut latencies[arm];
+            let calls = samples.len();
+            report_latency(
+                &format!("GetStats, {mode}, shadow sample rate {rate}"),
+                samples,
+            );
+            p99s.push(samples[(calls - 1) * 99 / 100]);
+            println!(
+                "  ({:.0} µs of process CPU a read, server and client{})",
+                cpu[arm].as_secs_f64() * 1e6 / calls as f64,
+                if name == "PostgreSQL" {
+                    "; PostgreSQL's own processes not counted"
+                } else {
+                    ", SQLite included"
+                }
+            );
+        }
+        for (arm, rate) in SHADOW_ARMS.iter().enumerate().skip(1) {
+            println!(
+                "{:<55} {:>+8.1}%  (target <= 5% at rate 1)",
+                format!("p99 added, {mode}, rate {rate}"),
+                (p99s[arm].as_secs_f64() / p99s[0].as_secs_f64() - 1.0) * 100.0
+            );
+        }
+    }
+    shadow_rate(channel, 0.0).await;
+}
+
+/// Runs `sql` on the database at `url` directly (a divergence planted behind the service).
+async fn execute_sql(url: &str, sql: &'static str) {
+    if url.starts_with("sqlite:") {
+        let mut connection = sqlx::SqliteConnection::connect(url).await.expect("SQLite");
+        sqlx::query(sql).execute(&mut connection).await.expect(sql);
+    } else {
+        let mut connection = raw_connection(url).await;
+        sqlx::query(sql).execute(&mut connection).await.expect(sql);
+    }
+}
+
+/// Trips measured by [`guard_reaction`].
+const TRIPS: usize = 10;
+
+/// How soon the guard rolls reads back: each round starts a server (a fresh guard window)
+/// that shadows every read, makes 20 agreeing reads, plants a divergence in the new storage,
+/// and times from the answer of the next read (1 disagreement of 21 > 1 %: it crosses the
+/// threshold) until a `WatchRollout` of the same replica shows the kill switch engaged. The
+/// round then repairs the divergence and releases the kill switch.
+async fn guard_reaction<S, F, Fut>(name: &str, connect: &F, url: &str)
+where
+    S: Store,
+    F: Fn(PoolOptions) -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+    use campaign_stats::grpc::proto::{GetGuardRequest, KillSwitchRequest, WatchRolloutRequest};
+    use campaign_stats::rollout::GuardSettings;
+    use tokio_stream::StreamExt;
+
+    let config = ServerConfig {
+        guard: GuardSettings {
+            min_samples: 20,
+            quarantine_after: 0,
+            ..GuardSettings::DEFAULT
+        },
+        ..ServerConfig::default()
+    };
+    let mut samples = Vec::with_capacity(TRIPS);
+    for trip in 0..TRIPS as u32 {
+        let server =
+            BenchServer::start(connect(PoolOptions::default()).await, config.clone()).await;
+        let channel = server.channel.clone();
+        shadow_rate(channel.clone(), 1.0).await;
+        let mut rollout = RolloutServiceClient::new(channel.clone());
+        let mut stats = StatsServiceClient::new(channel.clone());
+        for i in 0..20 {
+            stats.get_stats(campaign_year(i)).await.expect("GetStats");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rollout
+            .get_guard(GetGuardRequest {})
+            .await
+            .expect("GetGuard")
+            .into_inner()
+            .window
+            .unwrap_or_default()
+            .comparisons
+            < 20
+        {
+            assert!(Instant::now() < deadline, "shadow reads never landed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut watch = rollout
+            .watch_rollout(WatchRolloutRequest {})
+            .await
+            .expect("watch")
+            .into_inner();
+        watch.next().await.expect("current").expect("rollout");
+        execute_sql(url, "UPDATE campaign_day_totals SET sent = sent + 1").await;
+        stats
+            .get_stats(campaign_year(trip))
+            .await
+            .expect("GetStats");
+        let crossed = Instant::now();
+        while !watch
+            .next()
+            .await
+            .expect("stream")
+            .expect("rollout")
+            .kill_switch
+        {}
+        samples.push(crossed.elapsed());
+        drop(watch);
+        execute_sql(url, "UPDATE campaign_day_totals SET sent = sent - 1").await;
+        rollout
+            .kill_switch(KillSwitchRequest {
+                engaged: false,
+                reason: "bench: re-arm".into(),
+                actor: "bench".into(),
+            })
+            .await
+            .expect("release");
+        shadow_rate(channel, 0.0).await;
+        server.stop().await;
+    }
+    report_latency(
+        &format!("{name}: guard reaction, crossing read to rollback applied"),
+        &mut samples,
     );
 }
 

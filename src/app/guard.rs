@@ -164,10 +164,14 @@ impl Guard {
     ) {
         let mut ticker = tokio::time::interval(GUARD_TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Each applied change is looked at at once: a re-arm must clear the window before
+        // the reads that follow it are counted.
+        let mut changes = self.view.subscribe();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 () = self.wake.notified() => {}
+                _ = changes.recv() => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
             if let Err(error) = self.step(store.as_ref()).await {

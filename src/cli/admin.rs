@@ -349,11 +349,13 @@ fn source_name(value: i32) -> &'static str {
     }
 }
 
+/// A timestamp as RFC 3339 UTC, to the millisecond (audit entries a guard writes within a
+/// second of each other stay apart).
 pub(super) fn time(ts: Option<prost_types::Timestamp>) -> String {
     ts.and_then(|t| {
         chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
     })
-    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
     .unwrap_or_default()
 }
 

@@ -458,3 +458,166 @@ pub struct Applied {
 
 /// The pseudo-user the all-users view is routed as (so it can be overridden on its own).
 pub const ALL_USERS: &str = "*";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::Phase;
+
+    fn config() -> RolloutConfig {
+        RolloutConfig {
+            basis_points: 0,
+            kill_switch: false,
+            salt: "s".into(),
+            version: 1,
+            shadow_sample_ppm: None,
+            automation: Default::default(),
+        }
+    }
+
+    fn applied(change: &RolloutChange, config: &RolloutConfig) -> RolloutConfig {
+        check_change(change, Phase::Verified, config, None).expect("allowed");
+        apply(change, config, None, Utc::now()).0
+    }
+
+    fn started() -> RolloutConfig {
+        let start = RolloutChange::ScheduleStart {
+            steps: vec![100, 500, 2_500],
+            dwell_secs: 0,
+            min_comparisons: 0,
+        };
+        applied(&start, &config())
+    }
+
+    fn trip(action: GuardAction) -> RolloutChange {
+        RolloutChange::GuardTrip {
+            signal: "mismatch_rate".into(),
+            figures: "1 of 21".into(),
+            action,
+        }
+    }
+
+    #[test]
+    fn a_schedule_walks_its_steps_and_finishes() {
+        let running = started();
+        assert_eq!(running.basis_points, 100);
+        let second = applied(&RolloutChange::ScheduleAdvance { from_step: 0 }, &running);
+        assert_eq!(second.basis_points, 500);
+        let stale = check_change(
+            &RolloutChange::ScheduleAdvance { from_step: 0 },
+            Phase::Verified,
+            &second,
+            None,
+        );
+        assert!(
+            matches!(stale, Err(RolloutRefused::Schedule(_))),
+            "no double advance"
+        );
+        let last = applied(&RolloutChange::ScheduleAdvance { from_step: 1 }, &second);
+        let schedule = last.automation.schedule.as_ref().expect("schedule");
+        assert_eq!(
+            (last.basis_points, schedule.status),
+            (2_500, ScheduleStatus::Done)
+        );
+    }
+
+    #[test]
+    fn a_trip_steps_back_and_halts_and_only_a_person_re_arms() {
+        let second = applied(&RolloutChange::ScheduleAdvance { from_step: 0 }, &started());
+        let tripped = applied(&trip(GuardAction::StepBack), &second);
+        let schedule = tripped.automation.schedule.as_ref().expect("schedule");
+        assert_eq!(tripped.basis_points, 100, "back to the last green step");
+        assert_eq!(
+            (schedule.step, schedule.status),
+            (0, ScheduleStatus::Halted)
+        );
+        assert!(tripped.automation.tripped.is_some());
+        // A second trip (another replica) is refused; the schedule cannot advance.
+        assert!(matches!(
+            check_change(
+                &trip(GuardAction::KillSwitch),
+                Phase::Verified,
+                &tripped,
+                None
+            ),
+            Err(RolloutRefused::GuardTripped(_))
+        ));
+        assert!(
+            check_change(
+                &RolloutChange::ScheduleAdvance { from_step: 0 },
+                Phase::Verified,
+                &tripped,
+                None
+            )
+            .is_err()
+        );
+        // Resuming re-arms it and restores the step's percentage.
+        let (resumed, _, _, after) =
+            apply(&RolloutChange::ScheduleResume, &tripped, None, Utc::now());
+        assert!(resumed.automation.tripped.is_none());
+        assert!(after.ends_with("guard re-armed"), "{after}");
+        assert_eq!(resumed.basis_points, 100);
+    }
+
+    #[test]
+    fn a_kill_switch_trip_waits_for_a_person_to_release_it() {
+        let tripped = applied(&trip(GuardAction::KillSwitch), &started());
+        assert!(tripped.kill_switch);
+        assert!(matches!(
+            check_change(
+                &RolloutChange::ScheduleResume,
+                Phase::Verified,
+                &tripped,
+                None
+            ),
+            Err(RolloutRefused::Schedule(_))
+        ));
+        let released = applied(&RolloutChange::KillSwitch { engaged: false }, &tripped);
+        assert!(released.automation.tripped.is_none() && !released.kill_switch);
+        // Salt or shadow changes do not re-arm it.
+        let salted = applied(&RolloutChange::Salt { salt: "t".into() }, &tripped);
+        assert!(salted.automation.tripped.is_some());
+    }
+
+    #[test]
+    fn a_person_moving_the_percentage_pauses_the_schedule() {
+        let set = RolloutChange::Percentage {
+            basis_points: 300,
+            forced: false,
+        };
+        let (moved, _, _, after) = apply(&set, &started(), None, Utc::now());
+        let schedule = moved.automation.schedule.as_ref().expect("schedule");
+        assert_eq!(schedule.status, ScheduleStatus::Paused);
+        assert!(after.ends_with("schedule paused"), "{after}");
+        assert!(matches!(
+            check_change(
+                &RolloutChange::ScheduleStart {
+                    steps: vec![100],
+                    dwell_secs: 0,
+                    min_comparisons: 0
+                },
+                Phase::Backfilled,
+                &config(),
+                None
+            ),
+            Err(RolloutRefused::NotVerified(_))
+        ));
+    }
+
+    #[test]
+    fn a_quarantine_never_replaces_an_override() {
+        let quarantine = RolloutChange::Quarantine {
+            user_id: "u".into(),
+        };
+        assert!(matches!(
+            check_change(
+                &quarantine,
+                Phase::Verified,
+                &config(),
+                Some(StorageSource::New)
+            ),
+            Err(RolloutRefused::AlreadyOverridden(_))
+        ));
+        assert_eq!(change_user(&quarantine), Some("u"));
+    }
+}
