@@ -9,6 +9,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::storage::Store;
 
+/// The health service name that answers SERVING for as long as the process serves at all,
+/// whatever the database does: what a liveness probe asks (restarting a replica cures no
+/// database outage), where readiness asks `""`.
+pub const LIVENESS: &str = "liveness";
+
 /// The services whose health follows the database: the whole server (`""`) and each API.
 pub const HEALTH_SERVICES: &[&str] = &[
     "",

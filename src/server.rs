@@ -347,6 +347,7 @@ impl<S: Store> Application<S> {
         let store = Arc::new(Bounded::new(store));
         let view = RolloutView::load(store.as_ref()).await?;
         let server_metrics = Arc::new(ServerMetrics::new(&DESCRIPTOR_SETS));
+        server_metrics.expect_guard_signals(crate::rollout::Signal::ALL.map(|s| s.name()));
         let metrics_endpoint = metrics.map(|listener| {
             MetricsEndpoint::start(listener, Arc::clone(&server_metrics), view.clone(), &store)
         });
@@ -365,6 +366,9 @@ impl<S: Store> Application<S> {
             jobs.spawn(move |stop| keep_raw_events_trimmed(store, settings, stop));
         }
         let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(health::LIVENESS, ServingStatus::Serving)
+            .await;
         health::check_once(store.as_ref(), &health, config.health_check_interval).await;
         {
             let (store, health) = (Arc::clone(&store), health.clone());

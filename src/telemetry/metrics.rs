@@ -24,6 +24,12 @@ use tokio::net::TcpListener;
 
 use crate::domain::StorageSource;
 
+/// The read methods reads and shadow reads are labelled by.
+pub const READ_METHODS: [&str; 2] = ["campaign_totals", "daily_totals"];
+
+/// The outcomes of a shadow read.
+pub const SHADOW_OUTCOMES: [&str; 5] = ["match", "mismatch", "error", "timeout", "skipped"];
+
 /// The content type of [`ServerMetrics::render`]'s output.
 pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -287,6 +293,19 @@ impl ServerMetrics {
             "Steps this replica advanced the progressive schedule by",
             schedule_advances.clone(),
         );
+        // Every bounded label value is exported from the start, at zero: a dashboard's rate()
+        // and an alert on a series that does not exist yet would otherwise see nothing.
+        for method in READ_METHODS {
+            for source in [StorageSource::Legacy, StorageSource::New] {
+                let _ = read_duration.get_or_create(&ReadLabels {
+                    method,
+                    source: source.name(),
+                });
+            }
+            for outcome in SHADOW_OUTCOMES {
+                let _ = shadow_comparisons.get_or_create(&ShadowLabels { method, outcome });
+            }
+        }
         Self {
             registry,
             known_methods: known_methods(descriptor_sets),
@@ -365,6 +384,13 @@ impl ServerMetrics {
     /// Counts a shadow read dropped for want of room.
     pub fn shadow_dropped(&self) {
         self.shadow_dropped.inc();
+    }
+
+    /// Exports the trip counter of each of `signals` from the start, at zero.
+    pub fn expect_guard_signals(&self, signals: impl IntoIterator<Item = &'static str>) {
+        for signal in signals {
+            let _ = self.guard_trips.get_or_create(&SignalLabels { signal });
+        }
     }
 
     /// Counts a rollback by the guard, tripped by `signal`.

@@ -4,7 +4,9 @@
 pub mod metrics;
 pub mod rpc;
 
-pub use metrics::{PoolUse, ReplicaSample, ServerMetrics, serve_metrics};
+pub use metrics::{
+    PoolUse, READ_METHODS, ReplicaSample, SHADOW_OUTCOMES, ServerMetrics, serve_metrics,
+};
 pub use rpc::RpcMetricsLayer;
 
 use tracing_subscriber::EnvFilter;

@@ -230,6 +230,16 @@ async fn postgres_health_follows_the_database() {
 
     proxy.cut();
     wait_for_health(&mut watch, ServingStatus::NotServing).await;
+    // Liveness stays SERVING: restarting the replica would cure no database outage.
+    let alive = health
+        .check(HealthCheckRequest {
+            service: campaign_stats::health::LIVENESS.into(),
+        })
+        .await
+        .expect("liveness")
+        .into_inner()
+        .status;
+    assert_eq!(alive, ServingStatus::Serving as i32);
     let record = || RecordEventRequest {
         event: Some(event("u1", "c1", EventType::Sent, 1, "2026-01-01")),
     };
