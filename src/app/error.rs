@@ -107,9 +107,9 @@ impl From<StorageError> for AppError {
         match error {
             StorageError::Refused(refusal) => refusal.into(),
             StorageError::OutOfRange(detail) => AppError::TotalOutOfRange(detail),
-            StorageError::Unavailable(_) | StorageError::TimedOut(_) => {
-                AppError::Unavailable(error_chain(&error))
-            }
+            StorageError::Unavailable(_)
+            | StorageError::TimedOut(_)
+            | StorageError::Unreachable(_) => AppError::Unavailable(error_chain(&error)),
             StorageError::Corrupt(_)
             | StorageError::Config(_)
             | StorageError::Schema(_)

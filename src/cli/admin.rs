@@ -190,6 +190,7 @@ pub enum MigrationCommand {
     },
     /// Every phase change, newest first.
     History {
+        /// Most entries shown (the newest).
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -198,6 +199,7 @@ pub enum MigrationCommand {
     Resolve(ResolveArgs),
     /// Every resolution of ambiguous rows, newest first.
     Resolutions {
+        /// Most resolutions shown (the newest).
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -324,7 +326,8 @@ fn parse_phase(value: &str) -> Result<Phase, String> {
     })
 }
 
-fn phase_name(value: i32) -> &'static str {
+/// A phase as every command prints it, text or JSON: `NEW_PRIMARY`.
+pub(super) fn phase_name(value: i32) -> &'static str {
     MigrationPhase::try_from(value)
         .map(|p| p.as_str_name().trim_start_matches("MIGRATION_PHASE_"))
         .unwrap_or("UNKNOWN")
@@ -366,13 +369,45 @@ pub(super) fn print_json(value: &Value) -> std::io::Result<()> {
     )
 }
 
+/// A call the server refused, as the operator (or, under `-o json`, a script) reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// What the command could not do, e.g. `cannot move to VERIFIED`.
+    pub what: String,
+    pub code: tonic::Code,
+    /// The server's message, control characters escaped.
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} ({})",
+            self.what,
+            self.message,
+            crate::telemetry::code_name(self.code)
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Refused {
+    /// The error as `-o json` prints it on stderr.
+    pub fn to_json(&self) -> Value {
+        json!({"error": {"code": crate::telemetry::code_name(self.code), "message": self.message, "what": self.what}})
+    }
+}
+
 /// A server error as the operator should read it.
 pub(super) fn failed(what: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{what}: {} ({:?})",
-        super::printable(status.message()),
-        status.code()
-    )
+    Refused {
+        what: what.to_owned(),
+        code: status.code(),
+        message: super::printable(status.message()).into_owned(),
+    }
+    .into()
 }
 
 /// Runs a `migration …` command.
@@ -807,7 +842,14 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             actor: args.actor,
         })
         .await
-        .map_err(|s| failed("cannot verify", s))?
+        // The server names its request's fields; the operator typed --from and --to.
+        .map_err(|s| {
+            let message = s
+                .message()
+                .replace("start_date", "--from")
+                .replace("end_date", "--to");
+            failed("cannot verify", tonic::Status::new(s.code(), message))
+        })?
         .into_inner();
     match args.client.output {
         Output::Json => print_json(&json!({
@@ -852,7 +894,13 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         }
     }
     if result.mismatches > 0 {
-        bail!("{} keys differ between the storages", result.mismatches);
+        bail!(
+            "{} between the storages",
+            match result.mismatches {
+                1 => "1 key differs".to_owned(),
+                n => format!("{n} keys differ"),
+            }
+        );
     }
     Ok(())
 }

@@ -433,6 +433,58 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Runs the command the user asked for.
+impl Cli {
+    /// How the command prints results, and so errors (`-o json`: JSON on stderr).
+    pub fn output(&self) -> admin::Output {
+        match &self.command {
+            Some(Command::Migration { client, .. } | Command::Rollout { client, .. }) => {
+                client.output
+            }
+            Some(Command::Backfill(args)) => args.client.output,
+            Some(Command::Verify(args)) => args.client.output,
+            Some(Command::RepairRollups(args)) => args.client.output,
+            Some(Command::StorageReport(client)) => client.output,
+            _ => admin::Output::Text,
+        }
+    }
+}
+
+/// Says once, on stderr, why `campaign-stats` failed: through the log where the command logs
+/// (serve, migrate), else as one line, or as JSON under `-o json`.
+pub fn report_failure(error: &anyhow::Error, output: admin::Output) {
+    let message = one_line(error);
+    if tracing::dispatcher::has_been_set() {
+        tracing::error!(error = message, "campaign-stats failed");
+        return;
+    }
+    match (output, error.downcast_ref::<admin::Refused>()) {
+        (admin::Output::Json, Some(refused)) => eprintln!("{}", refused.to_json()),
+        (admin::Output::Json, None) => eprintln!(
+            "{}",
+            serde_json::json!({"error": {"code": null, "message": message}})
+        ),
+        (admin::Output::Text, _) => eprintln!("campaign-stats: {message}"),
+    }
+}
+
+/// `error` and its causes on one line, each cause said once: a library that repeats its
+/// source in its own message (`database "x" does not exist: database "x" does not exist`)
+/// is not echoed.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(args).await,
@@ -533,6 +585,18 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_line_says_each_cause_once() {
+        let inner = anyhow::anyhow!("database \"x\" does not exist");
+        let repeated = inner
+            .context("database \"x\" does not exist")
+            .context("cannot start");
+        assert_eq!(
+            one_line(&repeated),
+            "cannot start: database \"x\" does not exist"
+        );
+    }
 
     #[test]
     fn printable_escapes_control_characters_only() {

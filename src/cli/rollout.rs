@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
 use super::admin::{
-    Audited, ClientArgs, Output, ServerChannel, failed, metrics_json, print_json, time,
+    Audited, ClientArgs, Output, ServerChannel, failed, metrics_json, phase_name, print_json, time,
 };
 use super::printable;
 use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
@@ -85,6 +85,7 @@ pub enum RolloutCommand {
     },
     /// Every change, newest first.
     History {
+        /// Most changes shown (the newest).
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -197,7 +198,7 @@ fn rollout_json(r: &Rollout) -> Value {
     json!({
         "percentage": r.percentage, "version": r.version, "applied_version": r.applied_version,
         "kill_switch": r.kill_switch, "salt": r.salt, "updated_at": time(r.updated_at),
-        "phase": proto::MigrationPhase::try_from(r.phase).map(|p| p.as_str_name()).unwrap_or("UNKNOWN"),
+        "phase": phase_name(r.phase),
         "overrides": r.overrides, "shadow_sample_rate": r.shadow_sample_rate,
         "guard_tripped": r.guard_tripped, "quarantined": r.quarantined,
         "schedule": r.schedule.as_ref().map(schedule_json),
@@ -248,9 +249,7 @@ fn print_rollout(output: Output, rollout: &Rollout) -> std::io::Result<()> {
                 "off"
             },
             rollout.overrides,
-            proto::MigrationPhase::try_from(rollout.phase)
-                .map(|p| p.as_str_name().trim_start_matches("MIGRATION_PHASE_"))
-                .unwrap_or("UNKNOWN"),
+            phase_name(rollout.phase),
             rollout.salt,
             rollout
                 .shadow_sample_rate

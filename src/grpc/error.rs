@@ -112,6 +112,7 @@ pub fn status_of(
         AppError::RolloutRefused(refused) => {
             let code = match refused {
                 RolloutRefused::VersionConflict { .. } => Code::Aborted,
+                RolloutRefused::NoOverride(_) => Code::NotFound,
                 RolloutRefused::NotVerified(_)
                 | RolloutRefused::LegacyRetired
                 | RolloutRefused::GuardTripped(_)

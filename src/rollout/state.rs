@@ -88,6 +88,8 @@ pub enum RolloutRefused {
     GuardTripped(String),
     #[error("user {0} already has an override")]
     AlreadyOverridden(String),
+    #[error("user {0} has no override")]
+    NoOverride(String),
     #[error("{0}")]
     Schedule(String),
 }
@@ -397,6 +399,10 @@ pub fn check_change(
         }
         RolloutChange::Quarantine { user_id } if current_override.is_some() => {
             Err(RolloutRefused::AlreadyOverridden(user_id.clone()))
+        }
+        // Nothing to clear: no change, so no new version and no audit entry.
+        RolloutChange::ClearOverride { user_id } if current_override.is_none() => {
+            Err(RolloutRefused::NoOverride(user_id.clone()))
         }
         RolloutChange::ScheduleStart { .. } if phase < Phase::Verified => {
             Err(RolloutRefused::NotVerified(phase))

@@ -55,6 +55,9 @@ pub enum StorageError {
     /// The database cannot be reached or is overloaded; the call may be retried.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The database could not be connected to at start, with the cause in a few words.
+    #[error("{0}")]
+    Unreachable(String),
     /// The database did not answer a call within its statement timeout (plus a margin); the
     /// call may be retried.
     #[error("the database did not answer within {0:?}")]
@@ -76,7 +79,7 @@ impl StorageError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            StorageError::Unavailable(_) | StorageError::TimedOut(_)
+            StorageError::Unavailable(_) | StorageError::TimedOut(_) | StorageError::Unreachable(_)
         )
     }
 }

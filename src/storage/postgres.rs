@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use tokio::sync::watch;
 
 use super::backfill::{BackfillSql, CopyStatements};
@@ -59,22 +59,49 @@ impl PostgresStore {
             .parse()
             .map_err(|e| StorageError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         let database_port = connect.get_port();
+        let connect = connect.application_name("campaign-stats").options([
+            // The database ends a statement (a lock wait included) that runs longer, and
+            // the transaction with it.
+            (
+                "statement_timeout",
+                format!("{}ms", options.statement_timeout.as_millis().max(1)),
+            ),
+            // `CREATE … IF NOT EXISTS` of a schema that is up to date says "already
+            // exists, skipping" at every start: not news for an operator.
+            ("client_min_messages", "warning".to_owned()),
+        ]);
+        // One connection first: a pool that cannot connect only says it timed out, where
+        // the operator needs the cause ("connection refused", "database … does not exist").
+        let (host, port, database) = (
+            connect.get_host().to_owned(),
+            database_port,
+            connect.get_database().unwrap_or("").to_owned(),
+        );
+        let first = tokio::time::timeout(
+            options.acquire_timeout,
+            PgConnection::connect_with(&connect),
+        )
+        .await
+        .map_err(|_| {
+            StorageError::Unreachable(format!(
+                "PostgreSQL at {host}:{port} did not answer within {:?}",
+                options.acquire_timeout
+            ))
+        })?
+        .map_err(|e| {
+            StorageError::Unreachable(format!(
+                "cannot connect to PostgreSQL database {database:?} at {host}:{port}: {}",
+                first_line(&e)
+            ))
+        })?;
+        first.close().await.ok();
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
             .after_connect(move |connection, _| {
                 Box::pin(async move { disable_nagle(connection, database_port).await })
             })
-            .connect_with(
-                connect
-                    .application_name("campaign-stats")
-                    // The database ends a statement (a lock wait included) that runs longer,
-                    // and the transaction with it.
-                    .options([(
-                        "statement_timeout",
-                        format!("{}ms", options.statement_timeout.as_millis().max(1)),
-                    )]),
-            )
+            .connect_with(connect)
             .await?;
         Ok(Self {
             pool,
@@ -1072,5 +1099,14 @@ impl RetentionStore for PostgresStore {
             events,
             keys,
         }))
+    }
+}
+
+/// A connection error's own message, without the causes sqlx repeats after it.
+fn first_line(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(database) => database.message().to_owned(),
+        sqlx::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
     }
 }

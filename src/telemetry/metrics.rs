@@ -24,6 +24,31 @@ use tokio::net::TcpListener;
 
 use crate::domain::StorageSource;
 
+/// The canonical name of a gRPC status code (`OK`, `INVALID_ARGUMENT`, …), as the gRPC
+/// specification, grpcurl and Prometheus users spell it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// The read methods reads and shadow reads are labelled by.
 pub const READ_METHODS: [&str; 2] = ["campaign_totals", "daily_totals"];
 
@@ -41,7 +66,7 @@ const UNKNOWN_METHOD: &str = "unknown";
 struct RpcLabels {
     /// Full gRPC method path, e.g. `/stats.v1.StatsService/GetStats`.
     method: String,
-    /// Status code name, e.g. `Ok`, `InvalidArgument`.
+    /// Canonical status code name, e.g. `OK`, `INVALID_ARGUMENT`.
     code: String,
     /// The storage that answered a read (`legacy`, `new`); `none` for other calls.
     source: &'static str,
@@ -350,7 +375,7 @@ impl ServerMetrics {
         };
         let labels = RpcLabels {
             method: method.to_owned(),
-            code: format!("{code:?}"),
+            code: code_name(code).to_owned(),
             source: source.map_or("none", StorageSource::name),
         };
         self.rpc_duration
@@ -552,13 +577,13 @@ mod tests {
         });
         assert!(
             text.contains(
-                r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok",source="new"} 1"#
+                r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="OK",source="new"} 1"#
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"campaign_stats_grpc_server_handling_seconds_count{method="unknown",code="Unimplemented",source="none"} 1"#
+                r#"campaign_stats_grpc_server_handling_seconds_count{method="unknown",code="UNIMPLEMENTED",source="none"} 1"#
             ),
             "{text}"
         );

@@ -5,7 +5,7 @@ pub mod metrics;
 pub mod rpc;
 
 pub use metrics::{
-    PoolUse, READ_METHODS, ReplicaSample, SHADOW_OUTCOMES, ServerMetrics, serve_metrics,
+    PoolUse, READ_METHODS, ReplicaSample, SHADOW_OUTCOMES, ServerMetrics, code_name, serve_metrics,
 };
 pub use rpc::RpcMetricsLayer;
 

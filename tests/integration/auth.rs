@@ -97,7 +97,7 @@ fn api_methods() -> Vec<(String, String)> {
     methods
 }
 
-/// The role a call with an empty message needs, as the product contract says (DESIGN.md §3):
+/// The role a call with an empty message needs, as the product contract says (docs/design.md, "The API"):
 /// ingest `writer`, reads `reader` (the all-users view, an empty `user_id`, `admin`), the
 /// control services `admin`.
 fn needed_role(service: &str, method: &str) -> &'static str {
@@ -256,11 +256,11 @@ async fn the_cli_calls_with_its_token(db: TestDb) {
     let addr = server.addr.to_string();
     let (ok, _, stderr) = crate::cli::cli(&["rollout", "get", "--server", &addr]).await;
     assert!(!ok);
-    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    assert!(stderr.contains("(UNAUTHENTICATED)"), "{stderr}");
     let (ok, _, stderr) =
         crate::cli::cli(&["rollout", "get", "--server", &addr, "--token", READER]).await;
     assert!(!ok);
-    assert!(stderr.contains("PermissionDenied"), "{stderr}");
+    assert!(stderr.contains("(PERMISSION_DENIED)"), "{stderr}");
     let (ok, stdout, stderr) = crate::cli::cli(&[
         "rollout",
         "kill-switch",

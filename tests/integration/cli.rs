@@ -13,6 +13,7 @@ crate::on_both_backends!(
     the_server_may_be_named_as_host_port,
     a_closed_pipe_ends_the_cli_quietly,
     stored_control_characters_are_escaped_on_output,
+    phases_and_errors_read_alike_in_every_command,
 );
 
 /// Runs `campaign-stats ARGS…` and returns its exit success and stdout.
@@ -506,4 +507,68 @@ async fn out_of_range_options_are_refused_by_name() {
         assert!(!ok, "{args:?} was accepted");
         assert!(stderr.contains(option), "{args:?}: {stderr}");
     }
+}
+
+async fn phases_and_errors_read_alike_in_every_command(db: TestDb) {
+    let server = db.start_server().await;
+    let addr = server.addr.to_string();
+    let rollout = cli_json(&["rollout", "get", "-o", "json", "--server", &addr]).await;
+    let migration = cli_json(&["migration", "status", "-o", "json", "--server", &addr]).await;
+    assert_eq!(rollout["phase"], migration["phase"]);
+    assert_eq!(rollout["phase"], db.expected_phase_name());
+
+    // A refusal under -o json is JSON on stderr, with the canonical code; in text, one line.
+    let (ok, stdout, stderr) = cli(&[
+        "rollout",
+        "clear-override",
+        "nobody",
+        "--reason",
+        "tidy",
+        "-o",
+        "json",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert!(!ok && stdout.is_empty());
+    let error: Value = serde_json::from_str(stderr.trim()).expect("JSON on stderr");
+    assert_eq!(error["error"]["code"], "NOT_FOUND", "{stderr}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nobody")),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = cli(&[
+        "rollout",
+        "clear-override",
+        "nobody",
+        "--reason",
+        "tidy",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("(NOT_FOUND)"), "{stderr}");
+    let after = cli_json(&["rollout", "get", "-o", "json", "--server", &addr]).await;
+    assert_eq!(after["version"], rollout["version"], "nothing changed");
+
+    // verify names the flags the operator typed, not the request's fields.
+    let (ok, _, stderr) = cli(&[
+        "verify",
+        "--from",
+        "2026-02-30",
+        "--to",
+        "2026-03-01",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("--from") && !stderr.contains("start_date"),
+        "{stderr}"
+    );
 }

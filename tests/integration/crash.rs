@@ -91,6 +91,10 @@ async fn until_acked(acked: &AtomicU64, events: u64) {
     }
 }
 
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producers_lose_nothing_and_double_nothing_through_kills_restarts_and_outages() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {

@@ -433,6 +433,10 @@ async fn a_batch_past_the_queue_is_refused_at_once(db: TestDb) {
 /// PostgreSQL only (SQLite's one writer serialises every write with a transition anyway): a
 /// write holds the phase it planned for until it commits, so a transition waits for the
 /// writes in flight, and no write lands in a phase it did not plan for.
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_transition_waits_for_the_writes_in_flight() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {

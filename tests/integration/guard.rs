@@ -349,6 +349,10 @@ async fn the_schedule_advances_while_green_and_halts_on_a_trip(db: TestDb) {
     assert_eq!(server.current_rollout().await.percentage, 10.0);
 }
 
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_replica_takes_the_schedule_over_when_the_driver_dies() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {

@@ -31,6 +31,10 @@ crate::on_both_backends!(
 /// SQLite refuses a write under another writer's lock at once (UNAVAILABLE), so there is no
 /// slow call to end there.
 mod postgres_only {
+    #[cfg_attr(
+        not(postgres_tests),
+        ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+    )]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_end_at_the_server_limit_or_the_client_deadline() {
         if let Some(db) = crate::common::TestDb::create(crate::common::Backend::Postgres).await {

@@ -11,10 +11,10 @@ use crate::common::{TestDb, event};
 
 crate::on_both_backends!(metrics_show_the_applied_rollout_and_the_traffic);
 
-const GET_STATS_OK_NEW: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok",source="new"}"#;
-const GET_STATS_OK_LEGACY: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="Ok",source="legacy"}"#;
-const RECORD_OK: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/RecordEvents",code="Ok",source="none"}"#;
-const GET_STATS_INVALID: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="InvalidArgument",source="none"}"#;
+const GET_STATS_OK_NEW: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="OK",source="new"}"#;
+const GET_STATS_OK_LEGACY: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="OK",source="legacy"}"#;
+const RECORD_OK: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/RecordEvents",code="OK",source="none"}"#;
+const GET_STATS_INVALID: &str = r#"campaign_stats_grpc_server_handling_seconds_count{method="/stats.v1.StatsService/GetStats",code="INVALID_ARGUMENT",source="none"}"#;
 const READS_NEW: &str =
     r#"campaign_stats_read_seconds_count{method="campaign_totals",source="new"}"#;
 const READS_LEGACY: &str =

@@ -691,6 +691,10 @@ async fn bad_event_ends_the_stream_naming_its_position(db: TestDb) {
 
 /// PostgreSQL only: a large batch's raw events go by binary `COPY`; every field arrives as
 /// sent (ids, type, count, the time to the microsecond, and the optional fields, set or not).
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_large_batch_keeps_every_field_of_its_raw_events() {
     use campaign_stats::migration::Phase;

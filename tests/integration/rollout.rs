@@ -137,6 +137,12 @@ async fn changes_are_versioned_audited_and_bounded_by_the_phase(db: TestDb) {
         .await
         .expect("override");
     server.clear_override("beta", "done").await.expect("clear");
+    // Nothing left to clear: refused, with no new version and no audit entry.
+    let again = server
+        .clear_override("beta", "again")
+        .await
+        .expect_err("no override");
+    assert_eq!(again.code(), Code::NotFound, "{again:?}");
     server.kill_switch(true, "incident").await.expect("kill");
     let after = server.current_rollout().await;
     assert_eq!(
@@ -423,6 +429,10 @@ async fn another_replica_applies_a_change_quickly(db: TestDb) {
 
 /// PostgreSQL only: a change reaches another server process through LISTEN/NOTIFY, without
 /// waiting for its polling, and again after that process's LISTEN connection was cut.
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_hear_changes_and_survive_a_cut_listener() {
     let Some(db) = TestDb::create(crate::common::Backend::Postgres).await else {

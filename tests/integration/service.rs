@@ -210,6 +210,10 @@ async fn wait_for_health(
 
 /// PostgreSQL only: the database is reached through a proxy that the test cuts, so the
 /// server loses it for real while running.
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_health_follows_the_database() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {
@@ -313,6 +317,10 @@ async fn shutdown_ends_open_rollout_watches_with_unavailable(db: TestDb) {
 
 /// PostgreSQL only: raw events land in the monthly partition of their `occurred_at`, made on
 /// demand for any month, so that no write fails for want of a partition.
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_events_land_in_monthly_partitions() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {
@@ -357,6 +365,10 @@ async fn postgres_events_land_in_monthly_partitions() {
 
 /// PostgreSQL only: every connection of the server's pool has Nagle's algorithm off (sqlx
 /// 0.9.0 leaves it on, and a large write then waits 40 ms for a delayed ACK).
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_send_without_delay() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {

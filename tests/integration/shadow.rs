@@ -165,6 +165,10 @@ async fn shadow_reads_count_agreements_and_keep_disagreements(db: TestDb) {
 /// cannot run time out or are dropped, each counted. PostgreSQL only: SQLite has no
 /// per-table lock that blocks one storage's reads and not the other's.
 mod postgres_only {
+    #[cfg_attr(
+        not(postgres_tests),
+        ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+    )]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stuck_shadow_storage_never_holds_up_primary_reads() {
         if let Some(db) = crate::common::TestDb::create(crate::common::Backend::Postgres).await {

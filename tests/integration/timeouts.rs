@@ -17,6 +17,10 @@ use crate::common::{TestDb, campaign_metrics, event};
 crate::on_both_backends!(a_statement_past_the_timeout_is_unavailable_and_rolled_back);
 
 mod postgres_only {
+    #[cfg_attr(
+        not(postgres_tests),
+        ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+    )]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_database_that_stops_answering_ends_calls_in_flight() {
         if let Some(db) = crate::common::TestDb::create(crate::common::Backend::Postgres).await {
