@@ -11,17 +11,29 @@ use futures::Stream;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 
 use super::{AppError, Jobs, RetentionSettings, RolloutView, run_backfill};
 
 /// The migration use cases: read and move the phase, run backfills.
+/// A backfill running on this replica.
+#[derive(Debug)]
+struct ActiveRun {
+    run_id: String,
+    cancel: watch::Sender<bool>,
+}
+
+/// The longest `CancelRun` waits for the run to end before answering it as it stands.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 pub struct Migration<S> {
     store: Arc<S>,
     jobs: Jobs,
     rollout: RolloutView,
-    /// Backfills running in this process, by dry-run flag: one of each kind at a time.
-    active: Arc<Mutex<HashMap<bool, String>>>,
+    /// Backfills running in this process, by dry-run flag (one of each kind at a time): each
+    /// one's id, and the signal that cancels it.
+    active: Arc<Mutex<HashMap<bool, ActiveRun>>>,
     /// How long raw events are kept: a repair needs them.
     retention: RetentionSettings,
 }
@@ -137,6 +149,12 @@ pub enum StartRefused {
     WrongPhase(Phase),
     #[error("backfill {0} is already running")]
     AlreadyRunning(String),
+    #[error("backfill {0} is not running (it is {1})")]
+    NotRunning(String, String),
+    #[error(
+        "backfill {0} runs on another replica: a backfill is cancelled through the replica that started it"
+    )]
+    RunningElsewhere(String),
 }
 
 /// The tables of the legacy storage.
@@ -256,15 +274,36 @@ impl<S: Store> Migration<S> {
                     .await?
             }
         };
-        self.lock_active()
-            .insert(request.dry_run, run.run_id.clone());
+        let (cancel, cancelled) = watch::channel(false);
+        self.lock_active().insert(
+            request.dry_run,
+            ActiveRun {
+                run_id: run.run_id.clone(),
+                cancel,
+            },
+        );
         let (store, active, started) = (
             Arc::clone(&self.store),
             Arc::clone(&self.active),
             run.clone(),
         );
         self.jobs.spawn(move |stop| async move {
-            run_backfill(store, started, request.throttle, stop).await;
+            // Stopped by shutdown or by CancelRun alike: after the batch in hand.
+            let (stopping, stop_signal) = watch::channel(false);
+            let run = run_backfill(store, started, request.throttle, stop_signal);
+            let either = async {
+                let (mut stop, mut cancelled) = (stop, cancelled);
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {}
+                    _ = cancelled.wait_for(|c| *c) => {}
+                }
+                stopping.send_replace(true);
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                _ = run => {}
+                () = either => {}
+            }
             active
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -273,12 +312,52 @@ impl<S: Store> Migration<S> {
         Ok(run)
     }
 
-    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<bool, String>> {
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<bool, ActiveRun>> {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn active_backfill(&self, dry_run: bool) -> Option<String> {
-        self.lock_active().get(&dry_run).cloned()
+        self.lock_active().get(&dry_run).map(|a| a.run_id.clone())
+    }
+
+    /// The newest `limit` runs (0: 20; at most 1,000), newest first.
+    pub async fn runs(&self, limit: u32) -> Result<Vec<Run>, AppError> {
+        let limit = match limit {
+            0 => 20,
+            n => n.min(1_000),
+        };
+        Ok(self.store.recent_runs(limit).await?)
+    }
+
+    /// Stops backfill `run_id`, running on this replica, after its current batch, and
+    /// answers it once it has ended (`cancelled`; starting a backfill resumes it).
+    pub async fn cancel_run(&self, run_id: &str, actor: &str) -> Result<Run, AppError> {
+        let run = self.run(run_id).await?;
+        let signalled = self
+            .lock_active()
+            .values()
+            .find(|a| a.run_id == run_id)
+            .map(|a| a.cancel.send_replace(true))
+            .is_some();
+        if !signalled {
+            return Err(if run.state == RunState::Running {
+                StartRefused::RunningElsewhere(run_id.to_owned())
+            } else {
+                StartRefused::NotRunning(run_id.to_owned(), run.state.to_string())
+            }
+            .into());
+        }
+        tracing::info!(run_id, actor, "backfill cancelled");
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        loop {
+            let run = self.run(run_id).await?;
+            if run.state != crate::migration::RunState::Running
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(run);
+            }
+            tokio::time::sleep(WATCH_RUN_EVERY).await;
+        }
     }
 
     /// Compares both storages over `range` (everything when `None`), recorded as a run.

@@ -144,7 +144,7 @@ impl ClientArgs {
         Ok(config)
     }
 
-    async fn migration(&self) -> anyhow::Result<MigrationServiceClient<ServerChannel>> {
+    pub(super) async fn migration(&self) -> anyhow::Result<MigrationServiceClient<ServerChannel>> {
         Ok(MigrationServiceClient::new(self.channel().await?))
     }
 }
@@ -281,6 +281,47 @@ pub struct BackfillArgs {
     pub actor: String,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// `backfill watch|status|cancel`: back to a run started earlier (by this or another CLI).
+#[derive(Debug, Subcommand)]
+pub enum BackfillCommand {
+    /// Follow a run to its end with the progress bar (default: the latest backfill).
+    Watch {
+        /// The run (default: the latest backfill).
+        run_id: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Where a run stands (default: the latest backfill).
+    Status {
+        /// The run (default: the latest backfill).
+        run_id: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop a running backfill after its current batch (default: the latest backfill);
+    /// starting `backfill` again resumes it from its checkpoint.
+    Cancel {
+        /// The run (default: the latest backfill).
+        run_id: Option<String>,
+        /// Who (logged); defaults to $USER.
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+impl BackfillCommand {
+    /// Where the server is and how to print.
+    pub fn client(&self) -> &ClientArgs {
+        match self {
+            BackfillCommand::Watch { client, .. }
+            | BackfillCommand::Status { client, .. }
+            | BackfillCommand::Cancel { client, .. } => client,
+        }
+    }
 }
 
 /// Options of `verify`.
@@ -621,16 +662,136 @@ fn run_json(run: &proto::Run) -> Value {
     })
 }
 
-/// Runs `backfill`: starts (or resumes) it and follows its progress to the end.
-pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
-    let mut client = args.client.migration().await?;
-    // The legacy row count sizes the progress bar.
-    let total = client
+/// The legacy table's rows: what sizes a backfill's progress bar.
+async fn legacy_rows(client: &mut MigrationServiceClient<ServerChannel>) -> anyhow::Result<u64> {
+    Ok(client
         .get_storage_report(GetStorageReportRequest {})
         .await
         .map_err(|s| failed("cannot size the legacy table", s))?
         .into_inner()
-        .legacy_rows;
+        .legacy_rows)
+}
+
+/// `run_id`, or the latest backfill's.
+async fn run_or_latest(
+    client: &mut MigrationServiceClient<ServerChannel>,
+    run_id: Option<String>,
+) -> anyhow::Result<String> {
+    if let Some(run_id) = run_id {
+        return Ok(run_id);
+    }
+    let runs = client
+        .list_runs(proto::ListRunsRequest { limit: 100 })
+        .await
+        .map_err(|s| failed("cannot list the runs", s))?
+        .into_inner()
+        .runs;
+    runs.into_iter()
+        .find(|r| r.kind == "backfill")
+        .map(|r| r.run_id)
+        .context("no backfill has run on this server's database yet")
+}
+
+/// Runs `backfill watch|status|cancel`.
+pub async fn backfill_again(command: BackfillCommand) -> anyhow::Result<()> {
+    let output = command.client().output;
+    let mut client = command.client().migration().await?;
+    let run = match command {
+        BackfillCommand::Watch { run_id, .. } => {
+            let run_id = run_or_latest(&mut client, run_id).await?;
+            let total = legacy_rows(&mut client).await?;
+            follow_run(&mut client, &run_id, total, output).await?
+        }
+        BackfillCommand::Status { run_id, .. } => {
+            let run_id = run_or_latest(&mut client, run_id).await?;
+            client
+                .get_run(GetRunRequest { run_id })
+                .await
+                .map_err(|s| failed("cannot read the run", s))?
+                .into_inner()
+        }
+        BackfillCommand::Cancel { run_id, actor, .. } => {
+            let run_id = run_or_latest(&mut client, run_id).await?;
+            client
+                .cancel_run(proto::CancelRunRequest { run_id, actor })
+                .await
+                .map_err(|s| failed("cannot cancel the backfill", s))?
+                .into_inner()
+        }
+    };
+    match output {
+        Output::Json => print_json(&run_json(&run))?,
+        Output::Text => print_run_text(&run)?,
+    }
+    Ok(())
+}
+
+/// A run for a person: its state and counts.
+fn print_run_text(run: &proto::Run) -> std::io::Result<()> {
+    use indicatif::HumanCount;
+    outln!(
+        "{} {} {}{}  started {}{}",
+        run.kind,
+        printable(&run.run_id),
+        run.state,
+        if run.dry_run { " (dry run)" } else { "" },
+        time(run.started_at),
+        match run.finished_at {
+            Some(at) => format!("  ended {}", time(Some(at))),
+            None => String::new(),
+        }
+    )?;
+    if run.kind == "verify" {
+        outln!(
+            "  compared {} · mismatches {}",
+            HumanCount(run.compared),
+            HumanCount(run.mismatches)
+        )?;
+    } else {
+        outln!(
+            "  processed {} · {} · failed {}",
+            HumanCount(run.processed),
+            run_counters(run),
+            HumanCount(run.failed)
+        )?;
+        if matches!(run.state.as_str(), "cancelled" | "failed") && !run.checkpoint.is_empty() {
+            outln!(
+                "  checkpoint {} (a new `backfill` resumes after it)",
+                printable(&run.checkpoint)
+            )?;
+        }
+    }
+    if !run.last_error.is_empty() {
+        outln!("  last error {}", printable(&run.last_error))?;
+    }
+    Ok(())
+}
+
+/// Runs `runs`: the newest runs and how they ended.
+pub async fn runs(limit: u32, client_args: ClientArgs) -> anyhow::Result<()> {
+    let runs = client_args
+        .migration()
+        .await?
+        .list_runs(proto::ListRunsRequest { limit })
+        .await
+        .map_err(|s| failed("cannot list the runs", s))?
+        .into_inner()
+        .runs;
+    match client_args.output {
+        Output::Json => print_json(&Value::Array(runs.iter().map(run_json).collect()))?,
+        Output::Text => {
+            for run in &runs {
+                print_run_text(run)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `backfill`: starts (or resumes) it and follows its progress to the end.
+pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
+    let mut client = args.client.migration().await?;
+    let total = legacy_rows(&mut client).await?;
     let run_id = client
         .start_backfill(StartBackfillRequest {
             dry_run: args.dry_run,
@@ -642,7 +803,7 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
         .map_err(|s| failed("cannot start the backfill", s))?
         .into_inner()
         .run_id;
-    let run = follow_run(&mut client, &run_id, total, &args).await?;
+    let run = follow_run(&mut client, &run_id, total, args.client.output).await?;
     let report = client
         .get_run_report(GetRunRequest {
             run_id: run_id.clone(),
@@ -702,14 +863,12 @@ fn print_backfill_text(run: &proto::Run, report: &proto::RunReport) -> std::io::
             report.unresolved
         )?;
     }
+    // One short line each (80 columns); the user, kind and resolution are in the report.
     for issue in report.ambiguous.iter().take(10) {
         outln!(
-            "  ambiguous  {}/{} (user {}) {} [{}]: {}",
+            "  {} {}: {}",
             printable(&issue.campaign_id),
             issue.date,
-            printable(&issue.user_id),
-            kind_name(issue.kind),
-            resolution_name(issue.resolution),
             printable(&issue.reason)
         )?;
     }
@@ -725,27 +884,65 @@ fn print_backfill_text(run: &proto::Run, report: &proto::RunReport) -> std::io::
     Ok(())
 }
 
-/// Follows backfill `run_id` to its end with a progress bar over the legacy table's `total`
-/// rows (hidden unless the output is text); the run as it ended.
+/// How often a plain progress line is printed when stderr is not a terminal.
+const PLAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The progress bar of a backfill on a terminal of `columns` columns: two lines that fit 80
+/// (the bar takes what the first line leaves), counters and a rounded rate on the second; on a
+/// narrower terminal, three shorter lines.
+fn backfill_bar(total: u64, columns: u16) -> ProgressBar {
+    let template = if columns >= 80 {
+        "{spinner} {elapsed_precise} {wide_bar} {percent:>3}% {human_pos}/{human_len}\n  {msg} · {rate} · eta {eta}"
+    } else {
+        "{spinner} {elapsed_precise} {wide_bar} {percent:>3}%\n  {human_pos}/{human_len} · {rate} · eta {eta}\n  {msg}"
+    };
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(
+                        w,
+                        "{} rows/s",
+                        indicatif::HumanCount(state.per_sec() as u64)
+                    );
+                },
+            ),
+    );
+    bar
+}
+
+/// `copied 1,234 · skipped 5,678 · ambiguous 9`.
+fn run_counters(run: &proto::Run) -> String {
+    use indicatif::HumanCount;
+    format!(
+        "copied {} · skipped {} · ambiguous {}",
+        HumanCount(run.copied),
+        HumanCount(run.skipped),
+        HumanCount(run.ambiguous)
+    )
+}
+
+/// Follows backfill `run_id` to its end, with a progress bar over the legacy table's `total`
+/// rows on a terminal, a plain line every few seconds otherwise (piped, CI, `kubectl exec`),
+/// nothing under `-o json`; the run as it ended. Ctrl-C stops following, not the run, and
+/// says how to come back; a server that goes away is said plainly.
 async fn follow_run(
     client: &mut MigrationServiceClient<ServerChannel>,
     run_id: &str,
     total: u64,
-    args: &BackfillArgs,
+    output: Output,
 ) -> anyhow::Result<proto::Run> {
-    let bar = if args.client.output == Output::Text {
-        ProgressBar::new(total)
+    use std::io::IsTerminal;
+    let text = output == Output::Text;
+    let terminal = text && std::io::stderr().is_terminal();
+    let bar = if terminal {
+        backfill_bar(total, console::Term::stderr().size().1)
     } else {
         ProgressBar::hidden()
     };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows ({per_sec}, eta {eta}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.println(format!(
-        "backfill {run_id}{}",
-        if args.dry_run { " (dry run)" } else { "" }
-    ));
     let mut updates = client
         .watch_run(GetRunRequest {
             run_id: run_id.to_string(),
@@ -753,18 +950,74 @@ async fn follow_run(
         .await
         .map_err(|s| failed("cannot follow the backfill", s))?
         .into_inner();
-    let mut last = None;
-    while let Some(update) = updates.next().await {
-        let run = update.map_err(|s| failed("lost the backfill's progress", s))?;
+    let started = std::time::Instant::now();
+    let mut printed_at: Option<std::time::Instant> = None;
+    let mut last: Option<proto::Run> = None;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let update = tokio::select! {
+            update = updates.next() => update,
+            _ = &mut interrupted => {
+                bar.finish_and_clear();
+                bail!(
+                    "stopped following; backfill {run_id} goes on on the server. Follow it with \
+                     `campaign-stats backfill watch {run_id}`, stop it with \
+                     `campaign-stats backfill cancel {run_id}`"
+                );
+            }
+        };
+        let Some(update) = update else { break };
+        let run = update.map_err(|status| server_went_away(run_id, status))?;
+        if last.is_none() && text {
+            bar.println(format!(
+                "backfill {run_id}{}",
+                if run.dry_run { " (dry run)" } else { "" }
+            ));
+        }
         bar.set_position(run.processed);
-        bar.set_message(format!(
-            "copied {} · skipped {} · ambiguous {}",
-            run.copied, run.skipped, run.ambiguous
-        ));
+        bar.set_message(run_counters(&run));
+        if text && !terminal && printed_at.is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_EVERY) {
+            printed_at = Some(std::time::Instant::now());
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "backfill {run_id}: {} of {} rows ({:.0}%) · {} · {} rows/s",
+                indicatif::HumanCount(run.processed),
+                indicatif::HumanCount(total),
+                if total == 0 {
+                    100.0
+                } else {
+                    run.processed as f64 * 100.0 / total as f64
+                },
+                run_counters(&run),
+                indicatif::HumanCount((run.processed as f64 / seconds) as u64)
+            );
+        }
         last = Some(run);
     }
     bar.finish_and_clear();
     last.context("the server sent no progress")
+}
+
+/// What following a run says when the server stops answering: plainly that it went away,
+/// what becomes of the run, and how to follow it again.
+fn server_went_away(run_id: &str, status: tonic::Status) -> anyhow::Error {
+    let gone = matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Internal
+    );
+    if !gone {
+        return failed("lost the backfill's progress", status);
+    }
+    anyhow::anyhow!(
+        "the server went away while backfill {run_id} ran (it stopped or restarted). The run \
+         stopped at its last checkpoint; start `campaign-stats backfill` again once the server \
+         is back and it resumes from there (`campaign-stats backfill status` shows where it \
+         stands)"
+    )
 }
 
 /// Runs `repair-rollups`: lists the rows that differ from their sources, and rewrites them

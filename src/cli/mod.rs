@@ -13,6 +13,7 @@ macro_rules! outln {
 mod admin;
 mod generate;
 mod rollout;
+mod stats;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,8 +65,29 @@ pub enum Command {
         #[command(flatten)]
         client: admin::ClientArgs,
     },
-    /// Copy legacy history into the new storage on a running server, with a progress bar.
-    Backfill(admin::BackfillArgs),
+    /// Copy legacy history into the new storage on a running server, with a progress bar;
+    /// `backfill watch|status|cancel [RUN_ID]` come back to a run.
+    #[command(args_conflicts_with_subcommands = true)]
+    Backfill {
+        #[command(subcommand)]
+        command: Option<admin::BackfillCommand>,
+        #[command(flatten)]
+        args: admin::BackfillArgs,
+    },
+    /// Statistics of a running server: a campaign's totals, a series with a chart, a test
+    /// event.
+    Stats {
+        #[command(subcommand)]
+        command: stats::StatsCommand,
+    },
+    /// Past and running backfills and verifies, newest first, with how each ended.
+    Runs {
+        /// Most runs shown (the newest).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        client: admin::ClientArgs,
+    },
     /// Compare the legacy and new storages on a running server; fails on any difference.
     Verify(admin::VerifyArgs),
     /// Recompute the rollups of a range from what the backfill copied plus the raw events
@@ -440,7 +462,13 @@ impl Cli {
             Some(Command::Migration { client, .. } | Command::Rollout { client, .. }) => {
                 client.output
             }
-            Some(Command::Backfill(args)) => args.client.output,
+            Some(Command::Backfill {
+                command: Some(command),
+                ..
+            }) => command.client().output,
+            Some(Command::Backfill { args, .. }) => args.client.output,
+            Some(Command::Runs { client, .. }) => client.output,
+            Some(Command::Stats { command }) => command.client().output,
             Some(Command::Verify(args)) => args.client.output,
             Some(Command::RepairRollups(args)) => args.client.output,
             Some(Command::StorageReport(client)) => client.output,
@@ -491,7 +519,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => update_schema(args).await,
         Command::Migration { command, client } => admin::migration(command, client).await,
         Command::Rollout { command, client } => rollout::rollout(command, client).await,
-        Command::Backfill(args) => admin::backfill(args).await,
+        Command::Backfill {
+            command: Some(command),
+            ..
+        } => admin::backfill_again(command).await,
+        Command::Backfill { args, .. } => admin::backfill(args).await,
+        Command::Runs { limit, client } => admin::runs(limit, client).await,
+        Command::Stats { command } => stats::stats(command).await,
         Command::Verify(args) => admin::verify(args).await,
         Command::RepairRollups(args) => admin::repair_rollups(args).await,
         Command::StorageReport(args) => admin::storage_report(args).await,

@@ -205,6 +205,7 @@ audited!(
     PauseScheduleRequest,
     ResumeScheduleRequest,
     AbortScheduleRequest,
+    CancelRunRequest,
 );
 
 /// The message of `request`, its `actor` the authenticated caller's token name when there is

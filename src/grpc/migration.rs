@@ -442,6 +442,29 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         }))
     }
 
+    async fn list_runs(
+        &self,
+        request: Request<proto::ListRunsRequest>,
+    ) -> Result<Response<proto::ListRunsResponse>, Status> {
+        let runs = self.migration.runs(request.into_inner().limit).await?;
+        Ok(Response::new(proto::ListRunsResponse {
+            runs: runs.into_iter().map(run_to_proto).collect(),
+        }))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<proto::CancelRunRequest>,
+    ) -> Result<Response<proto::Run>, Status> {
+        let request = audited(request);
+        let id = run_id(GetRunRequest {
+            run_id: request.run_id,
+        });
+        let (id, actor) = super::convert::both_valid(id, actor(request.actor))?;
+        let run = self.migration.cancel_run(&id, &actor).await?;
+        Ok(Response::new(run_to_proto(run)))
+    }
+
     async fn get_run(
         &self,
         request: Request<GetRunRequest>,

@@ -139,6 +139,10 @@ impl<S: Store> RunStore for Bounded<S> {
         self.bound(self.inner.run(run_id)).await
     }
 
+    async fn recent_runs(&self, limit: u32) -> Result<Vec<Run>, StorageError> {
+        self.bound(self.inner.recent_runs(limit)).await
+    }
+
     async fn unfinished_backfill(
         &self,
         dry_run: bool,

@@ -269,6 +269,12 @@ pub trait RunStore: Database {
     /// A run by id.
     fn run(&self, run_id: &str) -> impl Future<Output = Result<Option<Run>, StorageError>> + Send;
 
+    /// The newest `limit` runs, newest first.
+    fn recent_runs(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Run>, StorageError>> + Send;
+
     /// The newest backfill run of this `dry_run` kind that has not completed: cancelled,
     /// failed, or running without a heartbeat for `stale_after` (its process died).
     fn unfinished_backfill(

@@ -804,6 +804,10 @@ impl RunStore for PostgresStore {
         Shared::<Postgres>::run(&self.pool, run_id).await
     }
 
+    async fn recent_runs(&self, limit: u32) -> Result<Vec<Run>, StorageError> {
+        Shared::<Postgres>::recent_runs(&self.pool, limit).await
+    }
+
     async fn unfinished_backfill(
         &self,
         dry_run: bool,

@@ -248,6 +248,14 @@ where
         row.map(Run::try_from).transpose()
     }
 
+    pub async fn recent_runs(pool: &Pool<DB>, limit: u32) -> Result<Vec<Run>, StorageError> {
+        let rows: Vec<RunRow> = sqlx::query_as(sql::RECENT_RUNS)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+        rows.into_iter().map(Run::try_from).collect()
+    }
+
     pub async fn unfinished_backfill(
         pool: &Pool<DB>,
         dry_run: bool,

@@ -133,6 +133,12 @@ pub const RUN_BY_ID: &str = concatcp!(
     RUN_COLUMNS,
     " FROM migration_runs WHERE run_id = $1"
 );
+/// The newest `$1` runs.
+pub const RECENT_RUNS: &str = concatcp!(
+    "SELECT ",
+    RUN_COLUMNS,
+    " FROM migration_runs ORDER BY started_at DESC LIMIT $1"
+);
 /// The latest backfill of the kind (`$1`: dry run) that did not complete: stopped, failed,
 /// or still `running` with a heartbeat older than `$2` (its process died).
 pub const UNFINISHED_BACKFILL: &str = concatcp!(

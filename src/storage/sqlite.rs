@@ -504,6 +504,10 @@ impl RunStore for SqliteStore {
         Shared::<Sqlite>::run(&self.reader, run_id).await
     }
 
+    async fn recent_runs(&self, limit: u32) -> Result<Vec<Run>, StorageError> {
+        Shared::<Sqlite>::recent_runs(&self.reader, limit).await
+    }
+
     async fn unfinished_backfill(
         &self,
         dry_run: bool,

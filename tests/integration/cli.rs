@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncBufReadExt;
+
 use serde_json::Value;
 
 use crate::common::{ServerProcess, TestDb};
@@ -14,6 +16,8 @@ crate::on_both_backends!(
     a_closed_pipe_ends_the_cli_quietly,
     stored_control_characters_are_escaped_on_output,
     phases_and_errors_read_alike_in_every_command,
+    an_operator_leaves_a_backfill_and_comes_back_to_it,
+    a_person_reads_stats_from_the_cli,
 );
 
 /// Runs `campaign-stats ARGS…` and returns its exit success and stdout.
@@ -571,4 +575,234 @@ async fn phases_and_errors_read_alike_in_every_command(db: TestDb) {
         stderr.contains("--from") && !stderr.contains("start_date"),
         "{stderr}"
     );
+}
+
+/// Starts `campaign-stats` with `args` in the background, its output piped.
+fn spawn_cli(args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_campaign-stats"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start campaign-stats")
+}
+
+async fn an_operator_leaves_a_backfill_and_comes_back_to_it(db: TestDb) {
+    let (ok, _, stderr) = cli(&[
+        "generate-legacy",
+        "--campaigns",
+        "40",
+        "--users",
+        "5",
+        "--days",
+        "60",
+        "--seed",
+        "4",
+        "--database-url",
+        &db.url,
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    let server = db.start_server_keeping_phase().await;
+    let addr = server.addr.to_string();
+    let (ok, _, stderr) = cli(&[
+        "migration",
+        "transition",
+        "dual-write",
+        "--reason",
+        "start",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+
+    // A slow backfill (small batches, a pause between them), followed without a terminal:
+    // plain progress lines on stderr, not a progress bar.
+    let mut follower = spawn_cli(&[
+        "backfill",
+        "--batch-size",
+        "20",
+        "--throttle-ms",
+        "100",
+        "--server",
+        &addr,
+    ]);
+    let mut lines = tokio::io::BufReader::new(follower.stderr.take().expect("stderr")).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("a progress line in time")
+        .expect("read stderr")
+        .expect("a line");
+    assert!(
+        first.starts_with("backfill ") && first.contains(" of 2,400 rows"),
+        "{first}"
+    );
+
+    // Ctrl-C stops following, not the run, and says how to come back.
+    let pid = follower.id().expect("pid").to_string();
+    let signalled = tokio::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .expect("run kill");
+    assert!(signalled.success());
+    let mut rest = String::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    let status = follower.wait().await.expect("exit");
+    assert!(!status.success());
+    assert!(
+        rest.contains("goes on on the server") && rest.contains("backfill watch"),
+        "{rest}"
+    );
+    let running = cli_json(&["backfill", "status", "-o", "json", "--server", &addr]).await;
+    assert_eq!(running["state"], "running", "{running}");
+
+    // Cancel it (the latest backfill by default), and find it listed with its outcome.
+    let cancelled = cli_json(&["backfill", "cancel", "-o", "json", "--server", &addr]).await;
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert_eq!(cancelled["run_id"], running["run_id"]);
+    let runs = cli_json(&["runs", "-o", "json", "--server", &addr]).await;
+    assert_eq!(runs[0]["run_id"], running["run_id"]);
+    assert_eq!(runs[0]["state"], "cancelled");
+    let (ok, _, stderr) = cli(&["backfill", "cancel", "--server", &addr]).await;
+    assert!(!ok && stderr.contains("not running"), "{stderr}");
+
+    // Starting it again resumes it; `backfill watch` follows it to the end.
+    let resumed = spawn_cli(&[
+        "backfill",
+        "--batch-size",
+        "500",
+        "-o",
+        "json",
+        "--server",
+        &addr,
+    ]);
+    // Watch once the server has resumed it (before that, the latest run is the cancelled one).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli_json(&["backfill", "status", "-o", "json", "--server", &addr]).await["state"]
+        == "cancelled"
+    {
+        assert!(Instant::now() < deadline, "the backfill never resumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let watched = cli_json(&["backfill", "watch", "-o", "json", "--server", &addr]).await;
+    assert_eq!(watched["state"], "completed", "{watched}");
+    assert_eq!(
+        watched["run_id"], running["run_id"],
+        "the same run, resumed"
+    );
+    assert_eq!(watched["processed"], 2400);
+    let output = resumed.wait_with_output().await.expect("backfill");
+    assert!(output.status.success());
+}
+
+async fn a_person_reads_stats_from_the_cli(db: TestDb) {
+    let server = db.start_server().await;
+    let addr = server.addr.to_string();
+    for (day, count) in [("01", "3"), ("02", "5"), ("09", "8")] {
+        let at = format!("2026-03-{day}T12:00:00Z");
+        let (ok, stdout, stderr) = cli(&[
+            "stats", "record", "u1", "c1", "sent", "--count", count, "--at", &at, "--server", &addr,
+        ])
+        .await;
+        assert!(ok && stdout.trim() == "recorded", "{stdout}{stderr}");
+    }
+    let (ok, stdout, _) = cli(&[
+        "stats",
+        "record",
+        "u1",
+        "c2",
+        "clicked",
+        "--idempotency-key",
+        "k1",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert!(ok && stdout.trim() == "recorded");
+    let again = cli_json(&[
+        "stats",
+        "record",
+        "u1",
+        "c2",
+        "clicked",
+        "--idempotency-key",
+        "k1",
+        "-o",
+        "json",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert_eq!(again["duplicate"], true);
+
+    let got = cli_json(&[
+        "stats",
+        "get",
+        "u1",
+        "c1",
+        "c2",
+        "--from",
+        "2026-03-01",
+        "--to",
+        "2026-03-31",
+        "-o",
+        "json",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert_eq!(got["campaigns"][0]["metrics"]["sent"], 16);
+    assert_eq!(got["campaigns"][1]["campaign_id"], "c2");
+
+    // A month by day: a table and a chart under it, every line within 80 columns.
+    let (ok, table, stderr) = cli(&[
+        "stats",
+        "series",
+        "u1",
+        "--from",
+        "2026-03-01",
+        "--to",
+        "2026-03-31",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 1 + 31 + 3, "{table}");
+    assert!(
+        lines[2].starts_with("2026-03-02") && lines[2].contains(" 5 "),
+        "{table}"
+    );
+    let chart = lines.last().expect("chart");
+    assert_eq!(chart.chars().count(), 31, "{table}");
+    assert_eq!(chart.chars().nth(8), Some('█'), "the highest day: {table}");
+    assert!(
+        table.lines().all(|line| line.chars().count() <= 80),
+        "{table}"
+    );
+    let weeks = cli_json(&[
+        "stats",
+        "series",
+        "u1",
+        "--from",
+        "2026-03-01",
+        "--to",
+        "2026-03-31",
+        "--by",
+        "week",
+        "-o",
+        "json",
+        "--server",
+        &addr,
+    ])
+    .await;
+    assert_eq!(weeks["buckets"][1]["bucket_start"], "2026-03-02");
+    assert_eq!(weeks["buckets"][1]["metrics"]["sent"], 5);
 }
