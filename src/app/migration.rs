@@ -260,6 +260,7 @@ impl<S: Store> Migration<S> {
                 self.store.resume_run(&unfinished.run_id).await?;
                 Run {
                     batch_size: request.batch_size,
+                    resumes: unfinished.resumes + 1,
                     ..unfinished
                 }
             }

@@ -658,7 +658,7 @@ fn run_json(run: &proto::Run) -> Value {
         "batch_size": run.batch_size, "processed": run.processed, "copied": run.copied,
         "skipped": run.skipped, "ambiguous": run.ambiguous, "failed": run.failed,
         "compared": run.compared, "mismatches": run.mismatches, "checkpoint": run.checkpoint,
-        "last_error": run.last_error,
+        "last_error": run.last_error, "resumes": run.resumes,
     })
 }
 
@@ -730,11 +730,16 @@ pub async fn backfill_again(command: BackfillCommand) -> anyhow::Result<()> {
 fn print_run_text(run: &proto::Run) -> std::io::Result<()> {
     use indicatif::HumanCount;
     outln!(
-        "{} {} {}{}  started {}{}",
+        "{} {} {}{}{}  started {}{}",
         run.kind,
         printable(&run.run_id),
         run.state,
         if run.dry_run { " (dry run)" } else { "" },
+        match run.resumes {
+            0 => String::new(),
+            1 => " (resumed once)".to_owned(),
+            n => format!(" (resumed {n} times)"),
+        },
         time(run.started_at),
         match run.finished_at {
             Some(at) => format!("  ended {}", time(Some(at))),
@@ -971,8 +976,13 @@ async fn follow_run(
         let run = update.map_err(|status| server_went_away(run_id, status))?;
         if last.is_none() && text {
             bar.println(format!(
-                "backfill {run_id}{}",
-                if run.dry_run { " (dry run)" } else { "" }
+                "backfill {run_id}{}{}",
+                if run.dry_run { " (dry run)" } else { "" },
+                if run.resumes > 0 {
+                    " (resumed from its checkpoint)"
+                } else {
+                    ""
+                }
             ));
         }
         bar.set_position(run.processed);

@@ -139,6 +139,7 @@ fn run_to_proto(run: Run) -> proto::Run {
             .map(|(campaign, day)| format!("{campaign}/{day}"))
             .unwrap_or_default(),
         last_error: run.last_error.unwrap_or_default(),
+        resumes: run.resumes,
     }
 }
 

@@ -91,6 +91,8 @@ pub struct Run {
     /// The last legacy key done: a resumed backfill starts after it.
     pub checkpoint: Option<(String, NaiveDate)>,
     pub last_error: Option<String>,
+    /// Times the run was resumed from its checkpoint (after a cancel, a shutdown or a crash).
+    pub resumes: u32,
 }
 
 /// A legacy row a run reported instead of copying (backfill), or found different (verify).

@@ -545,6 +545,7 @@ struct RunRow {
     checkpoint_campaign: Option<String>,
     checkpoint_date: Option<NaiveDate>,
     last_error: Option<String>,
+    resumes: i64,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -573,6 +574,7 @@ impl TryFrom<RunRow> for Run {
             mismatches: count(row.mismatches)?,
             checkpoint: row.checkpoint_campaign.zip(row.checkpoint_date),
             last_error: row.last_error,
+            resumes: stored(row.resumes, "run resumes")?,
         })
     }
 }

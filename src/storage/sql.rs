@@ -26,7 +26,8 @@ const SKIP: &str = literal!(Resolution::Skip.name());
 /// The columns of `migration_runs` as `RunRow` reads them.
 const RUN_COLUMNS: &str = "run_id, kind, actor, dry_run, state, started_at, finished_at, \
      CAST(batch_size AS BIGINT) AS batch_size, processed, copied, skipped, ambiguous, failed, \
-     compared, mismatches, checkpoint_campaign, checkpoint_date, last_error";
+     compared, mismatches, checkpoint_campaign, checkpoint_date, last_error, \
+     CAST(resumes AS BIGINT) AS resumes";
 
 /// The run id of the last completed real (not dry) backfill: the one whose ambiguous rows
 /// count.
@@ -157,7 +158,7 @@ pub const RESUME_RUN: &str = concatcp!(
     "UPDATE migration_runs SET state = ",
     RUNNING,
     ", finished_at = NULL, \
-    heartbeat_at = $1 WHERE run_id = $2"
+    heartbeat_at = $1, resumes = resumes + 1 WHERE run_id = $2"
 );
 /// A backfill batch's counts and checkpoint, committed with the batch.
 pub const BATCH_PROGRESS: &str = "UPDATE migration_runs SET processed = processed + $1, \

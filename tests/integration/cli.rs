@@ -618,6 +618,10 @@ async fn an_operator_leaves_a_backfill_and_comes_back_to_it(db: TestDb) {
     .await;
     assert!(ok, "{stderr}");
 
+    // A batch size of 0 is refused, not read as the default.
+    let (ok, _, stderr) = cli(&["backfill", "--batch-size", "0", "--server", &addr]).await;
+    assert!(!ok && stderr.contains("--batch-size"), "{stderr}");
+
     // A slow backfill (small batches, a pause between them), followed without a terminal:
     // plain progress lines on stderr, not a progress bar.
     let mut follower = spawn_cli(&[
@@ -697,6 +701,7 @@ async fn an_operator_leaves_a_backfill_and_comes_back_to_it(db: TestDb) {
         "the same run, resumed"
     );
     assert_eq!(watched["processed"], 2400);
+    assert_eq!(watched["resumes"], 1, "its status says it was resumed");
     let output = resumed.wait_with_output().await.expect("backfill");
     assert!(output.status.success());
 }
