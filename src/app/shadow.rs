@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use crate::domain::{CampaignId, DateRange, EventTotals, Scope, StorageSource, UserId};
 use crate::migration::Phase;
 use crate::storage::{StorageError, Store};
-use crate::telemetry::ServerMetrics;
+use crate::telemetry::{CAMPAIGN_TOTALS, DAILY_TOTALS, ServerMetrics};
 
 use super::{Guard, Jobs, RolloutView};
 use crate::rollout::ALL_USERS;
@@ -93,8 +93,8 @@ impl ShadowRead {
 
     fn method(&self) -> &'static str {
         match self {
-            ShadowRead::Campaigns { .. } => "campaign_totals",
-            ShadowRead::Daily { .. } => "daily_totals",
+            ShadowRead::Campaigns { .. } => CAMPAIGN_TOTALS,
+            ShadowRead::Daily { .. } => DAILY_TOTALS,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::domain::{
 };
 use crate::rollout::ALL_USERS;
 use crate::storage::{RecordOutcome, Store};
-use crate::telemetry::ServerMetrics;
+use crate::telemetry::{CAMPAIGN_TOTALS, DAILY_TOTALS, ServerMetrics};
 use futures::{Stream, StreamExt};
 
 use super::{AppError, GroupCommit, Guard, RolloutView, Shadow, ShadowRead};
@@ -190,7 +190,7 @@ impl<S: Store> Stats<S> {
             .await;
         let totals = self.watched(source, started, totals)?;
         self.metrics
-            .observe_read("campaign_totals", source, started.elapsed());
+            .observe_read(CAMPAIGN_TOTALS, source, started.elapsed());
         if let Some(shadow) = &self.shadow {
             shadow.offer(source, || ShadowRead::Campaigns {
                 user: query.user.clone(),
@@ -221,7 +221,7 @@ impl<S: Store> Stats<S> {
             .await;
         let daily = self.watched(source, started, daily)?;
         self.metrics
-            .observe_read("daily_totals", source, started.elapsed());
+            .observe_read(DAILY_TOTALS, source, started.elapsed());
         if let Some(shadow) = &self.shadow {
             shadow.offer(source, || ShadowRead::Daily {
                 scope: query.scope.clone(),

@@ -87,23 +87,9 @@ impl TryFrom<proto::GuardSettings> for GuardSettings {
 
     /// Every bad field named at once.
     fn try_from(settings: proto::GuardSettings) -> Result<Self, Self::Error> {
-        let rate = |field: &str, value: f64| {
-            (value.is_finite() && (0.0..=1.0).contains(&value))
-                .then(|| ppm(value))
-                .ok_or_else(|| FieldViolation::new(field, "must be from 0 to 1"))
-        };
+        let mismatch = fraction_ppm("settings.max_mismatch_rate", settings.max_mismatch_rate);
+        let errors = fraction_ppm("settings.max_error_rate", settings.max_error_rate);
         let p99 = settings.max_p99_ratio;
-        let checks = [
-            rate("settings.max_mismatch_rate", settings.max_mismatch_rate).err(),
-            rate("settings.max_error_rate", settings.max_error_rate).err(),
-            (!(p99 == 0.0 || (1.0..=1_000.0).contains(&p99))).then(|| {
-                FieldViolation::new("settings.max_p99_ratio", "must be 0 (off) or 1 to 1000")
-            }),
-            (settings.min_samples == 0)
-                .then(|| FieldViolation::new("settings.min_samples", "must be at least 1")),
-            (!(1..=86_400).contains(&settings.window_seconds))
-                .then(|| FieldViolation::new("settings.window_seconds", "must be 1 to 86400")),
-        ];
         let action = match proto::GuardAction::try_from(settings.action) {
             Ok(proto::GuardAction::KillSwitch) => Ok(GuardAction::KillSwitch),
             Ok(proto::GuardAction::StepBack) => Ok(GuardAction::StepBack),
@@ -112,14 +98,25 @@ impl TryFrom<proto::GuardSettings> for GuardSettings {
                 "must be GUARD_ACTION_KILL_SWITCH or GUARD_ACTION_STEP_BACK",
             )),
         };
-        if checks.iter().any(Option::is_some) || action.is_err() {
-            return Err(ValidationError::from_failures(
-                checks.into_iter().chain([action.err()]),
-            ));
+        let checks = [
+            mismatch.as_ref().err().cloned(),
+            errors.as_ref().err().cloned(),
+            (!(p99 == 0.0 || (1.0..=1_000.0).contains(&p99))).then(|| {
+                FieldViolation::new("settings.max_p99_ratio", "must be 0 (off) or 1 to 1000")
+            }),
+            (settings.min_samples == 0)
+                .then(|| FieldViolation::new("settings.min_samples", "must be at least 1")),
+            (!(1..=86_400).contains(&settings.window_seconds))
+                .then(|| FieldViolation::new("settings.window_seconds", "must be 1 to 86400")),
+            action.as_ref().err().cloned(),
+        ];
+        if checks.iter().any(Option::is_some) {
+            return Err(ValidationError::from_failures(checks));
         }
+        // Every check passed: the results are the values.
         Ok(GuardSettings {
-            max_mismatch_ppm: ppm(settings.max_mismatch_rate),
-            max_error_ppm: ppm(settings.max_error_rate),
+            max_mismatch_ppm: mismatch.unwrap_or_default(),
+            max_error_ppm: errors.unwrap_or_default(),
             max_p99_ratio_percent: (p99 * 100.0).round() as u32,
             min_samples: settings.min_samples,
             window_secs: settings.window_seconds,
@@ -170,13 +167,16 @@ fn response(applied: &Applied) -> Response<GetRolloutResponse> {
     })
 }
 
+/// `value` of `field`, a fraction from 0 to 1, as millionths.
+fn fraction_ppm(field: &str, value: f64) -> Result<u32, FieldViolation> {
+    (value.is_finite() && (0.0..=1.0).contains(&value))
+        .then(|| ppm(value))
+        .ok_or_else(|| FieldViolation::new(field, "must be from 0 to 1"))
+}
+
 /// A sample rate, 0 to 1, as millionths.
 fn sample_ppm(rate: f64) -> Result<u32, ValidationError> {
-    if rate.is_finite() && (0.0..=1.0).contains(&rate) {
-        Ok(ppm(rate))
-    } else {
-        Err(ValidationError::single("rate", "must be from 0 to 1"))
-    }
+    fraction_ppm("rate", rate).map_err(|v| ValidationError::from_failures([Some(v)]))
 }
 
 /// A percentage as hundredths: 0.00 to 100.00 in 0.01 steps.

@@ -49,8 +49,12 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// The read of campaigns' totals (GetStats, GetStatsForCampaigns), as metrics label it.
+pub const CAMPAIGN_TOTALS: &str = "campaign_totals";
+/// The read of a series (GetAggregatedDailyStats), as metrics label it.
+pub const DAILY_TOTALS: &str = "daily_totals";
 /// The read methods reads and shadow reads are labelled by.
-pub const READ_METHODS: [&str; 2] = ["campaign_totals", "daily_totals"];
+pub const READ_METHODS: [&str; 2] = [CAMPAIGN_TOTALS, DAILY_TOTALS];
 
 /// The outcomes of a shadow read.
 pub const SHADOW_OUTCOMES: [&str; 5] = ["match", "mismatch", "error", "timeout", "skipped"];

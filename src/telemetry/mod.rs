@@ -5,7 +5,8 @@ pub mod metrics;
 pub mod rpc;
 
 pub use metrics::{
-    PoolUse, READ_METHODS, ReplicaSample, SHADOW_OUTCOMES, ServerMetrics, code_name, serve_metrics,
+    CAMPAIGN_TOTALS, DAILY_TOTALS, PoolUse, READ_METHODS, ReplicaSample, SHADOW_OUTCOMES,
+    ServerMetrics, code_name, serve_metrics,
 };
 pub use rpc::RpcMetricsLayer;
 
