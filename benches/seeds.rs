@@ -15,10 +15,10 @@ use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClien
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{
-    AmbiguousResolution, GetAggregatedDailyStatsRequest, GetRunRequest,
-    GetStatsForCampaignsRequest, GetStatsRequest, GetStorageReportRequest, Granularity,
-    MigrationPhase, ResolveAmbiguousRowsRequest, SetUserOverrideRequest, StartBackfillRequest,
-    StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest,
+    AmbiguousResolution, GetAggregatedDailyStatsRequest, GetStatsForCampaignsRequest,
+    GetStatsRequest, GetStorageReportRequest, Granularity, MigrationPhase,
+    ResolveAmbiguousRowsRequest, SetUserOverrideRequest, StartBackfillRequest, StorageSource,
+    TransitionPhaseRequest, VerifyConsistencyRequest, WatchRunRequest,
 };
 use campaign_stats::server::{ServerConfig, launch};
 use campaign_stats::storage::{PoolOptions, PostgresStore, SqliteStore, Store};
@@ -318,7 +318,7 @@ async fn run(backend: Backend, url: &str, scale: Scale) -> serde_json::Value {
         .into_inner()
         .run_id;
     let mut progress = migration
-        .watch_run(GetRunRequest { run_id })
+        .watch_run(WatchRunRequest { run_id })
         .await
         .expect("WatchRun")
         .into_inner();

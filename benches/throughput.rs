@@ -989,7 +989,7 @@ async fn move_to(channel: Channel, phase: MigrationPhase) {
 /// would: the backfill finds nothing missing (every write so far went to both storages).
 async fn to_new_primary(channel: Channel) {
     use campaign_stats::grpc::proto::{
-        GetRunRequest, StartBackfillRequest, VerifyConsistencyRequest,
+        StartBackfillRequest, VerifyConsistencyRequest, WatchRunRequest,
     };
     use tokio_stream::StreamExt;
 
@@ -1006,7 +1006,7 @@ async fn to_new_primary(channel: Channel) {
         .into_inner()
         .run_id;
     let mut progress = client
-        .watch_run(GetRunRequest { run_id })
+        .watch_run(WatchRunRequest { run_id })
         .await
         .expect("watch")
         .into_inner();

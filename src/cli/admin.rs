@@ -13,9 +13,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use super::printable;
 use crate::grpc::proto::migration_service_client::MigrationServiceClient;
 use crate::grpc::proto::{
-    self, GetMigrationStateRequest, GetRunRequest, GetStorageReportRequest,
+    self, GetMigrationStateRequest, GetRunReportRequest, GetRunRequest, GetStorageReportRequest,
     ListPhaseTransitionsRequest, MigrationPhase, RepairRollupsRequest, StartBackfillRequest,
-    TransitionPhaseRequest, VerifyConsistencyRequest,
+    TransitionPhaseRequest, VerifyConsistencyRequest, WatchRunRequest,
 };
 use crate::migration::Phase;
 use crate::migration::ambiguous::AmbiguityKind;
@@ -810,7 +810,7 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
         .run_id;
     let run = follow_run(&mut client, &run_id, total, args.client.output).await?;
     let report = client
-        .get_run_report(GetRunRequest {
+        .get_run_report(GetRunReportRequest {
             run_id: run_id.clone(),
         })
         .await
@@ -840,7 +840,10 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
 }
 
 /// The end of a backfill for a person: the counts, and the first ambiguous rows.
-fn print_backfill_text(run: &proto::Run, report: &proto::RunReport) -> std::io::Result<()> {
+fn print_backfill_text(
+    run: &proto::Run,
+    report: &proto::GetRunReportResponse,
+) -> std::io::Result<()> {
     outln!("{:<12} {}", "run", printable(&run.run_id))?;
     outln!(
         "{:<12} {}{}",
@@ -949,7 +952,7 @@ async fn follow_run(
         ProgressBar::hidden()
     };
     let mut updates = client
-        .watch_run(GetRunRequest {
+        .watch_run(WatchRunRequest {
             run_id: run_id.to_string(),
         })
         .await

@@ -11,10 +11,10 @@ use super::admin::{
 use super::printable;
 use crate::grpc::proto::rollout_service_client::RolloutServiceClient;
 use crate::grpc::proto::{
-    self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, GetRolloutResponse,
-    KillSwitchRequest, ListRolloutHistoryRequest, ListShadowMismatchesRequest, ResetSaltRequest,
-    Rollout, SetRolloutPercentageRequest, SetShadowSampleRateRequest, SetUserOverrideRequest,
-    StorageSource, WatchRolloutRequest,
+    self, ClearUserOverrideRequest, EvaluateUserRequest, GetRolloutRequest, KillSwitchRequest,
+    ListRolloutHistoryRequest, ListShadowMismatchesRequest, ResetSaltRequest, Rollout,
+    SetRolloutPercentageRequest, SetShadowSampleRateRequest, SetUserOverrideRequest, StorageSource,
+    WatchRolloutRequest,
 };
 
 /// A storage, as typed on the command line.
@@ -330,14 +330,14 @@ pub async fn rollout(command: RolloutCommand, args: ClientArgs) -> anyhow::Resul
 }
 
 /// The rollout a change answered with, or why it failed (`what` names the change).
-fn changed(
-    answer: Result<tonic::Response<GetRolloutResponse>, tonic::Status>,
+fn changed<A: Into<Option<Rollout>>>(
+    answer: Result<tonic::Response<A>, tonic::Status>,
     what: &str,
 ) -> anyhow::Result<Rollout> {
     answer
         .map_err(|s| failed(what, s))?
         .into_inner()
-        .rollout
+        .into()
         .context("the server sent no rollout")
 }
 

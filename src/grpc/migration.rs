@@ -14,9 +14,8 @@ use super::convert::{audit, both_valid};
 use super::proto::{
     self, GetMigrationStateRequest, GetMigrationStateResponse, GetRunRequest,
     GetStorageReportRequest, GetStorageReportResponse, ListPhaseTransitionsRequest,
-    ListPhaseTransitionsResponse, PhaseTransition, RunReport, StartBackfillRequest,
-    StartBackfillResponse, TransitionPhaseRequest, VerifyConsistencyRequest,
-    VerifyConsistencyResponse,
+    ListPhaseTransitionsResponse, PhaseTransition, StartBackfillRequest, StartBackfillResponse,
+    TransitionPhaseRequest, VerifyConsistencyRequest, VerifyConsistencyResponse,
 };
 use crate::app::AppError;
 use crate::app::{BackfillRequest, Migration, MigrationState};
@@ -307,10 +306,10 @@ fn verify_range(start: &str, end: &str) -> Result<Option<DateRange>, ValidationE
     Ok(Some(DateRange { start, end }))
 }
 
-fn run_id(request: GetRunRequest) -> Result<String, ValidationError> {
-    validate_id("run_id", &request.run_id)
+fn run_id(run_id: String) -> Result<String, ValidationError> {
+    validate_id("run_id", &run_id)
         .map_err(|violation| ValidationError::from_failures([Some(violation)]))?;
-    Ok(request.run_id)
+    Ok(run_id)
 }
 
 /// The actor of a request (`unknown` when empty).
@@ -458,9 +457,7 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         request: Request<proto::CancelRunRequest>,
     ) -> Result<Response<proto::Run>, Status> {
         let request = audited(request);
-        let id = run_id(GetRunRequest {
-            run_id: request.run_id,
-        });
+        let id = run_id(request.run_id);
         let (id, actor) = super::convert::both_valid(id, actor(request.actor))?;
         let run = self.migration.cancel_run(&id, &actor).await?;
         Ok(Response::new(run_to_proto(run)))
@@ -470,19 +467,22 @@ impl<S: Store> MigrationService for MigrationApi<S> {
         &self,
         request: Request<GetRunRequest>,
     ) -> Result<Response<proto::Run>, Status> {
-        let run = self.migration.run(&run_id(request.into_inner())?).await?;
+        let run = self
+            .migration
+            .run(&run_id(request.into_inner().run_id)?)
+            .await?;
         Ok(Response::new(run_to_proto(run)))
     }
 
     async fn get_run_report(
         &self,
-        request: Request<GetRunRequest>,
-    ) -> Result<Response<RunReport>, Status> {
+        request: Request<proto::GetRunReportRequest>,
+    ) -> Result<Response<proto::GetRunReportResponse>, Status> {
         let (run, issues) = self
             .migration
-            .report(&run_id(request.into_inner())?)
+            .report(&run_id(request.into_inner().run_id)?)
             .await?;
-        Ok(Response::new(RunReport {
+        Ok(Response::new(proto::GetRunReportResponse {
             run: Some(run_to_proto(run)),
             ambiguous: issues.issues.into_iter().map(issue_to_proto).collect(),
             resolved: issues.resolved,
@@ -492,9 +492,9 @@ impl<S: Store> MigrationService for MigrationApi<S> {
 
     async fn watch_run(
         &self,
-        request: Request<GetRunRequest>,
+        request: Request<proto::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        let run_id = run_id(request.into_inner())?;
+        let run_id = run_id(request.into_inner().run_id)?;
         let runs = self.migration.watch_run(&run_id).await?;
         Ok(Response::new(Box::pin(
             runs.map(|run| run.map(run_to_proto).map_err(Status::from)),

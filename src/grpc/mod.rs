@@ -21,6 +21,40 @@ pub mod proto {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("stats.v1");
 
+    /// Every rollout change answers the rollout after it, each RPC in a message of its own
+    /// that holds just `rollout` (so each can grow apart later; on the wire and in JSON the
+    /// same as GetRolloutResponse). Handlers build them from a [`Rollout`]; clients take it out.
+    macro_rules! answers_rollout {
+        ($($message:ident),+ $(,)?) => {$(
+            impl From<Rollout> for $message {
+                fn from(rollout: Rollout) -> Self {
+                    Self { rollout: Some(rollout) }
+                }
+            }
+
+            impl From<$message> for Option<Rollout> {
+                fn from(answer: $message) -> Self {
+                    answer.rollout
+                }
+            }
+        )+};
+    }
+
+    answers_rollout!(
+        GetRolloutResponse,
+        SetRolloutPercentageResponse,
+        SetUserOverrideResponse,
+        ClearUserOverrideResponse,
+        KillSwitchResponse,
+        ResetSaltResponse,
+        SetShadowSampleRateResponse,
+        SetGuardSettingsResponse,
+        StartScheduleResponse,
+        PauseScheduleResponse,
+        ResumeScheduleResponse,
+        AbortScheduleResponse,
+    );
+
     /// The encoded descriptor set of the protos, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/stats_descriptor.bin"));

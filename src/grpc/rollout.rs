@@ -161,10 +161,8 @@ fn rollout_to_proto(applied: &Applied) -> proto::Rollout {
     }
 }
 
-fn response(applied: &Applied) -> Response<GetRolloutResponse> {
-    Response::new(GetRolloutResponse {
-        rollout: Some(rollout_to_proto(applied)),
-    })
+fn response<R: From<proto::Rollout>>(applied: &Applied) -> Response<R> {
+    Response::new(rollout_to_proto(applied).into())
 }
 
 /// `value` of `field`, a fraction from 0 to 1, as millionths.
@@ -204,13 +202,13 @@ fn source_to_proto(source: StorageSource) -> i32 {
 impl<S: Store> RolloutApi<S> {
     /// The rollout changes' shared step: validates the audit fields beside the change's own
     /// (every bad field named at once), applies the change, and answers the rollout after it.
-    async fn apply(
+    async fn apply<R: From<proto::Rollout>>(
         &self,
         change: Result<RolloutChange, ValidationError>,
         expected_version: Option<u64>,
         actor: String,
         reason: String,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<R>, Status> {
         let (change, (actor, reason)) = both_valid(change, audit(actor, reason, ROLLOUT_REASON))?;
         let applied = self
             .rollout
@@ -234,7 +232,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn set_rollout_percentage(
         &self,
         request: Request<SetRolloutPercentageRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::SetRolloutPercentageResponse>, Status> {
         let request = audited(request);
         let change =
             basis_points(request.percentage).map(|basis_points| RolloutChange::Percentage {
@@ -253,7 +251,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn set_user_override(
         &self,
         request: Request<SetUserOverrideRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::SetUserOverrideResponse>, Status> {
         let request = audited(request);
         let source = match proto::StorageSource::try_from(request.source) {
             Ok(proto::StorageSource::Legacy) => Ok(StorageSource::Legacy),
@@ -272,7 +270,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn clear_user_override(
         &self,
         request: Request<ClearUserOverrideRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::ClearUserOverrideResponse>, Status> {
         let request = audited(request);
         let change = user(request.user_id).map(|user_id| RolloutChange::ClearOverride { user_id });
         self.apply(change, None, request.actor, request.reason)
@@ -282,7 +280,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn kill_switch(
         &self,
         request: Request<KillSwitchRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::KillSwitchResponse>, Status> {
         let request = audited(request);
         let change = RolloutChange::KillSwitch {
             engaged: request.engaged,
@@ -294,7 +292,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn reset_salt(
         &self,
         request: Request<ResetSaltRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::ResetSaltResponse>, Status> {
         let request = audited(request);
         let (actor, reason) = audit(request.actor, request.reason, ROLLOUT_REASON)?;
         let applied = self.rollout.reset_salt(&actor, &reason).await?;
@@ -304,7 +302,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn set_shadow_sample_rate(
         &self,
         request: Request<proto::SetShadowSampleRateRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::SetShadowSampleRateResponse>, Status> {
         let request = audited(request);
         let ppm = if request.server_default {
             Ok(None)
@@ -357,7 +355,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn set_guard_settings(
         &self,
         request: Request<proto::SetGuardSettingsRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::SetGuardSettingsResponse>, Status> {
         let request = audited(request);
         let settings = if request.server_default {
             Ok(None)
@@ -372,7 +370,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn start_schedule(
         &self,
         request: Request<proto::StartScheduleRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::StartScheduleResponse>, Status> {
         let request = audited(request);
         let change =
             schedule_steps(&request.percentages).map(|steps| RolloutChange::ScheduleStart {
@@ -387,7 +385,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn pause_schedule(
         &self,
         request: Request<proto::PauseScheduleRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::PauseScheduleResponse>, Status> {
         let request = audited(request);
         self.apply(
             Ok(RolloutChange::SchedulePause),
@@ -401,7 +399,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn resume_schedule(
         &self,
         request: Request<proto::ResumeScheduleRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::ResumeScheduleResponse>, Status> {
         let request = audited(request);
         self.apply(
             Ok(RolloutChange::ScheduleResume),
@@ -415,7 +413,7 @@ impl<S: Store> RolloutService for RolloutApi<S> {
     async fn abort_schedule(
         &self,
         request: Request<proto::AbortScheduleRequest>,
-    ) -> Result<Response<GetRolloutResponse>, Status> {
+    ) -> Result<Response<proto::AbortScheduleResponse>, Status> {
         let request = audited(request);
         self.apply(
             Ok(RolloutChange::ScheduleAbort),

@@ -3,12 +3,12 @@
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::stats_service_client::StatsServiceClient;
 use campaign_stats::grpc::proto::{
-    AmbiguityKind, AmbiguousResolution, EventType, GetRunRequest, GetStatsForCampaignsRequest,
-    GetStatsForCampaignsResponse, LegacyRowKey, ListAmbiguousResolutionsRequest,
-    ListPhaseTransitionsRequest, MigrationPhase, RecordEventRequest, RecordEventsRequest,
-    ResolveAmbiguousRowsRequest, ResolveAmbiguousRowsResponse, Run, RunReport,
-    StartBackfillRequest, StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest,
-    VerifyConsistencyResponse,
+    AmbiguityKind, AmbiguousResolution, EventType, GetRunReportRequest, GetRunReportResponse,
+    GetRunRequest, GetStatsForCampaignsRequest, GetStatsForCampaignsResponse, LegacyRowKey,
+    ListAmbiguousResolutionsRequest, ListPhaseTransitionsRequest, MigrationPhase,
+    RecordEventRequest, RecordEventsRequest, ResolveAmbiguousRowsRequest,
+    ResolveAmbiguousRowsResponse, Run, StartBackfillRequest, StorageSource, TransitionPhaseRequest,
+    VerifyConsistencyRequest, VerifyConsistencyResponse, WatchRunRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -105,7 +105,7 @@ pub(crate) async fn backfill(
 /// Follows a run's progress stream until it ends; the counters never go back.
 async fn follow(client: &mut MigrationServiceClient<Channel>, run_id: &str) -> Run {
     let mut updates = client
-        .watch_run(GetRunRequest {
+        .watch_run(WatchRunRequest {
             run_id: run_id.into(),
         })
         .await
@@ -175,7 +175,7 @@ async fn backfill_copies_history_once_and_reports_ambiguous_rows(db: TestDb) {
     );
 
     let report = client
-        .get_run_report(GetRunRequest {
+        .get_run_report(GetRunReportRequest {
             run_id: run.run_id.clone(),
         })
         .await
@@ -312,7 +312,7 @@ async fn slow_backfill_under_way(
         .into_inner()
         .run_id;
     let mut updates = client
-        .watch_run(GetRunRequest {
+        .watch_run(WatchRunRequest {
             run_id: run_id.clone(),
         })
         .await
@@ -755,9 +755,12 @@ async fn resolve(
         .into_inner()
 }
 
-async fn report(client: &mut MigrationServiceClient<Channel>, run_id: &str) -> RunReport {
+async fn report(
+    client: &mut MigrationServiceClient<Channel>,
+    run_id: &str,
+) -> GetRunReportResponse {
     client
-        .get_run_report(GetRunRequest {
+        .get_run_report(GetRunReportRequest {
             run_id: run_id.into(),
         })
         .await

@@ -5,10 +5,11 @@
 use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
 use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
 use campaign_stats::grpc::proto::{
-    EventType, GetRolloutRequest, GetRunRequest, GetStatsRequest, KillSwitchRequest,
-    ListPhaseTransitionsRequest, ListRolloutHistoryRequest, ListUserOverridesRequest,
-    RecordEventsRequest, SetRolloutPercentageRequest, SetUserOverrideRequest, StartBackfillRequest,
-    StorageSource, TransitionPhaseRequest, VerifyConsistencyRequest,
+    EventType, GetRolloutRequest, GetRunReportRequest, GetRunRequest, GetStatsRequest,
+    KillSwitchRequest, ListPhaseTransitionsRequest, ListRolloutHistoryRequest,
+    ListUserOverridesRequest, RecordEventsRequest, SetRolloutPercentageRequest,
+    SetUserOverrideRequest, StartBackfillRequest, StorageSource, TransitionPhaseRequest,
+    VerifyConsistencyRequest,
 };
 use campaign_stats::grpc::{MAX_STATUS_BYTES, status_header_bytes};
 use tonic::Code;
@@ -174,7 +175,7 @@ async fn control_characters_are_refused_in_every_text_field(db: TestDb) {
                 .get_run(GetRunRequest { run_id: bad.into() })
                 .await,
             migration
-                .get_run_report(GetRunRequest { run_id: bad.into() })
+                .get_run_report(GetRunReportRequest { run_id: bad.into() })
                 .await
                 .map(|_| tonic::Response::new(Default::default())),
         ] {

@@ -205,8 +205,8 @@ const VERIFY_DAYS: u32 = 100;
 async fn verify_walks_a_history_of_many_chunks(db: TestDb) {
     use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
     use campaign_stats::grpc::proto::{
-        GetRunRequest, MigrationPhase, StartBackfillRequest, TransitionPhaseRequest,
-        VerifyConsistencyRequest,
+        MigrationPhase, StartBackfillRequest, TransitionPhaseRequest, VerifyConsistencyRequest,
+        WatchRunRequest,
     };
     use tokio_stream::StreamExt;
 
@@ -252,7 +252,7 @@ async fn verify_walks_a_history_of_many_chunks(db: TestDb) {
         .into_inner()
         .run_id;
     let mut progress = client
-        .watch_run(GetRunRequest { run_id })
+        .watch_run(WatchRunRequest { run_id })
         .await
         .expect("watch")
         .into_inner();
