@@ -1,6 +1,9 @@
 """Runs every grpcurl (and metrics curl) command of README.md against a freshly started binary, on SQLite and on
-PostgreSQL, so that the README's commands stay true. Exits non-zero on the first failure."""
+PostgreSQL, then its migration walkthrough, then its Python and Node clients against fresh servers on both databases,
+so that the README's commands stay true. Exits non-zero on the first failure."""
 
+import contextlib
+import itertools
 import os
 import re
 import signal
@@ -45,25 +48,17 @@ def wait_until_serving(server):
     sys.exit("FAIL: the server did not become SERVING")
 
 
-def smoke(database_url):
-    print(f"-- {database_url}")
+@contextlib.contextmanager
+def running_server(database_url, *args):
+    """The binary serving `database_url` on the README's address until the block ends, then stopped with SIGTERM,
+    as a deploy stops it: it must exit cleanly."""
     for port in (50051, METRICS_PORT):
         if not port_is_free(port):
             sys.exit(f"FAIL: something already listens on 127.0.0.1:{port}; the README's commands need that port")
-    server = subprocess.Popen([BINARY, "--database-url", database_url, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"])
+    server = subprocess.Popen([BINARY, "--database-url", database_url, *args])
     try:
         wait_until_serving(server)
-        outputs = []
-        for command in readme_grpcurl_commands():
-            run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], capture_output=True, text=True)
-            if run.returncode != 0:
-                sys.exit(f"FAIL: README command failed:\n{command}\n{run.stdout}{run.stderr}")
-            outputs.append(run.stdout)
-        everything = "\n".join(outputs)
-        for expected in ["stats.v1.StatsService", '"sent": "3"', '"clicked": "2"', '"stored": "2"', '"STORAGE_SOURCE_LEGACY"', "MIGRATION_PHASE_DUAL_WRITE",
-                         "campaign_stats_rollout_applied_version ", 'campaign_stats_migration_phase{phase="DUAL_WRITE"} 1']:
-            if expected not in everything:
-                sys.exit(f"FAIL: no {expected} in the README commands' output:\n{everything}")
+        yield server
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -73,32 +68,55 @@ def smoke(database_url):
             sys.exit("FAIL: the server did not stop within 30 s of SIGTERM")
     if code != 0:
         sys.exit(f"FAIL: the server exited with {code} after SIGTERM")
+
+
+def run_block(command, what="README command"):
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"FAIL: {what} failed:\n{command}\n{run.stdout}{run.stderr}")
+    return run.stdout
+
+
+def smoke(database_url):
+    print(f"-- {database_url}")
+    with running_server(database_url, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"):
+        outputs = []
+        for command in readme_grpcurl_commands():
+            outputs.append(run_block(command))
+        everything = "\n".join(outputs)
+        for expected in ["stats.v1.StatsService", '"sent": "3"', '"clicked": "2"', '"stored": "2"', '"STORAGE_SOURCE_LEGACY"', "MIGRATION_PHASE_DUAL_WRITE",
+                         "campaign_stats_rollout_applied_version ", 'campaign_stats_migration_phase{phase="DUAL_WRITE"} 1']:
+            if expected not in everything:
+                sys.exit(f"FAIL: no {expected} in the README commands' output:\n{everything}")
     print(f"   {len(readme_grpcurl_commands())} README commands passed; stopped cleanly on SIGTERM")
 
 
-SMOKE_DATABASE = f"cs_smoke_{os.getpid()}"
+DATABASE_NUMBERS = itertools.count()
 
 
+@contextlib.contextmanager
 def fresh_postgres_database():
-    """A database of this run's own (two runs on one machine never collide); dropped at the end."""
-    subprocess.run(["psql", POSTGRES, "-qc", f"CREATE DATABASE {SMOKE_DATABASE}"], check=True)
-    return POSTGRES.rsplit("/", 1)[0] + "/" + SMOKE_DATABASE
+    """A new database of this run's own (two runs on one machine never collide), dropped when the block ends."""
+    name = f"cs_smoke_{os.getpid()}_{next(DATABASE_NUMBERS)}"
+    subprocess.run(["psql", POSTGRES, "-qc", f"CREATE DATABASE {name}"], check=True)
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        subprocess.run(["psql", POSTGRES, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=True)
 
 
-def drop_postgres_database():
-    subprocess.run(["psql", POSTGRES, "-qc", f"DROP DATABASE IF EXISTS {SMOKE_DATABASE} WITH (FORCE)"], check=True)
+def readme_section_blocks(heading):
+    """The shell blocks of one README section, in order."""
+    with open("README.md", encoding="utf-8") as readme:
+        section = readme.read().split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, flags=re.S)
 
 
 def migration_walkthrough():
     """Runs the commands of README's "Migrating from the legacy table" and "Rolling out reads"
     sections as written, one after the other on one server,
     with `cargo run --release --` standing for the built binary, in a scratch directory."""
-    with open("README.md", encoding="utf-8") as readme:
-        text = readme.read()
-    blocks = []
-    for heading in ("## Migrating from the legacy table", "## Rolling out reads"):
-        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
-        blocks += re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    blocks = readme_section_blocks("## Migrating from the legacy table") + readme_section_blocks("## Rolling out reads")
     prefix = "cargo run --release --"
     commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith(prefix)]
     binary = os.path.abspath(BINARY)
@@ -131,11 +149,32 @@ def migration_walkthrough():
     print(f"   {len(commands)} migration and rollout commands of README passed")
 
 
+def client_examples():
+    """Runs README's "Calling it from Python / Node" as written: its install blocks once, then each client against a
+    fresh server on SQLite and on a fresh server on PostgreSQL (each client moves the migration on)."""
+    blocks = readme_section_blocks("## Calling it from Python / Node")
+    clients = [block for block in blocks if "stats_client" in block]
+    if len(clients) != 2:
+        sys.exit(f"FAIL: README's Python / Node section should run two clients, found {len(clients)}")
+    for block in blocks:
+        if block not in clients:
+            run_block(block, "README install command")
+    for client in clients:
+        name = "Python" if "python" in client else "Node"
+        with tempfile.TemporaryDirectory() as directory, running_server(f"sqlite://{directory}/client.db"):
+            print(f"-- the {name} client on SQLite")
+            print(run_block(client, "README client"), end="")
+        with fresh_postgres_database() as database_url, running_server(database_url):
+            print(f"-- the {name} client on PostgreSQL")
+            print(run_block(client, "README client"), end="")
+    print(f"   {len(clients)} clients (Python, Node) passed on SQLite and on PostgreSQL")
+
+
 with tempfile.TemporaryDirectory() as directory:
     smoke(f"sqlite://{directory}/smoke.db")
-try:
-    smoke(fresh_postgres_database())
-finally:
-    drop_postgres_database()
+with fresh_postgres_database() as database_url:
+    smoke(database_url)
 migration_walkthrough()
-print("smoke: README's grpcurl calls worked on SQLite and on PostgreSQL, and its migration and rollout walkthrough on SQLite")
+client_examples()
+print("smoke: README's grpcurl calls worked on SQLite and on PostgreSQL, its migration and rollout walkthrough on SQLite, "
+      "and its Python and Node clients on both")
