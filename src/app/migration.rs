@@ -166,7 +166,6 @@ pub const NEW_TABLES: &[&str] = &[
     "all_day_totals",
     "idempotency_keys",
     "campaigns",
-    "backfilled_totals",
 ];
 
 /// Sizes of both storages.

@@ -75,7 +75,7 @@ pub(super) struct BackfillSql {
     pub counts: String,
     /// Copies the clean rows: adds them to the all-users rollup's backfill stripe, claims
     /// their campaigns for their legacy user where no one owns them, and adds them to the
-    /// campaign rollups. Run in order.
+    /// campaign rollups and to those rows' backfilled part. Run in order.
     pub copy: Vec<String>,
     /// The rest, as the backfill's rules read rows (`BACKFILL_COLUMNS`).
     pub others: String,
@@ -131,26 +131,24 @@ impl BackfillSql {
         let claims = "INSERT INTO campaigns (campaign_id, user_id) \
              SELECT DISTINCT campaign_id, user_id FROM copied WHERE true \
              ON CONFLICT (campaign_id) DO NOTHING";
-        let into = |table: &str| {
-            format!(
-                "INSERT INTO {table} AS t (user_id, campaign_id, day, {columns}) \
-                 SELECT user_id, campaign_id, day, {columns} FROM copied WHERE true \
-                 ON CONFLICT (user_id, campaign_id, day){grows}"
-            )
-        };
-        let campaign_days = into("campaign_day_totals");
-        // What was copied, remembered apart for rollup repair.
-        let backfilled = into("backfilled_totals");
+        // What was copied is also remembered in the row as its backfilled part, for rollup
+        // repair.
+        let campaign_days = format!(
+            "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {columns}, {}) \
+             SELECT user_id, campaign_id, day, {columns}, {columns} FROM copied WHERE true \
+             ON CONFLICT (user_id, campaign_id, day){}",
+            super::batch::backfilled_columns(),
+            super::batch::copy_grows(),
+        );
         let copy = match statements {
             CopyStatements::One => vec![format!(
                 "WITH copied AS MATERIALIZED ({copied}), \
-                 days AS ({all_days} RETURNING 1), claims AS ({claims} RETURNING 1), \
-                 backfilled AS ({backfilled} RETURNING 1) \
+                 days AS ({all_days} RETURNING 1), claims AS ({claims} RETURNING 1) \
                  {campaign_days}"
             )],
-            // Each statement reads the rows anew: the all-users rollup, the owners and the
-            // provenance first, as the campaign rollups, once grown, no longer lack them.
-            CopyStatements::PerTable => [all_days, claims.to_owned(), backfilled, campaign_days]
+            // Each statement reads the rows anew: the all-users rollup and the owners first,
+            // as the campaign rollups, once grown, no longer lack them.
+            CopyStatements::PerTable => [all_days, claims.to_owned(), campaign_days]
                 .into_iter()
                 .map(|statement| format!("WITH copied AS ({copied}) {statement}"))
                 .collect(),

@@ -270,6 +270,36 @@ pub(super) fn rollup_grows() -> &'static str {
     })
 }
 
+/// The campaign rollups' provenance columns, in [`EVENT_TYPES`] order: what backfills (and
+/// COPY resolutions) added to the row from the legacy table, which no raw event accounts for
+/// and rollup repair keeps. NULL in a row they never touched.
+pub(super) fn backfilled_columns() -> &'static str {
+    derived_sql!(|| {
+        let columns: Vec<String> = EVENT_TYPES
+            .iter()
+            .map(|t| format!("backfilled_{}", t.column))
+            .collect();
+        columns.join(", ")
+    })
+}
+
+/// How a campaign rollup row grows on conflict by copied legacy history: its totals, and its
+/// backfilled part by as much (the target table aliased `t`).
+pub(super) fn copy_grows() -> &'static str {
+    derived_sql!(|| {
+        let sets: Vec<String> = EVENT_TYPES
+            .iter()
+            .map(|t| {
+                format!(
+                    "backfilled_{0} = COALESCE(t.backfilled_{0}, 0) + excluded.backfilled_{0}",
+                    t.column
+                )
+            })
+            .collect();
+        format!("{}, {}", rollup_grows(), sets.join(", "))
+    })
+}
+
 /// The legacy table's count columns, in [`LEGACY_COLUMNS`] order, comma-separated.
 pub(super) fn legacy_column_list() -> &'static str {
     derived_sql!(|| LEGACY_COLUMNS.map(EventType::legacy_column).join(", "))

@@ -260,29 +260,17 @@ async fn copy_into_rollups(
     .execute(&mut *tx)
     .await?;
     let deltas = batch::copy_deltas(copies);
-    // Remembered apart too: rollup repair keeps what no raw event accounts for.
-    bind_campaign_days(
-        sqlx::query(sqlx::AssertSqlSafe(&*statements().backfilled)),
-        &deltas,
-    )
-    .execute(&mut *tx)
-    .await?;
     // Copies take turns (see `lock_backfill`): they share one stripe, so a day's history
     // stays in one row.
-    add_to_rollups(tx, &deltas, batch::BACKFILL_STRIPE).await
+    add_copies_to_rollups(tx, &deltas, batch::BACKFILL_STRIPE).await
 }
 
 /// The upsert growing the campaign rollups from arrays `$first` (users), `$first + 1`
 /// (campaigns), `$first + 2` (days) and six arrays of totals (see [`bind_campaign_days`]).
 fn campaign_days_upsert(first: usize) -> String {
-    campaign_days_upsert_into("campaign_day_totals", first)
-}
-
-/// [`campaign_days_upsert`] into `table`, a table of the same shape.
-fn campaign_days_upsert_into(table: &str, first: usize) -> String {
     let totals: Vec<String> = (3..9).map(|i| format!("${}::int8[]", first + i)).collect();
     format!(
-        "INSERT INTO {table} AS t (user_id, campaign_id, day, {}) \
+        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) \
          SELECT * FROM UNNEST(${first}::text[], ${}::text[], ${}::date[], {}) \
          ON CONFLICT (user_id, campaign_id, day){}",
         crate::domain::rollup_columns(),
@@ -290,6 +278,24 @@ fn campaign_days_upsert_into(table: &str, first: usize) -> String {
         first + 2,
         totals.join(", "),
         batch::rollup_grows()
+    )
+}
+
+/// [`campaign_days_upsert`] for copied legacy history: the totals grow, and the rows'
+/// backfilled part by as much (the same parameters).
+fn copied_campaign_days_upsert(first: usize) -> String {
+    let totals: Vec<String> = (3..9).map(|i| format!("${}::int8[]", first + i)).collect();
+    format!(
+        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {columns}, {}) \
+         SELECT u, c, d, s, o, k, r, p, b, s, o, k, r, p, b \
+         FROM UNNEST(${first}::text[], ${}::text[], ${}::date[], {}) \
+         AS x(u, c, d, s, o, k, r, p, b) ON CONFLICT (user_id, campaign_id, day){}",
+        batch::backfilled_columns(),
+        first + 1,
+        first + 2,
+        totals.join(", "),
+        batch::copy_grows(),
+        columns = crate::domain::rollup_columns(),
     )
 }
 
@@ -338,9 +344,9 @@ fn bind_all_days<'q>(
     })
 }
 
-/// Grows the campaign rollups by `deltas`, and `stripe` of the all-users rollup by their sum
-/// per day.
-async fn add_to_rollups(
+/// Grows the campaign rollups (and their backfilled part) by copied `deltas`, and `stripe` of
+/// the all-users rollup by their sum per day.
+async fn add_copies_to_rollups(
     tx: &mut sqlx::PgConnection,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
     stripe: i16,
@@ -350,7 +356,7 @@ async fn add_to_rollups(
     }
     let sql = statements();
     bind_campaign_days(
-        sqlx::query(sqlx::AssertSqlSafe(&*sql.campaign_days)),
+        sqlx::query(sqlx::AssertSqlSafe(&*sql.copied_campaign_days)),
         deltas,
     )
     .execute(&mut *tx)
@@ -376,10 +382,8 @@ struct WriteStatements {
     apply: String,
     /// The same without the raw events, which a large batch sends by `COPY` first.
     apply_after_copy: String,
-    /// The campaign rollups' upsert on its own (`$1`…`$9`).
-    campaign_days: String,
-    /// The same into `backfilled_totals`: what a backfill copied, for rollup repair.
-    backfilled: String,
+    /// The campaign rollups' upsert of copied legacy history (`$1`…`$9`).
+    copied_campaign_days: String,
     /// The all-users rollup's upsert on its own (`$1`…`$8`).
     all_days: String,
 }
@@ -411,8 +415,7 @@ fn statements() -> &'static WriteStatements {
             .to_owned(),
         apply: apply_statement(true),
         apply_after_copy: apply_statement(false),
-        campaign_days: campaign_days_upsert(1),
-        backfilled: campaign_days_upsert_into("backfilled_totals", 1),
+        copied_campaign_days: copied_campaign_days_upsert(1),
         all_days: all_days_upsert(1),
     })
 }

@@ -87,7 +87,22 @@ where
         keyed(rows)
     };
     let stored = read(rows_of("campaign_day_totals")).await?;
-    let backfilled = read(rows_of("backfilled_totals")).await?;
+    // The rows' backfilled part (NULL where nothing was copied).
+    let backfilled_parts: Vec<String> = super::batch::backfilled_columns()
+        .split(", ")
+        .map(|c| format!("CAST(COALESCE({c}, 0) AS BIGINT)"))
+        .collect();
+    let backfilled = read(format!(
+        "SELECT user_id, campaign_id, day, {} FROM campaign_day_totals \
+         WHERE day BETWEEN $1 AND $2 AND ({})",
+        backfilled_parts.join(", "),
+        super::batch::backfilled_columns()
+            .split(", ")
+            .map(|c| format!("{c} IS NOT NULL"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    ))
+    .await?;
     let raw = read(raw_sql).await?;
     let fixes = rollup_fixes(&stored, &raw, &backfilled)
         .map_err(|e| StorageError::Corrupt(e.to_string()))?;

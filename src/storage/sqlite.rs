@@ -233,33 +233,55 @@ async fn copy_into_rollups(
         insert.build().execute(&mut *tx).await?;
     }
     let deltas = batch::copy_deltas(copies);
-    // Remembered apart too: rollup repair keeps what no raw event accounts for.
-    grow_campaign_days(tx, "backfilled_totals", &deltas).await?;
     // Copies take turns (one writer): they share one stripe, so a day's history stays in
     // one row.
-    add_to_rollups(tx, &deltas, batch::BACKFILL_STRIPE).await
+    add_to_rollups(tx, &deltas, batch::BACKFILL_STRIPE, Origin::Copied).await
 }
 
-/// Grows the rows of `table` (the campaign rollups' shape) by `deltas`.
+/// Where rollup deltas come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Recorded events.
+    Events,
+    /// Legacy history a backfill or a COPY resolution copied: also added to the rows'
+    /// backfilled part, which rollup repair keeps.
+    Copied,
+}
+
+/// Grows the campaign rollups by `deltas`.
 async fn grow_campaign_days(
     tx: &mut sqlx::SqliteConnection,
-    table: &str,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
+    origin: Origin,
 ) -> Result<(), sqlx::Error> {
+    let copied = origin == Origin::Copied;
     let rows: Vec<_> = deltas.iter().collect();
-    for chunk in rows.chunks(rows_per_statement(9)) {
+    let values_per_row = if copied { 15 } else { 9 };
+    for chunk in rows.chunks(rows_per_statement(values_per_row)) {
         let mut upsert = QueryBuilder::<Sqlite>::new(format!(
-            "INSERT INTO {table} AS t (user_id, campaign_id, day, {}) ",
-            crate::domain::rollup_columns()
+            "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}{}) ",
+            crate::domain::rollup_columns(),
+            if copied {
+                format!(", {}", batch::backfilled_columns())
+            } else {
+                String::new()
+            }
         ));
         upsert.push_values(chunk, |mut row, ((user, campaign, day), totals)| {
             row.push_bind(*user).push_bind(*campaign).push_bind(*day);
-            for total in totals.0 {
-                row.push_bind(total);
+            let parts = if copied { 2 } else { 1 };
+            for _ in 0..parts {
+                for total in totals.0 {
+                    row.push_bind(total);
+                }
             }
         });
         upsert.push(" ON CONFLICT (user_id, campaign_id, day)");
-        upsert.push(batch::rollup_grows());
+        upsert.push(if copied {
+            batch::copy_grows()
+        } else {
+            batch::rollup_grows()
+        });
         upsert.build().execute(&mut *tx).await?;
     }
     Ok(())
@@ -271,8 +293,9 @@ async fn add_to_rollups(
     tx: &mut sqlx::SqliteConnection,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
     stripe: i16,
+    origin: Origin,
 ) -> Result<(), sqlx::Error> {
-    grow_campaign_days(tx, "campaign_day_totals", deltas).await?;
+    grow_campaign_days(tx, deltas, origin).await?;
     let days: Vec<_> = batch::all_day_deltas(deltas).into_iter().collect();
     for chunk in days.chunks(rows_per_statement(8)) {
         let mut upsert = QueryBuilder::<Sqlite>::new(format!(
@@ -391,7 +414,7 @@ impl EventStore for SqliteStore {
         let answer = claim(&mut tx, &claims).await?;
         let plan = batch::plan_batch(events, claims.known_owners, answer)?;
         insert_events(&mut tx, &plan.new_events).await?;
-        add_to_rollups(&mut tx, &plan.campaign_days, plan.stripe).await?;
+        add_to_rollups(&mut tx, &plan.campaign_days, plan.stripe, Origin::Events).await?;
         add_to_legacy(&mut tx, events, &plan).await?;
         tx.commit().await?;
         self.owners.remember(plan.read_owners);

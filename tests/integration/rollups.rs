@@ -1,10 +1,13 @@
 //! The new storage's rollups (issue 9): a wide row per (user, campaign, day) and the striped
 //! all-users day totals stay exact under concurrent writers, and a database made by the
-//! previous shape (a row per event type) is upgraded in place with its data.
+//! previous shape (a row per event type) is upgraded in place with its data, as is one that
+//! kept the backfilled history in a table of its own.
 
 use campaign_stats::grpc::proto::{
     EventType, GetAggregatedDailyStatsRequest, Granularity, RecordEventsRequest,
 };
+use std::path::Path;
+
 use campaign_stats::migration::Phase;
 
 use crate::common::{Backend, TestDb, campaign_metrics, event};
@@ -12,6 +15,7 @@ use crate::common::{Backend, TestDb, campaign_metrics, event};
 crate::on_both_backends!(
     all_users_totals_stay_exact_under_concurrent_writers,
     the_previous_rollup_shape_is_upgraded_in_place,
+    backfilled_history_moves_into_the_rollup_rows_in_place,
     verify_walks_a_history_of_many_chunks,
 );
 
@@ -111,23 +115,32 @@ async fn all_users_totals_stay_exact_under_concurrent_writers(db: TestDb) {
     server.stop().await;
 }
 
-/// The migrations of the previous storage shape, applied to `db` as that version would.
-async fn migrate_as_the_previous_version(db: &TestDb) {
+/// The migrations of the version before the one that brought the migration named `*_{first_left_out}.sql`,
+/// applied to `db` as that version would.
+async fn migrate_as_the_version_before(db: &TestDb, first_left_out: &str) {
     let (source, extension) = match db.backend {
         Backend::Sqlite => ("migrations/sqlite", "sqlite"),
         Backend::Postgres => ("migrations/postgres", "postgres"),
     };
     let old = tempfile::tempdir().expect("directory");
-    for entry in std::fs::read_dir(source).expect("migrations") {
-        let path = entry.expect("migration").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        if name.as_str() < "20261122000005" {
-            std::fs::copy(&path, old.path().join(&name)).expect("copy");
-        }
+    let mut names: Vec<String> = std::fs::read_dir(source)
+        .expect("migrations")
+        .map(|entry| {
+            entry
+                .expect("migration")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    let suffix = format!("_{first_left_out}.sql");
+    assert!(
+        names.iter().any(|n| n.ends_with(&suffix)),
+        "no migration {suffix}"
+    );
+    for name in names.iter().take_while(|n| !n.ends_with(&suffix)) {
+        std::fs::copy(Path::new(source).join(name), old.path().join(name)).expect("copy");
     }
     let migrator = sqlx::migrate::Migrator::new(old.path())
         .await
@@ -151,7 +164,7 @@ async fn migrate_as_the_previous_version(db: &TestDb) {
 }
 
 async fn the_previous_rollup_shape_is_upgraded_in_place(db: TestDb) {
-    migrate_as_the_previous_version(&db).await;
+    migrate_as_the_version_before(&db, "wide_rollups").await;
     db.execute(
         "INSERT INTO campaigns (campaign_id, user_id) VALUES ('c1', 'u1'), ('c2', 'u2'); \
          INSERT INTO daily_rollups (user_id, campaign_id, day, event_type, total) VALUES \
@@ -195,6 +208,64 @@ async fn the_previous_rollup_shape_is_upgraded_in_place(db: TestDb) {
         Backend::Postgres => "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'daily_rollups'",
     };
     assert_eq!(db.scalar(old_tables).await, 0);
+    server.stop().await;
+}
+
+async fn backfilled_history_moves_into_the_rollup_rows_in_place(db: TestDb) {
+    use campaign_stats::grpc::proto::RepairRollupsRequest;
+    use campaign_stats::grpc::proto::migration_service_client::MigrationServiceClient;
+
+    migrate_as_the_version_before(&db, "backfilled_in_rollups").await;
+    // March 1st: 5 sends and 2 opens a backfill copied, remembered apart. March 2nd: 3 sends
+    // that neither a backfill nor a raw event accounts for (a bad manual fix).
+    db.execute(
+        "INSERT INTO campaigns (campaign_id, user_id) VALUES ('c1', 'u1'); \
+         INSERT INTO campaign_day_totals (user_id, campaign_id, day, sent, opened) VALUES \
+         ('u1', 'c1', '2026-03-01', 5, 2), ('u1', 'c1', '2026-03-02', 3, 0); \
+         INSERT INTO backfilled_totals (user_id, campaign_id, day, sent, opened) VALUES \
+         ('u1', 'c1', '2026-03-01', 5, 2)",
+    )
+    .await;
+    let db = db.in_phase(Phase::NewPrimary);
+    let server = db.start_server().await;
+    // The backfilled part now lives in the row itself, and the table is gone.
+    let backfilled = |day: &str| {
+        format!(
+            "SELECT COALESCE(backfilled_sent, -1) * 10 + COALESCE(backfilled_opened, -1) \
+             FROM campaign_day_totals WHERE day = '{day}'"
+        )
+    };
+    assert_eq!(db.scalar(&backfilled("2026-03-01")).await, 52);
+    assert_eq!(db.scalar(&backfilled("2026-03-02")).await, -11);
+    let old_tables = match db.backend {
+        Backend::Sqlite => {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'backfilled_totals'"
+        }
+        Backend::Postgres => "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'backfilled_totals'",
+    };
+    assert_eq!(db.scalar(old_tables).await, 0);
+    // Rollup repair still tells backfilled history from a bad row: only March 2nd differs.
+    let mut client = MigrationServiceClient::new(server.channel().await);
+    let report = client
+        .repair_rollups(RepairRollupsRequest {
+            start_date: "2026-03-01".into(),
+            end_date: "2026-03-31".into(),
+            apply: true,
+            reason: "after the upgrade".into(),
+            actor: "tester".into(),
+        })
+        .await
+        .expect("repair")
+        .into_inner();
+    let differing: Vec<(&str, u64)> = report
+        .rows
+        .iter()
+        .map(|r| (r.date.as_str(), r.stored.unwrap_or_default().sent))
+        .collect();
+    assert_eq!(differing, [("2026-03-02", 3)]);
+    let mut stats = server.stats().await;
+    let c1 = campaign_metrics(&mut stats, "u1", "c1", "2026-03-01", "2026-03-31").await;
+    assert_eq!((c1.sent, c1.opened), (5, 2));
     server.stop().await;
 }
 
