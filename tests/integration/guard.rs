@@ -20,6 +20,7 @@ use crate::common::{Backend, ServerProcess, TestDb, TestServer, assert_names_fie
 
 crate::on_both_backends!(
     the_guard_rolls_reads_back_when_the_storages_disagree,
+    one_replicas_trip_rolls_every_replica_back,
     a_user_whose_reads_disagree_is_quarantined_alone,
     the_schedule_advances_while_green_and_halts_on_a_trip,
     guard_thresholds_are_set_at_run_time_and_checked,
@@ -175,6 +176,65 @@ async fn the_guard_rolls_reads_back_when_the_storages_disagree(db: TestDb) {
     assert!(!released.guard_tripped);
     let release = &server.rollout_history(1, "").await.changes[0];
     assert_eq!(release.after, "released; guard re-armed");
+}
+
+/// Two replicas on one database: only the first shadows reads, so only its guard can trip;
+/// the second applies the trip through the rollout's normal propagation, as it would any
+/// change.
+async fn one_replicas_trip_rolls_every_replica_back(db: TestDb) {
+    let db = db.in_phase(Phase::Verified);
+    let settings = GuardSettings {
+        min_samples: 10,
+        quarantine_after: 0,
+        ..GuardSettings::DEFAULT
+    };
+    let watcher = db
+        .start_server_configured(&db.url, &PoolOptions::default(), guarded(settings))
+        .await;
+    let other = db
+        .start_server_configured(&db.url, &PoolOptions::default(), TestServer::config())
+        .await;
+    seed(&watcher, 20).await;
+    let raised = watcher
+        .set_percentage(100.0, 0, false)
+        .await
+        .expect("100 %");
+    until("the other replica at 100 %", async || {
+        other.current_rollout().await.version == raised.version
+    })
+    .await;
+    assert_eq!(read(&other, 0).await, i32::from(StorageSource::New));
+
+    for i in 0..10 {
+        read(&watcher, i).await;
+    }
+    until_compared(&watcher, 10).await;
+    db.execute("UPDATE campaign_day_totals SET sent = sent + 1")
+        .await;
+    // The primary (new) answer is wrong now: only the shadow comparison matters here.
+    read_sent(&watcher, 10).await;
+    until("the trip on the replica that saw it", async || {
+        watcher.current_rollout().await.guard_tripped
+    })
+    .await;
+    let tripped = watcher.current_rollout().await;
+    until("the trip on the other replica", async || {
+        other.current_rollout().await.version == tripped.version
+    })
+    .await;
+    let applied = other.current_rollout().await;
+    assert!(applied.kill_switch && applied.guard_tripped, "{applied:?}");
+    // Its own guard never compared anything, and has nothing to act on.
+    let guard = other.guard().await;
+    assert_eq!(guard.window.unwrap_or_default().comparisons, 0);
+    assert!(guard.tripped && !guard.active, "{guard:?}");
+    assert_eq!(
+        read_sent(&other, 0).await,
+        (i32::from(StorageSource::Legacy), 4),
+        "the other replica reads legacy"
+    );
+    other.stop().await;
+    watcher.stop().await;
 }
 
 async fn a_user_whose_reads_disagree_is_quarantined_alone(db: TestDb) {
