@@ -7,7 +7,7 @@ use crate::migration::verify::VerifyOutcome;
 use crate::migration::{Phase, PhaseState, Run, RunKind, RunState, Transition};
 use crate::rollout::baseline;
 use crate::storage::{RepairOutcome, RunIssues, StorageError, Store, TableSize};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -182,7 +182,7 @@ pub const VERIFY_SAMPLE: usize = 100;
 /// A run left `running` with no heartbeat for this long was abandoned by a dead process.
 pub const STALE_RUN_AFTER: Duration = Duration::from_secs(30);
 
-/// Most phase changes one history read returns.
+/// Most entries one history read returns (phase changes, resolutions, runs).
 pub const MAX_TRANSITIONS_LISTED: u32 = 1_000;
 
 impl<S: Store> Migration<S> {
@@ -287,22 +287,24 @@ impl<S: Store> Migration<S> {
             Arc::clone(&self.active),
             run.clone(),
         );
-        self.jobs.spawn(move |stop| async move {
+        self.jobs.spawn(move |mut stop| async move {
             // Stopped by shutdown or by CancelRun alike: after the batch in hand.
             let (stopping, stop_signal) = watch::channel(false);
             let run = run_backfill(store, started, request.throttle, stop_signal);
-            let either = async {
-                let (mut stop, mut cancelled) = (stop, cancelled);
+            tokio::pin!(run);
+            let mut cancelled = cancelled;
+            let asked_to_stop = async {
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => {}
                     _ = cancelled.wait_for(|c| *c) => {}
                 }
-                stopping.send_replace(true);
-                std::future::pending::<()>().await;
             };
             tokio::select! {
-                _ = run => {}
-                () = either => {}
+                _ = &mut run => {}
+                () = asked_to_stop => {
+                    stopping.send_replace(true);
+                    run.await;
+                }
             }
             active
                 .lock()
@@ -320,13 +322,9 @@ impl<S: Store> Migration<S> {
         self.lock_active().get(&dry_run).map(|a| a.run_id.clone())
     }
 
-    /// The newest `limit` runs (0: 20; at most 1,000), newest first.
+    /// The newest `limit` runs (0: 20; at most [`MAX_TRANSITIONS_LISTED`]), newest first.
     pub async fn runs(&self, limit: u32) -> Result<Vec<Run>, AppError> {
-        let limit = match limit {
-            0 => 20,
-            n => n.min(1_000),
-        };
-        Ok(self.store.recent_runs(limit).await?)
+        Ok(self.store.recent_runs(listed(limit, 20)).await?)
     }
 
     /// Stops backfill `run_id`, running on this replica, after its current batch, and
@@ -348,15 +346,13 @@ impl<S: Store> Migration<S> {
             .into());
         }
         tracing::info!(run_id, actor, "backfill cancelled");
-        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
-        loop {
-            let run = self.run(run_id).await?;
-            if run.state != crate::migration::RunState::Running
-                || tokio::time::Instant::now() >= deadline
-            {
-                return Ok(run);
-            }
-            tokio::time::sleep(WATCH_RUN_EVERY).await;
+        // The run's last state once it ends, or as it stands after the wait.
+        let updates = self.watch_run(run_id).await?;
+        let ended =
+            tokio::time::timeout(CANCEL_WAIT, updates.fold(None, |_, u| async { Some(u) })).await;
+        match ended {
+            Ok(Some(last)) => last,
+            Ok(None) | Err(_) => self.run(run_id).await,
         }
     }
 
@@ -488,7 +484,7 @@ impl<S: Store> Migration<S> {
     /// The newest `limit` resolutions (0 means 100), newest first.
     pub async fn resolutions(&self, limit: u32) -> Result<Vec<ResolutionRecord>, AppError> {
         self.store
-            .resolutions(listed(limit))
+            .resolutions(listed(limit, 100))
             .await
             .map_err(AppError::from)
     }
@@ -496,17 +492,17 @@ impl<S: Store> Migration<S> {
     /// The newest `limit` phase changes (0 means 100), newest first.
     pub async fn history(&self, limit: u32) -> Result<Vec<Transition>, AppError> {
         self.store
-            .transitions(listed(limit))
+            .transitions(listed(limit, 100))
             .await
             .map_err(AppError::from)
     }
 }
 
-/// How many entries of a history a read asks for: 0 means 100, and at most
+/// How many entries of a history a read asks for: 0 means `default`, and at most
 /// [`MAX_TRANSITIONS_LISTED`].
-fn listed(limit: u32) -> u32 {
+fn listed(limit: u32, default: u32) -> u32 {
     if limit == 0 {
-        100
+        default
     } else {
         limit.min(MAX_TRANSITIONS_LISTED)
     }

@@ -270,6 +270,16 @@ pub(super) fn rollup_grows() -> &'static str {
     })
 }
 
+/// Where campaign-rollup deltas come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// Recorded events.
+    Events,
+    /// Legacy history a backfill or a COPY resolution copied: also added to the rows'
+    /// backfilled part, which rollup repair keeps.
+    Copied,
+}
+
 /// The campaign rollups' provenance columns, in [`EVENT_TYPES`] order: what backfills (and
 /// COPY resolutions) added to the row from the legacy table, which no raw event accounts for
 /// and rollup repair keeps. NULL in a row they never touched.
@@ -280,6 +290,18 @@ pub(super) fn backfilled_columns() -> &'static str {
             .map(|t| format!("backfilled_{}", t.column))
             .collect();
         columns.join(", ")
+    })
+}
+
+/// The campaign rollups' backfilled part as six BIGINTs, in [`EVENT_TYPES`] order (0 where
+/// nothing was copied).
+pub(super) fn backfilled_part() -> &'static str {
+    derived_sql!(|| {
+        let parts: Vec<String> = EVENT_TYPES
+            .iter()
+            .map(|t| format!("CAST(COALESCE(backfilled_{}, 0) AS BIGINT)", t.column))
+            .collect();
+        parts.join(", ")
     })
 }
 

@@ -266,36 +266,26 @@ async fn copy_into_rollups(
 }
 
 /// The upsert growing the campaign rollups from arrays `$first` (users), `$first + 1`
-/// (campaigns), `$first + 2` (days) and six arrays of totals (see [`bind_campaign_days`]).
-fn campaign_days_upsert(first: usize) -> String {
+/// (campaigns), `$first + 2` (days) and six arrays of totals (see [`bind_campaign_days`]);
+/// copied legacy history grows the rows' backfilled part by as much.
+fn campaign_days_upsert(first: usize, origin: batch::Origin) -> String {
     let totals: Vec<String> = (3..9).map(|i| format!("${}::int8[]", first + i)).collect();
+    let (backfilled, values, grows) = match origin {
+        batch::Origin::Events => (String::new(), "*", batch::rollup_grows()),
+        batch::Origin::Copied => (
+            format!(", {}", batch::backfilled_columns()),
+            "u, c, d, s, o, k, r, p, b, s, o, k, r, p, b",
+            batch::copy_grows(),
+        ),
+    };
     format!(
-        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}) \
-         SELECT * FROM UNNEST(${first}::text[], ${}::text[], ${}::date[], {}) \
-         ON CONFLICT (user_id, campaign_id, day){}",
+        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}{backfilled}) \
+         SELECT {values} FROM UNNEST(${first}::text[], ${}::text[], ${}::date[], {}) \
+         AS x(u, c, d, s, o, k, r, p, b) ON CONFLICT (user_id, campaign_id, day){grows}",
         crate::domain::rollup_columns(),
         first + 1,
         first + 2,
         totals.join(", "),
-        batch::rollup_grows()
-    )
-}
-
-/// [`campaign_days_upsert`] for copied legacy history: the totals grow, and the rows'
-/// backfilled part by as much (the same parameters).
-fn copied_campaign_days_upsert(first: usize) -> String {
-    let totals: Vec<String> = (3..9).map(|i| format!("${}::int8[]", first + i)).collect();
-    format!(
-        "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {columns}, {}) \
-         SELECT u, c, d, s, o, k, r, p, b, s, o, k, r, p, b \
-         FROM UNNEST(${first}::text[], ${}::text[], ${}::date[], {}) \
-         AS x(u, c, d, s, o, k, r, p, b) ON CONFLICT (user_id, campaign_id, day){}",
-        batch::backfilled_columns(),
-        first + 1,
-        first + 2,
-        totals.join(", "),
-        batch::copy_grows(),
-        columns = crate::domain::rollup_columns(),
     )
 }
 
@@ -415,7 +405,7 @@ fn statements() -> &'static WriteStatements {
             .to_owned(),
         apply: apply_statement(true),
         apply_after_copy: apply_statement(false),
-        copied_campaign_days: copied_campaign_days_upsert(1),
+        copied_campaign_days: campaign_days_upsert(1, batch::Origin::Copied),
         all_days: all_days_upsert(1),
     })
 }
@@ -456,7 +446,7 @@ fn apply_statement(with_events: bool) -> String {
          positive_replies = COALESCE(l.positive_replies, 0) + EXCLUDED.positive_replies, \
          bounced = COALESCE(l.bounced, 0) + EXCLUDED.bounced, \
          updated_at = now(){}",
-        campaign_days_upsert(first),
+        campaign_days_upsert(first, batch::Origin::Events),
         all_days_upsert(first + 9),
         legacy.join(", "),
         batch::legacy_counts_fit()

@@ -12,6 +12,24 @@ use crate::domain::{DateRange, EVENT_TYPES, EventTotals, EventType, RollupKey, r
 
 /// A campaign row: key and the six totals in [`EVENT_TYPES`] order.
 type TotalsRow = (String, String, NaiveDate, i64, i64, i64, i64, i64, i64);
+/// A campaign row: key, its six totals, and the six of its backfilled part.
+type StoredRow = (
+    String,
+    String,
+    NaiveDate,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+);
 /// An all-users day and its six totals.
 type DayRow = (NaiveDate, i64, i64, i64, i64, i64, i64);
 
@@ -55,15 +73,10 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> String: Encode<'q, DB> + Type<DB>,
     for<'r> TotalsRow: FromRow<'r, DB::Row>,
+    for<'r> StoredRow: FromRow<'r, DB::Row>,
     for<'r> DayRow: FromRow<'r, DB::Row>,
 {
     let columns = crate::domain::rollup_columns();
-    let rows_of = |table: &str| {
-        format!(
-            "SELECT user_id, campaign_id, day, {columns} FROM {table} \
-             WHERE day BETWEEN $1 AND $2"
-        )
-    };
     let sums: Vec<String> = EVENT_TYPES
         .iter()
         .map(|t| {
@@ -78,32 +91,29 @@ where
          WHERE {raw_day} BETWEEN $1 AND $2 GROUP BY user_id, campaign_id, {raw_day}",
         sums.join(", ")
     );
-    let mut read = async |sql: String| -> Result<BTreeMap<RollupKey, EventTotals>, StorageError> {
-        let rows: Vec<TotalsRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(range.start)
-            .bind(range.end)
-            .fetch_all(&mut *tx)
-            .await?;
-        keyed(rows)
-    };
-    let stored = read(rows_of("campaign_day_totals")).await?;
-    // The rows' backfilled part (NULL where nothing was copied).
-    let backfilled_parts: Vec<String> = super::batch::backfilled_columns()
-        .split(", ")
-        .map(|c| format!("CAST(COALESCE({c}, 0) AS BIGINT)"))
-        .collect();
-    let backfilled = read(format!(
-        "SELECT user_id, campaign_id, day, {} FROM campaign_day_totals \
-         WHERE day BETWEEN $1 AND $2 AND ({})",
-        backfilled_parts.join(", "),
-        super::batch::backfilled_columns()
-            .split(", ")
-            .map(|c| format!("{c} IS NOT NULL"))
-            .collect::<Vec<_>>()
-            .join(" OR ")
-    ))
+    // Each row once: what it holds, and the part of it backfills copied.
+    let rows: Vec<StoredRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT user_id, campaign_id, day, {columns}, {} FROM campaign_day_totals \
+         WHERE day BETWEEN $1 AND $2",
+        super::batch::backfilled_part()
+    )))
+    .bind(range.start)
+    .bind(range.end)
+    .fetch_all(&mut *tx)
     .await?;
-    let raw = read(raw_sql).await?;
+    let mut stored = BTreeMap::new();
+    let mut backfilled = BTreeMap::new();
+    for (user, campaign, day, a, b, c, d, e, f, ba, bb, bc, bd, be, bf) in rows {
+        let key = (user, campaign, day);
+        backfilled.insert(key.clone(), totals([ba, bb, bc, bd, be, bf])?);
+        stored.insert(key, totals([a, b, c, d, e, f])?);
+    }
+    let raw_rows: Vec<TotalsRow> = sqlx::query_as(sqlx::AssertSqlSafe(raw_sql))
+        .bind(range.start)
+        .bind(range.end)
+        .fetch_all(&mut *tx)
+        .await?;
+    let raw = keyed(raw_rows)?;
     let fixes = rollup_fixes(&stored, &raw, &backfilled)
         .map_err(|e| StorageError::Corrupt(e.to_string()))?;
 

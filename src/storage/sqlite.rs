@@ -235,53 +235,38 @@ async fn copy_into_rollups(
     let deltas = batch::copy_deltas(copies);
     // Copies take turns (one writer): they share one stripe, so a day's history stays in
     // one row.
-    add_to_rollups(tx, &deltas, batch::BACKFILL_STRIPE, Origin::Copied).await
-}
-
-/// Where rollup deltas come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    /// Recorded events.
-    Events,
-    /// Legacy history a backfill or a COPY resolution copied: also added to the rows'
-    /// backfilled part, which rollup repair keeps.
-    Copied,
+    add_to_rollups(tx, &deltas, batch::BACKFILL_STRIPE, batch::Origin::Copied).await
 }
 
 /// Grows the campaign rollups by `deltas`.
 async fn grow_campaign_days(
     tx: &mut sqlx::SqliteConnection,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
-    origin: Origin,
+    origin: batch::Origin,
 ) -> Result<(), sqlx::Error> {
-    let copied = origin == Origin::Copied;
+    // Copied history binds its totals twice: as the totals and as the backfilled part.
+    let (backfilled, times, grows) = match origin {
+        batch::Origin::Events => (String::new(), 1, batch::rollup_grows()),
+        batch::Origin::Copied => (
+            format!(", {}", batch::backfilled_columns()),
+            2,
+            batch::copy_grows(),
+        ),
+    };
     let rows: Vec<_> = deltas.iter().collect();
-    let values_per_row = if copied { 15 } else { 9 };
-    for chunk in rows.chunks(rows_per_statement(values_per_row)) {
+    for chunk in rows.chunks(rows_per_statement(3 + 6 * times)) {
         let mut upsert = QueryBuilder::<Sqlite>::new(format!(
-            "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}{}) ",
+            "INSERT INTO campaign_day_totals AS t (user_id, campaign_id, day, {}{backfilled}) ",
             crate::domain::rollup_columns(),
-            if copied {
-                format!(", {}", batch::backfilled_columns())
-            } else {
-                String::new()
-            }
         ));
         upsert.push_values(chunk, |mut row, ((user, campaign, day), totals)| {
             row.push_bind(*user).push_bind(*campaign).push_bind(*day);
-            let parts = if copied { 2 } else { 1 };
-            for _ in 0..parts {
-                for total in totals.0 {
-                    row.push_bind(total);
-                }
+            for total in std::iter::repeat_n(totals.0, times).flatten() {
+                row.push_bind(total);
             }
         });
         upsert.push(" ON CONFLICT (user_id, campaign_id, day)");
-        upsert.push(if copied {
-            batch::copy_grows()
-        } else {
-            batch::rollup_grows()
-        });
+        upsert.push(grows);
         upsert.build().execute(&mut *tx).await?;
     }
     Ok(())
@@ -293,7 +278,7 @@ async fn add_to_rollups(
     tx: &mut sqlx::SqliteConnection,
     deltas: &BTreeMap<batch::CampaignDayKey<'_>, batch::DayTotals>,
     stripe: i16,
-    origin: Origin,
+    origin: batch::Origin,
 ) -> Result<(), sqlx::Error> {
     grow_campaign_days(tx, deltas, origin).await?;
     let days: Vec<_> = batch::all_day_deltas(deltas).into_iter().collect();
@@ -414,7 +399,13 @@ impl EventStore for SqliteStore {
         let answer = claim(&mut tx, &claims).await?;
         let plan = batch::plan_batch(events, claims.known_owners, answer)?;
         insert_events(&mut tx, &plan.new_events).await?;
-        add_to_rollups(&mut tx, &plan.campaign_days, plan.stripe, Origin::Events).await?;
+        add_to_rollups(
+            &mut tx,
+            &plan.campaign_days,
+            plan.stripe,
+            batch::Origin::Events,
+        )
+        .await?;
         add_to_legacy(&mut tx, events, &plan).await?;
         tx.commit().await?;
         self.owners.remember(plan.read_owners);
