@@ -458,7 +458,53 @@ async fn shadow_cost(name: &str, channel: Channel) {
             );
         }
     }
-    shadow_rate(channel, 0.0).await;
+    shadow_rate(channel.clone(), 0.0).await;
+    report_trip(channel).await;
+}
+
+/// Says whether the guard tripped during a section (the storages disagreed on some reads),
+/// with what it saw, and re-arms it so that the sections after it read as configured. A
+/// trip means the reads after it went to LEGACY first: that section's figures are not
+/// comparable.
+async fn report_trip(channel: Channel) {
+    use campaign_stats::grpc::proto::rollout_service_client::RolloutServiceClient;
+    use campaign_stats::grpc::proto::{
+        GetGuardRequest, KillSwitchRequest, ListShadowMismatchesRequest,
+    };
+    let mut rollout = RolloutServiceClient::new(channel);
+    let guard = rollout
+        .get_guard(GetGuardRequest {})
+        .await
+        .expect("GetGuard")
+        .into_inner();
+    if !guard.tripped {
+        return;
+    }
+    println!(
+        "WARNING: the guard tripped during this section ({}: {}); the reads after the trip \
+         went to LEGACY first, so the figures above are not comparable",
+        guard.trip_signal, guard.trip_figures
+    );
+    let mismatches = rollout
+        .list_shadow_mismatches(ListShadowMismatchesRequest {})
+        .await
+        .expect("mismatches")
+        .into_inner()
+        .mismatches;
+    for m in mismatches.iter().take(5) {
+        println!(
+            "  {} user {} campaign {} day {}: legacy {:?} new {:?}",
+            m.method, m.user_id, m.campaign_id, m.date, m.legacy, m.new
+        );
+    }
+    rollout
+        .kill_switch(KillSwitchRequest {
+            engaged: false,
+            reason: "bench: re-arm after a trip".into(),
+            actor: "bench".into(),
+        })
+        .await
+        .expect("re-arm");
 }
 
 /// Runs `sql` on the database at `url` directly (a divergence planted behind the service).
@@ -536,13 +582,18 @@ where
             .await
             .expect("GetStats");
         let crossed = Instant::now();
-        while !watch
-            .next()
+        let rolled_back = async {
+            while !watch
+                .next()
+                .await
+                .expect("stream")
+                .expect("rollout")
+                .kill_switch
+            {}
+        };
+        tokio::time::timeout(Duration::from_secs(30), rolled_back)
             .await
-            .expect("stream")
-            .expect("rollout")
-            .kill_switch
-        {}
+            .expect("the guard did not roll back within 30 s");
         samples.push(crossed.elapsed());
         drop(watch);
         execute_sql(url, "UPDATE campaign_day_totals SET sent = sent - 1").await;
