@@ -1,5 +1,6 @@
 //! Shadow reads: a sampled share of reads is run again on the other storage, after the caller
-//! has its answer, and the two answers are compared. The work waits in a bounded queue served
+//! has its answer, and the two answers are compared (a disagreement is confirmed in one
+//! snapshot of both storages before it counts). The work waits in a bounded queue served
 //! by workers registered with [`Jobs`]: when the queue is full the shadow read is dropped and
 //! counted, so shadow work never slows a primary read.
 
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::domain::{CampaignId, DateRange, EventTotals, Scope, StorageSource, UserId};
 use crate::migration::Phase;
-use crate::storage::{StorageError, Store};
+use crate::storage::{OnBoth, StorageError, Store};
 use crate::telemetry::{CAMPAIGN_TOTALS, DAILY_TOTALS, ServerMetrics};
 
 use super::{Guard, Jobs, RolloutView};
@@ -249,6 +250,10 @@ impl Shadow {
     }
 
     /// Runs `task` on `other` and compares; keeps each difference. True when all agree.
+    ///
+    /// The primary answer and the shadow read come from two moments: a write between them
+    /// would show as a difference. So a disagreement is read again on both storages in one
+    /// snapshot (a write lands in both or neither), and only what still differs there counts.
     async fn compare<S: Store>(
         &self,
         store: &S,
@@ -256,31 +261,7 @@ impl Shadow {
         other: StorageSource,
     ) -> Result<bool, StorageError> {
         let now = Utc::now();
-        let in_order = |primary: EventTotals, shadow: EventTotals| match task.primary {
-            StorageSource::Legacy => (primary, shadow),
-            StorageSource::New => (shadow, primary),
-        };
-        let mut found = Vec::new();
-        let method = task.read.method();
-        let mut differ = |user: Option<String>,
-                          campaign: Option<String>,
-                          day: Option<NaiveDate>,
-                          primary: EventTotals,
-                          shadow: EventTotals| {
-            if primary != shadow {
-                let (legacy, new) = in_order(primary, shadow);
-                found.push(Mismatch {
-                    method,
-                    user,
-                    campaign,
-                    day,
-                    legacy,
-                    new,
-                    at: now,
-                });
-            }
-        };
-        match task.read {
+        let found = match task.read {
             ShadowRead::Campaigns {
                 user,
                 campaigns,
@@ -290,41 +271,31 @@ impl Shadow {
                 let shadow = store
                     .campaign_totals(other, &user, &campaigns, range)
                     .await?;
-                for campaign in &campaigns {
-                    differ(
-                        Some(user.as_str().to_owned()),
-                        Some(campaign.as_str().to_owned()),
-                        None,
-                        primary.get(campaign).copied().unwrap_or_default(),
-                        shadow.get(campaign).copied().unwrap_or_default(),
-                    );
+                let answers = in_order(task.primary, primary, shadow);
+                let mut found = campaign_differences(&user, &campaigns, &answers, now);
+                if !found.is_empty() {
+                    let answers = store
+                        .campaign_totals_on_both(&user, &campaigns, range)
+                        .await?;
+                    found = campaign_differences(&user, &campaigns, &answers, now);
                 }
+                found
             }
             ShadowRead::Daily {
                 scope,
                 range,
                 primary,
             } => {
-                let shadow: HashMap<NaiveDate, EventTotals> = store
-                    .daily_totals(other, &scope, range)
-                    .await?
-                    .into_iter()
-                    .collect();
-                let primary: HashMap<NaiveDate, EventTotals> = primary.into_iter().collect();
-                let mut days: Vec<&NaiveDate> = primary.keys().chain(shadow.keys()).collect();
-                days.sort();
-                days.dedup();
-                for day in days {
-                    differ(
-                        scope.user.as_ref().map(|u| u.as_str().to_owned()),
-                        None,
-                        Some(*day),
-                        primary.get(day).copied().unwrap_or_default(),
-                        shadow.get(day).copied().unwrap_or_default(),
-                    );
+                let shadow = store.daily_totals(other, &scope, range).await?;
+                let answers = in_order(task.primary, primary, shadow);
+                let mut found = daily_differences(&scope, answers, now);
+                if !found.is_empty() {
+                    let answers = store.daily_totals_on_both(&scope, range).await?;
+                    found = daily_differences(&scope, answers, now);
                 }
+                found
             }
-        }
+        };
         let agreed = found.is_empty();
         let mut kept = self.mismatches.lock().unwrap_or_else(|e| e.into_inner());
         for mismatch in found {
@@ -335,6 +306,73 @@ impl Shadow {
         }
         Ok(agreed)
     }
+}
+
+/// The primary's and the shadow's answers, each on its storage's side.
+fn in_order<T>(primary_source: StorageSource, primary: T, shadow: T) -> OnBoth<T> {
+    match primary_source {
+        StorageSource::Legacy => OnBoth {
+            legacy: primary,
+            new: shadow,
+        },
+        StorageSource::New => OnBoth {
+            legacy: shadow,
+            new: primary,
+        },
+    }
+}
+
+/// Each of `campaigns` whose totals differ between the storages.
+fn campaign_differences(
+    user: &UserId,
+    campaigns: &[CampaignId],
+    answers: &OnBoth<HashMap<CampaignId, EventTotals>>,
+    at: DateTime<Utc>,
+) -> Vec<Mismatch> {
+    campaigns
+        .iter()
+        .filter_map(|campaign| {
+            let legacy = answers.legacy.get(campaign).copied().unwrap_or_default();
+            let new = answers.new.get(campaign).copied().unwrap_or_default();
+            (legacy != new).then(|| Mismatch {
+                method: CAMPAIGN_TOTALS,
+                user: Some(user.as_str().to_owned()),
+                campaign: Some(campaign.as_str().to_owned()),
+                day: None,
+                legacy,
+                new,
+                at,
+            })
+        })
+        .collect()
+}
+
+/// Each day whose totals differ between the storages, in date order.
+fn daily_differences(
+    scope: &Scope,
+    answers: OnBoth<Vec<(NaiveDate, EventTotals)>>,
+    at: DateTime<Utc>,
+) -> Vec<Mismatch> {
+    let legacy: HashMap<NaiveDate, EventTotals> = answers.legacy.into_iter().collect();
+    let new: HashMap<NaiveDate, EventTotals> = answers.new.into_iter().collect();
+    let mut days: Vec<NaiveDate> = legacy.keys().chain(new.keys()).copied().collect();
+    days.sort_unstable();
+    days.dedup();
+    days.into_iter()
+        .filter_map(|day| {
+            let legacy = legacy.get(&day).copied().unwrap_or_default();
+            let new = new.get(&day).copied().unwrap_or_default();
+            (legacy != new).then(|| Mismatch {
+                method: DAILY_TOTALS,
+                user: scope.user.as_ref().map(|u| u.as_str().to_owned()),
+                campaign: None,
+                day: Some(day),
+                legacy,
+                new,
+                at,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

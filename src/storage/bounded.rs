@@ -16,8 +16,9 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolUse, Pruned, RepairOutcome,
-    RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, Store, TableSize,
+    AdminStore, CutoverStore, Database, EventStore, OnBoth, PhaseStore, PoolUse, Pruned,
+    RepairOutcome, RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, Store,
+    TableSize,
 };
 use crate::domain::{CampaignId, DateRange, Event, EventTotals, Scope, StorageSource, UserId};
 use crate::migration::ambiguous::{ResolutionRecord, ResolveOutcome, ResolveRequest};
@@ -98,6 +99,25 @@ impl<S: Store> EventStore for Bounded<S> {
         range: DateRange,
     ) -> Result<Vec<(NaiveDate, EventTotals)>, StorageError> {
         self.bound(self.inner.daily_totals(source, scope, range))
+            .await
+    }
+
+    async fn campaign_totals_on_both(
+        &self,
+        user: &UserId,
+        campaigns: &[CampaignId],
+        range: DateRange,
+    ) -> Result<OnBoth<HashMap<CampaignId, EventTotals>>, StorageError> {
+        self.bound(self.inner.campaign_totals_on_both(user, campaigns, range))
+            .await
+    }
+
+    async fn daily_totals_on_both(
+        &self,
+        scope: &Scope,
+        range: DateRange,
+    ) -> Result<OnBoth<Vec<(NaiveDate, EventTotals)>>, StorageError> {
+        self.bound(self.inner.daily_totals_on_both(scope, range))
             .await
     }
 }

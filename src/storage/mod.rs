@@ -230,6 +230,31 @@ pub trait EventStore: Database {
         scope: &Scope,
         range: DateRange,
     ) -> impl Future<Output = Result<Vec<(NaiveDate, EventTotals)>, StorageError>> + Send;
+
+    /// [`Self::campaign_totals`] from both storages in one snapshot. A write lands in both
+    /// storages in one transaction, so a difference between the two answers is one that no
+    /// concurrent write explains.
+    fn campaign_totals_on_both(
+        &self,
+        user: &UserId,
+        campaigns: &[CampaignId],
+        range: DateRange,
+    ) -> impl Future<Output = Result<OnBoth<HashMap<CampaignId, EventTotals>>, StorageError>> + Send;
+
+    /// [`Self::daily_totals`] from both storages in one snapshot (see
+    /// [`Self::campaign_totals_on_both`]).
+    fn daily_totals_on_both(
+        &self,
+        scope: &Scope,
+        range: DateRange,
+    ) -> impl Future<Output = Result<OnBoth<Vec<(NaiveDate, EventTotals)>>, StorageError>> + Send;
+}
+
+/// One read's answers from each storage, taken in one snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OnBoth<T> {
+    pub legacy: T,
+    pub new: T,
 }
 
 /// The migration phase and its history.

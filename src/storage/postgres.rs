@@ -13,9 +13,9 @@ use super::backfill::{BackfillSql, CopyStatements};
 use super::pg_copy;
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, Pruned,
-    RepairOutcome, RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, TableSize,
-    batch, parse_phase, sql,
+    AdminStore, CutoverStore, Database, EventStore, OnBoth, PhaseStore, PoolOptions, PoolUse,
+    Pruned, RepairOutcome, RetentionStore, RolloutStore, RunIssues, RunStore, StorageError,
+    TableSize, batch, parse_phase, sql,
 };
 use crate::domain::{
     CampaignId, DateRange, Event, EventTotals, LEGACY_COLUMN_COUNT, Scope, StorageSource, UserId,
@@ -689,23 +689,8 @@ impl EventStore for PostgresStore {
         campaigns: &[CampaignId],
         range: DateRange,
     ) -> Result<HashMap<CampaignId, EventTotals>, StorageError> {
-        if campaigns.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let campaigns: Vec<&str> = campaigns.iter().map(CampaignId::as_str).collect();
-        let (rows, day) = batch::read_rows(source, None);
-        let sums: Vec<batch::Sums<String>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT campaign_id, {SUMS} FROM {rows} \
-             WHERE user_id = $1 AND campaign_id = ANY($2) AND {day} BETWEEN $3 AND $4 \
-             GROUP BY campaign_id"
-        )))
-        .bind(user.as_str())
-        .bind(campaigns)
-        .bind(range.start)
-        .bind(range.end)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(batch::campaign_sums(sums))
+        let mut conn = self.pool.acquire().await?;
+        Ok(campaign_totals_in(&mut conn, source, user, campaigns, range).await?)
     }
 
     async fn daily_totals(
@@ -714,34 +699,100 @@ impl EventStore for PostgresStore {
         scope: &Scope,
         range: DateRange,
     ) -> Result<Vec<(NaiveDate, EventTotals)>, StorageError> {
-        let (rows, day) = batch::read_rows(source, Some(scope));
-        let mut query = QueryBuilder::<Postgres>::new(format!("SELECT {day}, {SUMS}"));
-        query.push(format_args!(" FROM {rows} WHERE {day} BETWEEN "));
-        query
-            .push_bind(range.start)
-            .push(" AND ")
-            .push_bind(range.end);
-        if let Some(user) = &scope.user {
-            query
-                .push(" AND user_id = ")
-                .push_bind(user.as_str().to_owned());
-        }
-        if !scope.campaigns.is_empty() {
-            let campaigns: Vec<String> = scope
-                .campaigns
-                .iter()
-                .map(|c| c.as_str().to_owned())
-                .collect();
-            query
-                .push(" AND campaign_id = ANY(")
-                .push_bind(campaigns)
-                .push(")");
-        }
-        query.push(format_args!(" GROUP BY {day} ORDER BY {day}"));
-        let sums: Vec<batch::Sums<NaiveDate>> =
-            query.build_query_as().fetch_all(&self.pool).await?;
-        Ok(sums.into_iter().map(batch::sums_metrics).collect())
+        let mut conn = self.pool.acquire().await?;
+        Ok(daily_totals_in(&mut conn, source, scope, range).await?)
     }
+
+    async fn campaign_totals_on_both(
+        &self,
+        user: &UserId,
+        campaigns: &[CampaignId],
+        range: DateRange,
+    ) -> Result<OnBoth<HashMap<CampaignId, EventTotals>>, StorageError> {
+        let mut tx = self.pool.begin_with(ONE_SNAPSHOT).await?;
+        let legacy =
+            campaign_totals_in(&mut tx, StorageSource::Legacy, user, campaigns, range).await?;
+        let new = campaign_totals_in(&mut tx, StorageSource::New, user, campaigns, range).await?;
+        tx.commit().await?;
+        Ok(OnBoth { legacy, new })
+    }
+
+    async fn daily_totals_on_both(
+        &self,
+        scope: &Scope,
+        range: DateRange,
+    ) -> Result<OnBoth<Vec<(NaiveDate, EventTotals)>>, StorageError> {
+        let mut tx = self.pool.begin_with(ONE_SNAPSHOT).await?;
+        let legacy = daily_totals_in(&mut tx, StorageSource::Legacy, scope, range).await?;
+        let new = daily_totals_in(&mut tx, StorageSource::New, scope, range).await?;
+        tx.commit().await?;
+        Ok(OnBoth { legacy, new })
+    }
+}
+
+/// Starts a transaction whose statements all read one snapshot.
+const ONE_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+
+/// [`EventStore::campaign_totals`] on `conn`.
+async fn campaign_totals_in(
+    conn: &mut PgConnection,
+    source: StorageSource,
+    user: &UserId,
+    campaigns: &[CampaignId],
+    range: DateRange,
+) -> Result<HashMap<CampaignId, EventTotals>, sqlx::Error> {
+    if campaigns.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (rows, day) = batch::read_rows(source, None);
+    let campaigns: Vec<&str> = campaigns.iter().map(CampaignId::as_str).collect();
+    let sums: Vec<batch::Sums<String>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT campaign_id, {SUMS} FROM {rows} \
+         WHERE user_id = $1 AND campaign_id = ANY($2) AND {day} BETWEEN $3 AND $4 \
+         GROUP BY campaign_id"
+    )))
+    .bind(user.as_str())
+    .bind(campaigns)
+    .bind(range.start)
+    .bind(range.end)
+    .fetch_all(conn)
+    .await?;
+    Ok(batch::campaign_sums(sums))
+}
+
+/// [`EventStore::daily_totals`] on `conn`.
+async fn daily_totals_in(
+    conn: &mut PgConnection,
+    source: StorageSource,
+    scope: &Scope,
+    range: DateRange,
+) -> Result<Vec<(NaiveDate, EventTotals)>, sqlx::Error> {
+    let (rows, day) = batch::read_rows(source, Some(scope));
+    let mut query = QueryBuilder::<Postgres>::new(format!("SELECT {day}, {SUMS}"));
+    query.push(format_args!(" FROM {rows} WHERE {day} BETWEEN "));
+    query
+        .push_bind(range.start)
+        .push(" AND ")
+        .push_bind(range.end);
+    if let Some(user) = &scope.user {
+        query
+            .push(" AND user_id = ")
+            .push_bind(user.as_str().to_owned());
+    }
+    if !scope.campaigns.is_empty() {
+        let campaigns: Vec<String> = scope
+            .campaigns
+            .iter()
+            .map(|c| c.as_str().to_owned())
+            .collect();
+        query
+            .push(" AND campaign_id = ANY(")
+            .push_bind(campaigns)
+            .push(")");
+    }
+    query.push(format_args!(" GROUP BY {day} ORDER BY {day}"));
+    let sums: Vec<batch::Sums<NaiveDate>> = query.build_query_as().fetch_all(conn).await?;
+    Ok(sums.into_iter().map(batch::sums_metrics).collect())
 }
 
 impl PhaseStore for PostgresStore {

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 use super::backfill::{BackfillSql, CopyStatements};
 use super::shared::{EditedMigration, Shared, Transitioned};
 use super::{
-    AdminStore, CutoverStore, Database, EventStore, PhaseStore, PoolOptions, PoolUse, Pruned,
-    RepairOutcome, RetentionStore, RolloutStore, RunIssues, RunStore, StorageError, TableSize,
-    batch, parse_phase, sql,
+    AdminStore, CutoverStore, Database, EventStore, OnBoth, PhaseStore, PoolOptions, PoolUse,
+    Pruned, RepairOutcome, RetentionStore, RolloutStore, RunIssues, RunStore, StorageError,
+    TableSize, batch, parse_phase, sql,
 };
 use crate::domain::{
     CampaignId, DateRange, Event, EventTotals, EventType, LEGACY_COLUMNS, Scope, StorageSource,
@@ -419,26 +419,8 @@ impl EventStore for SqliteStore {
         campaigns: &[CampaignId],
         range: DateRange,
     ) -> Result<HashMap<CampaignId, EventTotals>, StorageError> {
-        if campaigns.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let (rows, day) = batch::read_rows(source, None);
-        let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT campaign_id, {SUMS} FROM {rows} WHERE user_id = "
-        ));
-        query.push_bind(user.as_str().to_owned());
-        query
-            .push(format_args!(" AND {day} BETWEEN "))
-            .push_bind(range.start);
-        query.push(" AND ").push_bind(range.end);
-        push_in_list(
-            &mut query,
-            "campaign_id",
-            campaigns.iter().map(CampaignId::as_str),
-        );
-        query.push(" GROUP BY campaign_id");
-        let sums: Vec<batch::Sums<String>> = query.build_query_as().fetch_all(&self.reader).await?;
-        Ok(batch::campaign_sums(sums))
+        let mut conn = self.reader.acquire().await?;
+        Ok(campaign_totals_in(&mut conn, source, user, campaigns, range).await?)
     }
 
     async fn daily_totals(
@@ -447,29 +429,96 @@ impl EventStore for SqliteStore {
         scope: &Scope,
         range: DateRange,
     ) -> Result<Vec<(NaiveDate, EventTotals)>, StorageError> {
-        let (rows, day) = batch::read_rows(source, Some(scope));
-        let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {day}, {SUMS} FROM {rows} WHERE {day} BETWEEN "
-        ));
-        query.push_bind(range.start);
-        query.push(" AND ").push_bind(range.end);
-        if let Some(user) = &scope.user {
-            query
-                .push(" AND user_id = ")
-                .push_bind(user.as_str().to_owned());
-        }
-        if !scope.campaigns.is_empty() {
-            push_in_list(
-                &mut query,
-                "campaign_id",
-                scope.campaigns.iter().map(CampaignId::as_str),
-            );
-        }
-        query.push(format_args!(" GROUP BY {day} ORDER BY {day}"));
-        let sums: Vec<batch::Sums<NaiveDate>> =
-            query.build_query_as().fetch_all(&self.reader).await?;
-        Ok(sums.into_iter().map(batch::sums_metrics).collect())
+        let mut conn = self.reader.acquire().await?;
+        Ok(daily_totals_in(&mut conn, source, scope, range).await?)
     }
+
+    // In WAL mode every read of a transaction sees the snapshot its first read took.
+    async fn campaign_totals_on_both(
+        &self,
+        user: &UserId,
+        campaigns: &[CampaignId],
+        range: DateRange,
+    ) -> Result<OnBoth<HashMap<CampaignId, EventTotals>>, StorageError> {
+        let mut tx = self.reader.begin().await?;
+        let legacy =
+            campaign_totals_in(&mut tx, StorageSource::Legacy, user, campaigns, range).await?;
+        let new = campaign_totals_in(&mut tx, StorageSource::New, user, campaigns, range).await?;
+        tx.commit().await?;
+        Ok(OnBoth { legacy, new })
+    }
+
+    async fn daily_totals_on_both(
+        &self,
+        scope: &Scope,
+        range: DateRange,
+    ) -> Result<OnBoth<Vec<(NaiveDate, EventTotals)>>, StorageError> {
+        let mut tx = self.reader.begin().await?;
+        let legacy = daily_totals_in(&mut tx, StorageSource::Legacy, scope, range).await?;
+        let new = daily_totals_in(&mut tx, StorageSource::New, scope, range).await?;
+        tx.commit().await?;
+        Ok(OnBoth { legacy, new })
+    }
+}
+
+/// [`EventStore::campaign_totals`] on `conn`.
+async fn campaign_totals_in(
+    conn: &mut SqliteConnection,
+    source: StorageSource,
+    user: &UserId,
+    campaigns: &[CampaignId],
+    range: DateRange,
+) -> Result<HashMap<CampaignId, EventTotals>, sqlx::Error> {
+    if campaigns.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (rows, day) = batch::read_rows(source, None);
+    let mut query = QueryBuilder::<Sqlite>::new(format!(
+        "SELECT campaign_id, {SUMS} FROM {rows} WHERE user_id = "
+    ));
+    query.push_bind(user.as_str().to_owned());
+    query
+        .push(format_args!(" AND {day} BETWEEN "))
+        .push_bind(range.start);
+    query.push(" AND ").push_bind(range.end);
+    push_in_list(
+        &mut query,
+        "campaign_id",
+        campaigns.iter().map(CampaignId::as_str),
+    );
+    query.push(" GROUP BY campaign_id");
+    let sums: Vec<batch::Sums<String>> = query.build_query_as().fetch_all(conn).await?;
+    Ok(batch::campaign_sums(sums))
+}
+
+/// [`EventStore::daily_totals`] on `conn`.
+async fn daily_totals_in(
+    conn: &mut SqliteConnection,
+    source: StorageSource,
+    scope: &Scope,
+    range: DateRange,
+) -> Result<Vec<(NaiveDate, EventTotals)>, sqlx::Error> {
+    let (rows, day) = batch::read_rows(source, Some(scope));
+    let mut query = QueryBuilder::<Sqlite>::new(format!(
+        "SELECT {day}, {SUMS} FROM {rows} WHERE {day} BETWEEN "
+    ));
+    query.push_bind(range.start);
+    query.push(" AND ").push_bind(range.end);
+    if let Some(user) = &scope.user {
+        query
+            .push(" AND user_id = ")
+            .push_bind(user.as_str().to_owned());
+    }
+    if !scope.campaigns.is_empty() {
+        push_in_list(
+            &mut query,
+            "campaign_id",
+            scope.campaigns.iter().map(CampaignId::as_str),
+        );
+    }
+    query.push(format_args!(" GROUP BY {day} ORDER BY {day}"));
+    let sums: Vec<batch::Sums<NaiveDate>> = query.build_query_as().fetch_all(conn).await?;
+    Ok(sums.into_iter().map(batch::sums_metrics).collect())
 }
 
 impl PhaseStore for SqliteStore {
