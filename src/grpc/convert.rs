@@ -261,7 +261,7 @@ impl From<EventTotals> for proto::Metrics {
 /// A bucket of a series as the API shows it.
 pub fn bucket_to_proto((start, metrics): (NaiveDate, EventTotals)) -> proto::Bucket {
     proto::Bucket {
-        bucket_start: start.format("%Y-%m-%d").to_string(),
+        bucket_start: start.to_string(),
         metrics: Some(metrics.into()),
     }
 }

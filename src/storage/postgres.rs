@@ -206,10 +206,9 @@ fn set_nodelay_on(local_port: u16, peer_port: u16) {
 }
 
 /// The sums of a read, in [`batch::Sums`] order, over [`batch::LEGACY_READ_ROWS`] or the
-/// rollups (grouped by the caller).
-const SUMS: &str = "COALESCE(SUM(sent), 0)::int8, COALESCE(SUM(opened), 0)::int8, \
-    COALESCE(SUM(replied), 0)::int8, COALESCE(SUM(positive_replies), 0)::int8, \
-    COALESCE(SUM(bounced), 0)::int8, COALESCE(SUM(clicked), 0)::int8";
+/// rollups (grouped by the caller); `sum_bigint` adds in BIGINT (see its migration).
+const SUMS: &str = "sum_bigint(sent), sum_bigint(opened), sum_bigint(replied), \
+    sum_bigint(positive_replies), sum_bigint(bounced), sum_bigint(clicked)";
 
 /// One field of every event, as an array parameter for `UNNEST`.
 fn column<'a, T>(events: &[&'a Event], field: impl Fn(&'a Event) -> T) -> Vec<T> {
