@@ -3,6 +3,8 @@
 //! time, and when it dies its lease runs out and another takes over. A step advances only
 //! once it has dwelt long enough, the driver has counted enough shadow comparisons during
 //! it, and the guard is green; each advance is a rollout change audited as actor `schedule`.
+//! A schedule started with a cool-down resumes by itself once after a guard trip halts it:
+//! when the cool-down is over and the guard is green again.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use crate::rollout::{RolloutChange, RolloutRefused, SCHEDULE_ACTOR, ScheduleStatus};
+use crate::rollout::{RolloutChange, RolloutRefused, SCHEDULE_ACTOR, Schedule, ScheduleStatus};
 use crate::storage::{PhaseStore, RolloutStore};
 use crate::telemetry::ServerMetrics;
 
@@ -111,23 +113,27 @@ impl<S: RolloutStore + PhaseStore + 'static> ScheduleDriver<S> {
     }
 
     /// One look: when a schedule runs and this replica holds (or takes) the lease, advances
-    /// it if the step is due. Answers the step it advanced to, if it did.
+    /// it if the step is due; when a trip halted it and its cool-down is over, resumes it if
+    /// the guard is green again. Answers the step it moved to, if it did.
     pub async fn step(&self) -> Result<Option<usize>, AppError> {
         let applied = self.view.current();
         let automation = &applied.rollout.config.automation;
-        let Some(schedule) = automation
-            .schedule
-            .as_ref()
-            .filter(|s| s.status == ScheduleStatus::Running)
-        else {
+        let Some(schedule) = automation.schedule.as_ref() else {
             return Ok(None);
         };
+        let cooled_down = schedule.cooled_down(automation.tripped.as_ref(), Utc::now());
+        if schedule.status != ScheduleStatus::Running && !cooled_down {
+            return Ok(None);
+        }
         if !self
             .store
             .hold_lease(SCHEDULE_LEASE, &self.holder, self.settings.lease)
             .await?
         {
             return Ok(None);
+        }
+        if cooled_down {
+            return self.recover(schedule).await;
         }
         if automation.tripped.is_some() {
             return Ok(None);
@@ -161,27 +167,64 @@ impl<S: RolloutStore + PhaseStore + 'static> ScheduleDriver<S> {
         let change = RolloutChange::ScheduleAdvance {
             from_step: schedule.step,
         };
+        let step = self.change(&change, &reason).await?;
+        if step.is_some() {
+            self.metrics.schedule_advanced();
+        }
+        Ok(step)
+    }
+
+    /// Resumes a schedule a trip halted, its cool-down over, once the guard's window holds
+    /// its minimum of comparisons again and they are green (a window still holding the
+    /// disagreements that tripped it is not).
+    async fn recover(&self, schedule: &Schedule) -> Result<Option<usize>, AppError> {
+        let settings = self.guard.settings();
+        let figures = self.guard.figures();
+        if figures.comparisons < u64::from(settings.min_samples)
+            || figures.crossed(&settings).is_some()
+        {
+            return Ok(None);
+        }
+        let reason = format!(
+            "cooled down {} s after the guard's trip; guard green again: {figures}",
+            schedule.cool_down_secs.unwrap_or(0)
+        );
+        let step = self
+            .change(&RolloutChange::ScheduleRecover, &reason)
+            .await?;
+        if let Some(step) = step {
+            tracing::info!(
+                step = step + 1,
+                "the schedule resumed by itself after a trip"
+            );
+        }
+        Ok(step)
+    }
+
+    /// Makes `change` as actor `schedule`; answers the schedule's step after it, or `None`
+    /// when the schedule was paused, aborted, tripped or moved on meanwhile.
+    async fn change(
+        &self,
+        change: &RolloutChange,
+        reason: &str,
+    ) -> Result<Option<usize>, AppError> {
         match change_rollout(
             self.store.as_ref(),
             &self.view,
-            &change,
+            change,
             None,
             SCHEDULE_ACTOR,
-            &reason,
+            reason,
         )
         .await
         {
-            Ok(applied) => {
-                self.metrics.schedule_advanced();
-                Ok(applied
-                    .rollout
-                    .config
-                    .automation
-                    .schedule
-                    .as_ref()
-                    .map(|s| s.step))
-            }
-            // Paused, aborted or tripped meanwhile.
+            Ok(applied) => Ok(applied
+                .rollout
+                .config
+                .automation
+                .schedule
+                .as_ref()
+                .map(|s| s.step)),
             Err(AppError::RolloutRefused(RolloutRefused::Schedule(_))) => Ok(None),
             Err(error) => Err(error),
         }

@@ -174,6 +174,10 @@ pub enum ScheduleCommand {
         /// Least shadow comparisons on each step.
         #[arg(long, default_value_t = 100)]
         min_comparisons: u32,
+        /// After a guard trip halts it, resume by itself once this many seconds later, at the
+        /// last green step and with the guard green again (once; 0: only a person resumes it).
+        #[arg(long, default_value_t = 0)]
+        cool_down_secs: u32,
         #[command(flatten)]
         audit: Audited,
     },
@@ -217,12 +221,15 @@ fn schedule_json(schedule: &proto::Schedule) -> Value {
         "status": schedule_status(schedule), "dwell_seconds": schedule.dwell_seconds,
         "min_comparisons": schedule.min_comparisons,
         "step_started_at": time(schedule.step_started_at),
+        "cool_down_seconds": schedule.cool_down_seconds,
+        "resumes_itself": schedule.resumes_itself,
     })
 }
 
-/// `RUNNING at step 2 of 5 (5.00%)`.
+/// `RUNNING at step 2 of 5 (5.00%)`, and `; resumes itself 600 s after a trip` while it
+/// would.
 fn schedule_text(schedule: &proto::Schedule) -> String {
-    format!(
+    let mut text = format!(
         "{} at step {} of {} ({:.2}%)",
         schedule_status(schedule),
         schedule.step,
@@ -232,7 +239,14 @@ fn schedule_text(schedule: &proto::Schedule) -> String {
             .get(schedule.step.saturating_sub(1) as usize)
             .copied()
             .unwrap_or(0.0)
-    )
+    );
+    if schedule.resumes_itself {
+        text.push_str(&format!(
+            "; resumes itself {} s after a trip",
+            schedule.cool_down_seconds
+        ));
+    }
+    text
 }
 
 fn print_rollout(output: Output, rollout: &Rollout) -> std::io::Result<()> {
@@ -659,12 +673,14 @@ async fn schedule(
             steps,
             dwell_secs,
             min_comparisons,
+            cool_down_secs,
             audit: Audited { reason, actor },
         } => {
             let request = proto::StartScheduleRequest {
                 percentages: steps,
                 dwell_seconds: dwell_secs,
                 min_comparisons,
+                cool_down_seconds: cool_down_secs,
                 reason,
                 actor,
             };

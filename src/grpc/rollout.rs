@@ -62,6 +62,8 @@ fn schedule_to_proto(schedule: &Schedule) -> proto::Schedule {
         dwell_seconds: schedule.dwell_secs,
         min_comparisons: schedule.min_comparisons,
         step_started_at: Some(super::migration::timestamp(schedule.step_started_at)),
+        cool_down_seconds: schedule.cool_down_secs.unwrap_or(0),
+        resumes_itself: schedule.resumes_itself,
     }
 }
 
@@ -377,6 +379,8 @@ impl<S: Store> RolloutService for RolloutApi<S> {
                 steps,
                 dwell_secs: request.dwell_seconds,
                 min_comparisons: request.min_comparisons,
+                cool_down_secs: (request.cool_down_seconds > 0)
+                    .then_some(request.cool_down_seconds),
             });
         self.apply(change, None, request.actor, request.reason)
             .await

@@ -82,6 +82,16 @@ pub struct Schedule {
     pub status: ScheduleStatus,
     /// When the step in effect began (or the schedule was last resumed).
     pub step_started_at: DateTime<Utc>,
+    /// After a guard trip halts the schedule, how long it waits before resuming by itself
+    /// (at the last green step, once the guard is green again). `None`: only a person
+    /// resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cool_down_secs: Option<u32>,
+    /// Whether the schedule may still resume by itself after a trip. Set at the start when
+    /// a cool-down is given; spent by that one resumption (a second trip waits for a
+    /// person, so the rollout never flaps) or by a person engaging the kill switch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumes_itself: bool,
 }
 
 impl Schedule {
@@ -99,6 +109,17 @@ impl Schedule {
             self.steps.len(),
             f64::from(self.basis_points()) / 100.0
         )
+    }
+
+    /// Whether, at `now`, the schedule is halted by `trip` and has cooled down long enough
+    /// to resume by itself (the guard's figures are the driver's to check).
+    pub fn cooled_down(&self, trip: Option<&GuardTrip>, now: DateTime<Utc>) -> bool {
+        let (Some(secs), Some(trip)) = (self.cool_down_secs, trip) else {
+            return false;
+        };
+        self.status == ScheduleStatus::Halted
+            && self.resumes_itself
+            && now - trip.at >= chrono::Duration::seconds(i64::from(secs))
     }
 
     /// Whether the step in effect has dwelt long enough at `now`.
@@ -147,6 +168,8 @@ mod tests {
                 step: 1,
                 status: ScheduleStatus::Running,
                 step_started_at: Utc::now(),
+                cool_down_secs: Some(600),
+                resumes_itself: true,
             }),
         };
         let text = serde_json::to_string(&automation).expect("serialises");
@@ -154,5 +177,47 @@ mod tests {
         assert_eq!(back, automation);
         let empty: Automation = serde_json::from_str("{}").expect("parses");
         assert_eq!(empty, Automation::default());
+    }
+
+    #[test]
+    fn a_halted_schedule_cools_down_once_armed_and_only_after_its_time() {
+        let tripped_at = Utc::now();
+        let trip = GuardTrip {
+            at: tripped_at,
+            signal: "mismatch_rate".into(),
+            figures: String::new(),
+        };
+        let schedule = Schedule {
+            steps: vec![100, 500],
+            dwell_secs: 0,
+            min_comparisons: 0,
+            step: 1,
+            status: ScheduleStatus::Halted,
+            step_started_at: tripped_at,
+            cool_down_secs: Some(60),
+            resumes_itself: true,
+        };
+        let later = |secs| tripped_at + chrono::Duration::seconds(secs);
+        assert!(!schedule.cooled_down(Some(&trip), later(59)));
+        assert!(schedule.cooled_down(Some(&trip), later(60)));
+        assert!(
+            !schedule.cooled_down(None, later(60)),
+            "no trip, nothing to resume from"
+        );
+        let spent = Schedule {
+            resumes_itself: false,
+            ..schedule.clone()
+        };
+        assert!(!spent.cooled_down(Some(&trip), later(600)));
+        let paused = Schedule {
+            status: ScheduleStatus::Paused,
+            ..schedule.clone()
+        };
+        assert!(!paused.cooled_down(Some(&trip), later(600)));
+        let without = Schedule {
+            cool_down_secs: None,
+            ..schedule
+        };
+        assert!(!without.cooled_down(Some(&trip), later(600)));
     }
 }

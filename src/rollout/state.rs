@@ -59,11 +59,13 @@ pub enum RolloutChange {
     Quarantine {
         user_id: String,
     },
-    /// Starts a progressive schedule at its first step.
+    /// Starts a progressive schedule at its first step; with `cool_down_secs`, it resumes by
+    /// itself once after a guard trip (see [`RolloutChange::ScheduleRecover`]).
     ScheduleStart {
         steps: Vec<u32>,
         dwell_secs: u32,
         min_comparisons: u32,
+        cool_down_secs: Option<u32>,
     },
     /// The schedule moves on from step `from_step` (made by the service, actor `schedule`).
     ScheduleAdvance {
@@ -73,6 +75,11 @@ pub enum RolloutChange {
     /// Resumes a paused or halted schedule at its step, whose dwell starts again.
     ScheduleResume,
     ScheduleAbort,
+    /// A schedule halted by a guard trip resumes by itself, its cool-down over and the guard
+    /// green again (made by the service, actor `schedule`): at the last green step (one
+    /// back from where the kill switch stopped it; where a step-back left it), with the kill
+    /// switch released and the guard re-armed. Once per schedule.
+    ScheduleRecover,
 }
 
 /// Why a rollout change was refused.
@@ -140,10 +147,16 @@ pub fn apply(
     );
     if let Some(schedule) = next.automation.schedule.as_mut()
         && takes_over
-        && schedule.status == ScheduleStatus::Running
     {
-        schedule.status = ScheduleStatus::Paused;
-        after.push_str("; schedule paused");
+        if schedule.status == ScheduleStatus::Running {
+            schedule.status = ScheduleStatus::Paused;
+            after.push_str("; schedule paused");
+        }
+        // A person's kill switch is never released by the schedule resuming itself.
+        if schedule.resumes_itself {
+            schedule.resumes_itself = false;
+            after.push_str("; schedule no longer resumes itself");
+        }
     }
     (next, what, before, after)
 }
@@ -296,6 +309,7 @@ fn apply_change(
             steps,
             dwell_secs,
             min_comparisons,
+            cool_down_secs,
         } => {
             let schedule = Schedule {
                 steps: steps.clone(),
@@ -304,6 +318,8 @@ fn apply_change(
                 step: 0,
                 status: ScheduleStatus::Running,
                 step_started_at: now,
+                cool_down_secs: *cool_down_secs,
+                resumes_itself: cool_down_secs.is_some(),
             };
             next.basis_points = schedule.basis_points();
             let steps: Vec<String> = steps.iter().map(|s| percent(*s)).collect();
@@ -316,10 +332,13 @@ fn apply_change(
                     rollout_text(config)
                 ),
                 format!(
-                    "steps {} (dwell {} s, {} comparisons each); {}",
+                    "steps {} (dwell {} s, {} comparisons each; {}); {}",
                     steps.join(" → "),
                     dwell_secs,
                     min_comparisons,
+                    cool_down_secs.map_or("a person resumes it after a trip".to_owned(), |s| {
+                        format!("resumes itself once, {s} s after a trip")
+                    }),
                     rollout_text(next)
                 ),
             )
@@ -350,6 +369,24 @@ fn apply_change(
         RolloutChange::ScheduleAbort => {
             set_status(next, ScheduleStatus::Aborted);
             schedule_change("schedule abort", config, next)
+        }
+        RolloutChange::ScheduleRecover => {
+            // The kill switch left the schedule on the step that tripped; a step-back
+            // already moved it to the last green one.
+            let stopped_by_kill_switch = config.kill_switch;
+            next.kill_switch = false;
+            next.automation.tripped = None;
+            if let Some(schedule) = next.automation.schedule.as_mut() {
+                if stopped_by_kill_switch {
+                    schedule.step = schedule.step.saturating_sub(1);
+                }
+                schedule.status = ScheduleStatus::Running;
+                schedule.step_started_at = now;
+                schedule.resumes_itself = false;
+                next.basis_points = schedule.basis_points();
+            }
+            let (what, before, after) = schedule_change("schedule recover", config, next);
+            (what, before, format!("{after}; guard re-armed"))
         }
     }
 }
@@ -424,6 +461,17 @@ pub fn check_change(
             Some(ScheduleStatus::Paused | ScheduleStatus::Halted) => Ok(()),
             _ => refuse("no schedule is paused or halted"),
         },
+        RolloutChange::ScheduleRecover => match schedule {
+            Some(s)
+                if s.status == ScheduleStatus::Halted
+                    && s.resumes_itself
+                    && s.cool_down_secs.is_some()
+                    && config.automation.tripped.is_some() =>
+            {
+                Ok(())
+            }
+            _ => refuse("the schedule is not halted by a trip it may resume itself from"),
+        },
         RolloutChange::ScheduleAbort
             if !matches!(
                 status,
@@ -487,10 +535,15 @@ mod tests {
     }
 
     fn started() -> RolloutConfig {
+        started_cooling_down(None)
+    }
+
+    fn started_cooling_down(cool_down_secs: Option<u32>) -> RolloutConfig {
         let start = RolloutChange::ScheduleStart {
             steps: vec![100, 500, 2_500],
             dwell_secs: 0,
             min_comparisons: 0,
+            cool_down_secs,
         };
         applied(&start, &config())
     }
@@ -586,6 +639,51 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_with_a_cool_down_resumes_itself_once_at_the_last_green_step() {
+        let second = applied(
+            &RolloutChange::ScheduleAdvance { from_step: 0 },
+            &started_cooling_down(Some(60)),
+        );
+        let recover = RolloutChange::ScheduleRecover;
+        assert!(
+            check_change(&recover, Phase::Verified, &second, None).is_err(),
+            "nothing to recover from while running"
+        );
+        // Stopped by the kill switch on step 2: back on step 1, the switch released.
+        let tripped = applied(&trip(GuardAction::KillSwitch), &second);
+        let (resumed, what, _, after) = apply(&recover, &tripped, None, Utc::now());
+        check_change(&recover, Phase::Verified, &tripped, None).expect("allowed");
+        let schedule = resumed.automation.schedule.as_ref().expect("schedule");
+        assert_eq!(
+            (
+                schedule.step,
+                schedule.status,
+                resumed.basis_points,
+                resumed.kill_switch
+            ),
+            (0, ScheduleStatus::Running, 100, false)
+        );
+        assert!(resumed.automation.tripped.is_none());
+        assert_eq!(what, "schedule recover");
+        assert!(after.ends_with("guard re-armed"), "{after}");
+        // A second trip waits for a person.
+        let again = applied(&trip(GuardAction::StepBack), &resumed);
+        assert!(check_change(&recover, Phase::Verified, &again, None).is_err());
+
+        // Stopped by a step back: it resumes where the step back left it.
+        let stepped = applied(&trip(GuardAction::StepBack), &second);
+        let resumed = applied(&recover, &stepped);
+        let schedule = resumed.automation.schedule.as_ref().expect("schedule");
+        assert_eq!((schedule.step, resumed.basis_points), (0, 100));
+
+        // Without a cool-down, or once a person engaged the kill switch, never by itself.
+        let plain = applied(&trip(GuardAction::KillSwitch), &started());
+        assert!(check_change(&recover, Phase::Verified, &plain, None).is_err());
+        let held = applied(&RolloutChange::KillSwitch { engaged: true }, &tripped);
+        assert!(check_change(&recover, Phase::Verified, &held, None).is_err());
+    }
+
+    #[test]
     fn a_person_moving_the_percentage_pauses_the_schedule() {
         let set = RolloutChange::Percentage {
             basis_points: 300,
@@ -600,7 +698,8 @@ mod tests {
                 &RolloutChange::ScheduleStart {
                     steps: vec![100],
                     dwell_secs: 0,
-                    min_comparisons: 0
+                    min_comparisons: 0,
+                    cool_down_secs: None,
                 },
                 Phase::Backfilled,
                 &config(),

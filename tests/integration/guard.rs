@@ -23,6 +23,7 @@ crate::on_both_backends!(
     one_replicas_trip_rolls_every_replica_back,
     a_user_whose_reads_disagree_is_quarantined_alone,
     the_schedule_advances_while_green_and_halts_on_a_trip,
+    a_schedule_resumes_itself_once_after_its_cool_down,
     guard_thresholds_are_set_at_run_time_and_checked,
 );
 
@@ -324,7 +325,7 @@ async fn the_schedule_advances_while_green_and_halts_on_a_trip(db: TestDb) {
         .await;
     seed(&server, 20).await;
     let started = server
-        .start_schedule(&[10.0, 50.0, 100.0], 0, 3)
+        .start_schedule(&[10.0, 50.0, 100.0], 0, 3, 0)
         .await
         .expect("start");
     assert_eq!(started.percentage, 10.0);
@@ -409,6 +410,126 @@ async fn the_schedule_advances_while_green_and_halts_on_a_trip(db: TestDb) {
     assert_eq!(server.current_rollout().await.percentage, 10.0);
 }
 
+/// Reads the 20 seeded users in turn for `how_long` (the primary answer right), so that the
+/// guard keeps comparing; answers the rollout afterwards.
+async fn read_for(server: &TestServer, how_long: Duration) -> proto::Rollout {
+    let until = Instant::now() + how_long;
+    let mut i = 0;
+    while Instant::now() < until {
+        read(server, i % 20).await;
+        i += 1;
+    }
+    server.current_rollout().await
+}
+
+/// The schedule's step (from 1) and status.
+fn schedule_of(rollout: &proto::Rollout) -> (u32, i32) {
+    let schedule = rollout.schedule.as_ref().expect("a schedule");
+    (schedule.step, schedule.status)
+}
+
+async fn a_schedule_resumes_itself_once_after_its_cool_down(db: TestDb) {
+    let db = db.in_phase(Phase::Verified);
+    let settings = GuardSettings {
+        min_samples: 5,
+        window_secs: 1,
+        quarantine_after: 0,
+        action: GuardAction::KillSwitch,
+        ..GuardSettings::DEFAULT
+    };
+    let server = db
+        .start_server_configured(&db.url, &PoolOptions::default(), guarded(settings))
+        .await;
+    seed(&server, 20).await;
+    let halted = i32::from(ScheduleStatus::Halted);
+    let running = i32::from(ScheduleStatus::Running);
+    let cool_down = Duration::from_secs(1);
+    // 30 comparisons a step: the schedule cannot move on while the test looks at it.
+    let started = server
+        .start_schedule(&[10.0, 50.0, 100.0], 0, 30, 1)
+        .await
+        .expect("start");
+    let schedule = started.schedule.expect("a schedule");
+    assert_eq!(
+        (schedule.cool_down_seconds, schedule.resumes_itself),
+        (1, true)
+    );
+    until("the second step", async || {
+        read(&server, 0).await;
+        schedule_of(&server.current_rollout().await).0 == 2
+    })
+    .await;
+
+    // A divergence: the kill switch stops the schedule on its second step. While the
+    // storages still disagree, the cool-down passes and nothing resumes.
+    db.execute("UPDATE campaign_day_totals SET sent = sent + 1")
+        .await;
+    until("the trip", async || {
+        read(&server, 0).await;
+        server.current_rollout().await.guard_tripped
+    })
+    .await;
+    let still = read_for(&server, cool_down * 2).await;
+    assert_eq!(schedule_of(&still), (2, halted));
+    assert!(still.kill_switch && still.guard_tripped);
+
+    // The divergence mended: once the window holds enough green comparisons, the schedule
+    // resumes by itself at the last green step, the kill switch released.
+    db.execute("UPDATE campaign_day_totals SET sent = sent - 1")
+        .await;
+    let i = std::sync::atomic::AtomicUsize::new(0);
+    until("the schedule to resume itself", async || {
+        read(
+            &server,
+            i.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 20,
+        )
+        .await;
+        schedule_of(&server.current_rollout().await).1 == running
+    })
+    .await;
+    let resumed = server.current_rollout().await;
+    assert_eq!(schedule_of(&resumed), (1, running));
+    assert_eq!(
+        (
+            resumed.percentage,
+            resumed.kill_switch,
+            resumed.guard_tripped
+        ),
+        (10.0, false, false)
+    );
+    assert!(
+        !resumed
+            .schedule
+            .as_ref()
+            .expect("a schedule")
+            .resumes_itself
+    );
+    let recovered = &server.rollout_history(1, "").await.changes[0];
+    assert_eq!(
+        (recovered.actor.as_str(), recovered.change.as_str()),
+        ("schedule", "schedule recover")
+    );
+    assert!(
+        recovered.reason.contains("guard green again"),
+        "{}",
+        recovered.reason
+    );
+
+    // A second trip waits for a person, however green the guard gets again.
+    db.execute("UPDATE campaign_day_totals SET sent = sent + 1")
+        .await;
+    until("the second trip", async || {
+        read(&server, 0).await;
+        server.current_rollout().await.guard_tripped
+    })
+    .await;
+    db.execute("UPDATE campaign_day_totals SET sent = sent - 1")
+        .await;
+    let after = read_for(&server, cool_down * 3).await;
+    assert_eq!(schedule_of(&after), (1, halted));
+    assert!(after.kill_switch && after.guard_tripped);
+}
+
 #[cfg_attr(
     not(postgres_tests),
     ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
@@ -430,6 +551,7 @@ async fn a_second_replica_takes_the_schedule_over_when_the_driver_dies() {
             min_comparisons: 0,
             reason: "walk up".into(),
             actor: "tester".into(),
+            cool_down_seconds: 0,
         })
         .await
         .expect("start");

@@ -239,12 +239,14 @@ impl TestServer {
     }
 
     /// `StartSchedule` through `percentages`, `dwell_seconds` and `min_comparisons` a step,
-    /// by [`TESTER`].
+    /// resuming itself `cool_down_seconds` after a trip (0: only a person resumes it), by
+    /// [`TESTER`].
     pub async fn start_schedule(
         &self,
         percentages: &[f64],
         dwell_seconds: u32,
         min_comparisons: u32,
+        cool_down_seconds: u32,
     ) -> Result<Rollout, Status> {
         self.rollout()
             .await
@@ -254,6 +256,7 @@ impl TestServer {
                 min_comparisons,
                 reason: "walk the rollout up".into(),
                 actor: TESTER.into(),
+                cool_down_seconds,
             })
             .await
             .map(|response| response.into_inner().rollout.expect("rollout"))
