@@ -89,7 +89,8 @@ pub struct Schedule {
     pub cool_down_secs: Option<u32>,
     /// Whether the schedule may still resume by itself after a trip. Set at the start when
     /// a cool-down is given; spent by that one resumption (a second trip waits for a
-    /// person, so the rollout never flaps) or by a person engaging the kill switch.
+    /// person, so the rollout never flaps) or by a person taking over (setting a percentage
+    /// or engaging the kill switch).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resumes_itself: bool,
 }

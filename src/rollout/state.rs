@@ -152,7 +152,8 @@ pub fn apply(
             schedule.status = ScheduleStatus::Paused;
             after.push_str("; schedule paused");
         }
-        // A person's kill switch is never released by the schedule resuming itself.
+        // A person who took over decides what comes next: their kill switch or percentage is
+        // never undone by the schedule resuming itself.
         if schedule.resumes_itself {
             schedule.resumes_itself = false;
             after.push_str("; schedule no longer resumes itself");
@@ -676,11 +677,20 @@ mod tests {
         let schedule = resumed.automation.schedule.as_ref().expect("schedule");
         assert_eq!((schedule.step, resumed.basis_points), (0, 100));
 
-        // Without a cool-down, or once a person engaged the kill switch, never by itself.
+        // Without a cool-down, or once a person took over, never by itself.
         let plain = applied(&trip(GuardAction::KillSwitch), &started());
         assert!(check_change(&recover, Phase::Verified, &plain, None).is_err());
         let held = applied(&RolloutChange::KillSwitch { engaged: true }, &tripped);
         assert!(check_change(&recover, Phase::Verified, &held, None).is_err());
+        let stepped_back = applied(&trip(GuardAction::StepBack), &second);
+        let set = RolloutChange::Percentage {
+            basis_points: 50,
+            forced: false,
+        };
+        let (by_hand, _, _, after) = apply(&set, &stepped_back, None, Utc::now());
+        let schedule = by_hand.automation.schedule.as_ref().expect("schedule");
+        assert!(!schedule.resumes_itself, "{after}");
+        assert!(after.contains("no longer resumes itself"), "{after}");
     }
 
     #[test]
