@@ -227,10 +227,15 @@ impl Shadow {
                     let compared =
                         tokio::time::timeout(timeout, self.compare(store.as_ref(), task, other))
                             .await;
-                    let took = started.elapsed();
+                    // The other storage's read alone: a disagreement's confirmation is not
+                    // its latency.
+                    let took = match &compared {
+                        Ok(Ok((_, read))) => *read,
+                        _ => started.elapsed(),
+                    };
                     let outcome = match compared {
-                        Ok(Ok(true)) => "match",
-                        Ok(Ok(false)) => "mismatch",
+                        Ok(Ok((true, _))) => "match",
+                        Ok(Ok((false, _))) => "mismatch",
                         Ok(Err(error)) => {
                             tracing::debug!(%error, method, "shadow read failed");
                             "error"
@@ -249,7 +254,8 @@ impl Shadow {
         }
     }
 
-    /// Runs `task` on `other` and compares; keeps each difference. True when all agree.
+    /// Runs `task` on `other` and compares; keeps each difference. Answers whether all
+    /// agree, and how long the read of `other` took.
     ///
     /// The primary answer and the shadow read come from two moments: a write between them
     /// would show as a difference. So a disagreement is read again on both storages in one
@@ -259,9 +265,10 @@ impl Shadow {
         store: &S,
         task: Task,
         other: StorageSource,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<(bool, Duration), StorageError> {
         let now = Utc::now();
-        let found = match task.read {
+        let started = std::time::Instant::now();
+        let (found, read) = match task.read {
             ShadowRead::Campaigns {
                 user,
                 campaigns,
@@ -271,6 +278,7 @@ impl Shadow {
                 let shadow = store
                     .campaign_totals(other, &user, &campaigns, range)
                     .await?;
+                let read = started.elapsed();
                 let answers = in_order(task.primary, primary, shadow);
                 let mut found = campaign_differences(&user, &campaigns, &answers, now);
                 if !found.is_empty() {
@@ -279,7 +287,7 @@ impl Shadow {
                         .await?;
                     found = campaign_differences(&user, &campaigns, &answers, now);
                 }
-                found
+                (found, read)
             }
             ShadowRead::Daily {
                 scope,
@@ -287,13 +295,14 @@ impl Shadow {
                 primary,
             } => {
                 let shadow = store.daily_totals(other, &scope, range).await?;
+                let read = started.elapsed();
                 let answers = in_order(task.primary, primary, shadow);
                 let mut found = daily_differences(&scope, answers, now);
                 if !found.is_empty() {
                     let answers = store.daily_totals_on_both(&scope, range).await?;
                     found = daily_differences(&scope, answers, now);
                 }
-                found
+                (found, read)
             }
         };
         let agreed = found.is_empty();
@@ -304,7 +313,7 @@ impl Shadow {
             }
             kept.push_back(mismatch);
         }
-        Ok(agreed)
+        Ok((agreed, read))
     }
 }
 
