@@ -89,7 +89,7 @@ where
     .await;
     to_new_primary(server.channel.clone()).await;
     reads(name, server.channel.clone()).await;
-    shadow_cost(name, server.channel.clone()).await;
+    shadow_cost(name, &server).await;
     server.stop().await;
     guard_reaction(name, connect, url).await;
     let server = BenchServer::start(
@@ -116,9 +116,10 @@ fn flushers_of(name: &str) -> usize {
     if name == "PostgreSQL" { 4 } else { 2 }
 }
 
-/// A server of the benchmark, on a port of its own.
+/// A server of the benchmark, on a port of its own (and its metrics on another).
 struct BenchServer {
     channel: Channel,
+    metrics: std::net::SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), campaign_stats::server::LaunchError>>,
 }
@@ -127,8 +128,14 @@ impl BenchServer {
     async fn start<S: Store>(store: S, config: ServerConfig) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let metrics = metrics_listener.local_addr().expect("address");
+        let listeners = campaign_stats::server::Listeners {
+            grpc: listener,
+            metrics: Some(metrics_listener),
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(launch(listener, store, config, async {
+        let task = tokio::spawn(launch(listeners, store, config, async {
             let _ = stopped.await;
         }));
         let channel = Channel::from_shared(format!("http://{addr}"))
@@ -138,15 +145,76 @@ impl BenchServer {
             .expect("connect");
         Self {
             channel,
+            metrics,
             stop,
             task,
         }
+    }
+
+    /// [`BenchServer::shadow_counts`] once no shadow read waits and the count holds still
+    /// (the workers finished what they took).
+    async fn shadow_reads_settled(&self) -> (f64, f64) {
+        let mut last = self.shadow_counts().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if Instant::now() > deadline {
+                println!("WARNING: shadow reads still running after 30 s; counted as they stand");
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.shadow_counts().await;
+            let queued = samples(&self.scrape().await, &|line| {
+                line.starts_with("campaign_stats_shadow_queued_reads ")
+            });
+            if now == last && queued == 0.0 {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// The server's metrics as Prometheus reads them.
+    async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics)
+            .await
+            .expect("metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("scrape");
+        let mut scrape = String::new();
+        stream.read_to_string(&mut scrape).await.expect("scrape");
+        scrape
+    }
+
+    /// Shadow reads compared so far (any outcome but `skipped`), and dropped for a full
+    /// queue, from the server's metrics.
+    async fn shadow_counts(&self) -> (f64, f64) {
+        let scrape = self.scrape().await;
+        let compared = samples(&scrape, &|line| {
+            line.starts_with("campaign_stats_shadow_comparisons_total{")
+                && !line.contains("outcome=\"skipped\"")
+        });
+        let dropped = samples(&scrape, &|line| {
+            line.starts_with("campaign_stats_shadow_dropped_reads_total ")
+        });
+        (compared, dropped)
     }
 
     async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.expect("server task").expect("server");
     }
+}
+
+/// The sum of the samples of a scrape whose lines `keep` picks.
+fn samples(scrape: &str, keep: &dyn Fn(&str) -> bool) -> f64 {
+    scrape
+        .lines()
+        .filter(|line| keep(line))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 /// Recreates the `cs_bench` database on the server and returns its URL.
@@ -400,12 +468,15 @@ const PACED_READS_PER_SECOND: u64 = 500;
 /// soon as the last is answered: the machine never idles, the worst case for work done beside
 /// the answer), and a client paced at [`PACED_READS_PER_SECOND`], as traffic from elsewhere
 /// arrives.
-async fn shadow_cost(name: &str, channel: Channel) {
+async fn shadow_cost(name: &str, server: &BenchServer) {
     println!("\n== {name}: shadow reads (NEW_PRIMARY; the shadow read asks legacy) ==");
+    let channel = server.channel.clone();
     for paced in [false, true] {
         let mut client = StatsServiceClient::new(channel.clone());
         let mut latencies = vec![Vec::new(); SHADOW_ARMS.len()];
         let mut cpu = vec![Duration::ZERO; SHADOW_ARMS.len()];
+        // Shadow reads compared and dropped in each arm.
+        let mut shadowed = vec![(0.0, 0.0); SHADOW_ARMS.len()];
         let mut i = 0;
         for _ in 0..SHADOW_ROUNDS {
             for (arm, rate) in SHADOW_ARMS.iter().enumerate() {
@@ -414,6 +485,7 @@ async fn shadow_cost(name: &str, channel: Channel) {
                     1_000_000 / PACED_READS_PER_SECOND,
                 ));
                 let before = process_cpu();
+                let counted_before = server.shadow_counts().await;
                 for _ in 0..READS / SHADOW_ROUNDS {
                     if paced {
                         pace.tick().await;
@@ -424,6 +496,11 @@ async fn shadow_cost(name: &str, channel: Channel) {
                     i += 1;
                 }
                 cpu[arm] += cpu_since(before);
+                // The arm's shadow reads finish before the next arm starts: left over, they
+                // would slow that arm's reads and count as its own.
+                let counted = server.shadow_reads_settled().await;
+                shadowed[arm].0 += counted.0 - counted_before.0;
+                shadowed[arm].1 += counted.1 - counted_before.1;
             }
         }
         let mode = if paced {
@@ -441,13 +518,16 @@ async fn shadow_cost(name: &str, channel: Channel) {
             );
             p99s.push(samples[(calls - 1) * 99 / 100]);
             println!(
-                "  ({:.0} µs of process CPU a read, server and client{})",
+                "  ({:.0} µs of process CPU a read, server and client{}; {:.0} shadow reads \
+                 compared, {:.0} dropped for a full queue)",
                 cpu[arm].as_secs_f64() * 1e6 / calls as f64,
                 if name == "PostgreSQL" {
                     "; PostgreSQL's own processes not counted"
                 } else {
                     ", SQLite included"
-                }
+                },
+                shadowed[arm].0,
+                shadowed[arm].1
             );
         }
         for (arm, rate) in SHADOW_ARMS.iter().enumerate().skip(1) {
