@@ -112,15 +112,20 @@ impl Schedule {
         )
     }
 
-    /// Whether, at `now`, the schedule is halted by `trip` and has cooled down long enough
-    /// to resume by itself (the guard's figures are the driver's to check).
-    pub fn cooled_down(&self, trip: Option<&GuardTrip>, now: DateTime<Utc>) -> bool {
+    /// When the schedule, halted by `trip`, may resume by itself (the guard's figures are
+    /// the driver's to check); `None` when it waits for a person.
+    pub fn resumes_at(&self, trip: Option<&GuardTrip>) -> Option<DateTime<Utc>> {
         let (Some(secs), Some(trip)) = (self.cool_down_secs, trip) else {
-            return false;
+            return None;
         };
-        self.status == ScheduleStatus::Halted
-            && self.resumes_itself
-            && now - trip.at >= chrono::Duration::seconds(i64::from(secs))
+        (self.status == ScheduleStatus::Halted && self.resumes_itself)
+            .then(|| trip.at + chrono::Duration::seconds(i64::from(secs)))
+    }
+
+    /// Whether, at `now`, the schedule is halted by `trip` and has cooled down long enough
+    /// to resume by itself (see [`Schedule::resumes_at`]).
+    pub fn cooled_down(&self, trip: Option<&GuardTrip>, now: DateTime<Utc>) -> bool {
+        self.resumes_at(trip).is_some_and(|at| now >= at)
     }
 
     /// Whether the step in effect has dwelt long enough at `now`.

@@ -462,17 +462,13 @@ pub fn check_change(
             Some(ScheduleStatus::Paused | ScheduleStatus::Halted) => Ok(()),
             _ => refuse("no schedule is paused or halted"),
         },
-        RolloutChange::ScheduleRecover => match schedule {
-            Some(s)
-                if s.status == ScheduleStatus::Halted
-                    && s.resumes_itself
-                    && s.cool_down_secs.is_some()
-                    && config.automation.tripped.is_some() =>
-            {
-                Ok(())
-            }
-            _ => refuse("the schedule is not halted by a trip it may resume itself from"),
-        },
+        RolloutChange::ScheduleRecover
+            if schedule
+                .and_then(|s| s.resumes_at(config.automation.tripped.as_ref()))
+                .is_none() =>
+        {
+            refuse("the schedule is not halted by a trip it may resume itself from")
+        }
         RolloutChange::ScheduleAbort
             if !matches!(
                 status,
