@@ -745,17 +745,32 @@ async fn campaign_totals_in(
     }
     let (rows, day) = batch::read_rows(source, None);
     let campaigns: Vec<&str> = campaigns.iter().map(CampaignId::as_str).collect();
-    let sums: Vec<batch::Sums<String>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT campaign_id, {SUMS} FROM {rows} \
-         WHERE user_id = $1 AND campaign_id = ANY($2) AND {day} BETWEEN $3 AND $4 \
-         GROUP BY campaign_id"
-    )))
-    .bind(user.as_str())
-    .bind(campaigns)
-    .bind(range.start)
-    .bind(range.end)
-    .fetch_all(conn)
-    .await?;
+    let sql = match source {
+        // Campaign by campaign, so that the legacy table's `UNIQUE (campaign_id, stat_date)`
+        // index answers each. With `campaign_id = ANY($2)`, the generic plan PostgreSQL
+        // keeps for sqlx's prepared statement guessed the `(user_id, stat_date)` index
+        // cheaper and read every row of the user's other campaigns too (EXPLAIN ANALYZE,
+        // one campaign of a user's ten over a year: 1.0 ms against 0.4 ms).
+        StorageSource::Legacy => format!(
+            "SELECT c.campaign_id, s.* FROM UNNEST($2::TEXT[]) AS c (campaign_id) \
+             CROSS JOIN LATERAL (SELECT {SUMS} FROM {rows} \
+             WHERE l.campaign_id = c.campaign_id AND l.user_id = $1 \
+             AND {day} BETWEEN $3 AND $4 HAVING COUNT(*) > 0) AS s"
+        ),
+        // The rollups' primary key `(user_id, campaign_id, day)` serves the whole list.
+        StorageSource::New => format!(
+            "SELECT campaign_id, {SUMS} FROM {rows} \
+             WHERE user_id = $1 AND campaign_id = ANY($2) AND {day} BETWEEN $3 AND $4 \
+             GROUP BY campaign_id"
+        ),
+    };
+    let sums: Vec<batch::Sums<String>> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(user.as_str())
+        .bind(campaigns)
+        .bind(range.start)
+        .bind(range.end)
+        .fetch_all(conn)
+        .await?;
     Ok(batch::campaign_sums(sums))
 }
 

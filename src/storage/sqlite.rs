@@ -472,21 +472,65 @@ async fn campaign_totals_in(
     if campaigns.is_empty() {
         return Ok(HashMap::new());
     }
+    if source == StorageSource::Legacy {
+        return legacy_campaign_totals_in(conn, user, campaigns, range).await;
+    }
     let (rows, day) = batch::read_rows(source, None);
     let mut query = QueryBuilder::<Sqlite>::new(format!(
         "SELECT campaign_id, {SUMS} FROM {rows} WHERE user_id = "
     ));
+    push_user_days_campaigns(&mut query, user, day, range, campaigns);
+    query.push(" GROUP BY campaign_id");
+    let sums: Vec<batch::Sums<String>> = query.build_query_as().fetch_all(conn).await?;
+    Ok(batch::campaign_sums(sums))
+}
+
+/// The rest of a campaign read's conditions after `… user_id = `: the user, the range of
+/// `day` and the campaigns.
+fn push_user_days_campaigns(
+    query: &mut QueryBuilder<Sqlite>,
+    user: &UserId,
+    day: &str,
+    range: DateRange,
+    campaigns: &[CampaignId],
+) {
     query.push_bind(user.as_str().to_owned());
     query
         .push(format_args!(" AND {day} BETWEEN "))
         .push_bind(range.start);
     query.push(" AND ").push_bind(range.end);
     push_in_list(
-        &mut query,
+        query,
         "campaign_id",
         campaigns.iter().map(CampaignId::as_str),
     );
-    query.push(" GROUP BY campaign_id");
+}
+
+/// [`campaign_totals_in`] on the legacy table (with the new storage's clicks, as
+/// [`batch::LEGACY_READ_ROWS`] reads them), each arm with conditions of its own: the legacy
+/// rows are found through the table's `UNIQUE (campaign_id, stat_date)` index, the clicks
+/// through the rollups' primary key. With one condition on both, SQLite took the legacy
+/// table's `(user_id, stat_date)` index and read every row of the user's other campaigns
+/// (one campaign of a user's ten over a year: 1.5 ms against 0.24 ms); the unary `+` keeps
+/// the user's term from choosing an index (SQLite's documented way), and it is still checked.
+async fn legacy_campaign_totals_in(
+    conn: &mut SqliteConnection,
+    user: &UserId,
+    campaigns: &[CampaignId],
+    range: DateRange,
+) -> Result<HashMap<CampaignId, EventTotals>, sqlx::Error> {
+    let mut query = QueryBuilder::<Sqlite>::new(format!(
+        "SELECT campaign_id, {SUMS} FROM (SELECT campaign_id, sent, opened, replied, \
+         positive_replies, bounced, 0 AS clicked FROM campaign_daily_stat_entries \
+         WHERE +user_id = "
+    ));
+    push_user_days_campaigns(&mut query, user, "stat_date", range, campaigns);
+    query.push(
+        " UNION ALL SELECT campaign_id, 0, 0, 0, 0, 0, clicked FROM campaign_day_totals \
+         WHERE clicked > 0 AND user_id = ",
+    );
+    push_user_days_campaigns(&mut query, user, "day", range, campaigns);
+    query.push(") GROUP BY campaign_id");
     let sums: Vec<batch::Sums<String>> = query.build_query_as().fetch_all(conn).await?;
     Ok(batch::campaign_sums(sums))
 }
