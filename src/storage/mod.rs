@@ -849,6 +849,32 @@ impl PoolOptions {
         acquire_timeout: std::time::Duration::from_secs(5),
         statement_timeout: std::time::Duration::from_secs(10),
     };
+
+    /// A pooled connection that has sat idle this long is pinged before a call gets it.
+    pub const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// sqlx's pool settings for these options.
+    ///
+    /// sqlx pings every connection it hands out by default: a round trip to the database
+    /// before every read and every write transaction, on the caller's time. Here only a
+    /// connection idle for [`Self::PING_IF_IDLE_FOR`] or more is pinged (so that one left
+    /// over from before a database restart in a quiet spell costs no call); one in use a
+    /// moment ago is handed out as it is. If it broke since, its call fails as UNAVAILABLE,
+    /// which clients retry, and sqlx closes it when it comes back (it pings on release).
+    pub(crate) fn sqlx<DB: sqlx::Database>(&self) -> sqlx::pool::PoolOptions<DB> {
+        sqlx::pool::PoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= Self::PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
+    }
 }
 
 impl Default for PoolOptions {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use tokio::sync::watch;
 
@@ -95,9 +95,8 @@ impl PostgresStore {
             ))
         })?;
         first.close().await.ok();
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
+        let pool = options
+            .sqlx::<Postgres>()
             .after_connect(move |connection, _| {
                 Box::pin(async move { disable_nagle(connection, database_port).await })
             })

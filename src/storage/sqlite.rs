@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 use super::backfill::{BackfillSql, CopyStatements};
@@ -70,7 +70,8 @@ impl SqliteStore {
             // A statement waiting for another process's lock gives up after this.
             .busy_timeout(options.statement_timeout)
             .foreign_keys(true);
-        let writer = SqlitePoolOptions::new()
+        let writer = options
+            .sqlx::<Sqlite>()
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout.max(WRITER_QUEUE_WAIT))
             .connect_with(connect.clone())
@@ -80,9 +81,9 @@ impl SqliteStore {
         let reader = if in_memory {
             writer.clone()
         } else {
-            SqlitePoolOptions::new()
+            options
+                .sqlx::<Sqlite>()
                 .max_connections(options.max_connections.clamp(1, 8))
-                .acquire_timeout(options.acquire_timeout)
                 .connect_with(connect)
                 .await?
         };

@@ -273,6 +273,48 @@ async fn postgres_health_follows_the_database() {
     server.stop().await;
 }
 
+/// PostgreSQL only: pooled connections are handed out without a ping while in use (a round
+/// trip saved on every call), but one idle for `PING_IF_IDLE_FOR` is pinged first, so that
+/// connections the database dropped during a quiet spell (a restart, a failover) cost no call.
+/// On the store itself: a server's health checks would use up the dropped connections first.
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "PostgreSQL: set STATS_TEST_POSTGRES_URL when building the tests to run it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_dropped_in_a_quiet_spell_cost_no_call() {
+    use campaign_stats::storage::{Database, PoolOptions, PostgresStore};
+    let Some(db) = TestDb::create(Backend::Postgres).await else {
+        return;
+    };
+    let (proxy, url) = Proxy::in_front_of(&db.url).await;
+    let store = PostgresStore::connect(&url, &PoolOptions::default())
+        .await
+        .expect("PostgreSQL through the proxy");
+    store.ping().await.expect("the database is there");
+    // sqlx hands a connection back to the pool after a check of its own: wait until it is
+    // there, idle, so that the cut below drops a pooled connection, not one in that check.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !store.pool_use().iter().any(|p| p.idle >= 1) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the connection back in the pool");
+
+    // The pooled connection is dropped under the store, as a database restart does, while
+    // no call comes (not a wait for readiness: the quiet spell is what is tested); then the
+    // database is reachable again.
+    proxy.cut();
+    tokio::time::sleep(PoolOptions::PING_IF_IDLE_FOR * 2).await;
+    proxy.restore();
+
+    store
+        .ping()
+        .await
+        .expect("a dropped connection is found by its ping and replaced, not used");
+}
+
 async fn shutdown_tells_watchers_and_closes_open_streams(db: TestDb) {
     let server = db.start_server().await;
     let mut health = HealthClient::new(server.channel().await);
