@@ -75,7 +75,9 @@ where
     )
     .await;
     move_to(server.channel.clone(), MigrationPhase::DualWrite).await;
-    bulk_ingest(name, "DUAL_WRITE", &server.channel, postgres, next).await;
+    for spread in [Spread::Year, Spread::Live] {
+        bulk_ingest(name, "DUAL_WRITE", spread, &server.channel, postgres, next).await;
+    }
     server.stop().await;
     if let Some(url) = postgres {
         raw_naive_postgres(url).await;
@@ -98,7 +100,17 @@ where
     )
     .await;
     move_to(server.channel.clone(), MigrationPhase::LegacyRetired).await;
-    bulk_ingest(name, "LEGACY_RETIRED", &server.channel, postgres, next).await;
+    for spread in [Spread::Year, Spread::Live] {
+        bulk_ingest(
+            name,
+            "LEGACY_RETIRED",
+            spread,
+            &server.channel,
+            postgres,
+            next,
+        )
+        .await;
+    }
     server.stop().await;
     let default = GroupCommitSettings::default();
     unary_comparison(
@@ -265,6 +277,69 @@ fn event(i: u32) -> Event {
     }
 }
 
+/// How the bulk comparison's events are spread.
+#[derive(Debug, Clone, Copy)]
+enum Spread {
+    /// Over a year of days and evenly over the campaigns ([`event`]): no two events of a
+    /// batch share a rollup or legacy row, the hardest case for the write path.
+    Year,
+    /// As live producers send them ([`live_event`]): on one day, over campaigns skewed as
+    /// Zipf's law has it (a few busy, many quiet), so that a batch's events share rows.
+    Live,
+}
+
+impl Spread {
+    fn event(self, i: u32) -> Event {
+        match self {
+            Spread::Year => event(i),
+            Spread::Live => live_event(i),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Spread::Year => "events spread over a year and every campaign",
+            Spread::Live => "live: one day, campaigns skewed (Zipf)",
+        }
+    }
+}
+
+/// The `i`-th event of live traffic: all on one day, the campaign drawn with Zipf's law
+/// (exponent 1: campaign rank `r` has a share proportional to `1/r`), mostly sends. Each
+/// campaign belongs to the same user as in [`event`].
+fn live_event(i: u32) -> Event {
+    let campaigns = USERS * CAMPAIGNS_PER_USER;
+    // A uniform draw in [0, 1) from `i` (Knuth's multiplicative hash), then a log-uniform
+    // rank: campaigns^u is Zipf-distributed with exponent 1.
+    let u = f64::from(i.wrapping_mul(2_654_435_761)) / 4_294_967_296.0;
+    let campaign = (f64::from(campaigns).powf(u) as u32).clamp(1, campaigns) - 1;
+    let event_type = [
+        EventType::Sent,
+        EventType::Sent,
+        EventType::Sent,
+        EventType::Sent,
+        EventType::Opened,
+        EventType::Opened,
+        EventType::Clicked,
+        EventType::Replied,
+    ][(i % 8) as usize];
+    let mut live = event(i);
+    live.user_id = format!("user-{}", campaign / CAMPAIGNS_PER_USER);
+    live.campaign_id = format!("campaign-{campaign}");
+    live.event_type = event_type.into();
+    live.occurred_at = Some(prost_types::Timestamp {
+        seconds: chrono::NaiveDate::from_ymd_opt(2025, 12, 30)
+            .expect("date")
+            .and_hms_opt(10, 0, 0)
+            .expect("time")
+            .and_utc()
+            .timestamp()
+            + i64::from(i % 36_000),
+        nanos: 0,
+    });
+    live
+}
+
 /// Rounds of the bulk comparison: each round writes [`ROUND_BATCHES`] batches by
 /// `RecordEvents`, as many events by `StreamEvents` and (PostgreSQL) the same rows by raw
 /// `COPY`, one after the other, so that a slow spell of a shared machine hits all three.
@@ -276,11 +351,12 @@ const ROUND_BATCHES: u32 = 25;
 async fn bulk_ingest(
     name: &str,
     phase: &str,
+    spread: Spread,
     channel: &Channel,
     postgres: Option<&str>,
     next: &mut u32,
 ) {
-    println!("\n== {name}: bulk ingest in {phase} ==");
+    println!("\n== {name}: bulk ingest in {phase}, {} ==", spread.name());
     let mut client = StatsServiceClient::new(channel.clone());
     let mut copy = match postgres {
         Some(url) => Some(raw_connection(url).await),
@@ -296,7 +372,7 @@ async fn bulk_ingest(
         let started = Instant::now();
         for batch in 0..ROUND_BATCHES {
             let from = first + batch * BATCH_SIZE;
-            let events = (from..from + BATCH_SIZE).map(event).collect();
+            let events = (from..from + BATCH_SIZE).map(|i| spread.event(i)).collect();
             client
                 .record_events(RecordEventsRequest { events })
                 .await
@@ -305,12 +381,15 @@ async fn bulk_ingest(
         batched += started.elapsed();
         batched_cpu += cpu_since(cpu);
         if let Some(connection) = copy.as_mut() {
-            copied += copy_rows(connection, first..first + round_events).await;
+            copied += copy_rows(connection, spread, first..first + round_events).await;
         }
         let from = first + round_events;
-        let stream = tokio_stream::iter((from..from + round_events).map(|i| RecordEventRequest {
-            event: Some(event(i)),
-        }));
+        let stream =
+            tokio_stream::iter(
+                (from..from + round_events).map(move |i| RecordEventRequest {
+                    event: Some(spread.event(i)),
+                }),
+            );
         let cpu = process_cpu();
         let started = Instant::now();
         client.stream_events(stream).await.expect("StreamEvents");
@@ -869,14 +948,18 @@ async fn raw_connection(url: &str) -> sqlx::PgConnection {
 /// partitioned events table with its indexes, in batches of [`BATCH_SIZE`] (one `COPY`
 /// each). `RecordEvents` does far more per row (keys, rollups, the legacy row); this says how
 /// far it is from the raw insert. Answers the time taken.
-async fn copy_rows(connection: &mut sqlx::PgConnection, rows: std::ops::Range<u32>) -> Duration {
+async fn copy_rows(
+    connection: &mut sqlx::PgConnection,
+    spread: Spread,
+    rows: std::ops::Range<u32>,
+) -> Duration {
     let started = Instant::now();
     let mut from = rows.start;
     while from < rows.end {
         let to = (from + BATCH_SIZE).min(rows.end);
         let mut data = String::with_capacity(BATCH_SIZE as usize * 96);
         for i in from..to {
-            let e = event(i);
+            let e = spread.event(i);
             let at = e.occurred_at.expect("a time");
             let at = chrono::DateTime::from_timestamp(at.seconds, 0).expect("a valid time");
             // Ids and keys of the benchmark need no escaping.
