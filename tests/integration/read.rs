@@ -479,7 +479,12 @@ async fn series_for_a_subset_and_for_all_users(db: TestDb) {
     // The operator's view: every user together, or a subset of campaigns across users.
     let everyone = run("", &[]).await;
     assert_eq!((everyone.sent, everyone.clicked), (7, clicks));
-    assert_eq!(run("", &["a", "c"]).await.sent, 5);
+    let subset = run("", &["a", "c"]).await;
+    assert_eq!((subset.sent, subset.clicked), (5, clicks));
+    let own = run("u2", &["c"]).await;
+    assert_eq!((own.sent, own.clicked), (4, clicks));
+    // Another user's clicks in the subset count nothing either.
+    assert_eq!(run("u1", &["a", "c"]).await.clicked, 0);
     server.stop().await;
 }
 
