@@ -774,7 +774,13 @@ async fn daily_totals_in(
     range: DateRange,
 ) -> Result<Vec<(NaiveDate, EventTotals)>, sqlx::Error> {
     if source == StorageSource::Legacy && !scope.campaigns.is_empty() {
-        return legacy_campaigns_daily_totals_in(conn, scope, range).await;
+        // Legacy rows through the legacy table's campaign index (see
+        // `push_legacy_campaign_rows`).
+        let mut query = QueryBuilder::<Postgres>::new(format!("SELECT day, {SUMS} FROM "));
+        push_legacy_campaign_rows(&mut query, scope.user.as_ref(), range, &scope.campaigns);
+        query.push(" GROUP BY day ORDER BY day");
+        let sums: Vec<batch::Sums<NaiveDate>> = query.build_query_as().fetch_all(conn).await?;
+        return Ok(sums.into_iter().map(batch::sums_metrics).collect());
     }
     let (rows, day) = batch::read_rows(source, Some(scope));
     let mut query = QueryBuilder::<Postgres>::new(format!("SELECT {day}, {SUMS}"));
@@ -800,19 +806,6 @@ async fn daily_totals_in(
             .push(")");
     }
     query.push(format_args!(" GROUP BY {day} ORDER BY {day}"));
-    let sums: Vec<batch::Sums<NaiveDate>> = query.build_query_as().fetch_all(conn).await?;
-    Ok(sums.into_iter().map(batch::sums_metrics).collect())
-}
-
-/// [`daily_totals_in`] of named campaigns on the legacy table.
-async fn legacy_campaigns_daily_totals_in(
-    conn: &mut PgConnection,
-    scope: &Scope,
-    range: DateRange,
-) -> Result<Vec<(NaiveDate, EventTotals)>, sqlx::Error> {
-    let mut query = QueryBuilder::<Postgres>::new(format!("SELECT day, {SUMS} FROM "));
-    push_legacy_campaign_rows(&mut query, scope.user.as_ref(), range, &scope.campaigns);
-    query.push(" GROUP BY day ORDER BY day");
     let sums: Vec<batch::Sums<NaiveDate>> = query.build_query_as().fetch_all(conn).await?;
     Ok(sums.into_iter().map(batch::sums_metrics).collect())
 }

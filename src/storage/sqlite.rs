@@ -473,49 +473,28 @@ async fn campaign_totals_in(
     if campaigns.is_empty() {
         return Ok(HashMap::new());
     }
-    if source == StorageSource::Legacy {
-        return legacy_campaign_totals_in(conn, user, campaigns, range).await;
-    }
-    let (rows, day) = batch::read_rows(source, None);
-    let mut query = QueryBuilder::<Sqlite>::new(format!(
-        "SELECT campaign_id, {SUMS} FROM {rows} WHERE user_id = "
-    ));
-    push_user_days_campaigns(&mut query, user, day, range, campaigns);
-    query.push(" GROUP BY campaign_id");
-    let sums: Vec<batch::Sums<String>> = query.build_query_as().fetch_all(conn).await?;
-    Ok(batch::campaign_sums(sums))
-}
-
-/// The rest of a campaign read's conditions after `… user_id = `: the user, the range of
-/// `day` and the campaigns.
-fn push_user_days_campaigns(
-    query: &mut QueryBuilder<Sqlite>,
-    user: &UserId,
-    day: &str,
-    range: DateRange,
-    campaigns: &[CampaignId],
-) {
-    query.push_bind(user.as_str().to_owned());
-    query
-        .push(format_args!(" AND {day} BETWEEN "))
-        .push_bind(range.start);
-    query.push(" AND ").push_bind(range.end);
-    push_in_list(
-        query,
-        "campaign_id",
-        campaigns.iter().map(CampaignId::as_str),
-    );
-}
-
-/// [`campaign_totals_in`] on the legacy table.
-async fn legacy_campaign_totals_in(
-    conn: &mut SqliteConnection,
-    user: &UserId,
-    campaigns: &[CampaignId],
-    range: DateRange,
-) -> Result<HashMap<CampaignId, EventTotals>, sqlx::Error> {
-    let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT campaign_id, {SUMS} FROM "));
-    push_legacy_campaign_rows(&mut query, Some(user), range, campaigns);
+    // Legacy rows through the legacy table's campaign index (see `push_legacy_campaign_rows`).
+    let mut query = if source == StorageSource::Legacy {
+        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT campaign_id, {SUMS} FROM "));
+        push_legacy_campaign_rows(&mut query, Some(user), range, campaigns);
+        query
+    } else {
+        let (rows, day) = batch::read_rows(source, None);
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT campaign_id, {SUMS} FROM {rows} WHERE user_id = "
+        ));
+        query.push_bind(user.as_str().to_owned());
+        query
+            .push(format_args!(" AND {day} BETWEEN "))
+            .push_bind(range.start);
+        query.push(" AND ").push_bind(range.end);
+        push_in_list(
+            &mut query,
+            "campaign_id",
+            campaigns.iter().map(CampaignId::as_str),
+        );
+        query
+    };
     query.push(" GROUP BY campaign_id");
     let sums: Vec<batch::Sums<String>> = query.build_query_as().fetch_all(conn).await?;
     Ok(batch::campaign_sums(sums))
